@@ -1,0 +1,68 @@
+"""autocalls-async: the asyncio-native SDK for the Autocalls "generate AI reply" API.
+
+>>> async with AsyncAutocalls() as client:              # token from AUTOCALLS_API_TOKEN
+...     reply = await client.generate_reply(
+...         assistant_id=123, customer_identifier="+14155551234", message="Hi"
+...     )
+"""
+
+from __future__ import annotations
+
+from ._client import AsyncAutocalls, ClientStats
+from ._conversations import ConversationStore, MemoryConversationStore
+from ._errors import (
+    APIConnectionError,
+    APIError,
+    APIResponseValidationError,
+    APITimeoutError,
+    AssistantNotFoundError,
+    AuthenticationError,
+    AutocallsError,
+    ClientClosedError,
+    InsufficientBalanceError,
+    InternalServerError,
+    InvalidRequestError,
+    LimiterUnavailableError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    RateLimitTimeout,
+    UnprocessableEntityError,
+)
+from ._models import Conversation, FunctionCall, RateLimit, Reply
+from ._ratelimit import LocalRateLimiter, RateLimiter, Slot
+from ._retry import RetryPolicy
+from ._version import __version__
+
+__all__ = [
+    "APIConnectionError",
+    "APIError",
+    "APIResponseValidationError",
+    "APITimeoutError",
+    "AssistantNotFoundError",
+    "AsyncAutocalls",
+    "AuthenticationError",
+    "AutocallsError",
+    "ClientClosedError",
+    "ClientStats",
+    "Conversation",
+    "ConversationStore",
+    "FunctionCall",
+    "InsufficientBalanceError",
+    "InternalServerError",
+    "InvalidRequestError",
+    "LimiterUnavailableError",
+    "LocalRateLimiter",
+    "MemoryConversationStore",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "RateLimit",
+    "RateLimitError",
+    "RateLimitTimeout",
+    "RateLimiter",
+    "Reply",
+    "RetryPolicy",
+    "Slot",
+    "UnprocessableEntityError",
+    "__version__",
+]

@@ -1,0 +1,405 @@
+"""``AsyncAutocalls``: the pipeline, in the order a call goes through it.
+
+validate (``_wire``) → per-conversation order (``_ordering``) → rate limiter (``_ratelimit``)
+→ send (``_transport``) → parse (``_wire``) → retry (``_retry``) → remember (``_conversations``)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import os
+import random
+import time
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, Self
+
+import aiohttp
+import attrs
+
+from ._conversations import ConversationStore, MemoryConversationStore
+from ._errors import (
+    AutocallsError,
+    ClientClosedError,
+    InvalidRequestError,
+    RateLimitTimeout,
+)
+from ._log import configure_from_env, logger
+from ._models import Conversation, RateLimit, Reply
+from ._ordering import KeyedOrder
+from ._ratelimit import LocalRateLimiter, RateLimiter
+from ._retry import RetryPolicy, is_retry_safe
+from ._transport import Transport
+from ._wire import (
+    DEFAULT_BASE_URL,
+    ReplyRequest,
+    build_request,
+    check_base_url,
+    check_token,
+    endpoint,
+    parse_reply,
+    request_headers,
+)
+
+__all__ = ["AsyncAutocalls", "ClientStats"]
+
+DEFAULT_RATE_LIMIT = RateLimit(5, 60.0)
+DEFAULT_MAX_RESPONSE_SIZE = 10 * 1024 * 1024
+_UNSET: Any = object()
+
+
+@attrs.define
+class ClientStats:
+    """Counters for a web app to export (Prometheus, StatsD, logs)."""
+
+    requests: int = 0  #: attempts sent to the server, retries included
+    replies: int = 0  #: calls that returned a Reply
+    errors: int = 0  #: calls that raised (after retries)
+    retries: int = 0
+    rate_limited: int = 0  #: 429 responses received
+    limiter_wait: float = 0.0  #: seconds spent waiting for rate-limit slots
+    in_flight: int = 0  #: requests on the wire right now
+    waiting: int = 0  #: calls waiting for their turn or a slot right now
+
+
+def _check_seconds(name: str, value: object, *, allow_none: bool = True) -> float | None:
+    if value is None and allow_none:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise InvalidRequestError(f"{name} must be a number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
+class AsyncAutocalls:
+    """An async client for ``POST /ai/generate-reply``; share one per process and event loop.
+
+    Use it with ``async with`` (or call ``close()``). Every call first waits for its
+    conversation's earlier calls, then for a rate-limit slot shared by every client using the
+    same token, then is sent; only failures the server cannot have processed are retried.
+    """
+
+    def __init__(
+        self,
+        api_token: str | None = None,
+        *,
+        base_url: str | None = None,
+        rate_limit: RateLimit | None = DEFAULT_RATE_LIMIT,
+        limiter: RateLimiter | None = None,
+        max_retries: int = 2,
+        timeout: float | None = 60.0,
+        session: aiohttp.ClientSession | None = None,
+        retry_unsafe: bool = False,
+        max_wait: float | None = None,
+        retry_policy: RetryPolicy | None = None,
+        conversation_store: ConversationStore | None = None,
+        conversation_cache_size: int = 100_000,
+        max_response_size: int = DEFAULT_MAX_RESPONSE_SIZE,
+    ) -> None:
+        configure_from_env()
+        token = check_token(
+            api_token if api_token is not None else os.environ.get("AUTOCALLS_API_TOKEN")
+        )
+        self._headers = request_headers(token)
+        #: A stable, non-reversible name for the token: limiter keys and logs use it.
+        self.token_id = hashlib.sha256(token.encode()).hexdigest()[:16]
+        del token
+        base = base_url or os.environ.get("AUTOCALLS_BASE_URL") or DEFAULT_BASE_URL
+        self.base_url = check_base_url(base)
+        self._url = endpoint(self.base_url)
+        if rate_limit is not None and not isinstance(rate_limit, RateLimit):
+            raise InvalidRequestError(
+                f"rate_limit must be a RateLimit(requests, period) or None, got {rate_limit!r}"
+            )
+        self._limiter: RateLimiter | None = limiter or (
+            LocalRateLimiter(rate_limit) if rate_limit is not None else None
+        )
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise InvalidRequestError(f"max_retries must be an int >= 0, got {max_retries!r}")
+        self.retry_policy = retry_policy or RetryPolicy(
+            max_retries=max_retries, retry_unsafe=retry_unsafe
+        )
+        self.max_wait = _check_seconds("max_wait", max_wait)
+        timeout = _check_seconds("timeout", timeout)
+        if timeout == 0:
+            raise InvalidRequestError("timeout must be > 0 seconds (or None for no limit)")
+        if session is not None and not isinstance(session, aiohttp.ClientSession):
+            raise InvalidRequestError("session must be an aiohttp.ClientSession")
+        self._transport = Transport(session, timeout=timeout, max_response_size=max_response_size)
+        self._conversations = MemoryConversationStore(conversation_cache_size)
+        self._store = conversation_store
+        self._order = KeyedOrder()
+        self._random = random.Random()
+        self.stats = ClientStats()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self._closing: asyncio.Future[None] | None = None
+        self._waiting: set[asyncio.Task[Any]] = set()
+        self._interrupted: set[asyncio.Task[Any]] = set()
+        self._drained: asyncio.Event | None = None
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<AsyncAutocalls {self.base_url} token_id={self.token_id} {state}>"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Self:
+        self._bind_loop()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def close(self) -> None:
+        """Close gracefully: waiting calls fail now, calls already sent finish and return.
+
+        Safe to call more than once and from several tasks; each waits for the end.
+        """
+        if not self._closed:
+            self._closed = True
+            for task in list(self._waiting):
+                self._interrupted.add(task)
+                task.cancel()
+        if self._drained is not None and self.stats.in_flight:
+            await self._drained.wait()
+        await self._transport.close()
+
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+            self._drained = asyncio.Event()
+        elif self._loop is not loop:
+            raise RuntimeError(
+                "this AsyncAutocalls was first used in another event loop; aiohttp sessions and "
+                "the rate limiter belong to one loop: create one client per event loop"
+            )
+        return loop
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClientClosedError("the client is closed; nothing was sent")
+
+    # ------------------------------------------------------------------ conversations
+
+    def conversation(self, assistant_id: int, customer_identifier: str) -> Conversation | None:
+        """What this client last saw of the conversation, from its in-memory cache."""
+        return self._conversations.peek(assistant_id, customer_identifier)
+
+    def conversation_id(self, assistant_id: int, customer_identifier: str) -> str | None:
+        """The conversation's id, from the cache, or None if this client has not seen it."""
+        conversation = self.conversation(assistant_id, customer_identifier)
+        return conversation.conversation_id if conversation else None
+
+    async def _remember(self, request: ReplyRequest, reply: Reply) -> None:
+        conversation = Conversation(
+            request.assistant_id,
+            request.customer_identifier,
+            reply.conversation_id,
+            reply.ai_disabled,
+            time.time(),
+        )
+        self._conversations.put(conversation)
+        if self._store is not None:
+            await self._store.set(conversation)
+
+    # ------------------------------------------------------------------ the call
+
+    async def generate_reply(
+        self,
+        *,
+        assistant_id: int,
+        customer_identifier: str,
+        message: str,
+        variables: Mapping[str, Any] | None = None,
+        max_wait: float | None = _UNSET,
+    ) -> Reply:
+        """Send one customer message and return the assistant's reply.
+
+        ``max_wait`` (default: the client's) bounds the seconds spent waiting for earlier
+        messages of this conversation and for a rate-limit slot: past it, ``RateLimitTimeout``
+        is raised and nothing is sent.
+        """
+        request = build_request(assistant_id, customer_identifier, message, variables)
+        max_wait = self.max_wait if max_wait is _UNSET else _check_seconds("max_wait", max_wait)
+        self._check_open()
+        loop = self._bind_loop()
+        deadline = None if max_wait is None else loop.time() + max_wait
+        task = asyncio.current_task()
+        assert task is not None  # a coroutine awaited in asyncio always runs in a task
+        self._enter_waiting(task)
+        try:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    order = self._order.hold(request.conversation_key)
+                    await order.__aenter__()
+            except TimeoutError:
+                raise RateLimitTimeout(
+                    "max_wait passed while earlier messages of this conversation were "
+                    "still being answered; nothing was sent"
+                ) from None
+            try:
+                reply = await self._attempts(request, task, deadline)
+            finally:
+                await order.__aexit__(None, None, None)
+        except asyncio.CancelledError:
+            if self._take_interruption(task):
+                raise ClientClosedError(
+                    "the client was closed while this call waited; nothing was sent"
+                ) from None
+            raise
+        except AutocallsError:
+            self.stats.errors += 1
+            raise
+        finally:
+            self._leave_waiting(task)
+        self.stats.replies += 1
+        await self._remember(request, reply)
+        return reply
+
+    def _enter_waiting(self, task: asyncio.Task[Any]) -> None:
+        if task not in self._waiting:
+            self._waiting.add(task)
+            self.stats.waiting += 1
+
+    def _leave_waiting(self, task: asyncio.Task[Any]) -> None:
+        if task in self._waiting:
+            self._waiting.discard(task)
+            self.stats.waiting -= 1
+
+    def _take_interruption(self, task: asyncio.Task[Any]) -> bool:
+        """True if close() cancelled this task and nobody else did."""
+        if task not in self._interrupted:
+            return False
+        self._interrupted.discard(task)
+        return task.uncancel() == 0
+
+    async def _attempts(
+        self, request: ReplyRequest, task: asyncio.Task[Any], deadline: float | None
+    ) -> Reply:
+        retries = 0
+        error: AutocallsError | None = None
+        delay = 0.0
+        pause = False
+        while True:
+            try:
+                if error is not None:
+                    await self._wait_before_retry(delay, pause=pause)
+                return await self._attempt(request, task, deadline, retries + 1)
+            except asyncio.CancelledError:
+                # Closed while waiting to retry: if the failed attempt may have been processed,
+                # its error says what really happened; otherwise nothing was processed.
+                if error is not None and not is_retry_safe(error) and self._take_interruption(task):
+                    raise error from None
+                raise
+            except ClientClosedError:
+                if error is not None and not is_retry_safe(error):
+                    raise error from None
+                raise
+            except RateLimitTimeout:
+                raise
+            except AutocallsError as exc:
+                decision = self.retry_policy.decide(exc, retries, self._random.random)
+                if decision is None or (
+                    deadline is not None
+                    and asyncio.get_running_loop().time() + decision.delay > deadline
+                ):
+                    raise
+                error, delay, pause = exc, decision.delay, decision.pause_limiter
+                retries += 1
+                self.stats.retries += 1
+                logger.info(
+                    "retrying after %s in %.2fs (retry %d of %d)",
+                    _short(exc),
+                    delay,
+                    retries,
+                    self.retry_policy.max_retries,
+                )
+                self._enter_waiting(task)
+
+    async def _wait_before_retry(self, delay: float, *, pause: bool) -> None:
+        if pause and self._limiter is not None:
+            # A 429: every waiter on this token waits too, then this call queues for a slot.
+            await self._limiter.pause(self.token_id, delay)
+        else:
+            await asyncio.sleep(delay)
+
+    async def _attempt(
+        self,
+        request: ReplyRequest,
+        task: asyncio.Task[Any],
+        deadline: float | None,
+        attempt: int,
+    ) -> Reply:
+        loop = asyncio.get_running_loop()
+        self._check_open()
+        waited_from = loop.time()
+        if self._limiter is None:
+            return await self._send(request, task, attempt, 0.0, lambda: None)
+        async with self._limiter.slot(self.token_id, deadline=deadline) as slot:
+            waited = loop.time() - waited_from
+            self.stats.limiter_wait += waited
+            return await self._send(request, task, attempt, waited, slot.sent)
+
+    async def _send(
+        self,
+        request: ReplyRequest,
+        task: asyncio.Task[Any],
+        attempt: int,
+        waited: float,
+        on_sent: Any,
+    ) -> Reply:
+        self._check_open()
+        self._leave_waiting(task)  # from here on, close() lets this call finish
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        self.stats.requests += 1
+        self.stats.in_flight += 1
+        assert self._drained is not None
+        self._drained.clear()
+        status: int | str = "error"
+        try:
+            status, headers, body = await self._transport.post(
+                self._url, self._headers, request.body, on_sent
+            )
+            if status == 429:
+                self.stats.rate_limited += 1
+            return parse_reply(
+                status,
+                headers,
+                body,
+                customer_identifier=request.customer_identifier,
+                now=time.time(),
+            )
+        finally:
+            self.stats.in_flight -= 1
+            if not self.stats.in_flight:
+                self._drained.set()
+            logger.debug(
+                "POST %s -> %s attempt=%d waited=%.3fs latency=%.3fs",
+                self._url.path,
+                status,
+                attempt,
+                waited,
+                loop.time() - started,
+            )
+
+
+def _short(error: AutocallsError) -> str:
+    return f"{type(error).__name__}({error})"

@@ -1,0 +1,118 @@
+"""Public value types: frozen attrs classes, built from JSON by the converter in ``_wire``."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+__all__ = ["Conversation", "FunctionCall", "RateLimit", "Reply"]
+
+
+def _positive_int(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"RateLimit.{attribute.name} must be a positive int, got {value!r}")
+
+
+def _positive_finite(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"RateLimit.{attribute.name} must be a positive number, got {value!r}")
+
+
+def _margin(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"RateLimit.margin must be in [0, 1), got {value!r}")
+
+
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d+(?:\.\d+)?|\.\d+)\s*(s|m|h)?\s*$")
+_UNIT = {"s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+@attrs.frozen
+class RateLimit:
+    """At most ``requests`` requests may *start* in any rolling ``period`` seconds.
+
+    ``margin`` widens the spacing between starts by that fraction (default 2 %) so that network
+    and scheduling jitter cannot push a sixth request into a strict server's window.
+    """
+
+    requests: int = attrs.field(validator=_positive_int)
+    period: float = attrs.field(converter=float, validator=_positive_finite)
+    margin: float = attrs.field(default=0.02, converter=float, validator=_margin, kw_only=True)
+
+    @property
+    def interval(self) -> float:
+        """Seconds between two starts at the full sustained rate, margin included."""
+        return self.period / self.requests * (1.0 + self.margin)
+
+    @classmethod
+    def parse(cls, text: str) -> RateLimit:
+        """Parse ``"5/60"`` (5 per 60 s), ``"5/1m"``, ``"100/0.5"``."""
+        match = _RATE.match(text)
+        if match is None:
+            raise ValueError(
+                f"rate limit {text!r} is not REQUESTS/SECONDS, e.g. '5/60' for 5 per minute"
+            )
+        requests, period, unit = match.groups()
+        return cls(int(requests), float(period) * _UNIT[unit])
+
+    def __str__(self) -> str:
+        return f"{self.requests}/{self.period:g}s"
+
+
+@attrs.frozen
+class FunctionCall:
+    """One function call the assistant made while replying.
+
+    The service does not document their schema, so ``data`` keeps the item exactly as received;
+    ``name`` and ``arguments`` are read from it when present.
+    """
+
+    data: Any
+    name: str | None = None
+    arguments: Any = None
+
+    @classmethod
+    def from_data(cls, data: Any) -> FunctionCall:
+        if not isinstance(data, Mapping):
+            return cls(data)
+        name = data.get("name")
+        if name is None and isinstance(data.get("function"), Mapping):
+            name = data["function"].get("name")
+        arguments = data.get("arguments", data.get("args"))
+        return cls(data, name if isinstance(name, str) else None, arguments)
+
+
+@attrs.frozen
+class Reply:
+    """The assistant's answer to one customer message.
+
+    ``reply`` is ``""`` when ``ai_disabled`` is true and the service sent no text (a human has
+    taken the conversation over). ``raw`` is the whole JSON body, unknown fields included.
+    """
+
+    conversation_id: str
+    customer_identifier: str
+    reply: str
+    function_calls: tuple[FunctionCall, ...] = ()
+    ai_disabled: bool = False
+    raw: Mapping[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
+
+
+@attrs.frozen
+class Conversation:
+    """What the client last saw of one (assistant, customer) conversation."""
+
+    assistant_id: int
+    customer_identifier: str
+    conversation_id: str
+    ai_disabled: bool
+    last_seen: float  #: ``time.time()`` of the reply that told us

@@ -1,0 +1,51 @@
+"""Per-conversation ordering: calls for one (assistant, customer) reach the server one at a
+time, in the order they were made; other conversations are not held up.
+
+A key's gate exists only while some call for it is running or waiting, so nothing is left
+behind for the thousands of customers a bulk job touches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Hashable
+from contextlib import asynccontextmanager
+
+from ._ratelimit import FifoGate
+
+__all__ = ["KeyedOrder"]
+
+
+class _Entry:
+    __slots__ = ("gate", "users")
+
+    def __init__(self) -> None:
+        self.gate = FifoGate()
+        self.users = 0
+
+
+class KeyedOrder:
+    __slots__ = ("_entries",)
+
+    def __init__(self) -> None:
+        self._entries: dict[Hashable, _Entry] = {}
+
+    def __len__(self) -> int:
+        """Keys with a running or waiting call (0 when idle: nothing is left behind)."""
+        return len(self._entries)
+
+    @asynccontextmanager
+    async def hold(self, key: Hashable) -> AsyncIterator[None]:
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._entries[key] = _Entry()
+        entry.users += 1
+        try:
+            await entry.gate.acquire()
+            try:
+                yield
+            finally:
+                entry.gate.release()
+        finally:
+            entry.users -= 1
+            if not entry.users:
+                del self._entries[key]

@@ -1,0 +1,432 @@
+"""The wire format, without any I/O: validate input, build the request, decipher the response.
+
+Everything here is a pure function of its arguments, so it is tested on recorded samples
+without a server (see ``tests/samples/``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import re
+from collections.abc import Mapping
+from email.utils import parsedate_to_datetime
+from http import HTTPStatus
+from ipaddress import ip_address
+from typing import Any, NoReturn
+
+import aiohttp
+import attrs
+import cattrs
+from cattrs.preconf.json import make_converter
+from yarl import URL
+
+from ._errors import (
+    APIError,
+    APIResponseValidationError,
+    AssistantNotFoundError,
+    AuthenticationError,
+    InsufficientBalanceError,
+    InternalServerError,
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    UnprocessableEntityError,
+)
+from ._models import FunctionCall, Reply
+from ._version import __version__
+
+ENDPOINT = "ai/generate-reply"
+DEFAULT_BASE_URL = "https://app.autocalls.ai/api"
+MAX_CUSTOMER_IDENTIFIER = 255
+MAX_ASSISTANT_ID = 2**63 - 1  # the service stores it in a signed BIGINT
+MAX_JSON_DEPTH = 64
+EXCERPT = 200
+
+USER_AGENT = (
+    f"autocalls-async/{__version__} "
+    f"python/{platform.python_version()} aiohttp/{aiohttp.__version__}"
+)
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def check_token(token: object) -> str:
+    """Return the token stripped of surrounding whitespace, or raise without ever showing it."""
+    if token is None:
+        raise InvalidRequestError(
+            "no API token: pass api_token=... or set the AUTOCALLS_API_TOKEN environment variable"
+        )
+    if not isinstance(token, str):
+        raise InvalidRequestError(f"api_token must be a str, got {type(token).__name__}")
+    token = token.strip()
+    if not token:
+        raise InvalidRequestError("api_token is empty: set AUTOCALLS_API_TOKEN to your API token")
+    if any(not 0x21 <= ord(ch) <= 0x7E for ch in token):
+        # A CR/LF would let the token smuggle headers; anything non-ASCII cannot be a header.
+        raise InvalidRequestError(
+            "api_token contains a space, a control character (CR, LF, ...) or a non-ASCII "
+            "character; copy the token again from the Autocalls dashboard"
+        )
+    return token
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in {"localhost", "localhost."} or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_base_url(base_url: object) -> URL:
+    """Validate the base URL: https, or http to a loopback host only (the token travels in it)."""
+    if not isinstance(base_url, str | URL):
+        raise InvalidRequestError(f"base_url must be a str, got {type(base_url).__name__}")
+    try:
+        url = URL(str(base_url).strip())
+    except (ValueError, TypeError) as exc:
+        raise InvalidRequestError(f"base_url {str(base_url)!r} is not a URL: {exc}") from None
+    if url.scheme not in {"http", "https"} or not url.host:
+        raise InvalidRequestError(
+            f"base_url {str(base_url)!r} must be an absolute http(s) URL, e.g. {DEFAULT_BASE_URL!r}"
+        )
+    if url.user is not None or url.password is not None:
+        raise InvalidRequestError("base_url must not contain a user name or password")
+    if url.query_string or url.fragment:
+        raise InvalidRequestError("base_url must not contain a query string or a fragment")
+    if url.scheme == "http" and not _is_loopback(url.host):
+        raise InvalidRequestError(
+            f"refusing to send the API token in clear text to {url.host!r}: "
+            "use an https:// base_url (http:// is allowed for loopback hosts only)"
+        )
+    return url.with_path(url.path.rstrip("/"))
+
+
+def endpoint(base_url: URL) -> URL:
+    return URL(f"{base_url}/{ENDPOINT}")
+
+
+def request_headers(token: str) -> dict[str, str]:
+    return {
+        "Authorization": f"Bearer {token}",
+        "Accept": "application/json",
+        "Content-Type": "application/json",
+        "User-Agent": USER_AGENT,
+    }
+
+
+# --------------------------------------------------------------------------- the request
+
+
+def _refuse(message: str) -> NoReturn:
+    raise InvalidRequestError(message)
+
+
+def _check_text(name: str, value: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        _refuse(f"{name} contains a lone surrogate character and cannot be encoded as UTF-8")
+
+
+def _check_json(value: object, path: str, depth: int = 0) -> None:
+    """Accept only what serialises as strict JSON and means the same on the other side."""
+    if depth > MAX_JSON_DEPTH:
+        _refuse(f"{path} is nested more than {MAX_JSON_DEPTH} levels deep")
+    if value is None or isinstance(value, bool | int):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            _refuse(f"{path} is {value!r}, which JSON cannot represent; use null or a number")
+        return
+    if isinstance(value, str):
+        _check_text(path, value)
+        return
+    if isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            _check_json(item, f"{path}[{index}]", depth + 1)
+        return
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                _refuse(f"{path} has a key {key!r} of type {type(key).__name__}; keys must be str")
+            _check_text(f"{path} key {key!r}", key)
+            _check_json(item, f"{path}[{key!r}]", depth + 1)
+        return
+    _refuse(
+        f"{path} is a {type(value).__name__}, which is not JSON: use str, int, float, bool, "
+        "None, list or dict (convert dates with .isoformat())"
+    )
+
+
+@attrs.frozen
+class ReplyRequest:
+    """A validated request; ``body`` is the exact bytes that will be sent."""
+
+    assistant_id: int
+    customer_identifier: str
+    message: str
+    body: bytes = attrs.field(repr=False)
+
+    @property
+    def conversation_key(self) -> tuple[int, str]:
+        return (self.assistant_id, self.customer_identifier)
+
+
+def build_request(
+    assistant_id: object,
+    customer_identifier: object,
+    message: object,
+    variables: object = None,
+) -> ReplyRequest:
+    """Validate the arguments of ``generate_reply`` and encode the JSON body."""
+    if isinstance(assistant_id, bool) or not isinstance(assistant_id, int):
+        _refuse(
+            f"assistant_id must be an int, got {type(assistant_id).__name__} {assistant_id!r}"
+            + (" (convert it with int(...))" if isinstance(assistant_id, str | float) else "")
+        )
+    if not 0 < assistant_id <= MAX_ASSISTANT_ID:
+        _refuse(f"assistant_id must be a positive id, got {assistant_id}")
+    if not isinstance(customer_identifier, str):
+        _refuse(
+            "customer_identifier must be a str (an E.164 phone number, an e-mail, a CRM id), "
+            f"got {type(customer_identifier).__name__}"
+        )
+    if not customer_identifier.strip():
+        _refuse("customer_identifier is empty")
+    if len(customer_identifier) > MAX_CUSTOMER_IDENTIFIER:
+        _refuse(
+            f"customer_identifier is {len(customer_identifier)} characters long; "
+            f"the service accepts at most {MAX_CUSTOMER_IDENTIFIER}"
+        )
+    _check_text("customer_identifier", customer_identifier)
+    if not isinstance(message, str):
+        _refuse(f"message must be a str, got {type(message).__name__}")
+    if not message.strip():
+        _refuse("message is empty (the service trims whitespace and then requires text)")
+    _check_text("message", message)
+    payload: dict[str, Any] = {
+        "assistant_id": assistant_id,
+        "customer_identifier": customer_identifier,
+        "message": message,
+    }
+    if variables is not None:
+        if not isinstance(variables, Mapping):
+            _refuse(f"variables must be a dict (a JSON object), got {type(variables).__name__}")
+        _check_json(variables, "variables")
+        payload["variables"] = variables
+    body = json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return ReplyRequest(assistant_id, customer_identifier, message, body.encode("utf-8"))
+
+
+# --------------------------------------------------------------------------- the response
+
+
+def _strict(kind: type[Any], what: str) -> Any:
+    def structure(value: Any, _: Any) -> Any:
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise TypeError(f"expected {what}, got {type(value).__name__}")
+        return value
+
+    return structure
+
+
+def _function_calls(value: Any, _: Any) -> tuple[FunctionCall, ...]:
+    items = _strict(list, "a list")(value, _)
+    return tuple(FunctionCall.from_data(item) for item in items)
+
+
+def _make_converter() -> cattrs.Converter:
+    converter = make_converter(forbid_extra_keys=False)
+    # cattrs would turn 5 into "5" and "false" into True; a wrong type is a wrong reply.
+    converter.register_structure_hook(str, _strict(str, "a string"))
+    converter.register_structure_hook(bool, _strict(bool, "true or false"))
+    converter.register_structure_hook(FunctionCall, lambda v, _: FunctionCall.from_data(v))
+    converter.register_structure_hook_func(
+        lambda cls: cls == tuple[FunctionCall, ...], _function_calls
+    )
+    return converter
+
+
+_converter = _make_converter()
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    value = headers.get(name)
+    if value is None:
+        lower = name.lower()
+        for key, item in headers.items():
+            if key.lower() == lower:
+                return item
+    return value
+
+
+def excerpt(body: bytes, content_type: str | None = None) -> str:
+    """A short, single-line, human excerpt of a body (an HTML page's title or text)."""
+    text = body[: 64 * 1024].decode("utf-8", errors="replace")
+    if "html" in (content_type or "") or re.match(r"\s*<(!doctype|html)", text, re.I):
+        title = re.search(r"<title[^>]*>(.*?)</title>", text, re.I | re.S)
+        if title and title.group(1).strip():
+            text = title.group(1)
+        else:
+            text = re.sub(r"<(script|style)[^>]*>.*?</\1>", " ", text, flags=re.I | re.S)
+            text = re.sub(r"<[^>]+>", " ", text)
+    text = " ".join(text.split())
+    return text if len(text) <= EXCERPT else text[: EXCERPT - 1] + "…"
+
+
+def _decode_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _number(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = float(text.strip())
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _http_date(text: str | None) -> float | None:
+    if not text:
+        return None
+    try:
+        return parsedate_to_datetime(text).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def retry_after(headers: Mapping[str, str], now: float) -> float | None:
+    """Seconds to wait before retrying, from ``Retry-After`` or ``X-RateLimit-Reset``.
+
+    ``Retry-After`` may be seconds (fractional accepted) or an HTTP date; an HTTP date and
+    ``X-RateLimit-Reset`` (epoch seconds) are read against the response's own ``Date`` header
+    when present, so a skewed local clock does not matter. ``now`` is ``time.time()``.
+    """
+    server_now = _http_date(_header(headers, "Date")) or now
+    raw = _header(headers, "Retry-After")
+    seconds = _number(raw)
+    if seconds is not None:
+        return max(seconds, 0.0)
+    when = _http_date(raw)
+    if when is not None:
+        return max(when - server_now, 0.0)
+    reset = _number(_header(headers, "X-RateLimit-Reset"))
+    if reset is not None and reset > 1e9:  # epoch seconds; anything smaller is not a date
+        return max(reset - server_now, 0.0)
+    return None
+
+
+def _error_class(status: int, error_code: str | None) -> type[APIError]:
+    if error_code == "ASSISTANT_NOT_FOUND":
+        return AssistantNotFoundError
+    if error_code == "INSUFFICIENT_BALANCE":
+        return InsufficientBalanceError
+    if status >= 500:
+        return InternalServerError
+    return {
+        401: AuthenticationError,
+        403: PermissionDeniedError,
+        404: NotFoundError,
+        422: UnprocessableEntityError,
+        429: RateLimitError,
+    }.get(status, APIError)
+
+
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unexpected status"
+
+
+def api_error(status: int, headers: Mapping[str, str], body: bytes, *, now: float) -> APIError:
+    """Build the typed error for an error response (or a ``success: false`` body)."""
+    content_type = _header(headers, "Content-Type")
+    data = _decode_json(body)
+    error_code: str | None = None
+    if isinstance(data, dict):
+        raw_code = data.get("error_code")
+        error_code = str(raw_code) if raw_code is not None else None
+        text = data.get("error") or data.get("message")
+        message = str(text) if text else _reason(status)
+        if status == 422 and isinstance(data.get("errors"), dict):
+            message = _describe_validation(message, data["errors"])
+        parsed: Any = data
+    else:
+        parsed = excerpt(body, content_type)
+        message = _reason(status) + (f" ({parsed})" if parsed else "")
+    if 300 <= status < 400:
+        location = URL(_header(headers, "Location") or "")
+        message = (
+            f"unexpected redirect to {location.host or 'the same host'}; redirects are not "
+            "followed so that the API token never travels elsewhere: check base_url"
+        )
+    cls = _error_class(status, error_code)
+    return cls(
+        message,
+        status=status,
+        error_code=error_code,
+        body=parsed,
+        headers=headers,
+        retry_after=retry_after(headers, now),
+    )
+
+
+def _describe_validation(message: str, errors: dict[Any, Any]) -> str:
+    fields = ", ".join(str(field) for field in errors)
+    return f"{message} [fields: {fields}]" if fields else message
+
+
+def parse_reply(
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    customer_identifier: str,
+    now: float,
+) -> Reply:
+    """Return the ``Reply`` of a successful response, or raise the matching ``APIError``."""
+    if not 200 <= status < 300:
+        raise api_error(status, headers, body, now=now)
+    data = _decode_json(body)
+    if not isinstance(data, dict):
+        what = "not JSON" if data is None else f"a JSON {type(data).__name__}, not an object"
+        raise APIResponseValidationError(
+            f"the reply body is {what}: {excerpt(body, _header(headers, 'Content-Type'))!r}",
+            status=status,
+            body=excerpt(body),
+            headers=headers,
+        )
+    if data.get("success") is False:
+        raise api_error(status, headers, body, now=now)
+    fields = dict(data)
+    fields.pop("raw", None)  # ours: the whole body, set below
+    fields.setdefault("customer_identifier", customer_identifier)
+    if fields.get("reply") is None and fields.get("ai_disabled") is True:
+        fields["reply"] = ""  # a human has taken over: there is no AI text to give
+    try:
+        reply = _converter.structure(fields, Reply)
+    except Exception as exc:
+        problems = (
+            "; ".join(cattrs.transform_error(exc))
+            if isinstance(exc, cattrs.BaseValidationError)
+            else str(exc)
+        )
+        raise APIResponseValidationError(
+            f"the reply body is not a valid reply: {problems}",
+            status=status,
+            body=data,
+            headers=headers,
+        ) from exc
+    return attrs.evolve(reply, raw=data)

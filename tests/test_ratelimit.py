@@ -1,0 +1,311 @@
+"""The local limiter, on a virtual clock: the guarantee, FIFO order, pauses, max_wait."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from autocalls_async import InvalidRequestError, LocalRateLimiter, RateLimit, RateLimitTimeout
+from autocalls_async._ratelimit import FifoGate
+
+from .virtual_time import run_virtual
+
+EPS = 1e-6
+_keys = itertools.count()
+
+
+def fresh_key() -> str:
+    return f"key-{next(_keys)}"
+
+
+caller = st.tuples(
+    st.floats(0, 5, allow_nan=False),  # arrival (s after start)
+    st.floats(0, 0.5, allow_nan=False) | st.just(0.0),  # send delay after the grant
+    st.none() | st.floats(0, 5, allow_nan=False),  # cancel after (s after arrival)
+)
+pause = st.tuples(st.floats(0, 5, allow_nan=False), st.floats(0, 2, allow_nan=False))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    callers=st.lists(caller, min_size=1, max_size=30),
+    pauses=st.lists(pause, max_size=3),
+    requests=st.integers(1, 6),
+    period=st.sampled_from([0.5, 1.0, 60.0]),
+)
+def test_guarantee_fifo_and_pauses_hold_for_any_schedule(
+    callers: list[tuple[float, float, float | None]],
+    pauses: list[tuple[float, float]],
+    requests: int,
+    period: float,
+) -> None:
+    """Random arrivals, late sends, cancellations and pauses never break the limiter's promises."""
+    rate = RateLimit(requests, period)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        limiter = LocalRateLimiter(rate)
+        key = fresh_key()
+        t0 = loop.time()
+        entered: list[int] = []
+        arrival: dict[int, float] = {}
+        grants: list[tuple[int, float]] = []
+        starts: list[float] = []
+        issued: list[tuple[float, float]] = []  # (issued at, paused until)
+
+        async def one(index: int, at: float, send_delay: float) -> None:
+            await asyncio.sleep(at)
+            entered.append(index)
+            arrival[index] = loop.time()
+            async with limiter.slot(key) as slot:
+                grants.append((index, loop.time()))
+                try:
+                    await asyncio.sleep(send_delay)
+                finally:
+                    starts.append(loop.time())
+                    slot.sent()
+
+        async def pauser(at: float, seconds: float) -> None:
+            await asyncio.sleep(at)
+            issued.append((loop.time(), loop.time() + seconds))
+            await limiter.pause(key, seconds)
+
+        async def canceller(task: asyncio.Task[None], after: float) -> None:
+            await asyncio.sleep(after)
+            task.cancel()
+
+        tasks = []
+        for index, (at, send_delay, cancel_after) in enumerate(callers):
+            task = asyncio.create_task(one(index, at, send_delay))
+            tasks.append(task)
+            if cancel_after is not None:
+                tasks.append(asyncio.create_task(canceller(task, at + cancel_after)))
+        tasks += [asyncio.create_task(pauser(at, s)) for at, s in pauses]
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+        # 1. Never more than `requests` starts in any rolling `period`.
+        starts.sort()
+        for first, last in zip(starts, starts[requests:], strict=False):
+            assert last - first >= period - EPS, (first, last)
+        # 2. First come, first served among those that were granted.
+        granted = {index for index, _ in grants}
+        assert [index for index, _ in grants] == [i for i in entered if i in granted]
+        # 3. No grant while a pause is in force.
+        for index, when in grants:
+            for at, until in issued:
+                assert not at + EPS < when < until - EPS, (index, when, at, until)
+        # 4. Work-conserving: a grant comes as soon as spacing and pauses allow, never later.
+        previous_start = -float("inf")
+        for (index, when), start in zip(grants, sorted(starts), strict=False):
+            paused_until = max((u for at, u in issued if at <= when + EPS), default=-1.0)
+            earliest = max(arrival[index], previous_start + rate.interval, paused_until)
+            assert when <= earliest + EPS, (index, when, earliest)
+            previous_start = start
+        # Every caller that was not cancelled got through.
+        assert all(t.done() for t in tasks)
+        assert loop.time() - t0 < 10_000
+
+    run_virtual(scenario)
+
+
+def test_full_sustained_rate_on_virtual_clock() -> None:
+    """100 queued calls start exactly one interval apart: the full rate, not a burst."""
+
+    async def scenario() -> list[float]:
+        loop = asyncio.get_running_loop()
+        limiter = LocalRateLimiter(RateLimit(5, 60.0))
+        key = fresh_key()
+        starts: list[float] = []
+
+        async def one() -> None:
+            async with limiter.slot(key) as slot:
+                starts.append(loop.time())
+                slot.sent()
+
+        await asyncio.gather(*(one() for _ in range(100)))
+        return starts
+
+    starts = run_virtual(scenario)
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert min(gaps) == pytest.approx(12.0 * 1.02, abs=1e-3)
+    assert max(gaps) == pytest.approx(12.0 * 1.02, abs=1e-3)
+
+
+def test_late_send_pushes_the_next_start_back() -> None:
+    """A request written late (a slow TLS handshake) spaces the next one from its real start."""
+
+    async def scenario() -> list[float]:
+        loop = asyncio.get_running_loop()
+        limiter = LocalRateLimiter(RateLimit(1, 1.0, margin=0.0))
+        key = fresh_key()
+        starts: list[float] = []
+
+        async def one(delay: float) -> None:
+            async with limiter.slot(key) as slot:
+                await asyncio.sleep(delay)
+                starts.append(loop.time())
+                slot.sent()
+
+        await asyncio.gather(one(0.7), one(0.0), one(0.0))
+        return starts
+
+    a, b, c = run_virtual(scenario)
+    assert b - a == pytest.approx(1.0)
+    assert c - b == pytest.approx(1.0)
+
+
+def test_max_wait_fails_fast_when_the_wait_is_certain() -> None:
+    """With four calls queued ahead at 1 per second, max_wait=2 fails at once, sending nothing."""
+
+    async def scenario() -> tuple[float, int]:
+        loop = asyncio.get_running_loop()
+        limiter = LocalRateLimiter(RateLimit(1, 1.0, margin=0.0))
+        key = fresh_key()
+        granted = 0
+
+        async def one(deadline: float | None) -> None:
+            nonlocal granted
+            async with limiter.slot(key, deadline=deadline):
+                granted += 1
+
+        queued = [asyncio.create_task(one(None)) for _ in range(4)]
+        await asyncio.sleep(0)
+        began = loop.time()
+        with pytest.raises(RateLimitTimeout, match="max_wait"):
+            await one(loop.time() + 2.0)
+        elapsed = loop.time() - began
+        await asyncio.gather(*queued)
+        return elapsed, granted
+
+    elapsed, granted = run_virtual(scenario)
+    assert elapsed == 0.0
+    assert granted == 4
+
+
+def test_max_wait_times_out_when_waiters_ahead_are_slow_to_send() -> None:
+    """A wait that turns out longer than predicted still ends at the deadline."""
+
+    async def scenario() -> float:
+        loop = asyncio.get_running_loop()
+        limiter = LocalRateLimiter(RateLimit(1, 1.0, margin=0.0))
+        key = fresh_key()
+
+        async def slow_sender() -> None:
+            async with limiter.slot(key) as slot:
+                await asyncio.sleep(10)  # holds the gate: its request is not written yet
+                slot.sent()
+
+        holder = asyncio.create_task(slow_sender())
+        await asyncio.sleep(0)
+        began = loop.time()
+        with pytest.raises(RateLimitTimeout):
+            async with limiter.slot(key, deadline=loop.time() + 3.0):
+                pass
+        waited = loop.time() - began
+        await holder
+        return waited
+
+    assert run_virtual(scenario) == pytest.approx(3.0)
+
+
+def test_pause_longer_than_max_wait_fails_at_once() -> None:
+    """A 429 pause of 30 s makes a call with max_wait=1 fail immediately."""
+
+    async def scenario() -> float:
+        loop = asyncio.get_running_loop()
+        limiter = LocalRateLimiter(RateLimit(5, 1.0))
+        key = fresh_key()
+        await limiter.pause(key, 30.0)
+        began = loop.time()
+        with pytest.raises(RateLimitTimeout):
+            async with limiter.slot(key, deadline=loop.time() + 1.0):
+                pass
+        return loop.time() - began
+
+    assert run_virtual(scenario) == 0.0
+
+
+def test_cancelling_100k_waiters_is_linear_and_frees_the_gate() -> None:
+    """Cancelled waiters give their place back; the next call is not held up by them."""
+
+    async def scenario() -> float:
+        loop = asyncio.get_running_loop()
+        limiter = LocalRateLimiter(RateLimit(5, 60.0))
+        key = fresh_key()
+        async with limiter.slot(key) as slot:  # the bucket is now busy for one interval
+            slot.sent()
+
+        async def one() -> None:
+            async with limiter.slot(key) as slot:
+                slot.sent()
+
+        waiters = [asyncio.create_task(one()) for _ in range(20_000)]
+        await asyncio.sleep(0)
+        for task in reversed(waiters):  # worst order for a deque.remove()-based lock
+            task.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+        began = loop.time()
+        await one()
+        return loop.time() - began
+
+    assert run_virtual(scenario) <= 12.0 * 1.02 + EPS
+
+
+def test_one_token_one_rate_limit_per_process() -> None:
+    """Two clients may not disagree about one token's limit: that would break the guarantee."""
+
+    async def scenario() -> None:
+        key = fresh_key()
+        async with LocalRateLimiter(RateLimit(5, 1.0)).slot(key) as slot:
+            slot.sent()
+        with pytest.raises(InvalidRequestError, match="same rate_limit"):
+            async with LocalRateLimiter(RateLimit(10, 1.0)).slot(key):
+                pass
+
+    run_virtual(scenario)
+
+
+def test_fifo_gate_hands_over_in_order_and_survives_cancellation_at_handover() -> None:
+    """A waiter cancelled just as the gate is handed to it passes the gate on."""
+
+    async def scenario() -> list[str]:
+        gate = FifoGate()
+        order: list[str] = []
+        await gate.acquire()
+
+        async def waiter(name: str) -> None:
+            await gate.acquire()
+            order.append(name)
+            gate.release()
+
+        a = asyncio.create_task(waiter("a"))
+        b = asyncio.create_task(waiter("b"))
+        c = asyncio.create_task(waiter("c"))
+        await asyncio.sleep(0)
+        gate.release()  # handed to a ...
+        a.cancel()  # ... which is cancelled before it runs
+        await asyncio.gather(a, b, c, return_exceptions=True)
+        assert not gate.locked()
+        return order
+
+    assert run_virtual(scenario) == ["b", "c"]
+
+
+def test_rate_limit_parsing_and_validation() -> None:
+    """RateLimit.parse reads the CLI's forms; nonsense is refused with a hint."""
+    assert RateLimit.parse("5/60") == RateLimit(5, 60.0)
+    assert RateLimit.parse("5/1m") == RateLimit(5, 60.0)
+    assert RateLimit.parse(" 10 / 0.5 ") == RateLimit(10, 0.5)
+    assert str(RateLimit(5, 60)) == "5/60s"
+    for bad in ("5", "five/60", "5/0x", "-1/5"):
+        with pytest.raises(ValueError, match="REQUESTS/SECONDS"):
+            RateLimit.parse(bad)
+    for args in ((0, 1.0), (True, 1.0), (5, 0.0), (5, float("inf"))):
+        with pytest.raises(ValueError, match="must be a positive"):
+            RateLimit(*args)
+    with pytest.raises(ValueError, match="margin"):
+        RateLimit(5, 1.0, margin=1.5)
