@@ -66,3 +66,18 @@ __all__ = [
     "UnprocessableEntityError",
     "__version__",
 ]
+
+_REDIS_NAMES = frozenset({"RedisConversationStore", "RedisRateLimiter"})
+
+
+def __getattr__(name: str) -> object:
+    # The Redis backends live behind the `redis` extra: import redis-py only when asked for.
+    if name in _REDIS_NAMES:
+        try:
+            from . import _redis
+        except ImportError as exc:  # pragma: no cover - only without the extra
+            raise ImportError(
+                f"{name} needs the redis extra: pip install 'autocalls-async[redis]'"
+            ) from exc
+        return getattr(_redis, name)
+    raise AttributeError(f"module 'autocalls_async' has no attribute {name!r}")

@@ -1,0 +1,34 @@
+"""Benchmarks for autocalls-async: ``make bench`` (``python -m benchmarks``).
+
+Each benchmark is a module with ``run(config) -> BenchResult``; ``python -m benchmarks`` runs
+them (all, or those named), prints one table and writes ``bench-results/results.json``.
+Every comparison runs side by side in one run, interleaved over several rounds; the table gives
+medians and min-max spreads, and the ratios are the headline because the machine is noisy.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+
+from ._common import BenchResult, Config, Row
+
+__all__ = ["BENCHMARKS", "BenchResult", "Config", "Row", "run_benchmark"]
+
+#: name -> (module, what it answers); in the order they run and print.
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "overhead": ("benchmarks.overhead", "per-call cost against raw aiohttp and httpx"),
+    "rate": ("benchmarks.rate", "full rate without 429s against a strict server"),
+    "waiting": ("benchmarks.waiting", "100,000 calls waiting on one token"),
+    "bulk": ("benchmarks.bulk_rows", "the bulk runner over 10,000 and 100,000 rows"),
+    "distributed": ("benchmarks.distributed", "N processes sharing RedisRateLimiter"),
+}
+
+
+def run_benchmark(name: str, config: Config) -> BenchResult:
+    """Run one benchmark by name; the result records how long it took."""
+    module = importlib.import_module(BENCHMARKS[name][0])
+    started = time.perf_counter()
+    result: BenchResult = module.run(config)
+    result.seconds = time.perf_counter() - started
+    return result

@@ -1,0 +1,245 @@
+"""1. Per-call overhead: the SDK against the same request hand-built with aiohttp and httpx.
+
+The emulator runs in its own process on loopback with no rate limit, so the client's limiter is
+off too (``rate_limit=None``). Each round runs the three clients one after another in a rotating
+order (SDK, raw, httpx / raw, httpx, SDK / ...), each over the same number of calls at the same
+concurrency; every concurrent worker talks for its own customer, so the SDK's per-conversation
+ordering never serialises them. Ratios are paired within a round, then the median is taken.
+
+``client CPU/call`` is ``time.process_time()`` of this process divided by the calls: the server
+runs elsewhere, so this is what the client itself costs, undiluted by the server's time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import httpx
+
+from autocalls_async import AsyncAutocalls
+
+from ._common import (
+    ASSISTANT_ID,
+    TOKEN,
+    VARIABLES,
+    BenchResult,
+    Config,
+    emulator_process,
+    median_ratio,
+    percentile,
+)
+
+NAME = "overhead"
+TITLE = "Per-call overhead (emulator on loopback, limiter off)"
+
+Call = Callable[[str, str], Awaitable[None]]
+
+HEADERS = {
+    "Authorization": f"Bearer {TOKEN}",
+    "Accept": "application/json",
+    "User-Agent": "bench-raw/1.0",
+}
+
+
+class Client:
+    """One contender: ``call(customer, message)`` sends one request and reads the reply."""
+
+    label = ""
+
+    async def call(self, customer: str, message: str) -> None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+
+class SdkClient(Client):
+    label = "SDK"
+
+    def __init__(self, base_url: str) -> None:
+        self.client = AsyncAutocalls(TOKEN, base_url=base_url, rate_limit=None)
+
+    async def call(self, customer: str, message: str) -> None:
+        reply = await self.client.generate_reply(
+            assistant_id=ASSISTANT_ID,
+            customer_identifier=customer,
+            message=message,
+            variables=VARIABLES,
+        )
+        assert reply.reply
+
+    async def aclose(self) -> None:
+        await self.client.close()
+
+
+def _check(status: int, data: Any) -> None:
+    # A competent hand-written client still checks what it got.
+    if status != 200 or not isinstance(data, dict) or not data.get("success"):
+        raise RuntimeError(f"unexpected answer {status}: {data!r}")
+
+
+class AiohttpClient(Client):
+    """What a careful user writes by hand: one shared session, JSON in, JSON out, checked."""
+
+    label = "raw aiohttp"
+
+    def __init__(self, base_url: str) -> None:
+        self.url = base_url + "/ai/generate-reply"
+        self.session = aiohttp.ClientSession(headers=HEADERS)
+
+    async def call(self, customer: str, message: str) -> None:
+        payload = {
+            "assistant_id": ASSISTANT_ID,
+            "customer_identifier": customer,
+            "message": message,
+            "variables": VARIABLES,
+        }
+        async with self.session.post(self.url, json=payload) as response:
+            data = await response.json()
+            _check(response.status, data)
+
+    async def aclose(self) -> None:
+        await self.session.close()
+
+
+class HttpxClient(Client):
+    """The same, with httpx: what users of httpx-based SDKs would recognise."""
+
+    label = "raw httpx"
+
+    def __init__(self, base_url: str) -> None:
+        self.url = base_url + "/ai/generate-reply"
+        self.client = httpx.AsyncClient(headers=HEADERS, timeout=60.0)
+
+    async def call(self, customer: str, message: str) -> None:
+        payload = {
+            "assistant_id": ASSISTANT_ID,
+            "customer_identifier": customer,
+            "message": message,
+            "variables": VARIABLES,
+        }
+        response = await self.client.post(
+            self.url,
+            content=json.dumps(payload).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        _check(response.status_code, response.json())
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+@dataclass
+class Sample:
+    """One client's run of ``calls`` calls at one concurrency."""
+
+    throughput: float  # calls per second
+    p50: float  # seconds
+    p99: float
+    cpu_per_call: float  # seconds of this process's CPU
+
+
+@dataclass
+class Series:
+    samples: list[Sample] = field(default_factory=list)
+
+    def values(self, name: str) -> list[float]:
+        return [float(getattr(sample, name)) for sample in self.samples]
+
+
+async def run_batch(client: Client, calls: int, concurrency: int) -> Sample:
+    """``calls`` calls spread over ``concurrency`` workers, each for its own customer."""
+    latencies: list[float] = []
+    per_worker = max(1, calls // concurrency)
+    clock = time.perf_counter
+
+    async def worker(index: int) -> None:
+        customer = f"+1415555{index:04d}"
+        for _ in range(per_worker):
+            started = clock()
+            await client.call(customer, "Hello there")
+            latencies.append(clock() - started)
+
+    cpu_started, started = time.process_time(), clock()
+    await asyncio.gather(*(worker(index) for index in range(concurrency)))
+    elapsed, cpu = clock() - started, time.process_time() - cpu_started
+    return Sample(
+        throughput=len(latencies) / elapsed,
+        p50=percentile(latencies, 50),
+        p99=percentile(latencies, 99),
+        cpu_per_call=cpu / len(latencies),
+    )
+
+
+async def _measure(
+    base_url: str, concurrencies: tuple[int, ...], calls: dict[int, int], rounds: int
+) -> dict[int, dict[str, Series]]:
+    factories: list[Callable[[str], Client]] = [SdkClient, AiohttpClient, HttpxClient]
+    clients = [factory(base_url) for factory in factories]
+    results = {c: {client.label: Series() for client in clients} for c in concurrencies}
+    try:
+        for concurrency in concurrencies:
+            for client in clients:  # warm up: connections, caches, first-call imports
+                await run_batch(client, max(20, 2 * concurrency), concurrency)
+            for round_ in range(rounds):
+                shift = round_ % len(clients)
+                for client in clients[shift:] + clients[:shift]:
+                    sample = await run_batch(client, calls[concurrency], concurrency)
+                    results[concurrency][client.label].samples.append(sample)
+    finally:
+        for client in clients:
+            await client.aclose()
+    return results
+
+
+def run(config: Config) -> BenchResult:
+    rounds = config.pick_rounds(full=7, quick=2)
+    concurrencies = (1, 20)
+    calls = {1: 20, 20: 60} if config.quick else {1: 300, 20: 2000}
+    result = BenchResult(
+        NAME,
+        TITLE,
+        params={"rounds": rounds, "concurrency": list(concurrencies), "calls_per_round": calls},
+    )
+    with emulator_process("none") as base_url:
+        measured = asyncio.run(_measure(base_url, concurrencies, calls, rounds))
+    for concurrency in concurrencies:
+        series = measured[concurrency]
+        where = f"c={concurrency}"
+        for label in ("raw aiohttp", "SDK", "raw httpx"):
+            s = series[label]
+            case = f"{label}, {where}"
+            result.summary(case, "throughput", s.values("throughput"), unit="calls/s", digits=0)
+            result.summary(case, "p50 latency", [v * 1e3 for v in s.values("p50")], unit="ms")
+            result.summary(case, "p99 latency", [v * 1e3 for v in s.values("p99")], unit="ms")
+            result.summary(
+                case,
+                "client CPU/call",
+                [v * 1e6 for v in s.values("cpu_per_call")],
+                unit="µs",
+                digits=0,
+            )
+        raw = series["raw aiohttp"]
+        for label in ("SDK", "raw httpx"):
+            s = series[label]
+            case = f"{label} ÷ raw aiohttp, {where}"
+            sdk = label == "SDK" and concurrency == 20
+            throughput = median_ratio(s.values("throughput"), raw.values("throughput"))
+            row = result.summary(case, "throughput ratio", throughput, unit="×")
+            if sdk:
+                row.expect("≥ 0.90×", lambda v: v >= 0.90)
+            p50 = median_ratio(s.values("p50"), raw.values("p50"))
+            row = result.summary(case, "p50 latency ratio", p50, unit="×")
+            if sdk:
+                row.expect("≤ 1.10×", lambda v: v <= 1.10)
+            p99 = median_ratio(s.values("p99"), raw.values("p99"))
+            result.summary(case, "p99 latency ratio", p99, unit="×")
+            cpu = median_ratio(s.values("cpu_per_call"), raw.values("cpu_per_call"))
+            result.summary(case, "client CPU/call ratio", cpu, unit="×")
+    return result

@@ -1,0 +1,52 @@
+"""Shared fixtures: a clean environment, the emulator on a free loopback port, client factory."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+
+from autocalls_async import AsyncAutocalls, RetryPolicy
+from autocalls_async.testing import MockAutocalls
+
+#: Retries without real waiting: the policy is tested on its own in test_retry.py.
+FAST_RETRIES = RetryPolicy(backoff_base=0.01, backoff_max=0.02)
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for name in ("AUTOCALLS_API_TOKEN", "AUTOCALLS_BASE_URL", "AUTOCALLS_LOG"):
+        monkeypatch.delenv(name, raising=False)
+    yield
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[MockAutocalls]:
+    """The emulator with no rate limit; tests that need one start their own."""
+    async with MockAutocalls(rate_limit=None, assistants=(123, 456)) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def token() -> str:
+    """A fresh token per test, so limiter state never leaks between tests."""
+    return f"test-{uuid.uuid4().hex}"
+
+
+@pytest.fixture
+async def make_client(token: str) -> AsyncIterator[Callable[..., AsyncAutocalls]]:
+    """Build clients that are closed at the end of the test."""
+    clients: list[AsyncAutocalls] = []
+
+    def make(base_url: str, **options: Any) -> AsyncAutocalls:
+        options.setdefault("rate_limit", None)
+        options.setdefault("retry_policy", FAST_RETRIES)
+        client = AsyncAutocalls(options.pop("api_token", token), base_url=base_url, **options)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.close()

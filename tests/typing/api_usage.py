@@ -1,0 +1,87 @@
+"""Checked by mypy --strict, never run: the public API as a user writes it.
+
+If a signature or a return type changes in a way that breaks users, this file stops type-checking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+
+from autocalls_async import (
+    APIError,
+    AsyncAutocalls,
+    AutocallsError,
+    ClientStats,
+    Conversation,
+    FunctionCall,
+    MemoryConversationStore,
+    RateLimit,
+    RateLimitError,
+    RateLimitTimeout,
+    Reply,
+    RetryPolicy,
+    UnprocessableEntityError,
+)
+
+
+async def web_handler(client: AsyncAutocalls, text: str) -> str:
+    try:
+        reply: Reply = await client.generate_reply(
+            assistant_id=123,
+            customer_identifier="+14155551234",
+            message=text,
+            variables={"customer_name": "John", "tags": ["vip"], "score": 1.5},
+            max_wait=2.0,
+        )
+    except RateLimitTimeout:
+        return "busy, try again"
+    except RateLimitError as exc:
+        retry: float | None = exc.retry_after
+        return f"later ({retry})"
+    except UnprocessableEntityError as exc:
+        fields: dict[str, list[str]] = exc.errors
+        return str(fields)
+    except APIError as exc:
+        status: int = exc.status
+        code: str | None = exc.error_code
+        return f"{status} {code}"
+    except AutocallsError:
+        return "failed"
+    calls: tuple[FunctionCall, ...] = reply.function_calls
+    names: list[str | None] = [call.name for call in calls]
+    disabled: bool = reply.ai_disabled
+    conversation_id: str = reply.conversation_id
+    return f"{reply.reply} {names} {disabled} {conversation_id}"
+
+
+async def bulk(messages: list[tuple[str, str]]) -> list[Reply | BaseException]:
+    async with aiohttp.ClientSession() as session:
+        async with AsyncAutocalls(
+            "token",
+            base_url="https://app.autocalls.ai/api",
+            rate_limit=RateLimit(5, 60.0),
+            max_retries=2,
+            timeout=60.0,
+            session=session,
+            retry_policy=RetryPolicy(max_retries=3, retry_unsafe=False),
+            conversation_store=MemoryConversationStore(1000),
+        ) as client:
+            results = await asyncio.gather(
+                *(
+                    client.generate_reply(assistant_id=1, customer_identifier=c, message=m)
+                    for c, m in messages
+                ),
+                return_exceptions=True,
+            )
+            cached: str | None = client.conversation_id(1, "c")
+            seen: Conversation | None = client.conversation(1, "c")
+            stats: ClientStats = client.stats
+            waited: float = stats.limiter_wait
+            del cached, seen, waited
+    return list(results)
+
+
+def no_limiter() -> AsyncAutocalls:
+    return AsyncAutocalls("token", rate_limit=None, timeout=None)
