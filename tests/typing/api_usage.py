@@ -57,8 +57,9 @@ async def web_handler(client: AsyncAutocalls, text: str) -> str:
 
 
 async def bulk(messages: list[tuple[str, str]]) -> list[Reply | BaseException]:
-    async with aiohttp.ClientSession() as session:
-        async with AsyncAutocalls(
+    async with (
+        aiohttp.ClientSession() as session,
+        AsyncAutocalls(
             "token",
             base_url="https://app.autocalls.ai/api",
             rate_limit=RateLimit(5, 60.0),
@@ -67,19 +68,20 @@ async def bulk(messages: list[tuple[str, str]]) -> list[Reply | BaseException]:
             session=session,
             retry_policy=RetryPolicy(max_retries=3, retry_unsafe=False),
             conversation_store=MemoryConversationStore(1000),
-        ) as client:
-            results = await asyncio.gather(
-                *(
-                    client.generate_reply(assistant_id=1, customer_identifier=c, message=m)
-                    for c, m in messages
-                ),
-                return_exceptions=True,
-            )
-            cached: str | None = client.conversation_id(1, "c")
-            seen: Conversation | None = client.conversation(1, "c")
-            stats: ClientStats = client.stats
-            waited: float = stats.limiter_wait
-            del cached, seen, waited
+        ) as client,
+    ):
+        results = await asyncio.gather(
+            *(
+                client.generate_reply(assistant_id=1, customer_identifier=c, message=m)
+                for c, m in messages
+            ),
+            return_exceptions=True,
+        )
+        cached: str | None = client.conversation_id(1, "c")
+        seen: Conversation | None = client.conversation(1, "c")
+        stats: ClientStats = client.stats
+        waited: float = stats.limiter_wait
+        del cached, seen, waited
     return list(results)
 
 
