@@ -217,7 +217,10 @@ class AsyncAutocalls:
         )
         self._conversations.put(conversation)
         if self._store is not None:
-            await self._store.set(conversation)
+            try:
+                await self._store.set(conversation)
+            except Exception:  # the reply was received and paid for: never lose it for a cache
+                logger.warning("could not save the conversation to %r", self._store, exc_info=True)
 
     # ------------------------------------------------------------------ the call
 
@@ -245,10 +248,10 @@ class AsyncAutocalls:
         assert task is not None  # a coroutine awaited in asyncio always runs in a task
         self._enter_waiting(task)
         try:
+            key = request.conversation_key
             try:
                 async with asyncio.timeout_at(deadline):
-                    order = self._order.hold(request.conversation_key)
-                    await order.__aenter__()
+                    await self._order.acquire(key)
             except TimeoutError:
                 raise RateLimitTimeout(
                     "max_wait passed while earlier messages of this conversation were "
@@ -256,8 +259,9 @@ class AsyncAutocalls:
                 ) from None
             try:
                 reply = await self._attempts(request, task, deadline)
+                await self._remember(request, reply)  # in order, like the calls themselves
             finally:
-                await order.__aexit__(None, None, None)
+                self._order.release(key)
         except asyncio.CancelledError:
             if self._take_interruption(task):
                 raise ClientClosedError(
@@ -270,7 +274,6 @@ class AsyncAutocalls:
         finally:
             self._leave_waiting(task)
         self.stats.replies += 1
-        await self._remember(request, reply)
         return reply
 
     def _enter_waiting(self, task: asyncio.Task[Any]) -> None:

@@ -7,8 +7,7 @@ behind for the thousands of customers a bulk job touches.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Hashable
-from contextlib import asynccontextmanager
+from collections.abc import Hashable
 
 from ._ratelimit import FifoGate
 
@@ -33,19 +32,24 @@ class KeyedOrder:
         """Keys with a running or waiting call (0 when idle: nothing is left behind)."""
         return len(self._entries)
 
-    @asynccontextmanager
-    async def hold(self, key: Hashable) -> AsyncIterator[None]:
+    async def acquire(self, key: Hashable) -> None:
+        """Wait for the turn of ``key``; every successful call must be paired with release()."""
         entry = self._entries.get(key)
         if entry is None:
             entry = self._entries[key] = _Entry()
         entry.users += 1
         try:
             await entry.gate.acquire()
-            try:
-                yield
-            finally:
-                entry.gate.release()
-        finally:
-            entry.users -= 1
-            if not entry.users:
-                del self._entries[key]
+        except BaseException:
+            self._leave(key, entry)
+            raise
+
+    def release(self, key: Hashable) -> None:
+        entry = self._entries[key]
+        entry.gate.release()
+        self._leave(key, entry)
+
+    def _leave(self, key: Hashable, entry: _Entry) -> None:
+        entry.users -= 1
+        if not entry.users:
+            del self._entries[key]

@@ -518,3 +518,22 @@ def test_errors_pickle() -> None:
 def test_body_is_json_bytes() -> None:
     """The module's own JSON helper output is what the server parses (sanity for the wire)."""
     assert json.loads(sdk._wire.build_request(1, "c", "m").body)["assistant_id"] == 1
+
+
+async def test_failing_store_never_loses_a_reply(
+    server: MockAutocalls, make_client: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reply was paid for: a conversation store that fails is logged, not raised."""
+
+    class BrokenStore:
+        async def get(self, assistant_id: int, customer_identifier: str) -> None:
+            return None
+
+        async def set(self, conversation: sdk.Conversation) -> None:
+            raise ConnectionError("store down")
+
+    client = make_client(server.base_url, conversation_store=BrokenStore())
+    reply = await ask(client)
+    assert reply.reply
+    assert client.conversation_id(123, CUSTOMER) == reply.conversation_id
+    assert "could not save the conversation" in caplog.text

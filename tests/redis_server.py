@@ -1,0 +1,122 @@
+"""A real ``redis-server`` for tests: a free loopback port, a temp dir, no persistence.
+
+Tests run against the real engine (Lua, ``TIME``, expiry), never a fake. Without the binary
+the Redis tests are skipped with the reason, unless ``AUTOCALLS_REQUIRE_REDIS`` is set (CI),
+where a missing binary is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+__all__ = ["RedisServer", "require_redis_server"]
+
+
+def require_redis_server() -> str:
+    """The path of ``redis-server``, or skip (fail when ``AUTOCALLS_REQUIRE_REDIS`` is set)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        reason = "redis-server is not installed (apt-get install redis-server)"
+        if os.environ.get("AUTOCALLS_REQUIRE_REDIS"):
+            pytest.fail(f"AUTOCALLS_REQUIRE_REDIS is set but {reason}")
+        pytest.skip(reason)
+    return binary
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _ping(port: int, timeout: float = 0.5) -> bool:
+    """Speak RESP directly: the helper must not depend on the client under test."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class RedisServer:
+    """One ``redis-server`` process; ``url`` once started; ``stop()`` / ``kill()`` end it."""
+
+    def __init__(self, binary: str) -> None:
+        self.binary = binary
+        self.port = 0
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        # The port is picked, freed, then bound by redis-server: another process may take it
+        # in between, so a start that fails is tried again on another port.
+        for _ in range(3):
+            if self._start_once(timeout):
+                return self
+        raise RuntimeError("redis-server did not start (see its log above)")
+
+    def _start_once(self, timeout: float) -> bool:
+        self._dir = tempfile.TemporaryDirectory(prefix="autocalls-redis-")
+        self.port = _free_port()
+        log = Path(self._dir.name) / "redis.log"
+        self.process = subprocess.Popen(
+            [
+                self.binary,
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", self._dir.name,
+                "--logfile", str(log),
+                "--daemonize", "no",
+            ],  # fmt: skip
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                break
+            if _ping(self.port):
+                return True
+            time.sleep(0.02)
+        if log.exists():
+            print(log.read_text(errors="replace")[-2000:])
+        self.stop()
+        return False
+
+    def kill(self) -> None:
+        """End it abruptly, as a crash or an OOM kill would: connections are reset."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(5)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.terminate()
+                try:
+                    self.process.wait(5)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait(5)
+            self.process = None
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
