@@ -39,6 +39,7 @@ from ._wire import (
     check_base_url,
     check_token,
     endpoint,
+    is_loopback,
     parse_reply,
     request_headers,
 )
@@ -129,9 +130,22 @@ class AsyncAutocalls:
         timeout = _check_seconds("timeout", timeout)
         if timeout == 0:
             raise InvalidRequestError("timeout must be > 0 seconds (or None for no limit)")
+        if (
+            isinstance(max_response_size, bool)
+            or not isinstance(max_response_size, int)
+            or max_response_size < 1
+        ):
+            raise InvalidRequestError(
+                f"max_response_size must be a positive int (bytes), got {max_response_size!r}"
+            )
         if session is not None and not isinstance(session, aiohttp.ClientSession):
             raise InvalidRequestError("session must be an aiohttp.ClientSession")
-        self._transport = Transport(session, timeout=timeout, max_response_size=max_response_size)
+        self._transport = Transport(
+            session,
+            timeout=timeout,
+            max_response_size=max_response_size,
+            trust_env=not is_loopback(self.base_url.host or ""),
+        )
         self._conversations = MemoryConversationStore(conversation_cache_size)
         self._store = conversation_store
         self._order = KeyedOrder()

@@ -65,8 +65,10 @@ class Transport:
         *,
         timeout: float | None,
         max_response_size: int,
+        trust_env: bool = True,
     ) -> None:
         self._borrowed = session
+        self._trust_env = trust_env
         self._own: aiohttp.ClientSession | None = None
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self.max_response_size = max_response_size
@@ -81,9 +83,10 @@ class Transport:
         if self._own is None:
             self._own = aiohttp.ClientSession(
                 trace_configs=[_trace_config()],
-                # Proxies from the environment are honoured; cookies are not kept: the API is
-                # stateless and a cookie jar would only grow.
-                trust_env=True,
+                # Proxies from the environment are honoured (except for a loopback base URL,
+                # where a plain-http proxy would see the token); cookies are not kept: the API
+                # is stateless and a cookie jar would only grow.
+                trust_env=self._trust_env,
                 cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._own

@@ -74,7 +74,7 @@ def check_token(token: object) -> str:
     return token
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host.lower() in {"localhost", "localhost."} or host.lower().endswith(".localhost"):
         return True
     try:
@@ -99,7 +99,7 @@ def check_base_url(base_url: object) -> URL:
         raise InvalidRequestError("base_url must not contain a user name or password")
     if url.query_string or url.fragment:
         raise InvalidRequestError("base_url must not contain a query string or a fragment")
-    if url.scheme == "http" and not _is_loopback(url.host):
+    if url.scheme == "http" and not is_loopback(url.host):
         raise InvalidRequestError(
             f"refusing to send the API token in clear text to {url.host!r}: "
             "use an https:// base_url (http:// is allowed for loopback hosts only)"
