@@ -138,11 +138,11 @@ class _TokenBucket:
     def _clear_at(self) -> float:
         return max(self._not_before, self._pause_until)
 
-    def predicted_start(self) -> float:
-        """When a newcomer would start if nobody ahead of it cancels and nothing is late."""
+    def predicted_wait(self) -> float:
+        """How long a newcomer would wait if nobody ahead of it cancels and nothing is late."""
         now = self._loop.time()
         base = max(now, self._clear_at(), self._last_grant + self.interval)
-        return base + self._queued * self.interval
+        return base + self._queued * self.interval - now
 
     async def _wait_until_clear(self, deadline: float | None) -> None:
         while (wait := self._clear_at() - self._loop.time()) > 0:
@@ -157,10 +157,10 @@ class _TokenBucket:
         )
 
     async def acquire(self, deadline: float | None) -> Slot:
-        if deadline is not None and self.predicted_start() > deadline:
-            raise RateLimitTimeout(
-                self._timeout_message(self.predicted_start() - self._loop.time())
-            )
+        if deadline is not None:
+            wait = self.predicted_wait()
+            if wait > 0 and self._loop.time() + wait > deadline:
+                raise RateLimitTimeout(self._timeout_message(wait))
         self._queued += 1
         try:
             async with asyncio.timeout_at(deadline):

@@ -22,12 +22,15 @@ The limiter is a reservation schedule kept by one Lua script per slot, on Redis'
   period) absorbs that one shortened gap.
 
 In front of Redis, each process queues its waiters in a ``FifoGate`` per token, held from the
-reservation until the request is written: one round trip per slot, not one per waiter, first
-come first served, and a cancelled waiter leaves the queue in O(1).
+reservation until the request is written: round trips are per slot, never per waiter (one
+reservation; after a wait, one read of the pause; a report only for a late send), waiters are
+served first come first served, and a cancelled waiter leaves the queue in O(1).
 
-Redis unreachable or failing: ``LimiterUnavailableError`` (nothing was sent), after at most
-``timeout`` seconds per attempt, and then at once for ``timeout`` seconds for every queued
-waiter, so a queue never drains one timeout at a time. ``fallback=`` opts in to another limiter
+Redis unreachable or failing: ``LimiterUnavailableError`` (nothing was sent) within about
+twice ``timeout`` (one attempt and one retry on a fresh connection), and then at once, for
+``timeout`` seconds, for every waiter queued behind it, so a queue never drains one timeout at a
+time. A caller holding a reservation when Redis fails still sends on it: that is within the
+limit. ``fallback=`` opts in to another limiter
 (e.g. ``LocalRateLimiter`` with this process's share of the limit) during an outage, logged.
 Keys expire once they no longer constrain anything, so nothing accumulates.
 """
@@ -61,10 +64,18 @@ _US = 1_000_000
 DEFAULT_RATE_LIMIT = RateLimit(5, 60.0)
 #: Keys live this long after the last moment they constrain anything.
 _EXPIRY_SLACK_MS = 1_000
+#: How long a Redis round trip may take past a caller's deadline before ``RateLimitTimeout``.
+_ROUND_TRIP_GRACE = 0.1
+
+# Redis < 5 refuses writes after TIME in a script unless it replicates effects, not the script
+# (the default from Redis 5 on, where the call is a harmless no-op).
+_REPLICATE = "if redis.replicate_commands then redis.replicate_commands() end\n"
 
 # KEYS: next, pause. ARGV: interval (us), longest acceptable wait (us, -1: any), slack (ms).
 # Returns {1, wait_us, start_us} when reserved, {0, wait_us} when the wait is too long.
-_RESERVE = """
+_RESERVE = (
+    _REPLICATE
+    + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local start = now
@@ -80,10 +91,13 @@ local ttl = math.ceil((after - now) / 1000) + tonumber(ARGV[3])
 redis.call('SET', KEYS[1], string.format('%.0f', after), 'PX', ttl)
 return {1, wait, start}
 """
+)
 
 # KEYS: next. ARGV: our start (us), interval (us), slack (ms). Gives our reservation back if no
 # one reserved after it (and no late send moved it). Returns 1 if given back.
-_RELEASE = """
+_RELEASE = (
+    _REPLICATE
+    + """
 local after = tonumber(ARGV[1]) + tonumber(ARGV[2])
 if tonumber(redis.call('GET', KEYS[1])) ~= after then return 0 end
 local t = redis.call('TIME')
@@ -94,9 +108,12 @@ local ttl = math.ceil((start - now) / 1000) + tonumber(ARGV[3])
 redis.call('SET', KEYS[1], string.format('%.0f', start), 'PX', ttl)
 return 1
 """
+)
 
 # KEYS: next. ARGV: lateness (us), interval (us), slack (ms). A send was late: move the schedule.
-_LATE = """
+_LATE = (
+    _REPLICATE
+    + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local nxt = tonumber(redis.call('GET', KEYS[1]))
@@ -107,21 +124,25 @@ local ttl = math.ceil((after - now) / 1000) + tonumber(ARGV[3])
 redis.call('SET', KEYS[1], string.format('%.0f', after), 'PX', ttl)
 return 1
 """
+)
 
 # KEYS: pause. ARGV: pause length (us; 0 only reads), slack (ms). Returns the pause left (us).
-_PAUSE = """
+_PAUSE = (
+    _REPLICATE
+    + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local untl = tonumber(redis.call('GET', KEYS[1])) or 0
-local seconds = tonumber(ARGV[1])
-if seconds > 0 and now + seconds > untl then
-  untl = now + seconds
-  local ttl = math.ceil(seconds / 1000) + tonumber(ARGV[2])
+local length = tonumber(ARGV[1])
+if length > 0 and now + length > untl then
+  untl = now + length
+  local ttl = math.ceil(length / 1000) + tonumber(ARGV[2])
   redis.call('SET', KEYS[1], string.format('%.0f', untl), 'PX', ttl)
 end
 if untl > now then return untl - now end
 return 0
 """
+)
 
 
 def redact_url(url: str) -> str:
@@ -271,16 +292,32 @@ class RedisRateLimiter:
         base = f"{self.prefix}rl:{{{key}}}"
         return f"{base}:next", f"{base}:pause"
 
-    async def _call(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
-        """Run one Redis operation; any failure becomes ``LimiterUnavailableError``."""
+    async def _call(
+        self,
+        what: str,
+        operation: Callable[[], Awaitable[T]],
+        deadline: float | None = None,
+    ) -> T:
+        """Run one Redis operation; any failure becomes ``LimiterUnavailableError``.
+
+        A caller's ``deadline`` (``max_wait``) earlier than the operation's own bound turns a
+        slow Redis into ``RateLimitTimeout`` at that deadline, as the local limiter would.
+        """
         loop = asyncio.get_running_loop()
         if loop.time() < self._down_until and self._down_error is not None:
             raise LimiterUnavailableError(str(self._down_error))
+        # The socket timeouts bound each attempt; this bounds the attempts together.
+        bound = loop.time() + self.timeout * 2 + 0.5
+        if deadline is not None:
+            # The round trip itself is not waiting for a slot: max_wait=0 still gets a free one.
+            deadline = max(deadline, loop.time() + min(_ROUND_TRIP_GRACE, self.timeout))
+        caller_first = deadline is not None and deadline < bound
         try:
-            # The socket timeouts bound each attempt; this bounds the attempts together.
-            async with asyncio.timeout(self.timeout * 2 + 0.5):
+            async with asyncio.timeout_at(deadline if caller_first else bound):
                 return await operation()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (RedisError, OSError) as exc:
+            if caller_first and isinstance(exc, TimeoutError) and not isinstance(exc, RedisError):
+                raise self._timeout() from None
             error = LimiterUnavailableError(
                 f"the Redis rate limiter at {self._where} is unavailable while {what} "
                 f"({type(exc).__name__}: {_short(exc)}); nothing was sent"
@@ -290,17 +327,21 @@ class RedisRateLimiter:
             self._down_until, self._down_error = loop.time() + self.timeout, error
             raise error from exc
 
-    async def _script_reserve(self, key: str, max_wait_us: int) -> list[int]:
+    async def _script_reserve(
+        self, key: str, max_wait_us: int, deadline: float | None = None
+    ) -> list[int]:
         keys = self.redis_keys(key)
         args = [self._interval_us, max_wait_us, _EXPIRY_SLACK_MS]
-        result = await self._call("reserving a slot", lambda: self._reserve(keys, args))
+        reserve = self._reserve
+        result = await self._call("reserving a slot", lambda: reserve(keys, args), deadline)
         return [int(value) for value in result]
 
-    async def paused_for(self, key: str) -> float:
+    async def paused_for(self, key: str, deadline: float | None = None) -> float:
         """Seconds left of a pause (a 429's ``Retry-After``) on this token, from Redis."""
         _, pause_key = self.redis_keys(key)
         args = [0, _EXPIRY_SLACK_MS]
-        left = await self._call("reading the pause", lambda: self._pause([pause_key], args))
+        pause = self._pause
+        left = await self._call("reading the pause", lambda: pause([pause_key], args), deadline)
         return int(left) / _US
 
     # ------------------------------------------------------------------ the protocol
@@ -357,7 +398,11 @@ class RedisRateLimiter:
         loop = self._bind_loop()
         state = self._state(key)
         interval = self._interval_us / _US
-        if deadline is not None and loop.time() + state.queued * interval > deadline:
+        if (
+            deadline is not None
+            and state.queued
+            and loop.time() + state.queued * interval > deadline
+        ):
             # Those queued ahead of us need at least one interval each, whatever Redis says.
             raise self._timeout(state.queued * interval)
         state.queued += 1
@@ -384,11 +429,9 @@ class RedisRateLimiter:
         while True:
             if deadline is None:
                 max_wait_us = -1
-            else:
-                max_wait_us = math.floor((deadline - loop.time()) * _US)
-                if max_wait_us < 0:
-                    raise self._timeout()
-            granted, wait_us, *rest = await self._script_reserve(key, max_wait_us)
+            else:  # the script refuses to reserve a start later than the deadline
+                max_wait_us = max(0, math.floor((deadline - loop.time()) * _US))
+            granted, wait_us, *rest = await self._script_reserve(key, max_wait_us, deadline)
             wait = wait_us / _US
             if not granted:
                 raise self._timeout(wait)
@@ -399,7 +442,7 @@ class RedisRateLimiter:
             try:
                 await asyncio.sleep(wait)
                 # A 429 seen by another process while we slept pauses us too.
-                paused = await self.paused_for(key)
+                paused = await self.paused_for(key, deadline)
             except asyncio.CancelledError:
                 await self._give_back(key, start_us)
                 raise

@@ -70,20 +70,34 @@ class RedisServer:
                 return self
         raise RuntimeError("redis-server did not start (see its log above)")
 
-    def _start_once(self, timeout: float) -> bool:
+    def restart(self, timeout: float = 10.0) -> RedisServer:
+        """Start again on the same port (empty: nothing is persisted), as after a crash."""
+        self.stop()
+        if not self._start_once(timeout, self.port):
+            raise RuntimeError("redis-server did not restart (see its log above)")
+        return self
+
+    def _start_once(self, timeout: float, port: int = 0) -> bool:
         self._dir = tempfile.TemporaryDirectory(prefix="autocalls-redis-")
-        self.port = _free_port()
+        self.port = port or _free_port()
         log = Path(self._dir.name) / "redis.log"
         self.process = subprocess.Popen(
             [
                 self.binary,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", self._dir.name,
-                "--logfile", str(log),
-                "--daemonize", "no",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self._dir.name,
+                "--logfile",
+                str(log),
+                "--daemonize",
+                "no",
             ],  # fmt: skip
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

@@ -309,3 +309,20 @@ def test_rate_limit_parsing_and_validation() -> None:
             RateLimit(*args)
     with pytest.raises(ValueError, match="margin"):
         RateLimit(5, 1.0, margin=1.5)
+
+
+def test_max_wait_zero_takes_a_free_slot() -> None:
+    """max_wait=0 means "only if a slot is free now": a free one is granted, a busy one refused."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        limiter = LocalRateLimiter(RateLimit(1, 1.0))
+        key = fresh_key()
+        await asyncio.sleep(0.5)  # the clock has moved since the loop started
+        async with limiter.slot(key, deadline=loop.time()) as slot:
+            slot.sent()
+        with pytest.raises(RateLimitTimeout):
+            async with limiter.slot(key, deadline=loop.time()):
+                pass
+
+    run_virtual(scenario)

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import socket
+import statistics
 import sys
 import time
 import uuid
@@ -13,14 +14,17 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 import autocalls_async
 from autocalls_async import (
     AsyncAutocalls,
     Conversation,
+    ConversationStore,
     LimiterUnavailableError,
     LocalRateLimiter,
     RateLimit,
+    RateLimiter,
     RateLimitTimeout,
 )
 from autocalls_async._redis import RedisConversationStore, RedisRateLimiter, redact_url
@@ -83,10 +87,12 @@ async def test_two_limiters_share_one_schedule(redis_server: RedisServer, prefix
 
         t0 = loop.time()
         await asyncio.gather(*(take(one if i % 2 else two) for i in range(12)))
+    # The guarantee is per rolling period: a start a few ms late may shorten the one gap after
+    # it (a reservation already made elsewhere cannot move), which the margin absorbs.
+    assert_rolling(starts, rate)
     starts.sort()
     gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
-    assert min(gaps) >= rate.interval - EPS, gaps
-    assert_rolling(starts, rate)
+    assert statistics.median(gaps) == pytest.approx(rate.interval, abs=0.01)
     # At the full rate: 11 intervals after the first, plus scheduling noise.
     assert starts[-1] - t0 < 11 * rate.interval + 0.5
 
@@ -99,10 +105,10 @@ async def test_fifo_and_one_reservation_per_slot(redis_server: RedisServer, pref
         reservations = 0
         reserve = limiter._script_reserve
 
-        async def counting(key: str, max_wait_us: int) -> list[int]:
+        async def counting(key: str, max_wait_us: int, deadline: float | None = None) -> list[int]:
             nonlocal reservations
             reservations += 1
-            return await reserve(key, max_wait_us)
+            return await reserve(key, max_wait_us, deadline)
 
         limiter._script_reserve = counting  # type: ignore[method-assign]
 
@@ -150,8 +156,9 @@ async def test_keys_expire_once_idle(
         assert 0 < await inspector.pttl(next_key) <= 1000 * (rate.interval + 1.0) + 50
         assert 0 < await inspector.pttl(pause_key) <= 1000 * (0.2 + 1.0) + 50
         assert next_key.startswith(prefix) and "{tok}" in next_key
-        deadline = time.monotonic() + 5
-        while await inspector.exists(next_key, pause_key) and time.monotonic() < deadline:
+        for _ in range(50):  # Redis expires keys on its own schedule: poll it
+            if not await inspector.exists(next_key, pause_key):
+                break
             await asyncio.sleep(0.1)
         assert await inspector.exists(next_key, pause_key) == 0
 
@@ -212,6 +219,17 @@ async def test_max_wait_refuses_without_reserving(
         assert int(await inspector.get(next_key) or 0) == value
 
 
+async def test_max_wait_zero_takes_a_free_slot_only(redis_server: RedisServer, prefix: str) -> None:
+    """max_wait=0, as locally: a free slot is granted at once, a busy one raises at once."""
+    loop = asyncio.get_running_loop()
+    async with RedisRateLimiter(redis_server.url, prefix=prefix) as limiter:
+        async with limiter.slot("tok", deadline=loop.time()):
+            pass
+        with pytest.raises(RateLimitTimeout):
+            async with limiter.slot("tok", deadline=loop.time()):
+                pytest.fail("must not be granted")
+
+
 async def test_max_wait_counts_the_local_queue(redis_server: RedisServer, prefix: str) -> None:
     """Callers queued ahead in this process make a short max_wait fail without a round trip."""
     rate = RateLimit(5, 1.0)
@@ -230,6 +248,21 @@ async def test_max_wait_counts_the_local_queue(redis_server: RedisServer, prefix
                 pass
         release.set()
         await asyncio.gather(*holders)
+
+
+async def test_max_wait_while_the_gate_is_held(redis_server: RedisServer, prefix: str) -> None:
+    """A slot held unsent keeps the queue closed; a waiter with max_wait times out meanwhile."""
+    loop = asyncio.get_running_loop()
+    async with RedisRateLimiter(redis_server.url, prefix=prefix) as limiter:
+        async with limiter.slot("tok"):  # granted, not sent yet
+            started = loop.time()
+            with pytest.raises(RateLimitTimeout):
+                async with limiter.slot("tok", deadline=started + 0.1):
+                    pytest.fail("must not be granted")
+            assert loop.time() - started < 0.4
+        with pytest.raises(RateLimitTimeout):
+            async with limiter.slot("tok", deadline=loop.time() - 1):
+                pytest.fail("must not be granted")  # the next slot is an interval away
 
 
 async def test_cancelled_waiter_gives_its_reservation_back(
@@ -306,29 +339,42 @@ async def test_unreachable_redis_raises_clearly_and_hides_the_password() -> None
     assert redact_url("redis://host:1/0") == "redis://host:1/0"
 
 
-async def test_unresponsive_redis_fails_every_waiter_promptly() -> None:
-    """A Redis that accepts but never answers: all queued waiters fail within about the timeout."""
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port that accepts connections (in the backlog) and never answers: a hung Redis."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
-    listener.listen(16)  # connections complete in the backlog; nobody ever reads them
-    port = listener.getsockname()[1]
+    listener.listen(16)
+    yield listener.getsockname()[1]
+    listener.close()
+
+
+async def test_unresponsive_redis_fails_every_waiter_promptly(silent_port: int) -> None:
+    """A Redis that accepts but never answers: all queued waiters fail within about the timeout."""
     loop = asyncio.get_running_loop()
-    try:
-        limiter = RedisRateLimiter(f"redis://127.0.0.1:{port}/0", timeout=0.3)
-        async with limiter:
+    async with RedisRateLimiter(f"redis://127.0.0.1:{silent_port}/0", timeout=0.3) as limiter:
 
-            async def take() -> None:
-                async with limiter.slot("tok"):
-                    pytest.fail("must not be granted")
+        async def take() -> None:
+            async with limiter.slot("tok"):
+                pytest.fail("must not be granted")
 
-            started = loop.time()
-            results = await asyncio.gather(*(take() for _ in range(6)), return_exceptions=True)
-            elapsed = loop.time() - started
-    finally:
-        listener.close()
+        started = loop.time()
+        results = await asyncio.gather(*(take() for _ in range(6)), return_exceptions=True)
+        elapsed = loop.time() - started
     assert all(isinstance(r, LimiterUnavailableError) for r in results), results
     # One attempt and its retry time out; the queue behind it fails at once.
     assert elapsed < 0.3 * 2 + 0.5 + 0.5, elapsed
+
+
+async def test_unresponsive_redis_keeps_max_wait(silent_port: int) -> None:
+    """A max_wait shorter than the Redis timeout is kept: RateLimitTimeout at the deadline."""
+    loop = asyncio.get_running_loop()
+    async with RedisRateLimiter(f"redis://127.0.0.1:{silent_port}/0", timeout=2.0) as limiter:
+        started = loop.time()
+        with pytest.raises(RateLimitTimeout):
+            async with limiter.slot("tok", deadline=started + 0.2):
+                pytest.fail("must not be granted")
+        assert loop.time() - started < 0.2 + 0.1 + 0.3
 
 
 async def test_fallback_limiter_is_used_and_logged(caplog: pytest.LogCaptureFixture) -> None:
@@ -397,7 +443,7 @@ async def test_client_on_redis_keeps_a_strict_server_happy(
 
 
 async def test_redis_killed_mid_run_fails_promptly_without_a_burst(prefix: str) -> None:
-    """Redis dies mid-run: later calls raise LimiterUnavailableError quickly; nothing bursts."""
+    """Redis killed mid-run: LimiterUnavailableError promptly, no burst; recovers once back."""
     redis = RedisServer(require_redis_server()).start()
     rate = RateLimit(5, 0.5)
     loop = asyncio.get_running_loop()
@@ -409,23 +455,32 @@ async def test_redis_killed_mid_run_fails_promptly_without_a_burst(prefix: str) 
         ):
             calls = [
                 asyncio.create_task(
-                    client.generate_reply(assistant_id=123, customer_identifier=f"c{i}", message="x")
+                    client.generate_reply(
+                        assistant_id=123, customer_identifier=f"c{i}", message="x"
+                    )
                 )
                 for i in range(12)
             ]
-            while len(server.requests) < 3:
+            for _ in range(2000):  # until three requests have reached the server
+                if len(server.requests) >= 3:
+                    break
                 await asyncio.sleep(0.005)
             redis.kill()
             killed_at, sent_before = loop.time(), len(server.requests)
             results = await asyncio.gather(*calls, return_exceptions=True)
             elapsed = loop.time() - killed_at
+            sent_after = len(server.requests) - sent_before
+            redis.restart()
+            await asyncio.sleep(limiter.timeout)  # the outage window that fails calls at once
+            await client.generate_reply(assistant_id=123, customer_identifier="c0", message="back")
     finally:
         redis.stop()
     failed = [r for r in results if isinstance(r, BaseException)]
+    print(f"\nRedis killed: {len(failed)} calls failed, the last {elapsed:.3f}s after the kill")
     assert failed and all(isinstance(r, LimiterUnavailableError) for r in failed), results
     assert elapsed < 2.5, elapsed  # prompt: no hang
     # At most the one slot already reserved before the kill is still used: no burst.
-    assert len(server.requests) - sent_before <= 1
+    assert sent_after <= 1
     assert server.count(status=429) == 0
     assert_rolling([r.time for r in server.requests], RateLimit(5, 0.5, margin=0))
 
@@ -505,7 +560,11 @@ async def test_three_processes_share_one_token(redis_server: RedisServer, prefix
     assert server.count(status=429) == 0
     assert_rolling(arrivals, RateLimit(5, 1.0, margin=0))
     ideal = (processes * calls - 1) * 1.0 / 5
-    print(f"\n3x6 on Redis: first {arrivals[0]:.3f}s, last {arrivals[-1]:.3f}s, ideal {ideal:.2f}s")
+    tightest = min(b - a for a, b in zip(arrivals, arrivals[5:], strict=False))
+    print(
+        f"\n3x6 on Redis: first {arrivals[0]:.3f}s, last {arrivals[-1]:.3f}s, "
+        f"ideal {ideal:.2f}s, tightest 6 arrivals span {tightest:.3f}s"
+    )
     assert arrivals[-1] - arrivals[0] <= 1.25 * ideal
     assert arrivals[-1] <= 1.25 * ideal + 1.0  # + the children's first connections
 
@@ -542,7 +601,9 @@ async def test_conversation_store_through_clients(redis_server: RedisServer, pre
         RedisConversationStore(redis_server.url, prefix=prefix) as store_b,
         AsyncAutocalls("tok", base_url=server.base_url, conversation_store=store_a) as client,
     ):
-        reply = await client.generate_reply(assistant_id=123, customer_identifier="ann", message="Hi")
+        reply = await client.generate_reply(
+            assistant_id=123, customer_identifier="ann", message="Hi"
+        )
         seen = await store_b.get(123, "ann")
         assert seen is not None and seen.conversation_id == reply.conversation_id
 
@@ -561,3 +622,100 @@ def test_exported_lazily_from_the_package() -> None:
     """Both backends import from autocalls_async once the redis extra is installed."""
     assert autocalls_async.RedisRateLimiter is RedisRateLimiter
     assert autocalls_async.RedisConversationStore is RedisConversationStore
+
+
+async def test_backends_satisfy_the_core_protocols() -> None:
+    """Both plug into the client's protocols (checked by mypy here, and at run time)."""
+    limiter: RateLimiter = RedisRateLimiter("redis://127.0.0.1:1/0")
+    store: ConversationStore = RedisConversationStore("redis://127.0.0.1:1/0")
+    assert isinstance(limiter, RateLimiter) and isinstance(store, ConversationStore)
+    assert isinstance(limiter, RedisRateLimiter) and isinstance(store, RedisConversationStore)
+    await limiter.aclose()
+    await store.aclose()
+
+
+# ---------------------------------------------------------------------- edges
+
+
+async def test_construction_checks_and_borrowed_client(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """Bad arguments fail early; a caller's Redis client is used and never closed."""
+    with pytest.raises(TypeError, match="url"):
+        RedisRateLimiter(6379)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="rate_limit"):
+        RedisRateLimiter(redis_server.url, rate_limit="5/60")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="timeout"):
+        RedisRateLimiter(redis_server.url, timeout=0)
+    with pytest.raises(ValueError, match="timeout"):
+        RedisConversationStore(redis_server.url, ttl=float("inf"))
+    assert redact_url("redis://:pw@[::1]/0") == "redis://:***@[::1]/0"
+    assert redact_url("redis://:pw@host:99999999/0") == "<redis url>"
+    mine = Redis.from_url(redis_server.url)
+    async with RedisRateLimiter(mine, prefix=prefix) as limiter:
+        assert "127.0.0.1" in repr(limiter)
+        async with limiter.slot("tok"):
+            pass
+    assert await mine.ping()  # still open: borrowed, not ours to close
+    await mine.aclose()
+
+
+async def test_many_tokens_do_not_accumulate(redis_server: RedisServer, prefix: str) -> None:
+    """Per-token queues of idle tokens are dropped as new tokens come."""
+    async with RedisRateLimiter(redis_server.url, prefix=prefix) as limiter:
+        for n in range(80):
+            async with limiter.slot(f"tok{n}"):
+                pass
+        assert len(limiter._keys) <= 66
+
+
+async def test_bookkeeping_failures_never_block_the_queue(
+    redis_server: RedisServer,
+    prefix: str,
+    inspector: Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A failed late-send report or give-back is logged; the next waiter still gets its turn."""
+    caplog.set_level(logging.DEBUG, logger="autocalls_async")
+    rate = RateLimit(10, 1.0)
+    loop = asyncio.get_running_loop()
+    async with RedisRateLimiter(redis_server.url, rate_limit=rate, prefix=prefix) as limiter:
+
+        async def broken(*args: object, **kwargs: object) -> None:
+            raise RedisConnectionError("gone")
+
+        limiter._late = broken  # type: ignore[assignment]
+        limiter._release = broken  # type: ignore[assignment]
+        async with limiter.slot("tok") as slot:
+            await asyncio.sleep(0.05)
+            slot.sent()
+        assert "could not be reported" in caplog.text
+        limiter._down_until = -1.0  # the breaker would otherwise fail the next call at once
+        next_key, _ = limiter.redis_keys("tok")
+        await inspector.set(next_key, await redis_now(inspector) + 300_000, px=5000)
+        waiter = asyncio.create_task(limiter.slot("tok").__aenter__())
+        await asyncio.sleep(0.1)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert "stays reserved" in caplog.text
+        limiter._down_until = -1.0
+        started = loop.time()
+        async with limiter.slot("tok"):
+            assert loop.time() - started < 1.0
+
+
+async def test_conversation_store_ignores_a_hash_collision(
+    redis_server: RedisServer, prefix: str, inspector: Redis
+) -> None:
+    """An entry stored under our key for another customer is never returned."""
+    async with RedisConversationStore(redis_server.url, prefix=prefix) as store:
+        other = {
+            "assistant_id": 123,
+            "customer_identifier": "someone-else",
+            "conversation_id": "x",
+            "ai_disabled": False,
+            "last_seen": 0.0,
+        }
+        await inspector.set(store.redis_key(123, "me"), json.dumps(other))
+        assert await store.get(123, "me") is None
