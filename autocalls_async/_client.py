@@ -221,6 +221,18 @@ class AsyncAutocalls:
         conversation = self.conversation(assistant_id, customer_identifier)
         return conversation.conversation_id if conversation else None
 
+    async def lookup_conversation(
+        self, assistant_id: int, customer_identifier: str
+    ) -> Conversation | None:
+        """The conversation from this client's cache, else from the shared ``conversation_store``
+        (what another worker saw), which then fills the cache."""
+        conversation = self.conversation(assistant_id, customer_identifier)
+        if conversation is None and self._store is not None:
+            conversation = await self._store.get(assistant_id, customer_identifier)
+            if conversation is not None:
+                self._conversations.put(conversation)
+        return conversation
+
     async def _remember(self, request: ReplyRequest, reply: Reply) -> None:
         conversation = Conversation(
             request.assistant_id,

@@ -503,6 +503,13 @@ async def test_shared_conversation_store_is_written(
     stored = await store.get(123, CUSTOMER)
     assert stored is not None and stored.conversation_id == reply.conversation_id
     assert isinstance(store, sdk.ConversationStore)
+    other_worker = make_client(server.base_url, conversation_store=store)
+    assert other_worker.conversation_id(123, CUSTOMER) is None  # its own cache is empty
+    found = await other_worker.lookup_conversation(123, CUSTOMER)
+    assert found is not None and found.conversation_id == reply.conversation_id
+    assert other_worker.conversation_id(123, CUSTOMER) == reply.conversation_id
+    assert await other_worker.lookup_conversation(123, "nobody") is None
+    assert await make_client(server.base_url).lookup_conversation(123, CUSTOMER) is None
 
 
 def test_errors_pickle() -> None:
