@@ -11,11 +11,14 @@ its first line on a fresh line.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import itertools
 import json
 import os
 import re
-from collections.abc import Iterator
+from array import array
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, Final, Literal
 
@@ -23,13 +26,15 @@ import attrs
 
 from .bulk import BulkRequest, BulkResult, RowId
 
-__all__ = ["InputError", "InputFile", "ResultLog", "Skips"]
+__all__ = ["IdSet", "InputError", "InputFile", "ResultLog", "Skips"]
 
 Format = Literal["csv", "jsonl"]
 
 REQUIRED: Final = ("assistant_id", "customer_identifier", "message")
 OPTIONAL: Final = ("id", "variables")
 _INTEGER: Final = re.compile(r"^\+?\d+$")
+#: Integer ids below this are kept as bits (2 MB at most); larger ones in a plain set.
+_ROW_NUMBER_LIMIT: Final = 1 << 24
 
 try:  # POSIX: keep two runs from appending to one output at once
     import fcntl
@@ -41,12 +46,82 @@ class InputError(Exception):
     """A file the bulk command refuses before sending anything (exit code 2)."""
 
 
+class IdSet:
+    """Row ids, exactly: row numbers as bits (a million take 125 KB), other ids in a set.
+
+    A resumed run holds the ids of every row done before; most inputs have no ``id`` column,
+    so their ids are row numbers and this keeps a resumed run's memory flat.
+    """
+
+    __slots__ = ("_bits", "_count", "_others")
+
+    def __init__(self, ids: Iterable[RowId] = ()) -> None:
+        self._bits = bytearray()
+        self._count = 0
+        self._others: set[RowId] = set()
+        for row_id in ids:
+            self.add(row_id)
+
+    def add(self, row_id: RowId) -> None:
+        if _is_row_number(row_id):
+            assert isinstance(row_id, int)
+            if not _bit(self._bits, row_id):
+                _set_bit(self._bits, row_id)
+                self._count += 1
+        else:
+            self._others.add(row_id)
+
+    def discard(self, row_id: RowId) -> None:
+        if _is_row_number(row_id):
+            assert isinstance(row_id, int)
+            if _bit(self._bits, row_id):
+                self._bits[row_id >> 3] &= ~(1 << (row_id & 7)) & 0xFF
+                self._count -= 1
+        else:
+            self._others.discard(row_id)
+
+    def clear(self) -> None:
+        self._bits, self._count = bytearray(), 0
+        self._others.clear()
+
+    def __contains__(self, row_id: object) -> bool:
+        if _is_row_number(row_id):
+            assert isinstance(row_id, int)
+            return _bit(self._bits, row_id)
+        return row_id in self._others
+
+    def __len__(self) -> int:
+        return self._count + len(self._others)
+
+    def __iter__(self) -> Iterator[RowId]:
+        for byte_index, byte in enumerate(self._bits):
+            if byte:
+                for bit in range(8):
+                    if byte & (1 << bit):
+                        yield byte_index * 8 + bit
+        yield from self._others
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, IdSet | set | frozenset):
+            return set(self) == set(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"IdSet({sorted(self, key=repr)!r})"
+
+
+def _is_row_number(row_id: object) -> bool:
+    return type(row_id) is int and 0 < row_id < _ROW_NUMBER_LIMIT
+
+
 @attrs.define
 class Skips:
     """Ids found in the output of earlier runs."""
 
-    answered: set[RowId] = attrs.Factory(set)
-    failed: set[RowId] = attrs.Factory(set)  #: failed and never answered since
+    answered: IdSet = attrs.field(factory=IdSet, converter=IdSet)
+    failed: IdSet = attrs.field(factory=IdSet, converter=IdSet)  #: and never answered since
     unreadable_lines: int = 0
 
 
@@ -69,12 +144,17 @@ class InputFile:
 
         Sets ``rows``, and with ``skips`` (from the output of earlier runs) how many rows
         were ``already_answered`` and ``already_failed``.
+
+        Ids must be unique. Memory stays small for big files: the first pass keeps only an
+        8-byte hash per explicit id (bucketed, sorted a bucket at a time) and a bit per row
+        without one; only ids whose hashes collide are compared exactly, in a second pass.
         """
-        explicit: dict[RowId, int] = {}
         self.already_answered = self.already_failed = 0
+        buckets = [array("q") for _ in range(256)]
+        int_ids = array("q")  # explicit integer ids: one may be the number of an id-less row
         implicit = bytearray()  # bit n: row n has no id of its own (its id is n)
         rows = 0
-        try:
+        with self._refusing():
             for request in self:
                 rows = request.row or rows + 1
                 if skips is not None:
@@ -82,16 +162,48 @@ class InputFile:
                         self.already_answered += 1
                     elif request.id in skips.failed:
                         self.already_failed += 1
-                if request.id != request.row:
-                    first = explicit.setdefault(request.id, rows)
-                    if first != rows:
+                if request.id == request.row:
+                    _set_bit(implicit, rows)
+                    continue
+                digest = hash(request.id)
+                buckets[digest & 0xFF].append(digest)
+                if isinstance(request.id, int) and 0 < request.id < _ROW_NUMBER_LIMIT:
+                    int_ids.append(request.id)
+        self.rows = rows
+        collisions: set[int] = set()
+        for bucket in buckets:
+            ordered = sorted(bucket)
+            collisions.update(a for a, b in itertools.pairwise(ordered) if a == b)
+        clashes = {i for i in int_ids if i <= rows and _bit(implicit, i)}
+        if collisions or clashes:
+            self._find_duplicates(collisions, clashes)
+
+    def _find_duplicates(self, collisions: set[int], clashes: set[int]) -> None:
+        seen: dict[RowId, int] = {}
+        with self._refusing():
+            for request in self:
+                row = request.row or 0
+                if request.id == request.row:
+                    continue
+                if request.id in clashes:
+                    raise InputError(
+                        f"{self.path}: row {row} has the id {request.id}, which is also the "
+                        f"number of row {request.id} (a row without an id is named by its "
+                        "number); give every row an id, or none"
+                    )
+                if hash(request.id) in collisions:
+                    first = seen.setdefault(request.id, row)
+                    if first != row:
                         raise InputError(
-                            f"{self.path}: rows {first} and {rows} have the same id "
+                            f"{self.path}: rows {first} and {row} have the same id "
                             f"{request.id!r}; ids must be unique so that a rerun knows which "
                             "rows are done"
                         )
-                else:
-                    _set_bit(implicit, rows)
+
+    @contextlib.contextmanager
+    def _refusing(self) -> Iterator[None]:
+        try:
+            yield
         except UnicodeDecodeError as exc:
             raise InputError(
                 f"{self.path}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
@@ -101,14 +213,6 @@ class InputFile:
             raise InputError(f"{self.path}: not a readable CSV file ({exc})") from None
         except OSError as exc:
             raise InputError(f"cannot read {self.path}: {exc.strerror or exc}") from None
-        for row_id, row in explicit.items():
-            if isinstance(row_id, int) and 0 < row_id <= rows and _bit(implicit, row_id):
-                raise InputError(
-                    f"{self.path}: row {row} has the id {row_id}, which is also the number of "
-                    f"row {row_id} (a row without an id is named by its number); give every "
-                    "row an id, or none"
-                )
-        self.rows = rows
 
     def __iter__(self) -> Iterator[BulkRequest]:
         with self.path.open(encoding="utf-8-sig", newline="") as file:

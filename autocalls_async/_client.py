@@ -42,6 +42,7 @@ from ._wire import (
     is_loopback,
     parse_reply,
     request_headers,
+    trim,
 )
 
 __all__ = ["AsyncAutocalls", "ClientStats"]
@@ -214,7 +215,7 @@ class AsyncAutocalls:
 
     def conversation(self, assistant_id: int, customer_identifier: str) -> Conversation | None:
         """What this client last saw of the conversation, from its in-memory cache."""
-        return self._conversations.peek(assistant_id, customer_identifier)
+        return self._conversations.peek(assistant_id, trim(customer_identifier))
 
     def conversation_id(self, assistant_id: int, customer_identifier: str) -> str | None:
         """The conversation's id, from the cache, or None if this client has not seen it."""
@@ -228,15 +229,16 @@ class AsyncAutocalls:
         (what another worker saw), which then fills the cache."""
         conversation = self.conversation(assistant_id, customer_identifier)
         if conversation is None and self._store is not None:
-            conversation = await self._store.get(assistant_id, customer_identifier)
+            conversation = await self._store.get(assistant_id, trim(customer_identifier))
             if conversation is not None:
                 self._conversations.put(conversation)
         return conversation
 
     async def _remember(self, request: ReplyRequest, reply: Reply) -> None:
+        assistant_id, customer_identifier = request.conversation_key
         conversation = Conversation(
-            request.assistant_id,
-            request.customer_identifier,
+            assistant_id,
+            customer_identifier,
             reply.conversation_id,
             reply.ai_disabled,
             time.time(),

@@ -44,6 +44,14 @@ MAX_CUSTOMER_IDENTIFIER = 255
 MAX_ASSISTANT_ID = 2**63 - 1  # the service stores it in a signed BIGINT
 MAX_JSON_DEPTH = 64
 EXCERPT = 200
+#: What Laravel's TrimStrings middleware strips from both ends of every input string.
+_TRIM = re.compile(r"^[\s\ufeff\u200b\u200e]+|[\s\ufeff\u200b\u200e]+$")
+
+
+def trim(text: str) -> str:
+    """The string as the service will see it (it trims input before validating it)."""
+    return _TRIM.sub("", text)
+
 
 USER_AGENT = (
     f"autocalls-async/{__version__} "
@@ -175,7 +183,8 @@ class ReplyRequest:
 
     @property
     def conversation_key(self) -> tuple[int, str]:
-        return (self.assistant_id, self.customer_identifier)
+        """The conversation on the service: it trims the identifier, so " A" and "A" are one."""
+        return (self.assistant_id, trim(self.customer_identifier))
 
 
 def build_request(
@@ -197,7 +206,7 @@ def build_request(
             "customer_identifier must be a str (an E.164 phone number, an e-mail, a CRM id), "
             f"got {type(customer_identifier).__name__}"
         )
-    if not customer_identifier.strip():
+    if not trim(customer_identifier):
         _refuse("customer_identifier is empty")
     if len(customer_identifier) > MAX_CUSTOMER_IDENTIFIER:
         _refuse(
@@ -207,7 +216,7 @@ def build_request(
     _check_text("customer_identifier", customer_identifier)
     if not isinstance(message, str):
         _refuse(f"message must be a str, got {type(message).__name__}")
-    if not message.strip():
+    if not trim(message):
         _refuse("message is empty (the service trims whitespace and then requires text)")
     _check_text("message", message)
     payload: dict[str, Any] = {

@@ -211,15 +211,17 @@ class BulkResult:
             return line
         error = self.error
         assert error is not None
-        line["error"] = " ".join(str(error).split())
-        line["error_code"] = error_code(error)
+        text = error.message if isinstance(error, APIError) else str(error)
+        line["error"] = " ".join(text.split())
+        invalid = isinstance(error, InvalidRequestError)
+        line["error_code"] = "INVALID_ROW" if invalid else error_code(error)
         line["error_type"] = type(error).__name__
         line["status"] = error.status if isinstance(error, APIError) else None
         return line
 
 
 _CODES: Final[tuple[tuple[type[AutocallsError], str], ...]] = (
-    (InvalidRequestError, "INVALID_ROW"),
+    (InvalidRequestError, "INVALID_REQUEST"),
     (RateLimitTimeout, "RATE_LIMIT_TIMEOUT"),
     (ClientClosedError, "NOT_SENT"),
     (LimiterUnavailableError, "LIMITER_UNAVAILABLE"),

@@ -43,6 +43,7 @@ async def test_seed_request_and_reply(server: MockAutocalls, make_client: Make) 
     conversation = client.conversation(123, CUSTOMER)
     assert conversation is not None and conversation.ai_disabled is False
     assert client.conversation_id(123, "nobody") is None
+    assert client.conversation_id(123, f" {CUSTOMER}\u200b") == reply.conversation_id  # trimmed
     (record,) = server.requests
     assert record.body == {
         "assistant_id": 123,

@@ -13,8 +13,9 @@ from autocalls_async._wire import build_request, parse_reply, retry_after
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=20,
 )
 reply_like = st.fixed_dictionaries(
@@ -50,14 +51,18 @@ def only_sdk_errors(status: int, head: dict[str, str], body: bytes) -> None:
 
 @settings(max_examples=1500, deadline=None)
 @given(status=statuses, head=headers, body=st.binary(max_size=300))
-def test_arbitrary_bytes_raise_only_sdk_errors(status: int, head: dict[str, str], body: bytes) -> None:
+def test_arbitrary_bytes_raise_only_sdk_errors(
+    status: int, head: dict[str, str], body: bytes
+) -> None:
     """Any bytes, any status, any headers: a Reply or an APIError, never KeyError/TypeError."""
     only_sdk_errors(status, head, body)
 
 
 @settings(max_examples=1500, deadline=None)
 @given(status=statuses, head=headers, data=reply_like | json_values)
-def test_arbitrary_json_raises_only_sdk_errors(status: int, head: dict[str, str], data: Any) -> None:
+def test_arbitrary_json_raises_only_sdk_errors(
+    status: int, head: dict[str, str], data: Any
+) -> None:
     """Any JSON document, reply-shaped or not, never leaks a cattrs or built-in error."""
     only_sdk_errors(status, head, json.dumps(data).encode())
 

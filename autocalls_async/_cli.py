@@ -1,0 +1,1078 @@
+"""The ``autocalls-async`` command (also ``python -m autocalls_async``).
+
+``reply`` sends one message, ``bulk`` runs a CSV/JSONL file through ``autocalls_async.bulk`` into
+a resumable JSONL output, ``mock-server`` serves the emulator, ``demo`` shows the whole flow
+with no token and no network. The token is read from ``--token`` or ``AUTOCALLS_API_TOKEN`` and
+is never printed. rich (the ``cli`` extra) draws the progress bar and tables when installed and
+writing to a terminal; otherwise output is plain lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from importlib import resources
+from pathlib import Path
+from typing import IO, Any, Final, Protocol
+
+import attrs
+
+from ._client import AsyncAutocalls, ClientStats
+from ._errors import (
+    APIConnectionError,
+    APIError,
+    APIResponseValidationError,
+    AssistantNotFoundError,
+    AuthenticationError,
+    AutocallsError,
+    ClientClosedError,
+    InsufficientBalanceError,
+    InternalServerError,
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    RateLimitTimeout,
+    UnprocessableEntityError,
+)
+from ._models import RateLimit
+from ._ratelimit import LocalRateLimiter, RateLimiter, Slot
+from ._version import __version__
+from .bulk import DEFAULT_CONCURRENCY, BulkRequest, BulkRunner, error_code
+
+__all__ = ["main"]
+
+PROG: Final = "autocalls-async"
+
+# Exit codes, documented in ``--help``.
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1  # bulk: some rows failed; reply: an API error not listed below
+EXIT_USAGE: Final = 2  # bad option or input, no token; nothing was sent
+EXIT_AUTH: Final = 3
+EXIT_NOT_FOUND: Final = 4
+EXIT_BALANCE: Final = 5
+EXIT_RATE_LIMITED: Final = 6
+EXIT_NETWORK: Final = 7
+EXIT_SERVER: Final = 8
+EXIT_INTERRUPTED: Final = 130
+
+EXIT_CODES_HELP: Final = """\
+exit codes:
+  0    success (bulk: every row answered)
+  1    bulk: some rows failed; reply: an API error not listed below (e.g. 422)
+  2    usage error: bad option, bad input file, no token (nothing was sent)
+  3    401/403: the token is missing, wrong or may not use this assistant
+  4    404 / ASSISTANT_NOT_FOUND
+  5    INSUFFICIENT_BALANCE
+  6    still rate limited (429) after retries, or no slot within --max-wait
+  7    network: could not connect, or the request timed out
+  8    5xx, or a reply that is not valid
+  130  interrupted (Ctrl-C / SIGTERM)
+"""
+
+ENVIRONMENT_HELP: Final = """\
+environment:
+  AUTOCALLS_API_TOKEN  the API token (preferred over --token, which shows in `ps`)
+  AUTOCALLS_BASE_URL   the API's base URL (default https://app.autocalls.ai/api)
+  AUTOCALLS_LOG        debug|info: log the SDK's requests and retries to stderr
+"""
+
+#: The bulk client remembers few conversations: a bulk job never asks for them again.
+BULK_CONVERSATION_CACHE: Final = 1024
+PLAIN_PROGRESS_EVERY: Final = 5.0  # seconds between plain progress lines
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def exit_code_for(error: AutocallsError) -> int:
+    """The documented exit code of ``reply`` for an error."""
+    if isinstance(error, InvalidRequestError):
+        return EXIT_USAGE
+    if isinstance(error, AuthenticationError | PermissionDeniedError):
+        return EXIT_AUTH
+    if isinstance(error, NotFoundError):
+        return EXIT_NOT_FOUND
+    if isinstance(error, InsufficientBalanceError):
+        return EXIT_BALANCE
+    if isinstance(error, RateLimitError | RateLimitTimeout):
+        return EXIT_RATE_LIMITED
+    if isinstance(error, APIConnectionError):
+        return EXIT_NETWORK
+    if isinstance(error, InternalServerError | APIResponseValidationError):
+        return EXIT_SERVER
+    return EXIT_FAILED
+
+
+def hint_for(error: AutocallsError) -> str:
+    if isinstance(error, AssistantNotFoundError):
+        return "check --assistant-id: the assistant must belong to the account of this token"
+    if isinstance(error, AuthenticationError):
+        return "check AUTOCALLS_API_TOKEN (copy the token again from the Autocalls dashboard)"
+    if isinstance(error, PermissionDeniedError):
+        return "this token may not use this assistant or endpoint"
+    if isinstance(error, InsufficientBalanceError):
+        return "top up the account's balance in the Autocalls dashboard"
+    if isinstance(error, RateLimitError | RateLimitTimeout):
+        return "the token's limit is used up; wait a minute, or raise --max-wait"
+    if isinstance(error, APIConnectionError):
+        return "check --base-url / AUTOCALLS_BASE_URL and the network; raise --timeout if slow"
+    if isinstance(error, UnprocessableEntityError):
+        return "the service refused the request's fields"
+    if isinstance(error, InternalServerError | APIResponseValidationError):
+        return "the service failed; try again later (the message may have been processed)"
+    if isinstance(error, InvalidRequestError):
+        return f"see `{PROG} --help`"
+    return "see the message above"
+
+
+def describe(error: AutocallsError) -> str:
+    """One line: the error code, the status, the message and a hint; never a traceback."""
+    status = f" (HTTP {error.status})" if isinstance(error, APIError) else ""
+    message = error.message if isinstance(error, APIError) else str(error)
+    message = " ".join(message.split())
+    return f"{PROG}: {error_code(error)}{status}: {message}; hint: {hint_for(error)}"
+
+
+def _usage_error(message: str) -> int:
+    print(f"{PROG}: {' '.join(message.split())}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+# --------------------------------------------------------------------------- options
+
+
+def _rate_limit(text: str) -> RateLimit | None:
+    if text.strip().lower() in {"none", "off", "0"}:
+        return None
+    try:
+        return RateLimit.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number of seconds > 0")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number of seconds >= 0")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
+def _assistants(text: str) -> tuple[int, ...]:
+    try:
+        ids = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of assistant ids, e.g. 123,456"
+        ) from None
+    if not ids or any(i <= 0 for i in ids):
+        raise argparse.ArgumentTypeError(f"{text!r}: assistant ids are positive integers")
+    return ids
+
+
+def _variable(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE")
+    return name.strip(), value
+
+
+def _client_options(parser: argparse.ArgumentParser, *, default_rate: str) -> None:
+    group = parser.add_argument_group("connection")
+    group.add_argument(
+        "--token",
+        help="API token (default: $AUTOCALLS_API_TOKEN; prefer the variable, --token shows "
+        "in `ps`)",
+    )
+    group.add_argument(
+        "--base-url", help="API base URL (default: $AUTOCALLS_BASE_URL or the real service)"
+    )
+    group.add_argument(
+        "--rate-limit",
+        type=_rate_limit,
+        default=_rate_limit(default_rate),
+        metavar="N/SECONDS",
+        help=f"client-side limit per token, e.g. 5/60 or 5/1m; 'none' disables it "
+        f"(default: {default_rate}, the service's documented limit)",
+    )
+    group.add_argument(
+        "--max-retries",
+        type=_count,
+        default=2,
+        metavar="N",
+        help="retries of 429, 503 and failed connections (default: 2)",
+    )
+    group.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=60.0,
+        metavar="SECONDS",
+        help="seconds per attempt (default: 60)",
+    )
+
+
+def _make_client(args: argparse.Namespace, **options: Any) -> AsyncAutocalls:
+    return AsyncAutocalls(
+        args.token,
+        base_url=args.base_url,
+        rate_limit=args.rate_limit,
+        max_retries=args.max_retries,
+        timeout=args.timeout,
+        **options,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Send messages to Autocalls AI assistants: one (reply), a whole file "
+        "(bulk), or try everything locally (demo, mock-server).",
+        epilog=EXIT_CODES_HELP + "\n" + ENVIRONMENT_HELP + f"\nstart here: {PROG} demo",
+        formatter_class=formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    reply = commands.add_parser(
+        "reply",
+        help="send one message and print the assistant's reply",
+        description="Send one message to an assistant and print its reply. Errors are one "
+        "line on stderr (error code, message, hint) and an exit code per error class.",
+        epilog=EXIT_CODES_HELP
+        + "\n"
+        + ENVIRONMENT_HELP
+        + f'\nexample:\n  {PROG} reply --assistant-id 123 --customer +14155551234 "Hi" '
+        "--var customer_name=John",
+        formatter_class=formatter,
+    )
+    reply.add_argument("message", help="the customer's message ('-' reads it from stdin)")
+    reply.add_argument("--assistant-id", type=int, required=True, metavar="ID")
+    reply.add_argument(
+        "--customer",
+        "--customer-identifier",
+        dest="customer",
+        required=True,
+        metavar="ID",
+        help="the customer: an E.164 phone number, an e-mail, a CRM id",
+    )
+    reply.add_argument(
+        "--var",
+        type=_variable,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a conversation variable (string value); repeat for more",
+    )
+    reply.add_argument(
+        "--variables",
+        metavar="JSON",
+        help='variables as a JSON object, e.g. \'{"customer_name": "John"}\' (--var wins)',
+    )
+    reply.add_argument("--json", action="store_true", help="print the whole reply as JSON")
+    reply.add_argument(
+        "--max-wait",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="fail (exit 6) rather than wait longer for a rate-limit slot",
+    )
+    _client_options(reply, default_rate="5/60")
+    reply.set_defaults(handler=_reply_command)
+
+    bulk = commands.add_parser(
+        "bulk",
+        help="send every row of a CSV or JSONL file; resumable",
+        description="Send every row of INPUT and append one JSON line per finished row to OUT, "
+        "at the full rate the limit allows; a customer's rows are sent in file order. Running "
+        "it again with the same OUT skips the rows already answered (and, unless "
+        "--retry-failed, those that failed): Ctrl-C, SIGTERM or a crash lose nothing. "
+        "Ctrl-C stops gracefully (calls in flight finish and are written); press it again to "
+        "stop at once.",
+        epilog="input:\n"
+        "  CSV with a header row: assistant_id,customer_identifier,message and optionally\n"
+        "  variables (a JSON object) and id (default: the row number); or JSONL, one object\n"
+        "  per line with the same fields. A bad row gets its own error line (INVALID_ROW) and\n"
+        "  the job goes on; a bad file is refused before anything is sent.\n\n"
+        "output line:\n"
+        '  {"id": 1, "ok": true, "conversation_id": ..., "reply": ..., ...}\n'
+        '  {"id": 2, "ok": false, "error": ..., "error_code": "ASSISTANT_NOT_FOUND", ...}\n\n'
+        "exit codes:\n  0 every row answered, 1 some rows failed, 2 usage error or bad file,\n"
+        "  130 interrupted (run it again to resume)\n\n" + ENVIRONMENT_HELP,
+        formatter_class=formatter,
+    )
+    bulk.add_argument("input", type=Path, metavar="INPUT", help="a .csv or .jsonl file")
+    bulk.add_argument(
+        "--out", type=Path, required=True, metavar="OUT.jsonl", help="results (appended)"
+    )
+    bulk.add_argument(
+        "--format", choices=("csv", "jsonl"), help="input format (default: from the extension)"
+    )
+    bulk.add_argument(
+        "--vars-from-columns",
+        action="store_true",
+        help="send the input's other columns as variables too (the variables column wins)",
+    )
+    bulk.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="also send again the rows that ended in an error in an earlier run",
+    )
+    bulk.add_argument(
+        "--concurrency",
+        type=int,
+        default=DEFAULT_CONCURRENCY,
+        metavar="N",
+        help=f"rows in flight or queued for a slot at once (default: {DEFAULT_CONCURRENCY})",
+    )
+    bulk.add_argument(
+        "--progress",
+        choices=("auto", "bar", "plain", "off"),
+        default="auto",
+        help="progress on stderr: a bar on a terminal (with rich), else plain lines",
+    )
+    bulk.add_argument(
+        "--fsync", action="store_true", help="fsync OUT after each line (survives power loss)"
+    )
+    _client_options(bulk, default_rate="5/60")
+    bulk.set_defaults(handler=_bulk_command)
+
+    mock = commands.add_parser(
+        "mock-server",
+        help="serve the local emulator of the service",
+        description="Serve a local emulator of the Autocalls 'generate AI reply' service, "
+        "faithful to the documented behaviour: conversations persist per (assistant, customer), "
+        "unknown assistants get 404 ASSISTANT_NOT_FOUND, an exhausted balance 402 "
+        "INSUFFICIENT_BALANCE, a wrong token 401, and requests past the limit 429 with "
+        "Retry-After. Ctrl-C stops it.",
+        epilog="example:\n"
+        f"  {PROG} mock-server --port 8000 &\n"
+        "  export AUTOCALLS_BASE_URL=http://127.0.0.1:8000/api AUTOCALLS_API_TOKEN=test\n"
+        f'  {PROG} reply --assistant-id 123 --customer +14155551234 "Hi"',
+        formatter_class=formatter,
+    )
+    mock.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    mock.add_argument("--port", type=_count, default=8000, help="0 picks a free port")
+    mock.add_argument(
+        "--rate-limit",
+        type=_rate_limit,
+        default=_rate_limit("5/60"),
+        metavar="N/SECONDS",
+        help="per-token limit, 'none' for unlimited (default: 5/60, like the service)",
+    )
+    mock.add_argument(
+        "--window",
+        choices=("rolling", "fixed"),
+        default="rolling",
+        help="rolling: at most N in any period (strict); fixed: Laravel's fixed window",
+    )
+    mock.add_argument(
+        "--assistants",
+        type=_assistants,
+        default=(123,),
+        metavar="ID,ID",
+        help="assistant ids that exist (default: 123)",
+    )
+    mock.add_argument(
+        "--token",
+        action="append",
+        metavar="T",
+        help="the only token(s) accepted; repeat for more (default: any non-empty token)",
+    )
+    mock.add_argument(
+        "--balance", type=_count, metavar="N", help="replies paid for (default: unlimited)"
+    )
+    mock.add_argument(
+        "--reply-delay",
+        type=_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="time each reply takes (default: 0)",
+    )
+    mock.set_defaults(handler=_mock_server_command)
+
+    demo = commands.add_parser(
+        "demo",
+        help="run a bulk job against the emulator: no token, no network",
+        description="Start the emulator in-process with a fast limit (5 per second), run the "
+        "bulk runner over a bundled example CSV, then show the replies and the stats.",
+    )
+    demo.add_argument("--progress", choices=("auto", "bar", "plain", "off"), default="auto")
+    demo.set_defaults(handler=_demo_command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors: argparse has printed them
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    return asyncio.run(coro)
+
+
+# --------------------------------------------------------------------------- reply
+
+
+def _reply_command(args: argparse.Namespace) -> int:
+    message = sys.stdin.read() if args.message == "-" else args.message
+    variables: dict[str, Any] | None = None
+    if args.variables is not None:
+        try:
+            variables = json.loads(args.variables)
+        except ValueError as exc:
+            return _usage_error(f"--variables is not valid JSON: {exc}")
+        if not isinstance(variables, dict):
+            return _usage_error('--variables must be a JSON object, e.g. \'{"name": "John"}\'')
+    if args.var:
+        variables = {**(variables or {}), **dict(args.var)}
+    return _run(_reply(args, message, variables))
+
+
+async def _reply(args: argparse.Namespace, message: str, variables: dict[str, Any] | None) -> int:
+    try:
+        async with _make_client(args) as client:
+            reply = await client.generate_reply(
+                assistant_id=args.assistant_id,
+                customer_identifier=args.customer,
+                message=message,
+                variables=variables,
+                max_wait=args.max_wait,
+            )
+    except AutocallsError as exc:
+        print(describe(exc), file=sys.stderr)
+        return exit_code_for(exc)
+    if args.json:
+        print(json.dumps(dict(reply.raw), ensure_ascii=False, indent=2))
+        return EXIT_OK
+    if reply.reply:
+        print(reply.reply)
+    if reply.ai_disabled:
+        print("(AI disabled: a human has taken this conversation over)", file=sys.stderr)
+    for call in reply.function_calls:
+        arguments = json.dumps(call.arguments, ensure_ascii=False)
+        print(f"function call: {call.name or '?'} {arguments}", file=sys.stderr)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- bulk
+
+
+class StartClock:
+    """A rate limiter that notes when requests start, around the real one.
+
+    The achieved rate is then (starts - 1) / (last start - first start): n requests at the full
+    rate span n - 1 intervals, so dividing by the run's elapsed time would misreport it.
+    """
+
+    def __init__(self, inner: RateLimiter) -> None:
+        self.inner = inner
+        self.rate_limit = inner.rate_limit
+        self.count = 0
+        self.first = self.last = 0.0
+
+    @contextlib.asynccontextmanager
+    async def slot(self, key: str, *, deadline: float | None = None) -> AsyncIterator[Slot]:
+        async with self.inner.slot(key, deadline=deadline) as slot:
+            self.last = time.monotonic()
+            if not self.count:
+                self.first = self.last
+            self.count += 1
+            yield slot
+
+    async def pause(self, key: str, seconds: float) -> None:
+        await self.inner.pause(key, seconds)
+
+    def rate(self) -> float | None:
+        """Starts per second, or None before two starts."""
+        span = self.last - self.first
+        return (self.count - 1) / span if self.count > 1 and span > 0 else None
+
+
+def bulk_client(
+    token: str | None, base_url: str | None, rate_limit: RateLimit | None, **options: Any
+) -> tuple[AsyncAutocalls, StartClock | None]:
+    """A client for bulk runs: few cached conversations, starts timed when rate limited."""
+    clock = None if rate_limit is None else StartClock(LocalRateLimiter(rate_limit))
+    client = AsyncAutocalls(
+        token,
+        base_url=base_url,
+        rate_limit=rate_limit,
+        limiter=clock,
+        conversation_cache_size=BULK_CONVERSATION_CACHE,
+        **options,
+    )
+    return client, clock
+
+
+@attrs.define
+class Meter:
+    """Counts of a bulk run, and the figures its progress and summary show."""
+
+    todo: int  #: rows this run will send
+    rate_limit: RateLimit | None
+    stats: ClientStats
+    started: float = attrs.Factory(time.monotonic)
+    answered: int = 0
+    failed: int = 0
+    not_sent: int = 0
+    ended: float | None = None
+    starts: StartClock | None = None
+
+    @property
+    def done(self) -> int:
+        return self.answered + self.failed
+
+    @property
+    def elapsed(self) -> float:
+        return (self.ended or time.monotonic()) - self.started
+
+    def rate(self) -> float:
+        """Requests started per second so far."""
+        timed = self.starts.rate() if self.starts is not None else None
+        if timed is not None:
+            return timed
+        elapsed = self.elapsed
+        return self.stats.requests / elapsed if elapsed > 0 else 0.0
+
+    def eta(self) -> float | None:
+        """Seconds left: the rows left at the limit's pace (or at the pace seen, if none)."""
+        left = max(self.todo - self.done - self.not_sent, 0)
+        if not left:
+            return 0.0
+        if self.rate_limit is not None:
+            return left * self.rate_limit.interval
+        if self.done:
+            return left * self.elapsed / self.done
+        return None
+
+    def rate_text(self) -> str:
+        per_minute = self.rate_limit is not None and self.rate_limit.period >= 60
+        rate = self.rate() * (60 if per_minute else 1)
+        return f"{rate:.1f} req/{'min' if per_minute else 's'}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+class Progress(Protocol):
+    def update(self) -> None: ...
+    def note(self, text: str) -> None: ...
+    def close(self) -> None: ...
+
+
+class NoProgress:
+    def update(self) -> None:
+        pass
+
+    def note(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+class PlainProgress:
+    """A line on stderr at most every few seconds: for logs, pipes and CI."""
+
+    def __init__(self, meter: Meter, stream: IO[str], every: float = PLAIN_PROGRESS_EVERY):
+        self.meter, self.stream, self.every = meter, stream, every
+        self._last = time.monotonic()
+
+    def update(self) -> None:
+        now = time.monotonic()
+        if now - self._last >= self.every or self.meter.done >= self.meter.todo:
+            self._last = now
+            meter = self.meter
+            print(
+                f"{meter.done}/{meter.todo} rows ({meter.answered} answered, {meter.failed} "
+                f"failed), {meter.rate_text()}, ETA {_duration(meter.eta())}",
+                file=self.stream,
+                flush=True,
+            )
+
+    def note(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+class RichProgress:
+    """rich's progress bar on stderr: rows done, rate, and an ETA from the rate limit."""
+
+    def __init__(self, meter: Meter, description: str) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            ProgressColumn,
+            SpinnerColumn,
+            TextColumn,
+        )
+        from rich.progress import Progress as RichBar
+        from rich.text import Text
+
+        class Figures(ProgressColumn):
+            def render(self, task: Any) -> Text:
+                return Text(
+                    f"{meter.failed} failed · {meter.rate_text()} · ETA {_duration(meter.eta())}",
+                    style="progress.remaining",
+                )
+
+        self.meter = meter
+        self.console = Console(stderr=True)
+        self.bar = RichBar(
+            SpinnerColumn(),
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(bar_width=24),
+            MofNCompleteColumn(),
+            Figures(),
+            console=self.console,
+        )
+        self.task = self.bar.add_task(description, total=meter.todo)
+        self.bar.start()
+
+    def update(self) -> None:
+        self.bar.update(self.task, completed=self.meter.done)
+
+    def note(self, text: str) -> None:
+        self.bar.console.print(text, markup=False, highlight=False)
+
+    def close(self) -> None:
+        self.update()
+        self.bar.stop()
+
+
+def _rich_available() -> bool:
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_progress(mode: str, meter: Meter, description: str) -> Progress:
+    if mode == "off":
+        return NoProgress()
+    terminal = sys.stderr.isatty()
+    if mode == "bar" or (mode == "auto" and terminal):
+        if _rich_available():
+            return RichProgress(meter, description)
+        if mode == "bar":
+            print(
+                f"{PROG}: no progress bar without rich: pip install 'autocalls-async[cli]'",
+                file=sys.stderr,
+            )
+    return PlainProgress(meter, sys.stderr)
+
+
+@attrs.define
+class Outcome:
+    meter: Meter
+    already_answered: int
+    already_failed: int  #: failed in an earlier run and not sent again
+    interrupted: bool
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return EXIT_INTERRUPTED
+        return EXIT_FAILED if self.meter.failed or self.already_failed else EXIT_OK
+
+
+async def run_job(
+    client: AsyncAutocalls,
+    source: Any,
+    log: Any,
+    *,
+    rate_limit: RateLimit | None,
+    starts: StartClock | None = None,
+    retry_failed: bool,
+    concurrency: int,
+    progress_mode: str,
+    description: str = "bulk",
+) -> Outcome:
+    """Run ``source`` (an ``InputFile``) into ``log`` (a ``ResultLog``), with signals handled."""
+    from ._bulkio import Skips
+
+    skips: Skips = log.read()
+    source.check(skips)
+    if retry_failed:
+        skips.failed.clear()
+    already_failed = 0 if retry_failed else source.already_failed
+    todo = source.rows - source.already_answered - already_failed
+
+    def rows() -> Iterator[BulkRequest]:
+        for request in source:
+            if request.id not in skips.answered and request.id not in skips.failed:
+                yield request
+
+    log.open()
+    meter = Meter(todo, rate_limit, client.stats, starts=starts)
+    progress = make_progress(progress_mode, meter, description)
+    if progress_mode != "off":
+        skipped = source.rows - todo
+        pace = "" if rate_limit is None else f"; at {rate_limit} about {_duration(meter.eta())}"
+        progress.note(
+            f"{description}: {todo} rows to send"
+            + (f", {skipped} skipped (already in {log.path.name})" if skipped else "")
+            + pace
+        )
+    runner = BulkRunner(client, rows(), concurrency=concurrency)
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    loop = asyncio.get_running_loop()
+    interrupts = 0
+    interrupted = False
+
+    def on_signal() -> None:
+        nonlocal interrupts, interrupted
+        interrupts += 1
+        interrupted = True
+        if interrupts == 1:
+            runner.stop()
+            progress.note(
+                f"stopping: nothing new is sent; waiting for {client.stats.in_flight} call(s) "
+                "in flight (Ctrl-C again to stop at once)"
+            )
+        else:
+            main_task.cancel()
+
+    handled = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(signum, on_signal)
+            handled.append(signum)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover - Windows, threads
+            pass
+    try:
+        async with client, runner:
+            async for result in runner:
+                if isinstance(result.error, ClientClosedError):
+                    meter.not_sent += 1  # nothing was sent: a rerun sends it
+                    continue
+                log.write(result)
+                if result.ok:
+                    meter.answered += 1
+                else:
+                    meter.failed += 1
+                progress.update()
+    except asyncio.CancelledError:
+        if interrupts < 2:
+            raise
+        main_task.uncancel()
+    finally:
+        meter.ended = time.monotonic()
+        for signum in handled:
+            loop.remove_signal_handler(signum)
+        progress.close()
+        log.close()
+    return Outcome(meter, source.already_answered, already_failed, interrupted)
+
+
+def summary(outcome: Outcome, out: Path) -> list[str]:
+    meter = outcome.meter
+    stats = meter.stats
+    lines = [
+        f"{'Interrupted' if outcome.interrupted else 'Done'} in {_duration(meter.elapsed)}: "
+        f"{meter.answered} answered, {meter.failed} failed, "
+        f"{outcome.already_answered + outcome.already_failed} skipped (already in {out})"
+        + (f", {meter.not_sent} not sent" if meter.not_sent else ""),
+    ]
+    limit = meter.rate_limit
+    if not stats.requests:
+        lines.append("Nothing was sent.")
+    elif limit is not None:
+        per_period = meter.rate() * limit.period
+        share = per_period / limit.requests * 100
+        lines.append(
+            f"Rate: {meter.rate_text()} achieved ({per_period:.1f} per {limit.period:g}s, "
+            f"{share:.0f}% of the limit {limit.requests} per {limit.period:g}s); "
+            f"{stats.rate_limited} 429s received, {stats.retries} retries"
+        )
+    else:
+        lines.append(
+            f"Rate: {meter.rate_text()} achieved (no client-side limit); "
+            f"{stats.rate_limited} 429s received, {stats.retries} retries"
+        )
+    if outcome.already_failed:
+        lines.append(
+            f"{outcome.already_failed} rows failed in an earlier run: "
+            "add --retry-failed to send them again"
+        )
+    if outcome.interrupted:
+        lines.append("Run the same command again to send the rows left.")
+    return lines
+
+
+def _bulk_command(args: argparse.Namespace) -> int:
+    from ._bulkio import InputError, InputFile, ResultLog
+
+    if args.concurrency < 1:
+        return _usage_error("--concurrency must be >= 1")
+    if args.out.resolve() == args.input.resolve():
+        return _usage_error("--out must not be the input file")
+    try:
+        client, starts = bulk_client(
+            args.token,
+            args.base_url,
+            args.rate_limit,
+            max_retries=args.max_retries,
+            timeout=args.timeout,
+        )
+    except AutocallsError as exc:
+        return _usage_error(str(exc))
+    if not args.input.is_file():
+        return _usage_error(f"cannot read {args.input}: no such file")
+    source = InputFile(args.input, format=args.format, extra_as_variables=args.vars_from_columns)
+    log = ResultLog(args.out, fsync=args.fsync)
+
+    async def job() -> int:
+        try:
+            outcome = await run_job(
+                client,
+                source,
+                log,
+                rate_limit=args.rate_limit,
+                starts=starts,
+                retry_failed=args.retry_failed,
+                concurrency=args.concurrency,
+                progress_mode=args.progress,
+                description=args.input.name,
+            )
+        except InputError as exc:
+            await client.close()
+            return _usage_error(str(exc))
+        for line in summary(outcome, args.out):
+            print(line, flush=True)
+        return outcome.exit_code
+
+    return _run(job())
+
+
+# --------------------------------------------------------------------------- mock-server
+
+
+def _mock_server_command(args: argparse.Namespace) -> int:
+    return _run(_mock_server(args))
+
+
+async def _mock_server(args: argparse.Namespace) -> int:
+    from .testing import MockAutocalls
+
+    limit: RateLimit | None = args.rate_limit
+    server = MockAutocalls(
+        host=args.host,
+        port=args.port,
+        rate_limit=None if limit is None else (limit.requests, limit.period),
+        window=args.window,
+        assistants=args.assistants,
+        tokens=args.token,
+        balance=args.balance,
+        reply_delay=args.reply_delay,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        try:
+            await server.start()
+        except OSError as exc:
+            print(
+                f"{PROG}: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
+        limit_text = "no rate limit" if limit is None else f"limit {limit} per token"
+        print(f"Autocalls emulator listening on {server.base_url}", flush=True)
+        print(
+            f"  assistants {','.join(map(str, sorted(server.assistants)))}; {limit_text} "
+            f"({args.window} window); "
+            + ("any non-empty token" if args.token is None else f"{len(args.token)} token(s)")
+            + ("" if args.balance is None else f"; balance {args.balance} replies"),
+            flush=True,
+        )
+        assistant = min(server.assistants, default=123)
+        print(
+            f"  export AUTOCALLS_BASE_URL={server.base_url}   (Ctrl-C stops)\n"
+            f'  curl -X POST {server.url} -H "Authorization: Bearer $AUTOCALLS_API_TOKEN" '
+            "-H 'Content-Type: application/json' -H 'Accept: application/json' "
+            f'-d \'{{"assistant_id": {assistant}, "customer_identifier": "+14155551234", '
+            '"message": "Hi"}\'',
+            flush=True,
+        )
+        await stop.wait()
+    finally:
+        await server.close()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+    print("Autocalls emulator stopped", flush=True)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- demo
+
+DEMO_LIMIT: Final = RateLimit(5, 1.0)
+DEMO_TOKEN: Final = "demo-token"
+
+
+def _demo_command(args: argparse.Namespace) -> int:
+    return _run(_demo(args))
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    from ._bulkio import InputFile, ResultLog
+    from .testing import MockAutocalls
+
+    data = resources.files("autocalls_async") / "examples" / "demo.csv"
+    show = _Show()
+    with resources.as_file(data) as csv_path, tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "replies.jsonl"
+        limit = (DEMO_LIMIT.requests, DEMO_LIMIT.period)
+        async with MockAutocalls(rate_limit=limit, assistants=(123, 456), reply_delay=0.1) as srv:
+            source = InputFile(csv_path)
+            show.heading("autocalls-async demo: no token, no network")
+            show.line(
+                f"1. Started the Autocalls emulator at {srv.base_url} with a limit of "
+                f"{DEMO_LIMIT.requests} requests per second (the real service allows 5 per "
+                "minute: the same job there takes minutes, not seconds)."
+            )
+            show.line(
+                f"2. Running the bulk runner over the bundled {csv_path.name}: the command is\n"
+                f"   {PROG} bulk {csv_path.name} --out replies.jsonl --rate-limit 5/1"
+            )
+            client, starts = bulk_client(DEMO_TOKEN, srv.base_url, DEMO_LIMIT)
+            outcome = await run_job(
+                client,
+                source,
+                ResultLog(out),
+                rate_limit=DEMO_LIMIT,
+                starts=starts,
+                retry_failed=False,
+                concurrency=DEFAULT_CONCURRENCY,
+                progress_mode=args.progress,
+                description=csv_path.name,
+            )
+            conversations = len(srv.conversations)
+            served = srv.count()
+        results = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+        results.sort(key=lambda line: line.get("row", 0))
+        show.line(
+            f"3. {len(results)} lines in replies.jsonl, one per row, written as each "
+            "finished (rerunning skips the rows already answered):"
+        )
+        show.table(results)
+        for line in summary(outcome, Path("replies.jsonl")):
+            show.line("   " + line)
+        show.line(
+            f"   The emulator received {served} requests and now holds {conversations} "
+            "conversations (one per assistant and customer, messages kept in file order)."
+        )
+        show.line(
+            "\nNext: export AUTOCALLS_API_TOKEN=<your token>, then\n"
+            f'   {PROG} reply --assistant-id <id> --customer +14155551234 "Hi"\n'
+            f"   {PROG} bulk messages.csv --out replies.jsonl"
+        )
+    if outcome.interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_OK if outcome.meter.answered else EXIT_FAILED
+
+
+class _Show:
+    """The demo's output on stdout: rich tables on a terminal, plain text otherwise."""
+
+    def __init__(self) -> None:
+        self.console: Any = None
+        if sys.stdout.isatty() and _rich_available():
+            from rich.console import Console
+
+            self.console = Console()
+
+    def heading(self, text: str) -> None:
+        if self.console is not None:
+            self.console.rule(f"[bold]{text}")
+        else:
+            print(f"== {text} ==", flush=True)
+
+    def line(self, text: str) -> None:
+        if self.console is not None:
+            self.console.print(text, markup=False, highlight=False)
+        else:
+            print(text, flush=True)
+
+    def table(self, results: list[dict[str, Any]]) -> None:
+        rows = [
+            (
+                str(item.get("id", "")),
+                str(item.get("customer_identifier", "")),
+                str(item.get("reply") or "")
+                if item.get("ok")
+                else f"✗ {item.get('error_code')}: {item.get('error', '')}",
+            )
+            for item in results
+        ]
+        if self.console is not None:
+            from rich.table import Table
+
+            table = Table("id", "customer", "reply (or error)", expand=False)
+            for row_id, customer, text in rows:
+                style = None if not text.startswith("✗") else "red"
+                table.add_row(row_id, customer, text, style=style)
+            self.console.print(table)
+            return
+        width = max((len(customer) for _, customer, _ in rows), default=8)
+        for row_id, customer, text in rows:
+            text = text if len(text) <= 90 else text[:89] + "…"
+            print(f"  {row_id:>3}  {customer:<{width}}  {text}", flush=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(sys.argv[1:]))
