@@ -43,8 +43,7 @@ import json
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import Redis
@@ -53,6 +52,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from ._errors import LimiterUnavailableError, RateLimitTimeout
+from ._lifecycle import AsyncClosing
 from ._log import logger
 from ._models import Conversation, RateLimit
 from ._ratelimit import FifoGate, RateLimiter, Slot
@@ -205,7 +205,7 @@ class _KeyState:
         return not self.queued and not self.gate.locked()
 
 
-class RedisRateLimiter:
+class RedisRateLimiter(AsyncClosing):
     """A rate limiter shared through Redis by every process and host using the same token.
 
     Same guarantee as the local limiter: per token, never more than ``rate_limit.requests``
@@ -255,17 +255,6 @@ class RedisRateLimiter:
         return f"<RedisRateLimiter {self._where} {self.rate_limit} prefix={self.prefix!r}>"
 
     # ------------------------------------------------------------------ lifecycle
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Finish pending late-send reports and close the connection pool (if ours)."""
@@ -518,7 +507,7 @@ def _short(exc: BaseException) -> str:
 # ---------------------------------------------------------------------- conversations
 
 
-class RedisConversationStore:
+class RedisConversationStore(AsyncClosing):
     """The conversation cache in Redis, so every worker and host sees the same ids.
 
     Entries expire ``ttl`` seconds after they were last written (default 30 days), which
@@ -543,17 +532,6 @@ class RedisConversationStore:
 
     def __repr__(self) -> str:
         return f"<RedisConversationStore {self._where} ttl={self.ttl:g}s prefix={self.prefix!r}>"
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Close the connection pool (if ours)."""

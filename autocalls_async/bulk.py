@@ -35,8 +35,7 @@ from collections.abc import (
     Iterator,
     Mapping,
 )
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 
 import attrs
 
@@ -58,6 +57,7 @@ from ._errors import (
     RateLimitTimeout,
     UnprocessableEntityError,
 )
+from ._lifecycle import AsyncClosing
 from ._models import Reply
 from ._wire import build_request
 
@@ -256,7 +256,7 @@ def generated_requests(
         yield BulkRequest(row, assistant_id, customer, f"Message {row}", None, row)
 
 
-class BulkRunner:
+class BulkRunner(AsyncClosing):
     """Run rows through ``client``; iterate (once) to get each ``BulkResult`` as it completes.
 
     At most ``concurrency`` rows are in the runner at a time (sent, or waiting in the client
@@ -307,17 +307,6 @@ class BulkRunner:
             raise RuntimeError("a BulkRunner can be iterated only once")
         self._iterator = self._run()
         return self._iterator
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Cancel the rows still running (their results are lost) and wait for them."""
