@@ -20,7 +20,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "overhead": ("benchmarks.overhead", "per-call cost against raw aiohttp and httpx"),
     "rate": ("benchmarks.rate", "full rate without 429s against a strict server"),
     "waiting": ("benchmarks.waiting", "100,000 calls waiting on one token"),
-    "bulk": ("benchmarks.bulk_rows", "the bulk runner over 10,000 and 100,000 rows"),
+    "bulk": ("benchmarks.bulk", "the bulk runner over 10,000 and 100,000 rows"),
     "distributed": ("benchmarks.distributed", "N processes sharing RedisRateLimiter"),
 }
 

@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,9 @@ def table(results: Sequence[BenchResult]) -> str:
     """One Markdown table for every result, ready to paste into the README."""
     lines: list[tuple[str, ...]] = []
     for result in results:
-        if not result.available:
+        if result.failed is not None:
+            lines.append((result.name, "FAILED (see below)", "", "", "", ""))
+        elif not result.available:
             lines.append((result.name, "not available", "", "", "", ""))
         for row in result.rows:
             lines.append((result.name, row.case, row.metric, *row.formatted()))
@@ -41,7 +44,7 @@ def table(results: Sequence[BenchResult]) -> str:
 
 def environment(config: Config, argv: Sequence[str]) -> dict[str, Any]:
     return {
-        "command": "python -m benchmarks " + " ".join(argv),
+        "command": " ".join(["python -m benchmarks", *argv]),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "autocalls_async": __version__,
         "python": platform.python_version(),
@@ -80,7 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     for name in args.names or list(BENCHMARKS):
         print(f"running {name}: {BENCHMARKS[name][1]} ...", file=sys.stderr, flush=True)
-        result = run_benchmark(name, config)
+        try:
+            result = run_benchmark(name, config)
+        except Exception as exc:  # one broken benchmark must not cost the others' figures
+            traceback.print_exc()
+            failure = f"{type(exc).__name__}: {exc}"
+            result = BenchResult(name, BENCHMARKS[name][1], failed=failure, notes=[failure])
         print(f"  done in {result.seconds:.1f}s", file=sys.stderr, flush=True)
         results.append(result)
     print(table(results))
@@ -94,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     args.out.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
     print(f"\nwrote {args.out}", file=sys.stderr)
-    return 0
+    return 1 if any(result.failed for result in results) else 0
 
 
 if __name__ == "__main__":

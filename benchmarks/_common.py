@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 __all__ = [
@@ -28,6 +29,9 @@ __all__ = [
     "spread",
 ]
 
+#: The directory holding the ``benchmarks`` package: child processes run ``-m benchmarks...``
+#: from there, wherever the suite was started from.
+ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "bench-token"
 ASSISTANT_ID = 123
 VARIABLES = {"customer_name": "John"}
@@ -98,6 +102,7 @@ class BenchResult:
     params: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     available: bool = True
+    failed: str | None = None  # the exception, when the benchmark itself broke
     seconds: float = 0.0
 
     def add(self, *args: Any, **kwargs: Any) -> Row:
@@ -147,10 +152,22 @@ def rss_bytes() -> int:
         with open("/proc/self/statm") as statm:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
-        return peak_rss_bytes()
+        return peak_rss_bytes()  # not Linux: the peak is the best we have
 
 
 def peak_rss_bytes() -> int:
+    """The peak resident set size of this process.
+
+    Linux: ``VmHWM`` from ``/proc``, because ``ru_maxrss`` survives ``fork`` and ``exec``: a
+    child started by a big parent would report the parent's peak. Elsewhere: ``ru_maxrss``.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
@@ -164,7 +181,7 @@ def emulator_process(rate_limit: str = "none", window: str = "rolling") -> Itera
     """
     command = [sys.executable, "-m", "benchmarks._serve", "--rate-limit", rate_limit]
     command += ["--window", window]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         assert process.stdout is not None
         base_url = process.stdout.readline().strip()

@@ -1,0 +1,140 @@
+"""The benchmark suite runs at tiny sizes and returns well-formed results (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import BENCHMARKS, BenchResult, Config, Row, run_benchmark
+from benchmarks.__main__ import main, table
+from benchmarks._common import percentile
+from benchmarks.rate import _max_in_window, ideal_makespan
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def check_well_formed(result: BenchResult, name: str) -> None:
+    """Every row has a case, a metric, a finite or missing value, and a judged target."""
+    assert result.name == name
+    assert result.title
+    if not result.available:
+        assert any("not available" in note for note in result.notes)
+        return
+    assert result.rows
+    for row in result.rows:
+        assert row.case and row.metric
+        assert row.value is None or math.isfinite(row.value), row
+        if row.spread is not None:
+            low, high = row.spread
+            assert low <= high
+        if row.target is not None:
+            assert row.met in (True, False, None)
+    json.dumps(result.to_json())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(BENCHMARKS))
+def test_benchmark_runs_quick(name: str) -> None:
+    """Each benchmark runs at --quick sizes and returns rows for the table."""
+    result = run_benchmark(name, Config(quick=True))
+    check_well_formed(result, name)
+    assert result.seconds > 0
+
+
+def test_overhead_compares_every_client() -> None:
+    """The overhead benchmark measures the SDK, raw aiohttp and httpx at concurrency 1 and 20."""
+    result = run_benchmark("overhead", Config(quick=True, rounds=1))
+    cases = {row.case for row in result.rows}
+    for client in ("SDK", "raw aiohttp", "raw httpx"):
+        assert f"{client}, c=1" in cases
+        assert f"{client}, c=20" in cases
+    targets = [row for row in result.rows if row.target is not None]
+    assert {row.metric for row in targets} == {"throughput ratio", "p50 latency ratio"}
+
+
+def test_cli_runs_selected_benchmark_and_writes_json(tmp_path: Path) -> None:
+    """`python -m benchmarks --quick waiting` prints one table and writes the JSON."""
+    out = tmp_path / "results.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--out", str(out), "waiting"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    header = done.stdout.splitlines()[0]
+    assert header.startswith("| benchmark") and "median" in header
+    assert "| waiting" in done.stdout
+    document = json.loads(out.read_text())
+    assert document["environment"]["quick"] is True
+    assert list(document["benchmarks"]) == ["waiting"]
+    rows = document["benchmarks"]["waiting"]["rows"]
+    assert {"case", "metric", "value", "unit", "spread", "target", "met"} <= set(rows[0])
+
+
+def test_cli_refuses_unknown_benchmark() -> None:
+    """An unknown name is a usage error that lists the benchmarks."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "nope"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "unknown benchmark nope" in done.stderr
+    assert "overhead" in done.stderr
+
+
+def test_a_broken_benchmark_does_not_cost_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A benchmark that raises is reported as FAILED, the exit code is 1, the JSON is written."""
+    monkeypatch.setitem(BENCHMARKS, "broken", ("benchmarks._no_such_module", "always fails"))
+    out = tmp_path / "results.json"
+    assert main(["--quick", "--out", str(out), "broken"]) == 1
+    printed = capsys.readouterr()
+    assert "| broken    | FAILED (see below)" in printed.out
+    assert "ModuleNotFoundError" in printed.err
+    document = json.loads(out.read_text())
+    assert document["benchmarks"]["broken"]["failed"].startswith("ModuleNotFoundError")
+
+
+def test_table_shows_unavailable_benchmarks_and_targets() -> None:
+    """A missing module gets a 'not available' row; a target shows whether it was met."""
+    missing = BenchResult("bulk", "Bulk", available=False, notes=["not available: no module"])
+    present = BenchResult("rate", "Rate")
+    present.add("SDK", "429s received", 0.0, digits=0).expect("0", lambda v: v == 0)
+    present.summary("SDK", "makespan", [10.2, 10.0, 10.4], unit="s")
+    text = table([missing, present])
+    lines = text.splitlines()
+    assert len({len(line) for line in lines}) == 1  # aligned columns
+    assert "| bulk " in text and "not available" in text
+    assert "0 (met)" in text
+    assert "10.20 s" in text and "10.00–10.40 s" in text
+
+
+def test_row_formatting() -> None:
+    """Ratios print with ×, missing values as n/a, and an unmet target as MISSED."""
+    row = Row("SDK", "throughput ratio", 0.5, unit="×").expect("≥ 0.90×", lambda v: v >= 0.9)
+    assert row.formatted() == ("0.50×", "", "≥ 0.90× (MISSED)")
+    assert Row("x", "y", None).formatted()[0] == "n/a"
+
+
+def test_statistics_helpers() -> None:
+    """Percentiles interpolate; the rolling-window count and the ideal makespan are exact."""
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile([5.0], 99) == 5.0
+    assert math.isnan(percentile([], 50))
+    assert _max_in_window([0.0, 0.1, 0.2, 1.0, 1.05], 1.0) == 4
+    assert _max_in_window([0.0, 1.0, 2.0], 1.0) == 1
+    assert ideal_makespan(50, 5, 1.0) == 9.0
+    assert ideal_makespan(5, 5, 1.0) == 0.0
