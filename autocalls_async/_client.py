@@ -108,10 +108,9 @@ class AsyncAutocalls:
         token = check_token(
             api_token if api_token is not None else os.environ.get("AUTOCALLS_API_TOKEN")
         )
-        self._headers = request_headers(token)
         #: A stable, non-reversible name for the token: limiter keys and logs use it.
         self.token_id = hashlib.sha256(token.encode()).hexdigest()[:16]
-        del token
+        headers = request_headers(token)  # the only place the token is kept, inside aiohttp
         base = base_url or os.environ.get("AUTOCALLS_BASE_URL") or DEFAULT_BASE_URL
         self.base_url = check_base_url(base)
         self._url = endpoint(self.base_url)
@@ -143,6 +142,8 @@ class AsyncAutocalls:
             raise InvalidRequestError("session must be an aiohttp.ClientSession")
         self._transport = Transport(
             session,
+            url=endpoint(self.base_url),
+            headers=headers,
             timeout=timeout,
             max_response_size=max_response_size,
             trust_env=not is_loopback(self.base_url.host or ""),
@@ -278,8 +279,11 @@ class AsyncAutocalls:
         try:
             key = request.conversation_key
             try:
-                async with asyncio.timeout_at(deadline):
+                if deadline is None:
                     await self._order.acquire(key)
+                else:
+                    async with asyncio.timeout_at(deadline):
+                        await self._order.acquire(key)
             except TimeoutError:
                 raise RateLimitTimeout(
                     "max_wait passed while earlier messages of this conversation were "
@@ -406,9 +410,7 @@ class AsyncAutocalls:
         self._drained.clear()
         status: int | str = "error"
         try:
-            status, headers, body = await self._transport.post(
-                self._url, self._headers, request.body, on_sent
-            )
+            status, headers, body = await self._transport.post(request.body, on_sent)
             if status == 429:
                 self.stats.rate_limited += 1
             return parse_reply(

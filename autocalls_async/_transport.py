@@ -1,20 +1,24 @@
 """The only module that touches aiohttp: send one POST, read a bounded body, map failures.
 
 Whether a failed request may have reached the server decides whether it is safe to retry, so
-the transport records the moment the request's headers were written (aiohttp's
-``on_request_headers_sent`` trace signal). That moment also releases the rate limiter's gate:
-the next request is spaced from when this one really left, not from when it was admitted.
-A caller's own ``ClientSession`` cannot carry our trace hook; then the request counts as
-written just before it is handed to aiohttp, and failures are classified by exception type.
+the transport records the moment the request was handed to the connection (a ``ClientRequest``
+subclass on our own session). That moment also releases the rate limiter's gate: the next
+request is spaced from when this one really left, not from when it was admitted (a new TLS
+connection can take a while). A caller's own ``ClientSession`` has aiohttp's plain request
+class; then the request counts as written just before it is handed to aiohttp, and failures
+are classified by exception type.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
-from types import SimpleNamespace
+from contextvars import ContextVar
 from typing import Any
 
 import aiohttp
+from aiohttp.connector import Connection
+from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
 
 from ._errors import APIConnectionError, APIResponseValidationError, APITimeoutError
@@ -26,7 +30,7 @@ CHUNK = 64 * 1024
 
 
 class _Probe:
-    """Per-request context handed to the trace hooks."""
+    """Records that the current request was written, and tells the rate limiter."""
 
     __slots__ = ("on_sent", "sent")
 
@@ -40,36 +44,45 @@ class _Probe:
             self.on_sent()
 
 
-async def _on_headers_sent(
-    _session: aiohttp.ClientSession,
-    context: SimpleNamespace,
-    _params: aiohttp.TraceRequestHeadersSentParams,
-) -> None:
-    probe = context.trace_request_ctx
-    if isinstance(probe, _Probe):
-        probe.mark_sent()
+#: The probe of the request the current task is sending (aiohttp sends in the caller's task).
+_probe: ContextVar[_Probe | None] = ContextVar("autocalls_probe", default=None)
 
 
-def _trace_config() -> aiohttp.TraceConfig:
-    config = aiohttp.TraceConfig()
-    config.on_request_headers_sent.append(_on_headers_sent)
-    return config
+class _ProbedRequest(aiohttp.ClientRequest):
+    """aiohttp's request, reporting the moment its headers are handed to the connection.
+
+    aiohttp's tracing (``on_request_headers_sent``) would say the same, but a trace config makes
+    aiohttp send a dozen signals per request, which cost more than the rest of our pipeline.
+    """
+
+    async def send(self, conn: Connection) -> aiohttp.ClientResponse:
+        response = await super().send(conn)
+        probe = _probe.get()
+        if probe is not None:
+            probe.mark_sent()
+        return response
 
 
 class Transport:
-    """Owns (or borrows) one ``aiohttp.ClientSession``."""
+    """Sends to one endpoint with fixed headers, on its own ``ClientSession`` or a caller's."""
 
     def __init__(
         self,
         session: aiohttp.ClientSession | None,
         *,
+        url: URL,
+        headers: Mapping[str, str],
         timeout: float | None,
         max_response_size: int,
         trust_env: bool = True,
     ) -> None:
+        self.url = url
+        self._headers = dict(headers)
         self._borrowed = session
         self._trust_env = trust_env
         self._own: aiohttp.ClientSession | None = None
+        self._proxy: URL | None = None
+        self._proxy_auth: aiohttp.BasicAuth | None = None
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self.max_response_size = max_response_size
 
@@ -77,16 +90,22 @@ class Transport:
     def borrowed(self) -> bool:
         return self._borrowed is not None
 
-    def _session(self) -> aiohttp.ClientSession:
-        if self._borrowed is not None:
-            return self._borrowed
+    def _own_session(self) -> aiohttp.ClientSession:
         if self._own is None:
+            if self._trust_env:
+                # The environment's proxy (HTTPS_PROXY, NO_PROXY, ~/.netrc) is looked up once
+                # here: aiohttp's trust_env would look it up in a worker thread on every
+                # request, which costs more than the rest of a call. Never for a loopback base
+                # URL, where a plain-http proxy would see the token.
+                with contextlib.suppress(LookupError):  # no proxy for this URL
+                    self._proxy, self._proxy_auth = get_env_proxy_for_url(self.url)
             self._own = aiohttp.ClientSession(
-                trace_configs=[_trace_config()],
-                # Proxies from the environment are honoured (except for a loopback base URL,
-                # where a plain-http proxy would see the token); cookies are not kept: the API
-                # is stateless and a cookie jar would only grow.
-                trust_env=self._trust_env,
+                # Headers and timeout live on the session: nothing to merge per request.
+                headers=self._headers,
+                timeout=self.timeout,
+                request_class=_ProbedRequest,
+                trust_env=False,
+                # The API is stateless; a cookie jar would only grow.
                 cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._own
@@ -96,30 +115,33 @@ class Transport:
         if own is not None:
             await own.close()
 
-    async def post(
-        self,
-        url: URL,
-        headers: Mapping[str, str],
-        body: bytes,
-        on_sent: Callable[[], None],
-    ) -> Response:
+    async def post(self, body: bytes, on_sent: Callable[[], None]) -> Response:
         probe = _Probe(on_sent)
-        session = self._session()
-        if self._borrowed is not None:
-            if session.closed:
-                raise APIConnectionError("the aiohttp session you passed is closed", sent=False)
-            probe.mark_sent()
+        url = self.url
+        borrowed = self._borrowed
+        reset = _probe.set(probe)
         try:
-            async with session.post(
-                url,
-                data=body,
-                headers=headers,
-                allow_redirects=False,
-                timeout=self.timeout,
-                trace_request_ctx=probe,
-            ) as response:
-                status = response.status
-                return status, response.headers, await self._read(response)
+            if borrowed is None:
+                request = self._own_session().post(
+                    url,
+                    data=body,
+                    allow_redirects=False,
+                    proxy=self._proxy,
+                    proxy_auth=self._proxy_auth,
+                )
+            else:
+                if borrowed.closed:
+                    raise APIConnectionError("the aiohttp session you passed is closed", sent=False)
+                probe.mark_sent()
+                request = borrowed.post(
+                    url,
+                    data=body,
+                    headers=self._headers,
+                    timeout=self.timeout,
+                    allow_redirects=False,
+                )
+            async with request as response:
+                return response.status, response.headers, await self._read(response)
         except APIResponseValidationError:
             raise
         except aiohttp.ConnectionTimeoutError as exc:
@@ -136,6 +158,8 @@ class Transport:
                 f"request to {url.host} failed: {type(exc).__name__}: {exc}",
                 sent=self._sent(probe, exc),
             ) from exc
+        finally:
+            _probe.reset(reset)
 
     def _sent(self, probe: _Probe, exc: BaseException) -> bool:
         if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
@@ -147,8 +171,10 @@ class Transport:
     async def _read(self, response: aiohttp.ClientResponse) -> bytes:
         cap = self.max_response_size
         declared = response.content_length
-        if declared is not None and declared > cap:
-            raise self._too_large(response, f"declares {declared} bytes")
+        if declared is not None:
+            if declared > cap:
+                raise self._too_large(response, f"declares {declared} bytes")
+            return await response.read()  # aiohttp stops at the declared length
         chunks: list[bytes] = []
         size = 0
         async for chunk in response.content.iter_chunked(CHUNK):

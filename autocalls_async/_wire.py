@@ -257,6 +257,10 @@ def _make_converter() -> cattrs.Converter:
     converter.register_structure_hook(bool, _strict(bool, "true or false"))
     converter.register_structure_hook(FunctionCall, lambda v, _: FunctionCall.from_data(v))
     converter.register_structure_hook_func(
+        lambda cls: cls == Mapping[str, Any],
+        lambda value, _: value,  # Reply.raw, kept as is
+    )
+    converter.register_structure_hook_func(
         lambda cls: cls == tuple[FunctionCall, ...], _function_calls
     )
     return converter
@@ -420,7 +424,7 @@ def parse_reply(
     if data.get("success") is False:
         raise api_error(status, headers, body, now=now)
     fields = dict(data)
-    fields.pop("raw", None)  # ours: the whole body, set below
+    fields["raw"] = data  # the whole body, unknown fields included (structured as is)
     fields.setdefault("customer_identifier", customer_identifier)
     if fields.get("reply") is None and fields.get("ai_disabled") is True:
         fields["reply"] = ""  # a human has taken over: there is no AI text to give
@@ -438,4 +442,4 @@ def parse_reply(
             body=data,
             headers=headers,
         ) from exc
-    return attrs.evolve(reply, raw=data)
+    return reply

@@ -156,3 +156,40 @@ async def test_20000_waiting_calls_are_cheap_and_cancel_fast(make_client: Make) 
     assert following.time - max(previous.time + 3.0, cancelled_at) < 1.0
     assert len(server.requests) <= 3  # the first, maybe w0 (if set-up took > 3 s), the next
     assert client.stats.waiting == 0 and len(client._order) == 0
+
+
+async def test_gate_opens_when_the_request_is_written_not_when_it_is_answered(
+    make_client: Make,
+) -> None:
+    """The limiter's gate is released as soon as a request is on the wire: a slow reply does
+    not hold back the next customer's call."""
+    async with MockAutocalls(rate_limit=None, reply_delay=0.5) as server:
+        client = make_client(server.base_url, rate_limit=RateLimit(100, 1.0))
+        await asyncio.gather(
+            *(
+                client.generate_reply(assistant_id=123, customer_identifier=f"c{i}", message="m")
+                for i in range(3)
+            )
+        )
+        arrivals = sorted(r.time for r in server.requests)
+    assert arrivals[-1] - arrivals[0] < 0.3  # not 2 x 0.5 s: each went once written
+
+
+async def test_borrowed_session_counts_the_send_at_hand_over(make_client: Make) -> None:
+    """With a caller's session (no probe on its requests) the gate opens at hand-over."""
+    import aiohttp
+
+    async with MockAutocalls(rate_limit=None, reply_delay=0.5) as server:
+        async with aiohttp.ClientSession() as session:
+            client = make_client(server.base_url, rate_limit=RateLimit(100, 1.0), session=session)
+            await asyncio.gather(
+                *(
+                    client.generate_reply(
+                        assistant_id=123, customer_identifier=f"c{i}", message="m"
+                    )
+                    for i in range(3)
+                )
+            )
+            await client.close()
+        arrivals = sorted(r.time for r in server.requests)
+    assert arrivals[-1] - arrivals[0] < 0.3
