@@ -124,15 +124,20 @@ class _TokenBucket:
         "_queued",
         "interval",
         "rate_limit",
+        "tolerance",
     )
 
     def __init__(self, rate_limit: RateLimit, loop: asyncio.AbstractEventLoop) -> None:
         self.rate_limit = rate_limit
         self.interval = rate_limit.interval
+        # Lateness absorbed without moving the schedule: half the margin. Every gap between two
+        # starts is then at least interval - tolerance, so N + 1 starts span at least
+        # period * (1 + margin / 2): the other half of the margin is left for network jitter.
+        self.tolerance = rate_limit.period / rate_limit.requests * rate_limit.margin / 2
         self._loop = loop
-        self._bucket = AsyncLimiter(1, self.interval)
+        self._bucket = AsyncLimiter(1, self.interval - self.tolerance)
         self._gate = FifoGate()
-        self._not_before = -float("inf")  # spacing from the last request actually written
+        self._not_before = -float("inf")  # the next start's scheduled time
         self._pause_until = -float("inf")  # a 429's Retry-After
         self._last_grant = -float("inf")
         self._queued = 0  # callers waiting for a slot, not yet granted
@@ -185,11 +190,17 @@ class _TokenBucket:
             ) from None
         finally:
             self._queued -= 1
-        self._last_grant = self._loop.time()
+        now = self._last_grant = self._loop.time()
+        # On schedule (give or take the tolerance, e.g. a timer that fired a little late), the
+        # next start is one interval after this one was due, so small delays do not add up.
+        due = self._clear_at()
+        scheduled = due if now - self.tolerance <= due <= now else now
+        self._not_before = scheduled + self.interval
         return _LocalSlot(self)
 
     def sent(self) -> None:
-        self._not_before = max(self._not_before, self._loop.time() + self.interval)
+        # A request written late moves the schedule: the server counts it when it arrives.
+        self._not_before = max(self._not_before, self._loop.time() + self.interval - self.tolerance)
         self._gate.release()
 
     def pause(self, seconds: float) -> None:

@@ -46,10 +46,15 @@ MAX_JSON_DEPTH = 64
 EXCERPT = 200
 #: What Laravel's TrimStrings middleware strips from both ends of every input string.
 _TRIM = re.compile(r"^[\s\ufeff\u200b\u200e]+|[\s\ufeff\u200b\u200e]+$")
+_ZERO_WIDTH = "\ufeff\u200b\u200e"
 
 
 def trim(text: str) -> str:
     """The string as the service will see it (it trims input before validating it)."""
+    if text and not (
+        text[0].isspace() or text[-1].isspace() or text[0] in _ZERO_WIDTH or text[-1] in _ZERO_WIDTH
+    ):
+        return text  # the common case, without the regex
     return _TRIM.sub("", text)
 
 
@@ -181,10 +186,8 @@ class ReplyRequest:
     message: str
     body: bytes = attrs.field(repr=False)
 
-    @property
-    def conversation_key(self) -> tuple[int, str]:
-        """The conversation on the service: it trims the identifier, so " A" and "A" are one."""
-        return (self.assistant_id, trim(self.customer_identifier))
+    #: The conversation on the service: it trims the identifier, so " A" and "A" are one.
+    conversation_key: tuple[int, str] = attrs.field(repr=False)
 
 
 def build_request(
@@ -230,7 +233,13 @@ def build_request(
         _check_json(variables, "variables")
         payload["variables"] = variables
     body = json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    return ReplyRequest(assistant_id, customer_identifier, message, body.encode("utf-8"))
+    return ReplyRequest(
+        assistant_id,
+        customer_identifier,
+        message,
+        body.encode("utf-8"),
+        (assistant_id, trim(customer_identifier)),
+    )
 
 
 # --------------------------------------------------------------------------- the response
@@ -245,9 +254,11 @@ def _strict(kind: type[Any], what: str) -> Any:
     return structure
 
 
+_a_list = _strict(list, "a list")
+
+
 def _function_calls(value: Any, _: Any) -> tuple[FunctionCall, ...]:
-    items = _strict(list, "a list")(value, _)
-    return tuple(FunctionCall.from_data(item) for item in items)
+    return tuple(FunctionCall.from_data(item) for item in _a_list(value, _))
 
 
 def _make_converter() -> cattrs.Converter:
