@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ._client import AsyncAutocalls, ClientStats
 from ._conversations import ConversationStore, MemoryConversationStore
 from ._errors import (
@@ -33,6 +35,10 @@ from ._models import Conversation, FunctionCall, RateLimit, Reply
 from ._ratelimit import LocalRateLimiter, RateLimiter, Slot
 from ._retry import RetryPolicy
 from ._version import __version__
+
+if TYPE_CHECKING:  # for type checkers; at run time they load lazily, see __getattr__
+    from ._redis import RedisConversationStore as RedisConversationStore
+    from ._redis import RedisRateLimiter as RedisRateLimiter
 
 __all__ = [
     "APIConnectionError",

@@ -15,11 +15,15 @@ from autocalls_async import (
     AutocallsError,
     ClientStats,
     Conversation,
+    ConversationStore,
     FunctionCall,
     MemoryConversationStore,
     RateLimit,
+    RateLimiter,
     RateLimitError,
     RateLimitTimeout,
+    RedisConversationStore,
+    RedisRateLimiter,
     Reply,
     RetryPolicy,
     UnprocessableEntityError,
@@ -83,6 +87,18 @@ async def bulk(messages: list[tuple[str, str]]) -> list[Reply | BaseException]:
         waited: float = stats.limiter_wait
         del cached, seen, waited
     return list(results)
+
+
+async def several_workers() -> None:
+    async with (
+        RedisRateLimiter("redis://localhost:6379/0", rate_limit=RateLimit(5, 60.0)) as limiter,
+        RedisConversationStore("redis://localhost:6379/0") as store,
+        AsyncAutocalls("token", limiter=limiter, conversation_store=store) as client,
+    ):
+        shared: RateLimiter = limiter
+        conversations: ConversationStore = store
+        found: Conversation | None = await client.lookup_conversation(1, "c")
+        del shared, conversations, found
 
 
 def no_limiter() -> AsyncAutocalls:
