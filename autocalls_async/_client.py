@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import math
 import os
 import random
@@ -113,7 +114,6 @@ class AsyncAutocalls:
         headers = request_headers(token)  # the only place the token is kept, inside aiohttp
         base = base_url or os.environ.get("AUTOCALLS_BASE_URL") or DEFAULT_BASE_URL
         self.base_url = check_base_url(base)
-        self._url = endpoint(self.base_url)
         if rate_limit is not None and not isinstance(rate_limit, RateLimit):
             raise InvalidRequestError(
                 f"rate_limit must be a RateLimit(requests, period) or None, got {rate_limit!r}"
@@ -424,14 +424,15 @@ class AsyncAutocalls:
             self.stats.in_flight -= 1
             if not self.stats.in_flight:
                 self._drained.set()
-            logger.debug(
-                "POST %s -> %s attempt=%d waited=%.3fs latency=%.3fs",
-                self._url.path,
-                status,
-                attempt,
-                waited,
-                loop.time() - started,
-            )
+            if logger.isEnabledFor(logging.DEBUG):  # the hot path pays nothing when off
+                logger.debug(
+                    "POST %s -> %s attempt=%d waited=%.3fs latency=%.3fs",
+                    self._transport.url.path,
+                    status,
+                    attempt,
+                    waited,
+                    loop.time() - started,
+                )
 
 
 def _short(error: AutocallsError) -> str:

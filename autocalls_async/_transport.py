@@ -86,10 +86,6 @@ class Transport:
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self.max_response_size = max_response_size
 
-    @property
-    def borrowed(self) -> bool:
-        return self._borrowed is not None
-
     def _own_session(self) -> aiohttp.ClientSession:
         if self._own is None:
             if self._trust_env:
@@ -164,9 +160,7 @@ class Transport:
     def _sent(self, probe: _Probe, exc: BaseException) -> bool:
         if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
             return False  # no connection, nothing written
-        if self._borrowed is not None:
-            return True  # no trace hook on a caller's session: assume the worst
-        return probe.sent
+        return probe.sent  # on a caller's session it was marked at hand-over: assume the worst
 
     async def _read(self, response: aiohttp.ClientResponse) -> bytes:
         cap = self.max_response_size
