@@ -31,8 +31,8 @@ from ._errors import (
     RateLimitTimeout,
     UnprocessableEntityError,
 )
-from ._models import Conversation, FunctionCall, RateLimit, Reply
-from ._ratelimit import LocalRateLimiter, RateLimiter, Slot
+from ._models import Conversation, FunctionCall, Priority, RateLimit, Reply
+from ._ratelimit import HostRateLimiter, LocalRateLimiter, RateLimiter, Slot
 from ._retry import RetryPolicy
 from ._version import __version__
 
@@ -54,6 +54,7 @@ __all__ = [
     "Conversation",
     "ConversationStore",
     "FunctionCall",
+    "HostRateLimiter",
     "InsufficientBalanceError",
     "InternalServerError",
     "InvalidRequestError",
@@ -62,6 +63,7 @@ __all__ = [
     "MemoryConversationStore",
     "NotFoundError",
     "PermissionDeniedError",
+    "Priority",
     "RateLimit",
     "RateLimitError",
     "RateLimitTimeout",

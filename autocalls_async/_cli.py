@@ -42,8 +42,8 @@ from ._errors import (
     RateLimitTimeout,
     UnprocessableEntityError,
 )
-from ._models import RateLimit
-from ._ratelimit import LocalRateLimiter, RateLimiter, Slot
+from ._models import Priority, RateLimit
+from ._ratelimit import Limiter, RateLimiter, Slot, default_limiter
 from ._version import __version__
 from .bulk import DEFAULT_CONCURRENCY, BulkRequest, BulkRunner, error_code
 
@@ -509,8 +509,14 @@ class StartClock:
         self.first = self.last = 0.0
 
     @contextlib.asynccontextmanager
-    async def slot(self, key: str, *, deadline: float | None = None) -> AsyncIterator[Slot]:
-        async with self.inner.slot(key, deadline=deadline) as slot:
+    async def slot(
+        self,
+        key: str,
+        *,
+        deadline: float | None = None,
+        priority: Priority = Priority.INTERACTIVE,
+    ) -> AsyncIterator[Slot]:
+        async with self.inner.slot(key, deadline=deadline, priority=priority) as slot:
             self.last = time.monotonic()
             if not self.count:
                 self.first = self.last
@@ -519,6 +525,10 @@ class StartClock:
 
     async def pause(self, key: str, seconds: float) -> None:
         await self.inner.pause(key, seconds)
+
+    async def aclose(self) -> None:
+        if isinstance(self.inner, Limiter):
+            await self.inner.aclose()
 
     def rate(self) -> float | None:
         """Starts per second, or None before two starts."""
@@ -530,7 +540,7 @@ def bulk_client(
     token: str | None, base_url: str | None, rate_limit: RateLimit | None, **options: Any
 ) -> tuple[AsyncAutocalls, StartClock | None]:
     """A client for bulk runs: few cached conversations, starts timed when rate limited."""
-    clock = None if rate_limit is None else StartClock(LocalRateLimiter(rate_limit))
+    clock = None if rate_limit is None else StartClock(default_limiter(rate_limit))
     client = AsyncAutocalls(
         token,
         base_url=base_url,
@@ -813,6 +823,8 @@ async def run_job(
             loop.remove_signal_handler(signum)
         progress.close()
         log.close()
+        if starts is not None:
+            await starts.aclose()  # this run stops counting as a user of the token
     return Outcome(meter, source.already_answered, already_failed, interrupted)
 
 

@@ -25,14 +25,15 @@ from ._errors import (
     AutocallsError,
     ClientClosedError,
     InvalidRequestError,
+    RateLimitError,
     RateLimitTimeout,
 )
 from ._log import configure_from_env, logger
-from ._models import Conversation, RateLimit, Reply
+from ._models import Conversation, Priority, RateLimit, Reply
 from ._ordering import KeyedOrder
-from ._ratelimit import LocalRateLimiter, RateLimiter
-from ._retry import RetryPolicy, is_retry_safe
-from ._transport import Transport
+from ._ratelimit import Limiter, RateLimiter, default_limiter
+from ._retry import Decision, RetryPolicy, is_retry_safe
+from ._transport import OPEN, SendGate, Transport
 from ._wire import (
     DEFAULT_BASE_URL,
     ReplyRequest,
@@ -95,6 +96,7 @@ class AsyncAutocalls:
         base_url: str | None = None,
         rate_limit: RateLimit | None = DEFAULT_RATE_LIMIT,
         limiter: RateLimiter | None = None,
+        priority: Priority = Priority.INTERACTIVE,
         max_retries: int = 2,
         timeout: float | None = 60.0,
         session: aiohttp.ClientSession | None = None,
@@ -118,9 +120,19 @@ class AsyncAutocalls:
             raise InvalidRequestError(
                 f"rate_limit must be a RateLimit(requests, period) or None, got {rate_limit!r}"
             )
+        if limiter is not None and not (
+            callable(getattr(limiter, "slot", None)) and callable(getattr(limiter, "pause", None))
+        ):
+            raise InvalidRequestError(
+                f"limiter must be a rate limiter such as HostRateLimiter(rate_limit=...) or "
+                f"RedisRateLimiter(...), got {limiter!r}; to set the limit, pass rate_limit="
+            )
+        # The default is host-wide: every process of this user on this host shares the limit.
+        self._owns_limiter = limiter is None and rate_limit is not None
         self._limiter: RateLimiter | None = limiter or (
-            LocalRateLimiter(rate_limit) if rate_limit is not None else None
+            default_limiter(rate_limit) if rate_limit is not None else None
         )
+        self.priority = _check_priority(priority)
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
             raise InvalidRequestError(f"max_retries must be an int >= 0, got {max_retries!r}")
         self.retry_policy = retry_policy or RetryPolicy(
@@ -195,6 +207,11 @@ class AsyncAutocalls:
         if self._drained is not None and self.stats.in_flight:
             await self._drained.wait()
         await self._transport.close()
+        if self._owns_limiter and isinstance(self._limiter, Limiter):
+            # Our own limiter: it stops counting as a user of the token, so that another
+            # client may then use another rate limit for it.
+            self._owns_limiter = False
+            await self._limiter.aclose()
 
     def _bind_loop(self) -> asyncio.AbstractEventLoop:
         loop = asyncio.get_running_loop()
@@ -261,8 +278,13 @@ class AsyncAutocalls:
         message: str,
         variables: Mapping[str, Any] | None = None,
         max_wait: float | None = _UNSET,
+        priority: Priority | None = None,
     ) -> Reply:
         """Send one customer message and return the assistant's reply.
+
+        ``priority`` (default: the client's, ``Priority.INTERACTIVE`` unless set) is the lane
+        this call waits in for its rate-limit slot: ``Priority.BACKGROUND`` for bulk work, which
+        then never delays an interactive call of any process sharing the token.
 
         ``max_wait`` (default: the client's) bounds the seconds spent waiting for earlier
         messages of this conversation and for a rate-limit slot: past it, ``RateLimitTimeout``
@@ -270,6 +292,7 @@ class AsyncAutocalls:
         """
         request = build_request(assistant_id, customer_identifier, message, variables)
         max_wait = self.max_wait if max_wait is _UNSET else _check_seconds("max_wait", max_wait)
+        lane = self.priority if priority is None else _check_priority(priority)
         self._check_open()
         loop = self._bind_loop()
         deadline = None if max_wait is None else loop.time() + max_wait
@@ -290,7 +313,7 @@ class AsyncAutocalls:
                     "still being answered; nothing was sent"
                 ) from None
             try:
-                reply = await self._attempts(request, task, deadline)
+                reply = await self._attempts(request, task, deadline, lane)
                 await self._remember(request, reply)  # in order, like the calls themselves
             finally:
                 self._order.release(key)
@@ -326,7 +349,11 @@ class AsyncAutocalls:
         return task.uncancel() == 0
 
     async def _attempts(
-        self, request: ReplyRequest, task: asyncio.Task[Any], deadline: float | None
+        self,
+        request: ReplyRequest,
+        task: asyncio.Task[Any],
+        deadline: float | None,
+        priority: Priority,
     ) -> Reply:
         retries = 0
         error: AutocallsError | None = None
@@ -336,7 +363,7 @@ class AsyncAutocalls:
             try:
                 if error is not None:
                     await self._wait_before_retry(delay, pause=pause)
-                return await self._attempt(request, task, deadline, retries + 1)
+                return await self._attempt(request, task, deadline, retries + 1, priority)
             except asyncio.CancelledError:
                 # Closed while waiting to retry: if the failed attempt may have been processed,
                 # its error says what really happened; otherwise nothing was processed.
@@ -351,6 +378,9 @@ class AsyncAutocalls:
                 raise
             except AutocallsError as exc:
                 decision = self.retry_policy.decide(exc, retries, self._random.random)
+                if isinstance(exc, RateLimitError):
+                    # Every 429 pauses the token for every process sharing it, retried or not.
+                    await self._pause_limiter(exc, decision)
                 if decision is None or (
                     deadline is not None
                     and asyncio.get_running_loop().time() + decision.delay > deadline
@@ -368,12 +398,28 @@ class AsyncAutocalls:
                 )
                 self._enter_waiting(task)
 
+    async def _pause_limiter(self, error: RateLimitError, decision: Decision | None) -> None:
+        if self._limiter is None:
+            return
+        if error.retry_after is not None:
+            seconds = error.retry_after
+        elif decision is not None:
+            seconds = decision.delay
+        else:
+            seconds = self._limiter.rate_limit.interval
+        logger.warning(
+            "429 from the server despite the client-side limiter (token_id=%s); pausing the "
+            "token for %.1fs",
+            self.token_id,
+            seconds,
+            extra={"autocalls_token_id": self.token_id, "autocalls_retry_after": seconds},
+        )
+        await self._limiter.pause(self.token_id, seconds)
+
     async def _wait_before_retry(self, delay: float, *, pause: bool) -> None:
         if pause and self._limiter is not None:
-            # A 429: every waiter on this token waits too, then this call queues for a slot.
-            await self._limiter.pause(self.token_id, delay)
-        else:
-            await asyncio.sleep(delay)
+            return  # the 429 paused the token: the next attempt waits for its slot after it
+        await asyncio.sleep(delay)
 
     async def _attempt(
         self,
@@ -381,16 +427,17 @@ class AsyncAutocalls:
         task: asyncio.Task[Any],
         deadline: float | None,
         attempt: int,
+        priority: Priority,
     ) -> Reply:
         loop = asyncio.get_running_loop()
         self._check_open()
         waited_from = loop.time()
         if self._limiter is None:
-            return await self._send(request, task, attempt, 0.0, lambda: None)
-        async with self._limiter.slot(self.token_id, deadline=deadline) as slot:
+            return await self._send(request, task, attempt, 0.0, OPEN)
+        async with self._limiter.slot(self.token_id, deadline=deadline, priority=priority) as slot:
             waited = loop.time() - waited_from
             self.stats.limiter_wait += waited
-            return await self._send(request, task, attempt, waited, slot.sent)
+            return await self._send(request, task, attempt, waited, slot)
 
     async def _send(
         self,
@@ -398,7 +445,7 @@ class AsyncAutocalls:
         task: asyncio.Task[Any],
         attempt: int,
         waited: float,
-        on_sent: Any,
+        gate: SendGate,
     ) -> Reply:
         self._check_open()
         self._leave_waiting(task)  # from here on, close() lets this call finish
@@ -410,7 +457,7 @@ class AsyncAutocalls:
         self._drained.clear()
         status: int | str = "error"
         try:
-            status, headers, body = await self._transport.post(request.body, on_sent)
+            status, headers, body = await self._transport.post(request.body, gate)
             if status == 429:
                 self.stats.rate_limited += 1
             return parse_reply(
@@ -433,6 +480,14 @@ class AsyncAutocalls:
                     waited,
                     loop.time() - started,
                 )
+
+
+def _check_priority(priority: object) -> Priority:
+    if not isinstance(priority, Priority):
+        raise InvalidRequestError(
+            f"priority must be Priority.INTERACTIVE or Priority.BACKGROUND, got {priority!r}"
+        )
+    return priority
 
 
 def _short(error: AutocallsError) -> str:

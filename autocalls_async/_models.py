@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import math
 import re
 from collections.abc import Mapping
@@ -9,7 +10,7 @@ from typing import Any
 
 import attrs
 
-__all__ = ["Conversation", "FunctionCall", "RateLimit", "Reply"]
+__all__ = ["Conversation", "FunctionCall", "Priority", "RateLimit", "Reply"]
 
 
 def _positive_int(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -66,6 +67,18 @@ class RateLimit:
 
     def __str__(self) -> str:
         return f"{self.requests}/{self.period:g}s"
+
+
+class Priority(enum.IntEnum):
+    """Which lane a call waits in for its rate-limit slot.
+
+    A waiting ``INTERACTIVE`` call (a customer waiting on a web page) gets the next slot before
+    any ``BACKGROUND`` call (a bulk job) not yet granted one, in every process sharing the
+    token; background work keeps a minimum share so it always progresses.
+    """
+
+    INTERACTIVE = 0
+    BACKGROUND = 1
 
 
 @attrs.frozen

@@ -1,37 +1,67 @@
-"""Client-side rate limiting: the guarantee is "never more than N starts in any rolling period".
+"""Client-side rate limiting: per token, never more than N starts in any rolling period.
 
-The local backend is aiolimiter's leaky bucket with a capacity of one request, draining one
-request every ``period / requests`` seconds (plus a small margin). A plain
-``AsyncLimiter(5, 60)`` would admit a burst of five and then one every twelve seconds: up to nine
-starts in a rolling minute, which a strict server answers with 429.
+One algorithm (``_schedule``, where the rules and the proof are written down) over three stores
+(``_stores``): ``LocalRateLimiter`` (this process), ``HostRateLimiter`` (every process of this
+OS user on the host: the default) and ``RedisRateLimiter`` (every host). This module is what
+runs in each process in front of the store:
 
-Three things sit around the bucket:
+* a queue per token and event loop, in two lanes (``Priority``), FIFO within a lane; a cancelled
+  waiter leaves it in O(1);
+* one dispatcher task per busy queue, which asks the store for a grant when one is due, on
+  behalf of the queue's oldest callers, and hands it to the caller the store chose; the common
+  case (nobody waiting) asks the store directly and needs no task at all;
+* the grant (``Slot``): the transport checks ``may_send()`` synchronously just before it writes
+  the request and calls ``sent()`` once written; the grant's lease is renewed while a slow
+  connection is made, and a grant that was never used is given back;
+* this process's own last start and pause, kept beside the store, so that a store that lost its
+  state (a Redis restart or flush) never lets this process start sooner than they allow.
 
-* a FIFO gate, so waiters are served strictly first come, first served, one task woken per slot,
-  and a cancelled waiter gives its place back at once (aiolimiter alone lets a newcomer take
-  freed capacity ahead of a woken waiter);
-* the late-send correction: the gate stays closed until the admitted request is actually written
-  (``Slot.sent()``), and the next start is spaced from that moment, because the server counts a
-  request when it arrives, not when we admitted it (a new TLS connection, a busy loop);
-* a shared pause: a 429 stops every waiter on the token until its ``Retry-After`` has passed.
-
-Buckets are shared per (event loop, token) across every client in the process.
+A ``max_wait`` is answered at once when the shared schedule, every process's queue included,
+already says the wait is longer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import itertools
+import os
+import socket
+import uuid
+import weakref
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from aiolimiter import AsyncLimiter
+from . import _schedule as schedule
+from ._errors import InvalidRequestError, LimiterUnavailableError, RateLimitTimeout
+from ._log import logger
+from ._models import Priority, RateLimit
+from ._schedule import Lane, RateConflict, Rules
+from ._stores import PROCESS_STORE, FileStore, MemoryStore, Store
 
-from ._errors import InvalidRequestError, RateLimitTimeout
-from ._models import RateLimit
+__all__ = [
+    "FifoGate",
+    "HostRateLimiter",
+    "Limiter",
+    "LocalRateLimiter",
+    "RateLimiter",
+    "Slot",
+    "default_limiter",
+]
 
-__all__ = ["LocalRateLimiter", "RateLimiter", "Slot"]
+T = TypeVar("T")
+DEFAULT_RATE_LIMIT = RateLimit(5, 60.0)
+#: How long a grant stays valid without a renewal; renewed every third of it while connecting.
+DEFAULT_LEASE = 3.0
+#: Our clock and the store's may differ by this much over one lease: never write that close.
+_LEASE_SAFETY = 0.05
+_POLL_MIN = 0.001
+#: How long a store's round trip may take past a caller's deadline before RateLimitTimeout.
+_ROUND_TRIP_GRACE = 0.1
+_POLL_MAX = 0.05
 
 
 @runtime_checkable
@@ -53,7 +83,11 @@ class RateLimiter(Protocol):
     rate_limit: RateLimit
 
     def slot(
-        self, key: str, *, deadline: float | None = None
+        self,
+        key: str,
+        *,
+        deadline: float | None = None,
+        priority: Priority = Priority.INTERACTIVE,
     ) -> AbstractAsyncContextManager[Slot]: ...
 
     async def pause(self, key: str, seconds: float) -> None: ...
@@ -111,159 +145,694 @@ class FifoGate:
         self._locked = False
 
 
-class _TokenBucket:
-    """The limiter state of one token in one event loop."""
+class _Waiter:
+    __slots__ = ("arrival", "future")
+
+    def __init__(self, arrival: float, future: asyncio.Future[_Grant]) -> None:
+        self.arrival = arrival  #: store clock
+        self.future = future
+
+
+class _Queue:
+    """One token's callers in one event loop, in two lanes, and this process's own floors."""
 
     __slots__ = (
-        "_bucket",
-        "_gate",
-        "_last_grant",
-        "_loop",
-        "_not_before",
-        "_pause_until",
-        "_queued",
-        "interval",
-        "rate_limit",
-        "tolerance",
+        "asking",
+        "dispatcher",
+        "holding",
+        "lanes",
+        "next_free",
+        "own_next",
+        "own_pause",
+        "waiting",
+        "wake",
     )
 
-    def __init__(self, rate_limit: RateLimit, loop: asyncio.AbstractEventLoop) -> None:
-        self.rate_limit = rate_limit
-        self.interval = rate_limit.interval
-        # Lateness absorbed without moving the schedule: half the margin. Every gap between two
-        # starts is then at least interval - tolerance, so N + 1 starts span at least
-        # period * (1 + margin / 2): the other half of the margin is left for network jitter.
-        self.tolerance = rate_limit.period / rate_limit.requests * rate_limit.margin / 2
-        self._loop = loop
-        self._bucket = AsyncLimiter(1, self.interval - self.tolerance)
-        self._gate = FifoGate()
-        self._not_before = -float("inf")  # the next start's scheduled time
-        self._pause_until = -float("inf")  # a 429's Retry-After
-        self._last_grant = -float("inf")
-        self._queued = 0  # callers waiting for a slot, not yet granted
+    def __init__(self) -> None:
+        self.lanes: tuple[deque[_Waiter], deque[_Waiter]] = (deque(), deque())
+        self.waiting = [0, 0]  # live waiters per lane
+        self.dispatcher: asyncio.Task[None] | None = None
+        self.holding: _Grant | None = None
+        self.asking = False  # a caller is asking the store directly (nobody else waited)
+        self.wake: asyncio.Future[None] | None = None  # set to interrupt the dispatcher's sleep
+        self.own_next = -float("inf")  # loop clock: this process's own spacing
+        self.own_pause = -float("inf")  # loop clock: this process's own 429 pause
+        self.next_free = -float("inf")  # loop clock: the next grant, as last seen
+
+    def total(self) -> int:
+        return self.waiting[0] + self.waiting[1]
+
+    def quiet(self) -> bool:
+        """Nobody waits, holds a grant or asks for one here."""
+        return (
+            not self.total()
+            and self.holding is None
+            and self.dispatcher is None
+            and not self.asking
+        )
 
     def idle(self, now: float) -> bool:
-        clear = max(self._not_before, self._pause_until, self._last_grant + self.interval)
-        return not self._queued and not self._gate.locked() and clear <= now
-
-    def _clear_at(self) -> float:
-        return max(self._not_before, self._pause_until)
-
-    def predicted_wait(self) -> float:
-        """How long a newcomer would wait if nobody ahead of it cancels and nothing is late."""
-        now = self._loop.time()
-        base = max(now, self._clear_at(), self._last_grant + self.interval)
-        return base + self._queued * self.interval - now
-
-    async def _wait_until_clear(self, deadline: float | None) -> None:
-        while (wait := self._clear_at() - self._loop.time()) > 0:
-            if deadline is not None and self._loop.time() + wait > deadline:
-                raise RateLimitTimeout(self._timeout_message(wait))
-            await asyncio.sleep(wait)
-
-    def _timeout_message(self, wait: float) -> str:
         return (
-            f"no rate-limit slot within max_wait: the next one is {wait:.1f}s away "
-            f"(limit {self.rate_limit})"
+            not self.total()
+            and self.holding is None
+            and self.dispatcher is None
+            and max(self.own_next, self.own_pause) <= now
         )
 
-    async def acquire(self, deadline: float | None) -> Slot:
-        if deadline is not None:
-            wait = self.predicted_wait()
-            if wait > 0 and self._loop.time() + wait > deadline:
-                raise RateLimitTimeout(self._timeout_message(wait))
-        self._queued += 1
+    def summary(self, lane: int) -> Lane | None:
+        waiters = self.lanes[lane]
+        while waiters and waiters[0].future.done():
+            waiters.popleft()
+        if not waiters:
+            return None
+        head = waiters[0].arrival
+        after = head
+        for index, waiter in enumerate(waiters):
+            if index and not waiter.future.done():
+                after = waiter.arrival
+                break
+            if index > 64:  # a long run of cancelled waiters: an estimate will do
+                break
+        return Lane(self.waiting[lane], head, waiters[-1].arrival, after)
+
+    def pop(self, lane: int) -> _Waiter | None:
+        waiters = self.lanes[lane]
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.future.done():
+                self.waiting[lane] -= 1
+                return waiter
+        self.waiting[lane] = 0  # nobody is left, whatever the count said
+        return None
+
+    def interrupt(self) -> None:
+        if self.wake is not None and not self.wake.done():
+            self.wake.set_result(None)
+
+
+class _Front:
+    """One limiter's presence in one event loop: its id in the store and its queues."""
+
+    __slots__ = ("loop", "offset", "queues", "tickets", "used", "where", "who")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        host = socket.gethostname()
+        self.loop = loop
+        self.who = f"{host}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        self.where = f"pid {os.getpid()} on {host}"
+        self.queues: dict[str, _Queue] = {}
+        self.tickets = itertools.count(1)
+        self.used: set[str] = set()  # keys registered in the store, to unregister on close
+        self.offset = 0.0  # store clock minus loop clock, from the last store operation
+
+    def queue(self, key: str) -> _Queue:
+        queue = self.queues.get(key)
+        if queue is None:
+            if len(self.queues) > 64:
+                now = self.loop.time()
+                for name, other in list(self.queues.items()):
+                    if other.idle(now):
+                        del self.queues[name]
+            queue = self.queues[key] = _Queue()
+        return queue
+
+
+class _Grant:
+    """One outstanding grant: the ``Slot`` a request is sent on."""
+
+    __slots__ = (
+        "_done",
+        "_front",
+        "_key",
+        "_lease_end",
+        "_limiter",
+        "_queue",
+        "_renewal",
+        "_report",
+        "ticket",
+    )
+
+    def __init__(
+        self, limiter: Limiter, front: _Front, queue: _Queue, key: str, ticket: str, asked: float
+    ) -> None:
+        self._limiter = limiter
+        self._front = front
+        self._queue = queue
+        self._key = key
+        self.ticket = ticket
+        self._lease_end = asked + limiter.rules.lease - _LEASE_SAFETY  # loop clock
+        self._done = False
+        self._report: asyncio.Task[None] | None = None
+        self._renewal: asyncio.TimerHandle | None = front.loop.call_later(
+            limiter.rules.lease / 3, self._renew
+        )
+
+    def may_send(self) -> bool:
+        """True while the grant is valid: checked synchronously just before the write."""
+        return not self._done and self._front.loop.time() < self._lease_end
+
+    def sent(self) -> None:
+        """The request was written: record the start (once; later calls do nothing)."""
+        if self._done:
+            return
+        queue = self._queue
+        queue.own_next = self._front.loop.time() + self._limiter.rules.min_gap
+        self._close(functools.partial(schedule.sent, rules=self._limiter.rules, ticket=self.ticket))
+
+    def give_back(self) -> None:
+        """Nothing was written: the grant goes back unused."""
+        if not self._done:
+            rules = self._limiter.rules
+            self._close(functools.partial(schedule.release, rules=rules, ticket=self.ticket))
+
+    async def finish(self) -> None:
+        """At the end of the ``slot()`` block: give back if unused, and wait for the report."""
+        self.give_back()
+        if self._report is not None:
+            # Shielded: a second cancellation of the caller must not abandon the report.
+            await asyncio.shield(self._report)
+
+    def _close(self, operation: Callable[[schedule.TokenState, float], None]) -> None:
+        self._done = True
+        if self._renewal is not None:
+            self._renewal.cancel()
+            self._renewal = None
         try:
-            async with asyncio.timeout_at(deadline):
-                await self._gate.acquire()
-            try:
-                await self._wait_until_clear(deadline)
-                async with asyncio.timeout_at(deadline):
-                    await self._bucket.acquire()
-                await self._wait_until_clear(deadline)  # a 429 may have paused us meanwhile
-            except BaseException:
-                self._gate.release()
-                raise
-        except TimeoutError:
-            raise RateLimitTimeout(
-                f"no rate-limit slot within max_wait (limit {self.rate_limit})"
-            ) from None
+            done, _ = self._limiter.store.try_update(self._key, operation)
+        except Exception as exc:  # never raise into the transport's write
+            self._limiter._report_failed(exc)
+            done = True
+        if done:
+            self._reported()
+        else:
+            self._report = self._limiter._spawn(self._report_later(operation))
+
+    async def _report_later(self, operation: Callable[[schedule.TokenState, float], None]) -> None:
+        try:
+            await self._limiter.store.update(self._key, operation)
+        except Exception as exc:  # the lease then runs out: counted as a start at its end
+            self._limiter._report_failed(exc)
         finally:
-            self._queued -= 1
-        now = self._last_grant = self._loop.time()
-        # On schedule (give or take the tolerance, e.g. a timer that fired a little late), the
-        # next start is one interval after this one was due, so small delays do not add up.
-        due = self._clear_at()
-        scheduled = due if now - self.tolerance <= due <= now else now
-        self._not_before = scheduled + self.interval
-        return _LocalSlot(self)
+            self._reported()
 
-    def sent(self) -> None:
-        # A request written late moves the schedule: the server counts it when it arrives.
-        self._not_before = max(self._not_before, self._loop.time() + self.interval - self.tolerance)
-        self._gate.release()
+    def _reported(self) -> None:
+        queue = self._queue
+        if queue.holding is self:
+            queue.holding = None
+            queue.interrupt()
 
-    def pause(self, seconds: float) -> None:
-        self._pause_until = max(self._pause_until, self._loop.time() + seconds)
+    def _renew(self) -> None:
+        self._renewal = None
+        if self._done:
+            return
+        loop = self._front.loop
+        asked = loop.time()
+        operation = functools.partial(schedule.renew, rules=self._limiter.rules, ticket=self.ticket)
+        try:
+            done, kept = self._limiter.store.try_update(self._key, operation)
+        except Exception as exc:
+            self._limiter._report_failed(exc)
+            return  # the lease runs out: may_send() will say so
+        if done:
+            self._renewed(bool(kept), asked)
+        else:
+            self._limiter._spawn(self._renew_later(operation, asked))
 
+    async def _renew_later(
+        self, operation: Callable[[schedule.TokenState, float], bool], asked: float
+    ) -> None:
+        try:
+            kept = await self._limiter.store.update(self._key, operation)
+        except Exception as exc:
+            self._limiter._report_failed(exc)
+            return
+        self._renewed(kept, asked)
 
-class _LocalSlot:
-    __slots__ = ("_bucket",)
-
-    def __init__(self, bucket: _TokenBucket) -> None:
-        self._bucket: _TokenBucket | None = bucket
-
-    def sent(self) -> None:
-        bucket, self._bucket = self._bucket, None
-        if bucket is not None:
-            bucket.sent()
-
-
-# (id(loop), key) -> bucket. Buckets outlive the clients that made them, so that closing a
-# client and opening another cannot reset the spacing; idle ones are dropped when new ones come.
-_buckets: dict[tuple[int, str], _TokenBucket] = {}
-_PRUNE_ABOVE = 64
-
-
-def _prune() -> None:
-    for ident, bucket in list(_buckets.items()):
-        loop = bucket._loop
-        if loop.is_closed() or bucket.idle(loop.time()):
-            del _buckets[ident]
-
-
-def shared_bucket(key: str, rate_limit: RateLimit) -> _TokenBucket:
-    loop = asyncio.get_running_loop()
-    ident = (id(loop), key)
-    bucket = _buckets.get(ident)
-    if bucket is None or bucket._loop is not loop or loop.is_closed():
-        if len(_buckets) > _PRUNE_ABOVE:
-            _prune()
-        bucket = _buckets[ident] = _TokenBucket(rate_limit, loop)
-    elif bucket.rate_limit != rate_limit:
-        raise InvalidRequestError(
-            f"this API token is already limited to {bucket.rate_limit} in this process; "
-            f"every client using one token must use the same rate_limit (got {rate_limit})"
-        )
-    return bucket
+    def _renewed(self, kept: bool, asked: float) -> None:
+        if self._done:
+            return
+        if not kept:
+            self._lease_end = -float("inf")  # lost: this grant must never be written on
+            return
+        rules = self._limiter.rules
+        self._lease_end = asked + rules.lease - _LEASE_SAFETY
+        self._renewal = self._front.loop.call_later(rules.lease / 3, self._renew)
 
 
-class LocalRateLimiter:
-    """The default limiter: per token, shared by every client of this process and event loop."""
+class Limiter:
+    """The schedule over one store, and this process's queue in front of it.
 
-    def __init__(self, rate_limit: RateLimit) -> None:
+    ``LocalRateLimiter``, ``HostRateLimiter`` and ``RedisRateLimiter`` are this class over their
+    stores. One limiter serves many clients and tokens, in any number of event loops (a queue
+    per loop; the loops of one process then share the token through the store, like processes).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        rate_limit: RateLimit = DEFAULT_RATE_LIMIT,
+        *,
+        lease: float = DEFAULT_LEASE,
+        background_share: int = 5,
+        fallback: RateLimiter | None = None,
+    ) -> None:
+        if not isinstance(rate_limit, RateLimit):
+            raise TypeError(f"rate_limit must be a RateLimit(requests, period), got {rate_limit!r}")
+        if isinstance(lease, bool) or not isinstance(lease, int | float) or not lease > 0.3:
+            raise ValueError(f"lease must be a number of seconds > 0.3, got {lease!r}")
+        if (
+            isinstance(background_share, bool)
+            or not isinstance(background_share, int)
+            or background_share < 0
+        ):
+            raise ValueError(
+                "background_share must be an int >= 0 (one slot in N for background work "
+                f"while interactive calls wait; 0: none), got {background_share!r}"
+            )
         self.rate_limit = rate_limit
+        self.rules = Rules.of(rate_limit, lease=float(lease), share=background_share)
+        self.store = store
+        self.fallback = fallback
+        self._fronts: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Front] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._down: LimiterUnavailableError | None = None
 
-    def bucket(self, key: str) -> _TokenBucket:
-        return shared_bucket(key, self.rate_limit)
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.store.kind} {self.rate_limit}>"
+
+    @property
+    def kind(self) -> str:
+        """Where the schedule is shared: "process", "host" or "redis"."""
+        return self.store.kind
+
+    async def __aenter__(self) -> Limiter:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop serving: pending reports finish, this limiter stops counting as a user of its
+        tokens (so another rate limit may be used for them), its store closes."""
+        loop = asyncio.get_running_loop()
+        front = self._fronts.get(loop)
+        if front is not None:
+            for queue in front.queues.values():
+                if queue.dispatcher is not None:
+                    queue.dispatcher.cancel()
+            for key in list(front.used):
+                with contextlib.suppress(LimiterUnavailableError, OSError):
+                    await self._apply(
+                        front,
+                        key,
+                        functools.partial(schedule.unregister, rules=self.rules, who=front.who),
+                    )
+            front.used.clear()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.store.aclose()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _front(self) -> _Front:
+        loop = asyncio.get_running_loop()
+        front = self._fronts.get(loop)
+        if front is None:
+            front = self._fronts[loop] = _Front(loop)
+        return front
+
+    def _spawn(self, coroutine: Any) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _report_failed(self, exc: Exception) -> None:
+        logger.warning(
+            "rate limiter (%s): a grant could not be reported (%s); it counts as used until "
+            "its lease ends",
+            self.kind,
+            exc,
+        )
+
+    def _outage(self, exc: LimiterUnavailableError) -> None:
+        if self._down is None:
+            logger.warning(
+                "rate limiter (%s) unavailable: %s",
+                self.kind,
+                exc,
+                extra={"autocalls_limiter_store": self.kind},
+            )
+        self._down = exc
+
+    def _recovered(self) -> None:
+        if self._down is not None:
+            self._down = None
+            logger.info(
+                "rate limiter (%s) available again",
+                self.kind,
+                extra={"autocalls_limiter_store": self.kind},
+            )
+
+    async def _apply(
+        self, front: _Front, key: str, operation: Callable[[schedule.TokenState, float], T]
+    ) -> T:
+        """One atomic store operation; keeps our estimate of the store's clock."""
+        loop = front.loop
+        asked = loop.time()
+        seen: list[float] = []
+
+        def step(state: schedule.TokenState, now: float) -> T:
+            seen.append(now)
+            _forget_the_dead(state)
+            return operation(state, now)
+
+        try:
+            done, result = self.store.try_update(key, step)
+            if not done:
+                result = await self.store.update(key, step)
+        except RateConflict as conflict:
+            raise InvalidRequestError(
+                f"this API token is already limited to {conflict.theirs} by another live client "
+                f"({conflict.where}); every client using one token must use the same rate_limit "
+                f"(got {self.rate_limit}). Close the other client first, or use its rate_limit."
+            ) from None
+        front.used.add(key)
+        if seen:
+            front.offset = seen[-1] - (asked + loop.time()) / 2
+        return result  # type: ignore[return-value]
+
+    def _timeout(self, wait: float | None, ahead: int = 0) -> RateLimitTimeout:
+        detail = ""
+        if wait is not None:
+            detail = f": the next one is {max(wait, 0.0):.1f}s away"
+            if ahead:
+                detail += f" ({ahead} calls ahead)"
+        return RateLimitTimeout(
+            f"no rate-limit slot within max_wait{detail} (limit {self.rate_limit}, "
+            f"shared by {self.kind}); nothing was sent"
+        )
+
+    # ------------------------------------------------------------------ the protocol
 
     @asynccontextmanager
-    async def slot(self, key: str, *, deadline: float | None = None) -> AsyncIterator[Slot]:
-        slot = await self.bucket(key).acquire(deadline)
+    async def slot(
+        self,
+        key: str,
+        *,
+        deadline: float | None = None,
+        priority: Priority = Priority.INTERACTIVE,
+    ) -> AsyncIterator[Slot]:
+        """Wait for this token's next slot; see ``RateLimiter``."""
         try:
-            yield slot
+            grant = await self.acquire(key, deadline=deadline, priority=priority)
+        except LimiterUnavailableError as exc:
+            self._outage(exc)
+            if self.fallback is None:
+                raise
+            async with self.fallback.slot(key, deadline=deadline, priority=priority) as slot:
+                yield slot
+            return
+        self._recovered()
+        try:
+            yield grant
         finally:
-            slot.sent()  # a request that never reported may still have been written
+            await grant.finish()
 
     async def pause(self, key: str, seconds: float) -> None:
-        self.bucket(key).pause(seconds)
+        """Pause this token everywhere it is shared: nobody starts until ``seconds`` passed."""
+        front = self._front()
+        queue = front.queue(key)
+        queue.own_pause = max(queue.own_pause, front.loop.time() + seconds)
+        try:
+            await self._apply(
+                front, key, functools.partial(schedule.pause, rules=self.rules, seconds=seconds)
+            )
+        except LimiterUnavailableError as exc:
+            self._outage(exc)
+            if self.fallback is not None:
+                await self.fallback.pause(key, seconds)
+            # Otherwise this process's own pause still holds.
+
+    async def acquire(
+        self,
+        key: str,
+        *,
+        deadline: float | None = None,
+        priority: Priority = Priority.INTERACTIVE,
+    ) -> _Grant:
+        """Wait for a grant; the caller must ``sent()`` or ``give_back()`` it."""
+        front = self._front()
+        loop = front.loop
+        queue = front.queue(key)
+        lane = int(priority)
+        if deadline is not None:
+            try:
+                # The store's round trip is not a wait for a slot: max_wait=0 may still ask.
+                async with asyncio.timeout_at(max(deadline, loop.time() + _ROUND_TRIP_GRACE)):
+                    await self._check_deadline(front, queue, key, deadline, lane)
+            except RateLimitTimeout:
+                raise  # with its detail: how far away the next slot is
+            except TimeoutError:
+                raise self._timeout(None) from None
+        now = loop.time()
+        arrival = now + front.offset
+        if queue.quiet() and max(queue.own_next, queue.own_pause) <= now:
+            # Nobody waits here: ask directly; no task is needed when the store answers now.
+            ticket = f"{front.who}#{next(front.tickets)}"
+            queue.asking = True
+            try:
+                answer = await self._apply(
+                    front,
+                    key,
+                    functools.partial(
+                        schedule.grant,
+                        rules=self.rules,
+                        who=front.who,
+                        where=front.where,
+                        ticket=ticket,
+                        lanes=_alone(lane, arrival),
+                    ),
+                )
+            finally:
+                queue.asking = False
+                queue.interrupt()
+            if answer.granted:
+                grant = _Grant(self, front, queue, key, ticket, now)
+                queue.holding = grant
+                return grant
+            certain = not (answer.held or answer.behind)
+            if certain and deadline is not None and now + answer.wait > deadline:
+                raise self._timeout(answer.wait)
+        waiter = _Waiter(arrival, loop.create_future())
+        queue.lanes[lane].append(waiter)
+        queue.waiting[lane] += 1
+        if queue.dispatcher is None:
+            queue.dispatcher = loop.create_task(self._dispatch(front, queue, key))
+        else:
+            queue.interrupt()  # a new lane may be served first: let the dispatcher ask again
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await waiter.future
+        except BaseException as exc:
+            future = waiter.future
+            if future.done() and not future.cancelled():
+                if future.exception() is None:
+                    future.result().give_back()  # granted as we gave up: hand it back
+            else:  # still queued (a cancelled task cancels the future it awaits, too)
+                future.cancel()
+                queue.waiting[lane] -= 1
+                if not queue.total():
+                    queue.interrupt()  # the dispatcher ends: nobody is left to ask for
+            if isinstance(exc, TimeoutError):
+                raise self._timeout(queue.next_free - loop.time()) from None
+            raise
+
+    async def _check_deadline(
+        self, front: _Front, queue: _Queue, key: str, deadline: float, lane: int
+    ) -> None:
+        """Refuse at once when the shared schedule already says the wait is longer."""
+        loop = front.loop
+        now = loop.time()
+        seen = await self._apply(
+            front,
+            key,
+            functools.partial(schedule.peek, rules=self.rules, who=front.who, lane=lane),
+        )
+        # A grant already made is counted by the store: it spaces the next one.
+        local = queue.waiting[0] if lane == 0 else queue.total()
+        ahead = seen.ahead + local
+        free = max(seen.free_in, max(queue.own_next, queue.own_pause) - now)
+        wait = free + ahead * self.rules.min_gap
+        if wait > 0 and now + wait > deadline:
+            raise self._timeout(wait, ahead)
+
+    async def _dispatch(self, front: _Front, queue: _Queue, key: str) -> None:
+        """Ask for grants while callers wait; hand each to the caller the store chose."""
+        loop = front.loop
+        poll = _POLL_MIN
+        try:
+            while queue.total():
+                if queue.holding is not None or queue.asking:
+                    await self._sleep(queue, None)  # until the grant is reported
+                    continue
+                now = loop.time()
+                lanes = (queue.summary(0), queue.summary(1))
+                ticket = f"{front.who}#{next(front.tickets)}"
+                answer = await self._apply(
+                    front,
+                    key,
+                    functools.partial(
+                        schedule.grant,
+                        rules=self.rules,
+                        who=front.who,
+                        where=front.where,
+                        ticket=ticket,
+                        lanes=lanes,
+                    ),
+                )
+                floor = max(queue.own_next, queue.own_pause)
+                if answer.granted:
+                    grant = _Grant(self, front, queue, key, ticket, now)
+                    if floor > now:  # the store forgot our last start or pause (a flush)
+                        grant.give_back()
+                        queue.next_free = floor
+                        await self._sleep(queue, floor - now)
+                        continue
+                    waiter = queue.pop(answer.lane)
+                    if waiter is None:  # everyone in that lane left meanwhile
+                        grant.give_back()
+                        continue
+                    queue.holding = grant
+                    waiter.future.set_result(grant)
+                    poll = _POLL_MIN
+                    continue
+                if answer.held or answer.behind:
+                    # Someone else's turn: ask again soon (it reports in about a round trip).
+                    wait = min(answer.wait, poll) if answer.held else poll
+                    poll = min(poll * 2, _POLL_MAX)
+                    queue.next_free = max(now + answer.wait, now + self.rules.min_gap)
+                else:
+                    wait = max(answer.wait, floor - now)
+                    poll = _POLL_MIN
+                    queue.next_free = now + wait
+                await self._sleep(queue, wait)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the store failed: every waiter hears it
+            for lane in (0, 1):
+                while (waiter := queue.pop(lane)) is not None:
+                    waiter.future.set_exception(exc)
+        finally:
+            if queue.dispatcher is asyncio.current_task():
+                queue.dispatcher = None
+
+    async def _sleep(self, queue: _Queue, seconds: float | None) -> None:
+        wake = queue.wake = asyncio.get_running_loop().create_future()
+        try:
+            if seconds is None:
+                await wake
+            else:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(seconds):
+                        await wake
+        finally:
+            queue.wake = None
+
+
+_HOST = socket.gethostname()
+
+
+def _forget_the_dead(state: schedule.TokenState) -> None:
+    """Drop what processes of this host that no longer exist left in the store (a crash)."""
+    for table in (state.users, state.queued):
+        for who in [who for who in table if not _alive(who)]:
+            del table[who]
+
+
+def _alive(who: str) -> bool:
+    host, _, rest = who.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != _HOST or not pid_text.isdigit():
+        return True  # another host's: it expires on its own
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, another user's
+    return True
+
+
+def _alone(lane: int, arrival: float) -> tuple[Lane | None, Lane | None]:
+    me = Lane(1, arrival, arrival, arrival)
+    return (me, None) if lane == 0 else (None, me)
+
+
+class LocalRateLimiter(Limiter):
+    """The limit kept in this process only: every client, event loop and thread in it.
+
+    Use it where processes cannot share a file (the host store is the default), with a limit
+    that is this process's share of the token's. ``clock`` is for tests (a virtual clock).
+    """
+
+    def __init__(
+        self,
+        rate_limit: RateLimit = DEFAULT_RATE_LIMIT,
+        *,
+        lease: float = DEFAULT_LEASE,
+        background_share: int = 5,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        store = PROCESS_STORE if clock is None else MemoryStore(clock)
+        super().__init__(store, rate_limit, lease=lease, background_share=background_share)
+
+
+class HostRateLimiter(Limiter):
+    """The limit kept by every process of this OS user on this host: the default limiter.
+
+    ``uvicorn --workers 4``, threads, several event loops, cron jobs and back-to-back command
+    lines share one schedule per token through a small file per token in ``path`` (default:
+    ``default_host_directory()``), locked with ``flock``; no server to run. Containers share it
+    only through a shared volume (give its path). A ``path`` that cannot be used is a
+    ``LimiterUnavailableError`` at the first call, unless ``fallback`` names a limiter to use
+    meanwhile (the default client falls back to ``LocalRateLimiter``, with a warning).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        rate_limit: RateLimit = DEFAULT_RATE_LIMIT,
+        lease: float = DEFAULT_LEASE,
+        background_share: int = 5,
+        fallback: RateLimiter | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        super().__init__(
+            FileStore(path, clock=clock),
+            rate_limit,
+            lease=lease,
+            background_share=background_share,
+            fallback=fallback,
+        )
+
+    @property
+    def path(self) -> str:
+        """The directory holding the schedule's files."""
+        store = self.store
+        assert isinstance(store, FileStore)
+        return str(store.directory)
+
+    def __repr__(self) -> str:
+        return f"<HostRateLimiter {self.path} {self.rate_limit}>"
+
+
+def default_limiter(rate_limit: RateLimit) -> HostRateLimiter:
+    """What ``AsyncAutocalls(limiter=None)`` uses: host-wide, falling back to this process."""
+    return HostRateLimiter(rate_limit=rate_limit, fallback=LocalRateLimiter(rate_limit))

@@ -1,66 +1,80 @@
 """The only module that touches aiohttp: send one POST, read a bounded body, map failures.
 
-Whether a failed request may have reached the server decides whether it is safe to retry, so
-the transport records the moment the request was handed to the connection (a ``ClientRequest``
-subclass on our own session). That moment also releases the rate limiter's gate: the next
-request is spaced from when this one really left, not from when it was admitted (a new TLS
-connection can take a while). A caller's own ``ClientSession`` has aiohttp's plain request
-class; then the request counts as written just before it is handed to aiohttp, and failures
-are classified by exception type.
+The request body is a payload of ours, which aiohttp asks to write itself once the connection
+is made. Since aiohttp 3.12 the headers wait in a buffer and leave with the body in one write,
+so the payload's write is the moment the request starts, as the server sees it. There, and
+synchronously (nothing can stall in between), the payload asks the rate-limit grant whether it
+is still valid (``may_send``), writes, and reports the start (``sent``). This works the same on
+our own session and on a caller's ``session=``, and it tells exactly whether a failed request
+may have reached the server, which decides whether it is safe to retry.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping
-from contextvars import ContextVar
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import aiohttp
-from aiohttp.connector import Connection
+from aiohttp.abc import AbstractStreamWriter
 from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
 
 from ._errors import APIConnectionError, APIResponseValidationError, APITimeoutError
 
-__all__ = ["Response", "Transport"]
+__all__ = ["Response", "SendGate", "Transport"]
 
 Response = tuple[int, Mapping[str, str], bytes]
 CHUNK = 64 * 1024
 
 
-class _Probe:
-    """Records that the current request was written, and tells the rate limiter."""
+class SendGate(Protocol):
+    """What the transport tells about a request's start (a rate-limit grant, or nothing)."""
 
-    __slots__ = ("on_sent", "sent")
-
-    def __init__(self, on_sent: Callable[[], None]) -> None:
-        self.sent = False
-        self.on_sent = on_sent
-
-    def mark_sent(self) -> None:
-        if not self.sent:
-            self.sent = True
-            self.on_sent()
+    def sent(self) -> None: ...
 
 
-#: The probe of the request the current task is sending (aiohttp sends in the caller's task).
-_probe: ContextVar[_Probe | None] = ContextVar("autocalls_probe", default=None)
+class _Open:
+    """No rate limit: always free to send."""
+
+    def sent(self) -> None:
+        pass
 
 
-class _ProbedRequest(aiohttp.ClientRequest):
-    """aiohttp's request, reporting the moment its headers are handed to the connection.
+OPEN = _Open()
 
-    aiohttp's tracing (``on_request_headers_sent``) would say the same, but a trace config makes
-    aiohttp send a dozen signals per request, which cost more than the rest of our pipeline.
-    """
 
-    async def send(self, conn: Connection) -> aiohttp.ClientResponse:
-        response = await super().send(conn)
-        probe = _probe.get()
-        if probe is not None:
-            probe.mark_sent()
-        return response
+class _LeaseLost(Exception):
+    """The grant ran out before the write (a stalled event loop): nothing was written."""
+
+
+class _Body(aiohttp.BytesPayload):
+    """The request body; its write is the request's start."""
+
+    def __init__(self, body: bytes, gate: SendGate) -> None:
+        super().__init__(body, content_type="application/json")
+        self.gate = gate
+        self.written = False
+        self.lease_lost = False
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        await self.write_with_length(writer, None)
+
+    async def write_with_length(
+        self, writer: AbstractStreamWriter, content_length: int | None
+    ) -> None:
+        may_send = getattr(self.gate, "may_send", None)
+        if may_send is not None and not may_send():
+            self.lease_lost = True
+            raise _LeaseLost
+        data = self._value if content_length is None else self._value[:content_length]
+        self.written = True
+        try:
+            # No await happens before the bytes are handed to the socket: the check above
+            # and the write are one step of the event loop.
+            await writer.write(data)
+        finally:
+            self.gate.sent()
 
 
 class Transport:
@@ -99,7 +113,6 @@ class Transport:
                 # Headers and timeout live on the session: nothing to merge per request.
                 headers=self._headers,
                 timeout=self.timeout,
-                request_class=_ProbedRequest,
                 trust_env=False,
                 # The API is stateless; a cookie jar would only grow.
                 cookie_jar=aiohttp.DummyCookieJar(),
@@ -111,16 +124,15 @@ class Transport:
         if own is not None:
             await own.close()
 
-    async def post(self, body: bytes, on_sent: Callable[[], None]) -> Response:
-        probe = _Probe(on_sent)
+    async def post(self, body: bytes, gate: SendGate = OPEN) -> Response:
+        payload = _Body(body, gate)
         url = self.url
         borrowed = self._borrowed
-        reset = _probe.set(probe)
         try:
             if borrowed is None:
                 request = self._own_session().post(
                     url,
-                    data=body,
+                    data=payload,
                     allow_redirects=False,
                     proxy=self._proxy,
                     proxy_auth=self._proxy_auth,
@@ -128,10 +140,9 @@ class Transport:
             else:
                 if borrowed.closed:
                     raise APIConnectionError("the aiohttp session you passed is closed", sent=False)
-                probe.mark_sent()
                 request = borrowed.post(
                     url,
-                    data=body,
+                    data=payload,
                     headers=self._headers,
                     timeout=self.timeout,
                     allow_redirects=False,
@@ -147,20 +158,25 @@ class Transport:
         except TimeoutError as exc:
             raise APITimeoutError(
                 f"no complete response from {url.host} within {self.timeout.total}s",
-                sent=self._sent(probe, exc),
+                sent=payload.written,
             ) from exc
         except (aiohttp.ClientError, OSError) as exc:
+            if payload.lease_lost:
+                raise APIConnectionError(
+                    "the event loop was blocked so long between the rate-limit grant and the "
+                    "write that the grant ran out; nothing was sent",
+                    sent=False,
+                ) from exc
             raise APIConnectionError(
                 f"request to {url.host} failed: {type(exc).__name__}: {exc}",
-                sent=self._sent(probe, exc),
+                sent=payload.written,
             ) from exc
         finally:
-            _probe.reset(reset)
-
-    def _sent(self, probe: _Probe, exc: BaseException) -> bool:
-        if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
-            return False  # no connection, nothing written
-        return probe.sent  # on a caller's session it was marked at hand-over: assume the worst
+            if not payload.written:
+                gate = payload.gate
+                give_back = getattr(gate, "give_back", None)
+                if give_back is not None:
+                    give_back()
 
     async def _read(self, response: aiohttp.ClientResponse) -> bytes:
         cap = self.max_response_size
