@@ -48,7 +48,7 @@ def test_guarantee_fifo_and_pauses_hold_for_any_schedule(
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
-        limiter = LocalRateLimiter(rate)
+        limiter = LocalRateLimiter(rate, clock=asyncio.get_running_loop().time)
         key = fresh_key()
         t0 = loop.time()
         entered: list[int] = []
@@ -117,7 +117,7 @@ def test_full_sustained_rate_on_virtual_clock() -> None:
 
     async def scenario() -> list[float]:
         loop = asyncio.get_running_loop()
-        limiter = LocalRateLimiter(RateLimit(5, 60.0))
+        limiter = LocalRateLimiter(RateLimit(5, 60.0), clock=asyncio.get_running_loop().time)
         key = fresh_key()
         starts: list[float] = []
 
@@ -140,7 +140,9 @@ def test_late_send_pushes_the_next_start_back() -> None:
 
     async def scenario() -> list[float]:
         loop = asyncio.get_running_loop()
-        limiter = LocalRateLimiter(RateLimit(1, 1.0, margin=0.0))
+        limiter = LocalRateLimiter(
+            RateLimit(1, 1.0, margin=0.0), clock=asyncio.get_running_loop().time
+        )
         key = fresh_key()
         starts: list[float] = []
 
@@ -163,14 +165,17 @@ def test_max_wait_fails_fast_when_the_wait_is_certain() -> None:
 
     async def scenario() -> tuple[float, int]:
         loop = asyncio.get_running_loop()
-        limiter = LocalRateLimiter(RateLimit(1, 1.0, margin=0.0))
+        limiter = LocalRateLimiter(
+            RateLimit(1, 1.0, margin=0.0), clock=asyncio.get_running_loop().time
+        )
         key = fresh_key()
         granted = 0
 
         async def one(deadline: float | None) -> None:
             nonlocal granted
-            async with limiter.slot(key, deadline=deadline):
+            async with limiter.slot(key, deadline=deadline) as slot:
                 granted += 1
+                slot.sent()
 
         queued = [asyncio.create_task(one(None)) for _ in range(4)]
         await asyncio.sleep(0)
@@ -191,7 +196,9 @@ def test_max_wait_times_out_when_waiters_ahead_are_slow_to_send() -> None:
 
     async def scenario() -> float:
         loop = asyncio.get_running_loop()
-        limiter = LocalRateLimiter(RateLimit(1, 1.0, margin=0.0))
+        limiter = LocalRateLimiter(
+            RateLimit(1, 1.0, margin=0.0), clock=asyncio.get_running_loop().time
+        )
         key = fresh_key()
 
         async def slow_sender() -> None:
@@ -217,7 +224,7 @@ def test_pause_longer_than_max_wait_fails_at_once() -> None:
 
     async def scenario() -> float:
         loop = asyncio.get_running_loop()
-        limiter = LocalRateLimiter(RateLimit(5, 1.0))
+        limiter = LocalRateLimiter(RateLimit(5, 1.0), clock=asyncio.get_running_loop().time)
         key = fresh_key()
         await limiter.pause(key, 30.0)
         began = loop.time()
@@ -234,7 +241,7 @@ def test_cancelling_100k_waiters_is_linear_and_frees_the_gate() -> None:
 
     async def scenario() -> float:
         loop = asyncio.get_running_loop()
-        limiter = LocalRateLimiter(RateLimit(5, 60.0))
+        limiter = LocalRateLimiter(RateLimit(5, 60.0), clock=asyncio.get_running_loop().time)
         key = fresh_key()
         async with limiter.slot(key) as slot:  # the bucket is now busy for one interval
             slot.sent()
@@ -316,7 +323,7 @@ def test_max_wait_zero_takes_a_free_slot() -> None:
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
-        limiter = LocalRateLimiter(RateLimit(1, 1.0))
+        limiter = LocalRateLimiter(RateLimit(1, 1.0), clock=asyncio.get_running_loop().time)
         key = fresh_key()
         await asyncio.sleep(0.5)  # the clock has moved since the loop started
         async with limiter.slot(key, deadline=loop.time()) as slot:

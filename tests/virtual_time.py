@@ -20,6 +20,11 @@ class _Clock:
         self.now = 1000.0
 
 
+def stall(seconds: float) -> None:
+    """Block the running virtual loop for ``seconds``: time passes, no task runs."""
+    asyncio.get_running_loop().virtual_clock.now += seconds  # type: ignore[attr-defined]
+
+
 class _JumpingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
     def __init__(self, clock: _Clock) -> None:
         super().__init__()
@@ -39,6 +44,7 @@ def run_virtual(main: Callable[[], Awaitable[T]]) -> T:
     clock = _Clock()
     loop = asyncio.SelectorEventLoop(_JumpingSelector(clock))
     loop.time = lambda: clock.now  # type: ignore[method-assign]
+    loop.virtual_clock = clock  # type: ignore[attr-defined]  # tests may jump it: a stall
     try:
         return loop.run_until_complete(main())
     finally:

@@ -1,0 +1,475 @@
+"""The rate guarantee in the shapes users deploy, with real processes, loops, threads and servers.
+
+Each test is one of the shapes that broke the guarantee before the limiter became one schedule
+over a shared store (issue 9): several processes on one host (the default limiter, no set-up),
+several via Redis, a strict no-burst leaky bucket (a real nginx ``limit_req``), a busy event
+loop, a caller's session with a slow first connection, threads and event loops, back-to-back
+command lines, a 429 that is raised rather than retried, rate changes, and ``max_wait`` across
+processes. Rates are scaled (5 per second) so that each runs in seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from autocalls_async import (
+    AsyncAutocalls,
+    HostRateLimiter,
+    InvalidRequestError,
+    LimiterUnavailableError,
+    RateLimit,
+    RateLimitError,
+    RateLimitTimeout,
+)
+from autocalls_async.testing import Fault, MockAutocalls
+
+from .nginx_server import NginxLimiter, require_nginx
+from .redis_server import RedisServer, require_redis_server
+
+pytestmark = pytest.mark.slow
+RATE = RateLimit(5, 1.0)
+SPACING = RATE.period / RATE.requests  # what a no-burst server needs between two requests
+JITTER = 0.003  # loopback and timer noise allowed on top of the margin, per gap
+
+
+@pytest.fixture(autouse=True)
+def _host_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own host-limiter directory (children inherit it)."""
+    directory = tmp_path / "limiter"
+    monkeypatch.setenv("AUTOCALLS_LIMITER_DIR", str(directory))
+    return directory
+
+
+@pytest.fixture
+async def strict() -> AsyncIterator[MockAutocalls]:
+    """The emulator as a strict rolling-window server: 5 per rolling second, per token."""
+    async with MockAutocalls(rate_limit=(5, 1.0), assistants=(123,)) as server:
+        yield server
+
+
+@pytest.fixture
+async def open_server() -> AsyncIterator[MockAutocalls]:
+    async with MockAutocalls(rate_limit=None, assistants=(123,)) as server:
+        yield server
+
+
+@pytest.fixture
+async def nginx(open_server: MockAutocalls) -> AsyncIterator[NginxLimiter]:
+    limiter = NginxLimiter(require_nginx(), upstream_port=open_server.port, rate=5).start()
+    yield limiter
+    limiter.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer(require_redis_server()).start()
+    yield server
+    server.stop()
+
+
+def check_arrivals(times: list[float], rate: RateLimit = RATE) -> None:
+    """The rolling window, and the gap a no-burst leaky bucket needs, as the server saw them."""
+    times = sorted(times)
+    for first, last in zip(times, times[rate.requests :], strict=False):
+        assert last - first >= rate.period - JITTER, (first, last)
+    spacing = rate.period / rate.requests
+    for a, b in itertools.pairwise(times):
+        assert b - a >= spacing - JITTER, (a, b)
+
+
+CHILD = """
+import asyncio, json, sys
+from autocalls_async import AsyncAutocalls, RateLimit
+
+async def main(base_url, token, name, calls, store):
+    rate = RateLimit(5, 1.0)
+    limiter = None
+    if store.startswith("redis://"):
+        from autocalls_async import RedisRateLimiter
+        limiter = RedisRateLimiter(store, rate_limit=rate, prefix="deploy:")
+    async with AsyncAutocalls(token, base_url=base_url, rate_limit=rate, limiter=limiter,
+                              max_retries=0) as client:
+        print("ready", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+
+        async def one(i):
+            try:
+                await client.generate_reply(
+                    assistant_id=123, customer_identifier=f"{name}-{i}", message="Hi")
+                return "ok"
+            except Exception as exc:
+                return f"{type(exc).__name__}: {exc}"
+
+        print(json.dumps(await asyncio.gather(*(one(i) for i in range(calls)))), flush=True)
+    if limiter is not None:
+        await limiter.aclose()
+
+asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]))
+"""
+
+
+async def run_children(base_url: str, store: str, processes: int = 3, calls: int = 6) -> None:
+    """``processes`` OS processes with ``calls`` concurrent calls each, started together."""
+    children = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            CHILD,
+            base_url,
+            "deploy-token",
+            f"p{n}",
+            str(calls),
+            store,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        for n in range(processes)
+    ]
+    try:
+        for child in children:
+            assert child.stdout is not None
+            line = await asyncio.wait_for(child.stdout.readline(), 60)
+            assert line.strip() == b"ready", line
+        for child in children:
+            assert child.stdin is not None
+            child.stdin.write(b"go\n")
+            await child.stdin.drain()
+        outputs = await asyncio.wait_for(
+            asyncio.gather(*(child.communicate() for child in children)), 90
+        )
+    finally:
+        for child in children:
+            if child.returncode is None:
+                child.kill()
+                await child.wait()
+    for child, (out, err) in zip(children, outputs, strict=True):
+        assert child.returncode == 0, err.decode(errors="replace")
+        assert json.loads(out) == ["ok"] * calls, out
+
+
+# ---------------------------------------------------------------------- processes
+
+
+async def test_processes_on_one_host_share_the_default_limiter(strict: MockAutocalls) -> None:
+    """3 processes x 6 calls, default limiter, no set-up: 0 x 429 at a strict rolling window."""
+    began = time.monotonic()
+    await run_children(strict.base_url, "host")
+    arrivals = [record.time for record in strict.requests]
+    assert len(arrivals) == 18 and strict.count(status=429) == 0
+    check_arrivals(arrivals)
+    assert time.monotonic() - began < 17 * 0.2 * 1.3 + 10  # the full rate (+ start-up)
+
+
+async def test_processes_on_one_host_behind_a_no_burst_nginx(
+    nginx: NginxLimiter, open_server: MockAutocalls
+) -> None:
+    """The same behind nginx limit_req rate=5r/s without burst: every request accepted."""
+    await run_children(nginx.base_url, "host")
+    assert len(open_server.requests) == 18
+
+
+async def test_processes_via_redis_behind_a_no_burst_nginx(
+    nginx: NginxLimiter, open_server: MockAutocalls, redis_server: RedisServer
+) -> None:
+    """3 processes sharing one token through Redis, behind nginx without burst: no 429."""
+    await run_children(nginx.base_url, redis_server.url)
+    assert len(open_server.requests) == 18
+
+
+async def test_back_to_back_command_lines_share_the_limit(strict: MockAutocalls) -> None:
+    """Five `autocalls-async reply` runs in a row on one token: spaced, no 429."""
+    env = {**os.environ, "AUTOCALLS_API_TOKEN": "cli-token", "AUTOCALLS_BASE_URL": strict.base_url}
+    for n in range(5):
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "autocalls_async",
+            "reply",
+            "--assistant-id",
+            "123",
+            "--customer",
+            f"c{n}",
+            "--rate-limit",
+            "2/1",
+            "--max-retries",
+            "0",
+            "hello",
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(child.communicate(), 60)
+        assert child.returncode == 0, err.decode()
+    assert strict.count(status=429) == 0
+    check_arrivals([r.time for r in strict.requests], RateLimit(2, 1.0))
+
+
+async def test_max_wait_is_refused_at_once_when_another_process_is_busy(
+    open_server: MockAutocalls, tmp_path: Path
+) -> None:
+    """A web worker with max_wait=0.5 beside a process with 10 queued calls: refused at once."""
+    script = tmp_path / "busy.py"
+    script.write_text(
+        "import asyncio, sys\n"
+        "from autocalls_async import AsyncAutocalls, RateLimit\n"
+        "async def main():\n"
+        "    async with AsyncAutocalls('shared', base_url=sys.argv[1],"
+        " rate_limit=RateLimit(5, 1.0)) as c:\n"
+        "        tasks = [asyncio.create_task(c.generate_reply(assistant_id=123,"
+        " customer_identifier=f'b{i}', message='x')) for i in range(10)]\n"
+        "        await asyncio.sleep(0.3)\n"
+        "        print('busy', flush=True)\n"
+        "        await asyncio.gather(*tasks)\n"
+        "asyncio.run(main())\n"
+    )
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), open_server.base_url, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert child.stdout is not None
+        assert (await asyncio.wait_for(child.stdout.readline(), 30)).strip() == b"busy"
+        async with AsyncAutocalls(
+            "shared", base_url=open_server.base_url, rate_limit=RateLimit(5, 1.0)
+        ) as web:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(RateLimitTimeout, match="calls ahead"):
+                await web.generate_reply(
+                    assistant_id=123, customer_identifier="web", message="hi", max_wait=0.5
+                )
+            assert loop.time() - started < 0.2
+    finally:
+        await asyncio.wait_for(child.wait(), 60)
+    assert child.returncode == 0
+
+
+# ---------------------------------------------------------------------- loops and threads
+
+
+async def test_event_loops_in_threads_share_the_limit(strict: MockAutocalls) -> None:
+    """asyncio.run per task in four threads (Celery, a thread pool), plus this loop: no 429."""
+    rate = RateLimit(2, 1.0)
+    failures: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        async def one() -> None:
+            async with AsyncAutocalls("loops", base_url=strict.base_url, rate_limit=rate) as c:
+                await c.generate_reply(assistant_id=123, customer_identifier=f"t{n}", message="x")
+
+        try:
+            asyncio.run(one())
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    async with AsyncAutocalls("loops", base_url=strict.base_url, rate_limit=rate) as client:
+        await client.generate_reply(assistant_id=123, customer_identifier="main", message="x")
+    await asyncio.to_thread(lambda: [thread.join(30) for thread in threads])
+    assert not failures, failures
+    assert len(strict.requests) == 5 and strict.count(status=429) == 0
+    check_arrivals([r.time for r in strict.requests], rate)
+
+
+# ---------------------------------------------------------------------- late sends
+
+
+class SlowFirstResolver(aiohttp.abc.AbstractResolver):
+    """The caller's session resolves its first name slowly (a cold DNS cache)."""
+
+    def __init__(self) -> None:
+        self.first = True
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[Any]:
+        if self.first:
+            self.first = False
+            await asyncio.sleep(0.5)
+        return [
+            {
+                "hostname": host,
+                "host": "127.0.0.1",
+                "port": port,
+                "family": socket.AF_INET,
+                "proto": 0,
+                "flags": socket.AI_NUMERICHOST,
+            }
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_callers_session_with_a_slow_first_connection(strict: MockAutocalls) -> None:
+    """session= keeps the start-is-the-write rule: a 0.5 s DNS lookup delays the next start."""
+    connector = aiohttp.TCPConnector(resolver=SlowFirstResolver(), force_close=True)
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        AsyncAutocalls(
+            "session",
+            base_url=f"http://localhost:{strict.port}/api",
+            rate_limit=RATE,
+            session=session,
+            max_retries=0,
+        ) as client,
+    ):
+        await asyncio.gather(
+            *(
+                client.generate_reply(assistant_id=123, customer_identifier=f"s{n}", message="x")
+                for n in range(8)
+            )
+        )
+    assert strict.count(status=429) == 0
+    check_arrivals([r.time for r in strict.requests])
+
+
+async def test_a_busy_event_loop_behind_a_no_burst_nginx(
+    nginx: NginxLimiter, open_server: MockAutocalls
+) -> None:
+    """The loop stalls 12 ms every 50 ms while 25 calls run: nginx accepts every request."""
+    stop = asyncio.Event()
+
+    async def hog() -> None:
+        while not stop.is_set():
+            time.sleep(0.012)  # noqa: ASYNC251 - a blocking call in a handler: the point
+            await asyncio.sleep(0.05)
+
+    hogging = asyncio.create_task(hog())
+    try:
+        async with AsyncAutocalls(
+            "busy", base_url=nginx.base_url, rate_limit=RATE, max_retries=0
+        ) as client:
+            await asyncio.gather(
+                *(
+                    client.generate_reply(
+                        assistant_id=123, customer_identifier=f"b{n}", message="x"
+                    )
+                    for n in range(25)
+                )
+            )
+    finally:
+        stop.set()
+        await hogging
+    assert len(open_server.requests) == 25
+
+
+# ---------------------------------------------------------------------- 429s and rate changes
+
+
+async def test_a_429_that_is_raised_still_pauses_every_waiter(strict: MockAutocalls) -> None:
+    """max_retries=0: the 429 is raised, and no other call starts before its Retry-After."""
+    strict.inject(Fault.rate_limited(retry_after=1))
+    async with AsyncAutocalls(
+        "raised", base_url=strict.base_url, rate_limit=RATE, max_retries=0
+    ) as client:
+        results = await asyncio.gather(
+            *(
+                client.generate_reply(assistant_id=123, customer_identifier=f"r{n}", message="x")
+                for n in range(5)
+            ),
+            return_exceptions=True,
+        )
+    limited = [r for r in results if isinstance(r, RateLimitError)]
+    assert len(limited) == 1 and strict.count(status=429) == 1
+    refused_at = next(r.time for r in strict.requests if r.status == 429)
+    later = [r.time for r in strict.requests if r.time > refused_at]
+    # A request already on its way when the 429 came back may arrive just after it; then none
+    # for Retry-After.
+    assert all(not (refused_at + 0.05 < t < refused_at + 1.0 - JITTER) for t in later), later
+
+
+async def test_rate_changes_are_deterministic(open_server: MockAutocalls) -> None:
+    """Another rate for a token: refused while a live client uses the old one, then accepted."""
+    url = open_server.base_url
+    first = AsyncAutocalls("change", base_url=url, rate_limit=RateLimit(5, 60.0))
+    await first.generate_reply(assistant_id=123, customer_identifier="a", message="x")
+    async with AsyncAutocalls("change", base_url=url, rate_limit=RateLimit(5, 1.0)) as second:
+        with pytest.raises(InvalidRequestError, match=r"5/60s.*got 5/1s"):
+            await second.generate_reply(assistant_id=123, customer_identifier="b", message="x")
+    await first.close()
+    async with AsyncAutocalls("change", base_url=url, rate_limit=RateLimit(5, 1.0)) as third:
+        await third.generate_reply(assistant_id=123, customer_identifier="c", message="x")
+
+
+async def test_a_dead_process_does_not_block_a_rate_change(
+    open_server: MockAutocalls, tmp_path: Path
+) -> None:
+    """A process killed while using a token at another rate does not hold the token's rate."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "import asyncio, sys\n"
+        "from autocalls_async import AsyncAutocalls, RateLimit\n"
+        "async def main():\n"
+        "    c = AsyncAutocalls('dead', base_url=sys.argv[1], rate_limit=RateLimit(5, 60.0))\n"
+        "    await c.generate_reply(assistant_id=123, customer_identifier='d', message='x')\n"
+        "    print('used', flush=True)\n"
+        "    await asyncio.sleep(60)\n"
+        "asyncio.run(main())\n",
+        open_server.base_url,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert child.stdout is not None
+    assert (await asyncio.wait_for(child.stdout.readline(), 30)).strip() == b"used"
+    async with AsyncAutocalls("dead", base_url=open_server.base_url, rate_limit=RATE) as client:
+        with pytest.raises(InvalidRequestError, match=f"pid {child.pid}"):
+            await client.generate_reply(assistant_id=123, customer_identifier="e", message="x")
+        child.kill()
+        await child.wait()
+        await client.generate_reply(assistant_id=123, customer_identifier="e", message="x")
+
+
+# ---------------------------------------------------------------------- the store itself
+
+
+async def test_an_unusable_directory(
+    open_server: MockAutocalls,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Explicit HostRateLimiter: a clear error at the first call. Default: one warning, then
+    this process's own limiter."""
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    async with HostRateLimiter(blocked / "limiter", rate_limit=RATE) as limiter:
+        client = AsyncAutocalls("unusable", base_url=open_server.base_url, limiter=limiter)
+        async with client:
+            with pytest.raises(LimiterUnavailableError, match="cannot use"):
+                await client.generate_reply(assistant_id=123, customer_identifier="u", message="x")
+    assert not open_server.requests
+    monkeypatch.setenv("AUTOCALLS_LIMITER_DIR", str(blocked / "limiter"))
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="autocalls_async")
+    async with AsyncAutocalls("unusable", base_url=open_server.base_url, rate_limit=RATE) as client:
+        for n in range(3):
+            await client.generate_reply(assistant_id=123, customer_identifier=f"u{n}", message="x")
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "cannot use" in warnings[0].getMessage()
+    check_arrivals([r.time for r in open_server.requests])
+
+
+async def test_a_directory_others_can_write_is_refused(tmp_path: Path) -> None:
+    """Another user could forge the schedule in a world-writable directory: refused, with a fix."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    async with HostRateLimiter(shared, rate_limit=RATE) as limiter:
+        with pytest.raises(LimiterUnavailableError, match="writable by others"):
+            async with limiter.slot("tok"):
+                pytest.fail("must not be granted")
