@@ -7,13 +7,14 @@ validate (``_wire``) → per-conversation order (``_ordering``) → rate limiter
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import logging
 import math
 import os
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, Self
 
@@ -25,6 +26,7 @@ from ._errors import (
     AutocallsError,
     ClientClosedError,
     InvalidRequestError,
+    LimiterUnavailableError,
     RateLimitTimeout,
 )
 from ._log import configure_from_env, logger
@@ -47,6 +49,13 @@ from ._wire import (
 )
 
 __all__ = ["AsyncAutocalls", "ClientStats"]
+
+#: Called synchronously, in the calling task's context, just before each attempt of a
+#: ``generate_reply`` is handed to the transport: the moment from which the service may
+#: process it. ``BulkRunner`` sets it per row to record "may have been sent" before it is true.
+on_send: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "autocalls_on_send", default=None
+)
 
 DEFAULT_RATE_LIMIT = RateLimit(5, 60.0)
 DEFAULT_MAX_RESPONSE_SIZE = 10 * 1024 * 1024
@@ -106,6 +115,13 @@ class AsyncAutocalls:
         max_response_size: int = DEFAULT_MAX_RESPONSE_SIZE,
     ) -> None:
         configure_from_env()
+        if isinstance(limiter, RateLimit) or (
+            limiter is not None and not callable(getattr(limiter, "slot", None))
+        ):
+            raise InvalidRequestError(
+                f"limiter must be a rate limiter object (e.g. RedisRateLimiter(...)), got "
+                f"{type(limiter).__name__}; to set the rate, pass rate_limit=RateLimit(...)"
+            )
         token = check_token(
             api_token if api_token is not None else os.environ.get("AUTOCALLS_API_TOKEN")
         )
@@ -330,6 +346,10 @@ class AsyncAutocalls:
     ) -> Reply:
         retries = 0
         error: AutocallsError | None = None
+        #: The last attempt's error when that attempt may have been processed (a 500 with
+        #: retry_unsafe): whatever ends the retries later, the call raises it, so that the
+        #: caller never reads "nothing was sent" about a message the service may have billed.
+        processed: AutocallsError | None = None
         delay = 0.0
         pause = False
         while True:
@@ -338,25 +358,25 @@ class AsyncAutocalls:
                     await self._wait_before_retry(delay, pause=pause)
                 return await self._attempt(request, task, deadline, retries + 1)
             except asyncio.CancelledError:
-                # Closed while waiting to retry: if the failed attempt may have been processed,
-                # its error says what really happened; otherwise nothing was processed.
-                if error is not None and not is_retry_safe(error) and self._take_interruption(task):
-                    raise error from None
-                raise
-            except ClientClosedError:
-                if error is not None and not is_retry_safe(error):
-                    raise error from None
-                raise
-            except RateLimitTimeout:
+                # Closed while waiting to retry: if an attempt may have been processed, its
+                # error says what really happened; otherwise nothing was processed.
+                if processed is not None and self._take_interruption(task):
+                    raise _ended_by(processed, "the client was closed") from None
                 raise
             except AutocallsError as exc:
-                decision = self.retry_policy.decide(exc, retries, self._random.random)
+                decision = None
+                if not isinstance(exc, ClientClosedError | RateLimitTimeout):
+                    decision = self.retry_policy.decide(exc, retries, self._random.random)
                 if decision is None or (
                     deadline is not None
                     and asyncio.get_running_loop().time() + decision.delay > deadline
                 ):
+                    if processed is not None and _proves_unprocessed(exc):
+                        raise _ended_by(processed, f"{type(exc).__name__}: {exc}") from exc
                     raise
                 error, delay, pause = exc, decision.delay, decision.pause_limiter
+                if not is_retry_safe(exc):
+                    processed = exc
                 retries += 1
                 self.stats.retries += 1
                 logger.info(
@@ -401,6 +421,9 @@ class AsyncAutocalls:
         on_sent: Any,
     ) -> Reply:
         self._check_open()
+        hook = on_send.get()
+        if hook is not None:
+            hook()
         self._leave_waiting(task)  # from here on, close() lets this call finish
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -433,6 +456,20 @@ class AsyncAutocalls:
                     waited,
                     loop.time() - started,
                 )
+
+
+def _proves_unprocessed(error: AutocallsError) -> bool:
+    """True for errors that say this attempt, at least, was not processed."""
+    return is_retry_safe(error) or isinstance(
+        error, ClientClosedError | RateLimitTimeout | LimiterUnavailableError
+    )
+
+
+def _ended_by(processed: AutocallsError, reason: str) -> AutocallsError:
+    processed.add_note(
+        f"(retrying it ended with {reason}; the attempt above may have been processed)"
+    )
+    return processed
 
 
 def _short(error: AutocallsError) -> str:

@@ -31,6 +31,7 @@ from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
+    Callable,
     Iterable,
     Iterator,
     Mapping,
@@ -39,7 +40,7 @@ from typing import Any, Final
 
 import attrs
 
-from ._client import AsyncAutocalls
+from ._client import AsyncAutocalls, on_send
 from ._errors import (
     APIConnectionError,
     APIError,
@@ -194,6 +195,24 @@ class BulkResult:
             InvalidRequestError | ClientClosedError | RateLimitTimeout | LimiterUnavailableError,
         )
 
+    @property
+    def maybe_processed(self) -> bool:
+        """True unless the row certainly was not processed (message appended, call billed).
+
+        An answer was processed; a refusal by the service (4xx, a 429, a 503) or an error
+        before sending was not; a 5xx, a bad 2xx body, a timeout or a connection lost after
+        the request was written may have been. The bulk command does not send such rows again
+        unless asked (``--retry-unsafe-failed``).
+        """
+        error = self.error
+        if error is None:
+            return True
+        if not self.sent:
+            return False
+        if isinstance(error, APIError) and not isinstance(error, APIResponseValidationError):
+            return error.status >= 500 and error.status != 503
+        return True
+
     def to_json(self) -> dict[str, Any]:
         """The row's line in a bulk run's JSONL output."""
         request = self.request
@@ -217,6 +236,8 @@ class BulkResult:
         line["error_code"] = "INVALID_ROW" if invalid else error_code(error)
         line["error_type"] = type(error).__name__
         line["status"] = error.status if isinstance(error, APIError) else None
+        line["sent"] = self.sent
+        line["maybe_processed"] = self.maybe_processed
         return line
 
 
@@ -270,11 +291,16 @@ class BulkRunner(AsyncClosing):
         rows: Rows,
         *,
         concurrency: int = DEFAULT_CONCURRENCY,
+        on_send: Callable[[BulkRequest], None] | None = None,
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise InvalidRequestError(f"concurrency must be an int >= 1, got {concurrency!r}")
         self.client = client
         self.concurrency = concurrency
+        #: Called once per row, synchronously, just before its first attempt is handed to the
+        #: transport (after its rate-limit slot): a journal can record "may have been sent"
+        #: before it is true. If it raises, the row is not sent and the run stops with it.
+        self.on_send = on_send
         self._rows = rows
         self._pending: set[asyncio.Task[BulkResult]] = set()
         self._stopping = False
@@ -362,6 +388,20 @@ class BulkRunner(AsyncClosing):
             raise failure
 
     async def _call(self, request: BulkRequest) -> BulkResult:
+        sent = False
+        hook_error: BaseException | None = None
+
+        def sending() -> None:
+            nonlocal sent, hook_error
+            if not sent and self.on_send is not None:
+                try:
+                    self.on_send(request)
+                except BaseException as exc:  # the row is not sent; remembered to re-raise
+                    hook_error = exc
+                    raise
+            sent = True
+
+        on_send.set(sending)  # this task's own context: other rows are not affected
         try:
             reply = await self.client.generate_reply(
                 assistant_id=request.assistant_id,
@@ -371,6 +411,17 @@ class BulkRunner(AsyncClosing):
             )
         except AutocallsError as exc:
             return BulkResult(request, error=exc)
+        except Exception as exc:
+            if exc is hook_error:
+                raise  # the journal failed: the run cannot keep its promise, stop it
+            # Anything else is this row's failure, never the run's death; say whether it
+            # may have been sent.
+            text = f"row {_name(request)}: unexpected {type(exc).__name__}: {exc}"
+            if not sent:
+                return BulkResult(request, error=InvalidRequestError(f"{text}; nothing was sent"))
+            return BulkResult(
+                request, error=APIConnectionError(f"{text}; it may have been sent", sent=True)
+            )
         return BulkResult(request, reply=reply)
 
 

@@ -305,6 +305,8 @@ def test_result_lines() -> None:
         "error_code": "SERVER_ERROR",
         "error_type": "InternalServerError",
         "status": 500,
+        "sent": True,
+        "maybe_processed": True,
     }
     assert BulkResult(request, error=APIConnectionError("x", sent=True)).sent
     assert not BulkResult(request, error=APIConnectionError("x", sent=False)).sent
