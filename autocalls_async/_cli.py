@@ -199,6 +199,16 @@ def _assistants(text: str) -> tuple[int, ...]:
     return ids
 
 
+def _delimiter(text: str) -> str:
+    named = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";"}
+    value = named.get(text.lower(), text)
+    if len(value) != 1 or value in '"\r\n':
+        raise argparse.ArgumentTypeError(
+            f"expected one character (or 'tab'), not a quote or a line break: {text!r}"
+        )
+    return value
+
+
 def _variable(text: str) -> tuple[str, str]:
     name, sep, value = text.partition("=")
     if not sep or not name.strip():
@@ -342,9 +352,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="send the input's other columns as variables too (the variables column wins)",
     )
     bulk.add_argument(
+        "--delimiter",
+        type=_delimiter,
+        metavar="CHAR",
+        help="CSV field separator (default: tab for .tsv, else a comma; 'tab' for a tab)",
+    )
+    bulk.add_argument(
         "--retry-failed",
         action="store_true",
-        help="also send again the rows that ended in an error in an earlier run",
+        help="also send again the rows that failed in an earlier run without reaching the "
+        "service's processing (a 4xx, a 429, a 503, no connection)",
+    )
+    bulk.add_argument(
+        "--retry-unsafe-failed",
+        action="store_true",
+        help="also send again the rows an earlier run may have had processed (a 5xx, a "
+        "timeout, a run killed while they were sent): their message may be sent twice",
+    )
+    bulk.add_argument(
+        "--allow-foreign",
+        action="store_true",
+        help="run even if OUT has lines for rows that are not in INPUT (an edited input, "
+        "another day's file): rows are matched by content, the other lines are left alone",
     )
     bulk.add_argument(
         "--concurrency",
@@ -718,12 +747,14 @@ class Outcome:
     already_answered: int
     already_failed: int  #: failed in an earlier run and not sent again
     interrupted: bool
+    uncertain: int = 0  #: may have been processed by an earlier run; not sent again
 
     @property
     def exit_code(self) -> int:
         if self.interrupted:
             return EXIT_INTERRUPTED
-        return EXIT_FAILED if self.meter.failed or self.already_failed else EXIT_OK
+        failed = self.meter.failed or self.already_failed or self.uncertain
+        return EXIT_FAILED if failed else EXIT_OK
 
 
 async def run_job(
@@ -737,23 +768,44 @@ async def run_job(
     concurrency: int,
     progress_mode: str,
     description: str = "bulk",
+    retry_unsafe_failed: bool = False,
+    allow_foreign: bool = False,
 ) -> Outcome:
-    """Run ``source`` (an ``InputFile``) into ``log`` (a ``ResultLog``), with signals handled."""
-    from ._bulkio import Skips
+    """Run ``source`` (an ``InputFile``) into ``log`` (a ``ResultLog``), with signals handled.
 
-    skips: Skips = log.read()
-    source.check(skips)
-    if retry_failed:
-        skips.failed.clear()
-    already_failed = 0 if retry_failed else source.already_failed
-    todo = source.rows - source.already_answered - already_failed
-
-    def rows() -> Iterator[BulkRequest]:
-        for request in source:
-            if request.id not in skips.answered and request.id not in skips.failed:
-                yield request
+    OUT is locked first, then read, then the input is checked against it: nothing is sent
+    unless every line of OUT belongs to a row of the input (or ``allow_foreign``).
+    """
+    from ._bulkio import Ledger
 
     log.open()
+    try:
+        ledger: Ledger = log.read()
+        source.check(ledger, out=log.path, allow_foreign=allow_foreign)
+    except BaseException:
+        log.close()
+        raise
+    retry_failed = retry_failed or retry_unsafe_failed
+    already_failed = 0 if retry_failed else source.already_failed
+    uncertain = 0 if retry_unsafe_failed else source.uncertain
+    todo = source.rows - source.already_answered - already_failed - uncertain
+    keys: dict[int | None, str] = {}  # row -> identity, for the rows pulled and not yet written
+
+    def rows() -> Iterator[BulkRequest]:
+        for request, key in source.keyed():
+            state = ledger.state_of(request, key)
+            if (
+                state == "answered"
+                or (state == "failed" and not retry_failed)
+                or (state == "uncertain" and not retry_unsafe_failed)
+            ):
+                continue
+            keys[request.row] = key
+            yield request
+
+    def sending(request: BulkRequest) -> None:
+        log.write_sending(request, keys[request.row])
+
     meter = Meter(todo, rate_limit, client.stats, starts=starts)
     progress = make_progress(progress_mode, meter, description)
     if progress_mode != "off":
@@ -764,7 +816,7 @@ async def run_job(
             + (f", {skipped} skipped (already in {log.path.name})" if skipped else "")
             + pace
         )
-    runner = BulkRunner(client, rows(), concurrency=concurrency)
+    runner = BulkRunner(client, rows(), concurrency=concurrency, on_send=sending)
     main_task = asyncio.current_task()
     assert main_task is not None
     loop = asyncio.get_running_loop()
@@ -794,10 +846,11 @@ async def run_job(
     try:
         async with client, runner:
             async for result in runner:
+                key = keys.pop(result.request.row, None)
                 if isinstance(result.error, ClientClosedError):
                     meter.not_sent += 1  # nothing was sent: a rerun sends it
                     continue
-                log.write(result)
+                log.write(result, key)
                 if result.ok:
                     meter.answered += 1
                 else:
@@ -813,7 +866,7 @@ async def run_job(
             loop.remove_signal_handler(signum)
         progress.close()
         log.close()
-    return Outcome(meter, source.already_answered, already_failed, interrupted)
+    return Outcome(meter, source.already_answered, already_failed, interrupted, uncertain)
 
 
 def summary(outcome: Outcome, out: Path) -> list[str]:
@@ -822,8 +875,8 @@ def summary(outcome: Outcome, out: Path) -> list[str]:
     lines = [
         f"{'Interrupted' if outcome.interrupted else 'Done'} in {_duration(meter.elapsed)}: "
         f"{meter.answered} answered, {meter.failed} failed, "
-        f"{outcome.already_answered + outcome.already_failed} skipped (already in {out})"
-        + (f", {meter.not_sent} not sent" if meter.not_sent else ""),
+        f"{outcome.already_answered + outcome.already_failed + outcome.uncertain} skipped "
+        f"(already in {out})" + (f", {meter.not_sent} not sent" if meter.not_sent else ""),
     ]
     limit = meter.rate_limit
     if not stats.requests:
@@ -845,6 +898,12 @@ def summary(outcome: Outcome, out: Path) -> list[str]:
         lines.append(
             f"{outcome.already_failed} rows failed in an earlier run: "
             "add --retry-failed to send them again"
+        )
+    if outcome.uncertain:
+        lines.append(
+            f"{outcome.uncertain} rows may have been processed by an earlier run (it stopped "
+            "while they were sent, or they failed after reaching the service): not sent again. "
+            "Check those conversations; add --retry-unsafe-failed to send them anyway"
         )
     if outcome.interrupted:
         lines.append("Run the same command again to send the rows left.")
@@ -870,7 +929,12 @@ def _bulk_command(args: argparse.Namespace) -> int:
         return _usage_error(str(exc))
     if not args.input.is_file():
         return _usage_error(f"cannot read {args.input}: no such file")
-    source = InputFile(args.input, format=args.format, extra_as_variables=args.vars_from_columns)
+    source = InputFile(
+        args.input,
+        format=args.format,
+        extra_as_variables=args.vars_from_columns,
+        delimiter=args.delimiter,
+    )
     log = ResultLog(args.out, fsync=args.fsync)
 
     async def job() -> int:
@@ -882,6 +946,8 @@ def _bulk_command(args: argparse.Namespace) -> int:
                 rate_limit=args.rate_limit,
                 starts=starts,
                 retry_failed=args.retry_failed,
+                retry_unsafe_failed=args.retry_unsafe_failed,
+                allow_foreign=args.allow_foreign,
                 concurrency=args.concurrency,
                 progress_mode=args.progress,
                 description=args.input.name,
