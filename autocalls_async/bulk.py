@@ -449,6 +449,20 @@ async def _pull(rows: Rows) -> AsyncGenerator[object, None]:
 
 
 def _as_request(item: object, position: int) -> BulkRequest:
+    try:
+        return _to_request(item, position)
+    except Exception as exc:  # a Mapping whose get() fails, a str subclass that breaks...
+        return BulkRequest(
+            position,
+            0,
+            "",
+            "",
+            row=position,
+            problem=f"the row could not be read ({type(exc).__name__}: {exc})",
+        )
+
+
+def _to_request(item: object, position: int) -> BulkRequest:
     if isinstance(item, BulkRequest):
         return item if item.row is not None else attrs.evolve(item, row=position)
     if isinstance(item, Mapping):
@@ -471,6 +485,8 @@ def _check(request: BulkRequest) -> InvalidRequestError | None:
         )
     except InvalidRequestError as exc:
         return InvalidRequestError(f"row {_name(request)}: {exc}")
+    except Exception as exc:  # a BulkRequest built by hand with fields of the wrong type
+        return InvalidRequestError(f"row {_name(request)}: {type(exc).__name__}: {exc}")
     return None
 
 

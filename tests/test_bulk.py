@@ -507,3 +507,79 @@ def test_distinct_ids_with_equal_hashes_are_accepted(tmp_path: Path) -> None:
     source = InputFile(write(tmp_path, "in.jsonl", "\n".join(lines)))
     source.check()
     assert source.rows == 3
+
+
+# -- issue 10: per-row errors never kill the run; on_send marks the moment of sending ----------
+
+
+async def test_any_per_row_error_is_that_rows_failure(
+    server: MockAutocalls, make_client: Maker
+) -> None:
+    """A Mapping variables value json.dumps cannot take (MappingProxyType, nested ChainMap)
+    used to escape as a bare TypeError and kill the run; a row whose mapping breaks, or a
+    hand-made request of the wrong types, now fails alone and the other rows are answered."""
+    from collections import ChainMap
+    from types import MappingProxyType
+
+    class BrokenRow(dict[str, Any]):
+        def get(self, key: str, default: Any = None) -> Any:
+            raise RuntimeError("the database cursor went away")
+
+    rows: list[Any] = [
+        {
+            **rows_for(1, 1)[0],
+            "id": "proxy",
+            "variables": MappingProxyType({"a": ChainMap({"b": 1})}),
+        },
+        BrokenRow(),
+        BulkRequest("typed", 123, "+1", "m", variables={"x": {1, 2}}),  # type: ignore[dict-item]
+        {
+            **rows_for(1, 1)[0],
+            "id": "bad key",
+            "variables": ChainMap({"k": MappingProxyType({2: 3})}),
+        },
+        {**rows_for(1, 1)[0], "id": "fine", "message": "still answered"},
+    ]
+    results = {
+        result.id: result
+        for result in await collect(BulkRunner(make_client(server.base_url), rows))
+    }
+    assert results["proxy"].ok
+    assert server.conversations[(123, "+15550000000")].variables == {"a": {"b": 1}}
+    assert results["fine"].ok
+    broken = results[2]
+    assert isinstance(broken.error, InvalidRequestError) and not broken.sent
+    assert "could not be read (RuntimeError: the database cursor went away)" in str(broken.error)
+    assert isinstance(results["typed"].error, InvalidRequestError)
+    assert "variables['x'] is a set" in str(results["typed"].error)
+    assert isinstance(results["bad key"].error, InvalidRequestError)
+    assert len(server.requests) == 2
+
+
+async def test_on_send_is_called_once_per_row_just_before_it_leaves(
+    server: MockAutocalls, make_client: Maker
+) -> None:
+    """on_send runs once per sent row (not per retry), before the server sees the request;
+    rows that fail before sending never call it; if it raises, the row is not sent and the
+    run stops with that error."""
+    from autocalls_async.testing import Fault
+
+    server.inject(Fault.status(503), times=1)
+    seen: list[tuple[Any, int]] = []
+
+    def on_send(request: BulkRequest) -> None:
+        seen.append((request.id, len(server.requests)))
+
+    rows = [*rows_for(2, 1), {"assistant_id": 123, "customer_identifier": "", "message": "x"}]
+    client = make_client(server.base_url)
+    results = await collect(BulkRunner(client, rows, concurrency=1, on_send=on_send))
+    assert sorted(r.ok for r in results) == [False, True, True]  # the invalid row fails alone
+    assert seen == [("r0-0", 0), ("r0-1", 2)]  # the 503 retry did not call it again
+    assert client.stats.retries == 1
+
+    def failing(request: BulkRequest) -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        await collect(BulkRunner(make_client(server.base_url), rows_for(1, 1), on_send=failing))
+    assert len(server.requests) == 3
