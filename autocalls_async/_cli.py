@@ -322,9 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
         "bulk",
         help="send every row of a CSV or JSONL file; resumable",
         description="Send every row of INPUT and append one JSON line per finished row to OUT, "
-        "at the full rate the limit allows; a customer's rows are sent in file order. Running "
-        "it again with the same OUT skips the rows already answered (and, unless "
-        "--retry-failed, those that failed): Ctrl-C, SIGTERM or a crash lose nothing. "
+        "at the full rate the limit allows; a customer's rows are sent in file order. Each "
+        "row is sent at most once per OUT: running it again sends only the rows OUT does not "
+        "answer (matched by content); an edited or foreign input is refused, not guessed "
+        "(--allow-foreign). Ctrl-C, SIGTERM or a crash lose nothing. "
         "Ctrl-C stops gracefully (calls in flight finish and are written); press it again to "
         "stop at once.",
         epilog="input:\n"
@@ -335,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
         "output line:\n"
         '  {"id": 1, "ok": true, "conversation_id": ..., "reply": ..., ...}\n'
         '  {"id": 2, "ok": false, "error": ..., "error_code": "ASSISTANT_NOT_FOUND", ...}\n\n'
-        "exit codes:\n  0 every row answered, 1 some rows failed, 2 usage error or bad file,\n"
+        "exit codes:\n  0 every row answered, 1 some rows failed or may have been processed,\n"
+        "  2 usage error, bad file, or OUT refused (another run, another input),\n"
         "  130 interrupted (run it again to resume)\n\n" + ENVIRONMENT_HELP,
         formatter_class=formatter,
     )
