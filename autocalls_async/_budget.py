@@ -77,27 +77,20 @@ class Ticket:
 
     assistant_id: int
     sent: bool = False
-    settled: bool = False
 
     def mark_sent(self) -> None:
         self.sent = True
 
 
-def certainly_not_processed(error: BaseException) -> bool:
-    """True when the service cannot have appended the message or charged for it."""
-    if isinstance(error, APIConnectionError):
-        return not error.sent
-    if isinstance(error, APIError):
-        return 400 <= error.status < 500 or error.status == 503
-    return False
+def refused(error: APIError) -> bool:
+    """True when the service answered without appending the message or charging for it."""
+    return 400 <= error.status < 500 or error.status == 503
 
 
 class Ledger:
     """A client's reservations and counts (one event loop: no locking needed)."""
 
     def __init__(self, budget: Budget | None) -> None:
-        if budget is not None and not isinstance(budget, Budget):
-            raise TypeError(f"budget must be a Budget(replies=N) or None, got {budget!r}")
         self.budget = budget
         self._in_flight = 0
         self._charged = 0  # billed or possibly billed
@@ -124,10 +117,7 @@ class Ledger:
         return Ticket(assistant_id)
 
     def settle(self, ticket: Ticket, error: BaseException | None) -> None:
-        """Record the attempt's outcome and release its reservation (once)."""
-        if ticket.settled:
-            return
-        ticket.settled = True
+        """Record the attempt's outcome and release its reservation (call once per ticket)."""
         self._in_flight -= 1
         row = self._by_assistant.setdefault(ticket.assistant_id, [0, 0, 0, 0])
         if error is None:
@@ -135,7 +125,7 @@ class Ledger:
             row[1] += 1
         elif isinstance(error, APIError):
             row[0] += 1
-            row[3 if certainly_not_processed(error) else 2] += 1
+            row[3 if refused(error) else 2] += 1
         elif isinstance(error, APIConnectionError):
             if error.sent:
                 row[0] += 1

@@ -118,6 +118,8 @@ async def test_three_spellings_are_one_conversation(
     assert server.conversations[(123, "+14155551234")].messages == ["m0", "m1", "m2"]
     assert [r.body["customer_identifier"] for r in server.requests] == ["+14155551234"] * 3
     assert client.conversation_id(123, "(415) 555.1234") == replies[0].conversation_id
+    assert client.budget is None and client.usage.remaining is None
+    assert client.usage.billed == 3
     found = await client.lookup_conversation(123, "1-415-555-1234")
     assert found is not None and found.conversation_id == replies[0].conversation_id
 
@@ -328,3 +330,17 @@ async def test_balance_exhausted_and_top_up(make_client: Make) -> None:
         assert server.top_up(3) == 4
     with pytest.raises(ValueError, match="unlimited"):
         MockAutocalls().top_up(1)
+
+
+async def test_a_dropped_connection_after_sending_counts(
+    server: MockAutocalls, make_client: Make
+) -> None:
+    """A connection dropped after the request was written may have been processed: it is sent
+    and possibly billed, and it uses the budget."""
+    client = make_client(server.base_url, budget=Budget(replies=1))
+    server.inject(Fault.drop(processed=True))
+    with pytest.raises(APIConnectionError):
+        await client.generate_reply(assistant_id=123, customer_identifier="+1", message="a")
+    usage = client.usage
+    assert (usage.sent, usage.possibly_billed, usage.remaining) == (1, 1, 0)
+    assert server.count(processed=True) == 1
