@@ -24,6 +24,7 @@ from typing import IO, Any, Final, Protocol
 
 import attrs
 
+from ._budget import Budget
 from ._client import AsyncAutocalls, ClientStats
 from ._errors import (
     APIConnectionError,
@@ -32,6 +33,7 @@ from ._errors import (
     AssistantNotFoundError,
     AuthenticationError,
     AutocallsError,
+    BudgetExceededError,
     ClientClosedError,
     InsufficientBalanceError,
     InternalServerError,
@@ -61,6 +63,7 @@ EXIT_BALANCE: Final = 5
 EXIT_RATE_LIMITED: Final = 6
 EXIT_NETWORK: Final = 7
 EXIT_SERVER: Final = 8
+EXIT_MAX_REPLIES: Final = 9  # bulk: --max-replies reached; the rest is left for a rerun
 EXIT_INTERRUPTED: Final = 130
 
 EXIT_CODES_HELP: Final = """\
@@ -74,6 +77,7 @@ exit codes:
   6    still rate limited (429) after retries, or no slot within --max-wait
   7    network: could not connect, or the request timed out
   8    5xx, or a reply that is not valid
+  9    bulk: --max-replies reached (run it again to send the rest)
   130  interrupted (Ctrl-C / SIGTERM)
 """
 
@@ -102,6 +106,8 @@ def exit_code_for(error: AutocallsError) -> int:
         return EXIT_NOT_FOUND
     if isinstance(error, InsufficientBalanceError):
         return EXIT_BALANCE
+    if isinstance(error, BudgetExceededError):
+        return EXIT_MAX_REPLIES
     if isinstance(error, RateLimitError | RateLimitTimeout):
         return EXIT_RATE_LIMITED
     if isinstance(error, APIConnectionError):
@@ -120,6 +126,8 @@ def hint_for(error: AutocallsError) -> str:
         return "this token may not use this assistant or endpoint"
     if isinstance(error, InsufficientBalanceError):
         return "top up the account's balance in the Autocalls dashboard"
+    if isinstance(error, BudgetExceededError):
+        return "raise --max-replies, or run the same command again to send the rest"
     if isinstance(error, RateLimitError | RateLimitTimeout):
         return "the token's limit is used up; wait a minute, or raise --max-wait"
     if isinstance(error, APIConnectionError):
@@ -261,6 +269,42 @@ def _make_client(args: argparse.Namespace, **options: Any) -> AsyncAutocalls:
     )
 
 
+def _region(text: str) -> Callable[[str], str]:
+    try:
+        from .identifiers import e164
+    except ImportError as exc:  # pragma: no cover - only without the phone extra
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    try:
+        return e164(text)
+    except InvalidRequestError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("default_region", "--e164")) from None
+
+
+def _cost_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("cost")
+    group.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check INPUT and report the rows to send, skip and refuse, the distinct customers "
+        "and the time at the rate limit; send nothing (no token needed)",
+    )
+    group.add_argument(
+        "--max-replies",
+        type=_count,
+        metavar="N",
+        help="send at most N requests that may be billed, then stop (exit 9); run the same "
+        "command again to send the rest",
+    )
+    group.add_argument(
+        "--e164",
+        type=_region,
+        metavar="REGION",
+        help="write phone numbers in E.164 before sending, reading numbers without a + as "
+        "numbers of REGION (e.g. US); a row whose number is not possible fails as "
+        "INVALID_ROW (needs the phone extra)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
@@ -336,8 +380,16 @@ def build_parser() -> argparse.ArgumentParser:
         "output line:\n"
         '  {"id": 1, "ok": true, "conversation_id": ..., "reply": ..., ...}\n'
         '  {"id": 2, "ok": false, "error": ..., "error_code": "ASSISTANT_NOT_FOUND", ...}\n\n'
+        "cost:\n"
+        "  --dry-run checks INPUT and reports what a run would send, skip and cost in time,\n"
+        "  sending nothing (no token needed). The run stops sending at the first\n"
+        "  INSUFFICIENT_BALANCE or 401 (exit 5 or 3) and after --max-replies (exit 9): calls in\n"
+        "  flight finish, the rest is not written to OUT, and the same command sends it later.\n"
+        "  After ASSISTANT_NOT_FOUND the assistant's other rows fail as\n"
+        "  SKIPPED_ASSISTANT_NOT_FOUND without being sent (--retry-failed sends them again).\n\n"
         "exit codes:\n  0 every row answered, 1 some rows failed or may have been processed,\n"
         "  2 usage error, bad file, or OUT refused (another run, another input),\n"
+        "  3 stopped at a 401, 5 stopped at INSUFFICIENT_BALANCE, 9 --max-replies reached,\n"
         "  130 interrupted (run it again to resume)\n\n" + ENVIRONMENT_HELP,
         formatter_class=formatter,
     )
@@ -393,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     bulk.add_argument(
         "--fsync", action="store_true", help="fsync OUT after each line (survives power loss)"
     )
+    _cost_options(bulk)
     _client_options(bulk, default_rate="5/60")
     bulk.set_defaults(handler=_bulk_command)
 
@@ -750,11 +803,15 @@ class Outcome:
     already_failed: int  #: failed in an earlier run and not sent again
     interrupted: bool
     uncertain: int = 0  #: may have been processed by an earlier run; not sent again
+    #: The error that stopped the run (balance, 401, --max-replies), if one did.
+    stopped_by: AutocallsError | None = None
 
     @property
     def exit_code(self) -> int:
         if self.interrupted:
             return EXIT_INTERRUPTED
+        if self.stopped_by is not None:
+            return exit_code_for(self.stopped_by)
         failed = self.meter.failed or self.already_failed or self.uncertain
         return EXIT_FAILED if failed else EXIT_OK
 
@@ -849,8 +906,8 @@ async def run_job(
         async with client, runner:
             async for result in runner:
                 key = keys.pop(result.request.row, None)
-                if isinstance(result.error, ClientClosedError):
-                    meter.not_sent += 1  # nothing was sent: a rerun sends it
+                if isinstance(result.error, (ClientClosedError, *runner.stop_on)):
+                    meter.not_sent += 1  # not processed: not written, so a rerun sends it
                     continue
                 log.write(result, key)
                 if result.ok:
@@ -868,7 +925,15 @@ async def run_job(
             loop.remove_signal_handler(signum)
         progress.close()
         log.close()
-    return Outcome(meter, source.already_answered, already_failed, interrupted, uncertain)
+    stopped_by = runner.stopped_by.error if runner.stopped_by is not None else None
+    return Outcome(
+        meter,
+        source.already_answered,
+        already_failed,
+        interrupted,
+        uncertain=uncertain,
+        stopped_by=stopped_by,
+    )
 
 
 def summary(outcome: Outcome, out: Path) -> list[str]:
@@ -909,7 +974,20 @@ def summary(outcome: Outcome, out: Path) -> list[str]:
         )
     if outcome.interrupted:
         lines.append("Run the same command again to send the rows left.")
+    elif outcome.stopped_by is not None:
+        lines.append(stop_message(outcome.stopped_by, meter.not_sent))
     return lines
+
+
+def stop_message(error: AutocallsError, left: int) -> str:
+    """Why a bulk run stopped sending, and how to send the rest."""
+    if isinstance(error, BudgetExceededError):
+        why = "Stopped at --max-replies"
+        then = "run the same command again (with a new --max-replies) to send them"
+    else:
+        why = f"Stopped at the first {error_code(error)}"
+        then = f"{hint_for(error)}, then run the same command again to send them"
+    return f"{why}: {left} rows left unsent (not written to OUT); {then}."
 
 
 def _bulk_command(args: argparse.Namespace) -> int:
@@ -919,6 +997,8 @@ def _bulk_command(args: argparse.Namespace) -> int:
         return _usage_error("--concurrency must be >= 1")
     if args.out.resolve() == args.input.resolve():
         return _usage_error("--out must not be the input file")
+    if args.dry_run:
+        return _dry_run_command(args)
     try:
         client, starts = bulk_client(
             args.token,
@@ -926,6 +1006,7 @@ def _bulk_command(args: argparse.Namespace) -> int:
             args.rate_limit,
             max_retries=args.max_retries,
             timeout=args.timeout,
+            **_cost_client_options(args),
         )
     except AutocallsError as exc:
         return _usage_error(str(exc))
@@ -962,6 +1043,155 @@ def _bulk_command(args: argparse.Namespace) -> int:
         return outcome.exit_code
 
     return _run(job())
+
+
+def _cost_client_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The client options of ``--max-replies`` and ``--e164``."""
+    options: dict[str, Any] = {}
+    if args.max_replies is not None:
+        options["budget"] = Budget(replies=args.max_replies)
+    if args.e164 is not None:
+        options["normalize_identifier"] = args.e164
+    return options
+
+
+@attrs.define
+class DryRun:
+    """What ``bulk --dry-run`` found: counts only, nothing sent."""
+
+    rows: int = 0
+    to_send: int = 0
+    answered_before: int = 0  #: skipped: answered in OUT
+    failed_before: int = 0  #: skipped: failed in OUT (without --retry-failed)
+    uncertain_before: int = 0  #: skipped: may have been processed (without --retry-unsafe-failed)
+    invalid: int = 0
+    problems: list[str] = attrs.Factory(list)  #: the first invalid rows' messages
+    customers: set[str] = attrs.Factory(set)
+    conversations: set[tuple[int, str]] = attrs.Factory(set)
+    assistants: set[int] = attrs.Factory(set)
+
+
+DRY_RUN_PROBLEMS_SHOWN: Final = 5
+
+
+def dry_run(
+    source: Any,
+    log: Any,
+    *,
+    retry_failed: bool,
+    retry_unsafe_failed: bool = False,
+    allow_foreign: bool = False,
+    normalize: Any = None,
+) -> DryRun:
+    """Check ``source`` against the output of earlier runs in ``log`` as ``run_job`` would
+    (rows matched by content, foreign lines refused); send nothing.
+
+    Rows are matched by the key of the row as read, before ``normalize``, exactly as a run
+    matches them.
+    """
+    from ._bulkio import Ledger
+    from .bulk import _check
+
+    ledger: Ledger = log.read()
+    source.check(ledger, out=log.path, allow_foreign=allow_foreign)
+    retry_failed = retry_failed or retry_unsafe_failed
+    found = DryRun(rows=source.rows)
+    for request, key in source.keyed():
+        state = ledger.state_of(request, key)
+        if state == "answered":
+            found.answered_before += 1
+            continue
+        if state == "failed" and not retry_failed:
+            found.failed_before += 1
+            continue
+        if state == "uncertain" and not retry_unsafe_failed:
+            found.uncertain_before += 1
+            continue
+        problem = _check(request)
+        customer = request.customer_identifier
+        if problem is None and normalize is not None:
+            try:
+                customer = normalize(customer)
+            except InvalidRequestError as exc:
+                problem = InvalidRequestError(f"row {request.row or request.id}: {exc}")
+        if problem is not None:
+            found.invalid += 1
+            if len(found.problems) < DRY_RUN_PROBLEMS_SHOWN:
+                found.problems.append(" ".join(str(problem).split()))
+            continue
+        found.to_send += 1
+        found.customers.add(customer)
+        found.conversations.add((request.assistant_id, customer))
+        found.assistants.add(request.assistant_id)
+    return found
+
+
+def dry_run_report(
+    found: DryRun, *, out: Path, rate_limit: RateLimit | None, max_replies: int | None
+) -> list[str]:
+    sending = found.to_send if max_replies is None else min(found.to_send, max_replies)
+    lines = [
+        f"Dry run: nothing was sent. {found.rows} rows in the input:",
+        f"  to send:  {found.to_send}"
+        + (f" (--max-replies stops after {max_replies})" if sending < found.to_send else ""),
+        f"  to skip:  {found.answered_before + found.failed_before + found.uncertain_before} "
+        f"({found.answered_before} already answered in {out}, {found.failed_before} failed "
+        "before"
+        + (": add --retry-failed to send them" if found.failed_before else "")
+        + (
+            f"; {found.uncertain_before} may have been processed: --retry-unsafe-failed sends them"
+            if found.uncertain_before
+            else ""
+        )
+        + ")",
+        f"  invalid:  {found.invalid} (would fail as INVALID_ROW, never sent)",
+    ]
+    lines.extend(f"    {problem}" for problem in found.problems)
+    if found.invalid > len(found.problems):
+        lines.append(f"    … and {found.invalid - len(found.problems)} more")
+    lines.append(
+        f"  distinct customers: {len(found.customers)} ({len(found.conversations)} "
+        f"conversations with {len(found.assistants)} assistants)"
+    )
+    if rate_limit is None:
+        lines.append("  time: no client-side rate limit (--rate-limit none)")
+    else:
+        seconds = max(sending - 1, 0) * rate_limit.interval
+        lines.append(
+            f"  time at {rate_limit}: about {_duration(seconds)} "
+            f"({sending} requests, one every {rate_limit.interval:g}s, retries not included)"
+        )
+    return lines
+
+
+def _dry_run_command(args: argparse.Namespace) -> int:
+    from ._bulkio import InputError, InputFile, ResultLog
+
+    if not args.input.is_file():
+        return _usage_error(f"cannot read {args.input}: no such file")
+    source = InputFile(
+        args.input,
+        format=args.format,
+        extra_as_variables=args.vars_from_columns,
+        delimiter=args.delimiter,
+    )
+    try:
+        found = dry_run(
+            source,
+            ResultLog(args.out),
+            retry_failed=args.retry_failed,
+            retry_unsafe_failed=args.retry_unsafe_failed,
+            allow_foreign=args.allow_foreign,
+            normalize=args.e164,
+        )
+    except InputError as exc:
+        return _usage_error(str(exc))
+    report = dry_run_report(
+        found, out=args.out, rate_limit=args.rate_limit, max_replies=args.max_replies
+    )
+    for line in report:
+        print(line, flush=True)
+    return EXIT_FAILED if found.invalid else EXIT_OK
 
 
 # --------------------------------------------------------------------------- mock-server
@@ -1014,6 +1244,12 @@ async def _mock_server(args: argparse.Namespace) -> int:
             "-H 'Content-Type: application/json' -H 'Accept: application/json' "
             f'-d \'{{"assistant_id": {assistant}, "customer_identifier": "+14155551234", '
             '"message": "Hi"}\'',
+            flush=True,
+        )
+        root = server.base_url.removesuffix("/api")
+        print(
+            f"  state: curl {root}/_emulator/state; top up: curl -X POST "
+            f"{root}/_emulator/top-up -H 'Content-Type: application/json' -d '{{\"replies\": 10}}'",
             flush=True,
         )
         await stop.wait()

@@ -21,9 +21,11 @@ from typing import Any, Self
 import aiohttp
 import attrs
 
+from ._budget import Budget, Ledger, Usage
 from ._conversations import ConversationStore, MemoryConversationStore
 from ._errors import (
     AutocallsError,
+    BudgetExceededError,
     ClientClosedError,
     InvalidRequestError,
     LimiterUnavailableError,
@@ -113,6 +115,8 @@ class AsyncAutocalls:
         conversation_store: ConversationStore | None = None,
         conversation_cache_size: int = 100_000,
         max_response_size: int = DEFAULT_MAX_RESPONSE_SIZE,
+        budget: Budget | None = None,
+        normalize_identifier: Callable[[str], str] | None = None,
     ) -> None:
         configure_from_env()
         if isinstance(limiter, RateLimit) or (
@@ -164,6 +168,16 @@ class AsyncAutocalls:
             max_response_size=max_response_size,
             trust_env=not is_loopback(self.base_url.host or ""),
         )
+        if budget is not None and not isinstance(budget, Budget):
+            raise InvalidRequestError(f"budget must be a Budget(replies=N) or None, got {budget!r}")
+        self._ledger = Ledger(budget)
+        if normalize_identifier is not None and not callable(normalize_identifier):
+            raise InvalidRequestError(
+                "normalize_identifier must be a callable str -> str (e.g. "
+                f"autocalls_async.identifiers.e164('US')), got {normalize_identifier!r}"
+            )
+        #: Applied to every customer identifier before anything else (see ``normalize``).
+        self.normalize_identifier = normalize_identifier
         self._conversations = MemoryConversationStore(conversation_cache_size)
         self._store = conversation_store
         self._order = KeyedOrder()
@@ -228,10 +242,47 @@ class AsyncAutocalls:
         if self._closed:
             raise ClientClosedError("the client is closed; nothing was sent")
 
+    # ------------------------------------------------------------------ cost
+
+    @property
+    def usage(self) -> Usage:
+        """Calls sent, billed, possibly billed and refused, in total and per assistant."""
+        return self._ledger.usage()
+
+    @property
+    def budget(self) -> Budget | None:
+        return self._ledger.budget
+
     # ------------------------------------------------------------------ conversations
+
+    def normalize(self, customer_identifier: str) -> str:
+        """The identifier as this client sends it: ``normalize_identifier`` applied.
+
+        Raises ``InvalidRequestError`` when the normaliser refuses it; any other exception of
+        the normaliser becomes one, with the original as ``__cause__``.
+        """
+        normalizer = self.normalize_identifier
+        if normalizer is None or not isinstance(customer_identifier, str):
+            return customer_identifier  # build_request explains a wrong type
+        try:
+            normalized = normalizer(customer_identifier)
+        except InvalidRequestError:
+            raise
+        except Exception as exc:
+            raise InvalidRequestError(
+                f"normalize_identifier {getattr(normalizer, '__name__', normalizer)!s} failed "
+                f"on a customer_identifier: {type(exc).__name__}: {exc}; nothing was sent"
+            ) from exc
+        if not isinstance(normalized, str):
+            raise InvalidRequestError(
+                f"normalize_identifier returned {type(normalized).__name__}, not str; "
+                "nothing was sent"
+            )
+        return normalized
 
     def conversation(self, assistant_id: int, customer_identifier: str) -> Conversation | None:
         """What this client last saw of the conversation, from its in-memory cache."""
+        customer_identifier = self.normalize(customer_identifier)
         return self._conversations.peek(assistant_id, trim(customer_identifier))
 
     def conversation_id(self, assistant_id: int, customer_identifier: str) -> str | None:
@@ -244,6 +295,7 @@ class AsyncAutocalls:
     ) -> Conversation | None:
         """The conversation from this client's cache, else from the shared ``conversation_store``
         (what another worker saw), which then fills the cache."""
+        customer_identifier = self.normalize(customer_identifier)
         conversation = self.conversation(assistant_id, customer_identifier)
         if conversation is None and self._store is not None:
             conversation = await self._store.get(assistant_id, trim(customer_identifier))
@@ -284,9 +336,11 @@ class AsyncAutocalls:
         messages of this conversation and for a rate-limit slot: past it, ``RateLimitTimeout``
         is raised and nothing is sent.
         """
+        customer_identifier = self.normalize(customer_identifier)
         request = build_request(assistant_id, customer_identifier, message, variables)
         max_wait = self.max_wait if max_wait is _UNSET else _check_seconds("max_wait", max_wait)
         self._check_open()
+        self._ledger.check()
         loop = self._bind_loop()
         deadline = None if max_wait is None else loop.time() + max_wait
         task = asyncio.current_task()
@@ -365,7 +419,7 @@ class AsyncAutocalls:
                 raise
             except AutocallsError as exc:
                 decision = None
-                if not isinstance(exc, ClientClosedError | RateLimitTimeout):
+                if not isinstance(exc, ClientClosedError | RateLimitTimeout | BudgetExceededError):
                     decision = self.retry_policy.decide(exc, retries, self._random.random)
                 if decision is None or (
                     deadline is not None
@@ -404,13 +458,28 @@ class AsyncAutocalls:
     ) -> Reply:
         loop = asyncio.get_running_loop()
         self._check_open()
-        waited_from = loop.time()
-        if self._limiter is None:
-            return await self._send(request, task, attempt, 0.0, lambda: None)
-        async with self._limiter.slot(self.token_id, deadline=deadline) as slot:
-            waited = loop.time() - waited_from
-            self.stats.limiter_wait += waited
-            return await self._send(request, task, attempt, waited, slot.sent)
+        # The budget is reserved before queueing for a slot: a call that cannot be paid for
+        # fails at once and never takes a slot from the others.
+        ticket = self._ledger.reserve(request.assistant_id)
+        try:
+            waited_from = loop.time()
+            if self._limiter is None:
+                reply = await self._send(request, task, attempt, 0.0, ticket.mark_sent)
+            else:
+                async with self._limiter.slot(self.token_id, deadline=deadline) as slot:
+                    waited = loop.time() - waited_from
+                    self.stats.limiter_wait += waited
+
+                    def on_sent(sent: Callable[[], None] = slot.sent) -> None:
+                        ticket.mark_sent()
+                        sent()
+
+                    reply = await self._send(request, task, attempt, waited, on_sent)
+        except BaseException as exc:
+            self._ledger.settle(ticket, exc)
+            raise
+        self._ledger.settle(ticket, None)
+        return reply
 
     async def _send(
         self,
@@ -461,7 +530,8 @@ class AsyncAutocalls:
 def _proves_unprocessed(error: AutocallsError) -> bool:
     """True for errors that say this attempt, at least, was not processed."""
     return is_retry_safe(error) or isinstance(
-        error, ClientClosedError | RateLimitTimeout | LimiterUnavailableError
+        error,
+        ClientClosedError | RateLimitTimeout | LimiterUnavailableError | BudgetExceededError,
     )
 
 

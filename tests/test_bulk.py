@@ -198,7 +198,13 @@ async def test_stop_finishes_calls_in_flight_and_sends_nothing_new(make_client: 
 async def test_cancelling_the_consumer_cancels_every_call(make_client: Maker) -> None:
     """Cancelling the iterating task stops at once and leaves no task behind."""
     async with MockAutocalls(rate_limit=None, reply_delay=5.0) as slow:
-        runner = BulkRunner(make_client(slow.base_url), generated_requests(50), concurrency=5)
+        # Without the first-row probe, so that 5 rows go out at once (probing: test_cost_bulk).
+        runner = BulkRunner(
+            make_client(slow.base_url),
+            generated_requests(50),
+            concurrency=5,
+            skip_unknown_assistants=False,
+        )
 
         async def consume() -> list[BulkResult]:
             return await collect(runner)

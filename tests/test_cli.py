@@ -632,12 +632,16 @@ async def test_sigkill_sigint_resume_exactly_once(tmp_path: Path) -> None:
 async def test_sigterm_then_sigint_stops_at_once(tmp_path: Path) -> None:
     """SIGTERM stops gracefully; a second signal stops at once: exit 130, nothing half-done
     is written, and a rerun sends the rows again."""
+    # One assistant per row: bulk holds an assistant's other rows until its first is answered
+    # (skipping unknown assistants), and here all six must be in flight at once.
     rows = [
-        {"assistant_id": 123, "customer_identifier": f"+1{n}", "message": "m"} for n in range(6)
+        {"assistant_id": 100 + n, "customer_identifier": f"+1{n}", "message": "m"} for n in range(6)
     ]
     source = write_csv(tmp_path / "in.csv", rows)
     out = tmp_path / "out.jsonl"
-    async with MockAutocalls(rate_limit=None, reply_delay=30.0) as server:
+    async with MockAutocalls(
+        rate_limit=None, reply_delay=30.0, assistants=range(100, 106)
+    ) as server:
         env = {"AUTOCALLS_API_TOKEN": TOKEN, "AUTOCALLS_BASE_URL": server.base_url}
         process = await start_cli(
             "bulk",
