@@ -26,7 +26,7 @@ from typing import IO, Any, Final, Literal, NoReturn
 
 import attrs
 
-from .bulk import BulkRequest, BulkResult, RowId
+from .bulk import BulkRequest, BulkResult, RowId, error_code
 
 __all__ = ["Entry", "InputError", "InputFile", "Ledger", "ResultLog", "row_digest"]
 
@@ -48,6 +48,9 @@ class InputError(Exception):
     """A file the bulk command refuses before sending anything (exit code 2)."""
 
 
+#: What OUT says of a row: answered; failed, certainly not processed (``--retry-failed``
+#: sends it); or uncertain, it may have been processed (only ``--retry-unsafe-failed``).
+#: A row OUT knows nothing of, or whose ``sending`` line was withdrawn, has no state (None).
 RowState = Literal["answered", "failed", "uncertain"]
 
 #: Error codes of failures that prove the row was not processed, for lines written before
@@ -60,6 +63,8 @@ _UNPROCESSED_CODES: Final = frozenset(
         "RATE_LIMIT_TIMEOUT",
         "LIMITER_UNAVAILABLE",
         "RATE_LIMITED",
+        "SKIPPED_ASSISTANT_NOT_FOUND",
+        "BUDGET_EXCEEDED",
     }
 )
 
@@ -90,7 +95,7 @@ class Entry:
     row: int | None
     assistant_id: int | None
     customer_identifier: str | None
-    state: RowState
+    state: RowState | None  #: None: its only "sending" line was withdrawn (not processed)
     matched: bool = False
 
     def describe(self) -> str:
@@ -114,8 +119,8 @@ class Ledger:
     unreadable_lines: int = 0
 
     def state_of(self, request: BulkRequest, key: str) -> RowState | None:
-        """The row's state from earlier runs (None: OUT knows nothing of it); marks the line
-        that speaks for it as matched."""
+        """The row's state from earlier runs (None: to send, OUT knows nothing of it or only
+        a withdrawn ``sending`` line); marks the line that speaks for it as matched."""
         entry = self.by_key.get(key)
         if entry is None and self.legacy:
             old = self.legacy.get(request.id)
@@ -131,8 +136,11 @@ class Ledger:
         return sorted(entries, key=lambda entry: entry.line)
 
     def note(self, key: str | None, row_id: RowId, data: dict[str, Any], line: int) -> None:
+        state: RowState | None
         if data.get("ok") is True:
-            state: RowState = "answered"
+            state = "answered"
+        elif data.get("sending") is False:
+            state = None  # its "sending" line is withdrawn: certainly not processed
         elif data.get("sending") is True or _maybe_processed(data):
             state = "uncertain"
         else:
@@ -631,11 +639,15 @@ class ResultLog:
     def write_sending(self, request: BulkRequest, key: str) -> None:
         """Record that the row's request is about to leave: until its result line, a later
         run treats it as possibly processed."""
-        data: dict[str, Any] = {"id": request.id, "sending": True, "key": key}
-        if request.row is not None:
-            data["row"] = request.row
-        data["assistant_id"] = request.assistant_id
-        data["customer_identifier"] = request.customer_identifier
+        self._append(_journal(request, key, sending=True))
+
+    def write_unsent(self, result: BulkResult, key: str) -> None:
+        """Withdraw the row's ``sending`` line: the run stopped and the row was certainly not
+        processed (refused with a 402 or 401, or never sent after all), so a later run sends it
+        as if OUT knew nothing of it. Not a result line: it has no ``ok``."""
+        data = _journal(result.request, key, sending=False)
+        if result.error is not None:
+            data["error_code"] = error_code(result.error)
         self._append(data)
 
     def _append(self, data: dict[str, Any]) -> None:
@@ -653,3 +665,12 @@ class ResultLog:
         file, self._file = self._file, None
         if file is not None:
             file.close()
+
+
+def _journal(request: BulkRequest, key: str, *, sending: bool) -> dict[str, Any]:
+    data: dict[str, Any] = {"id": request.id, "sending": sending, "key": key}
+    if request.row is not None:
+        data["row"] = request.row
+    data["assistant_id"] = request.assistant_id
+    data["customer_identifier"] = request.customer_identifier
+    return data

@@ -47,7 +47,7 @@ from ._errors import (
 from ._models import RateLimit
 from ._ratelimit import LocalRateLimiter, RateLimiter, Slot
 from ._version import __version__
-from .bulk import DEFAULT_CONCURRENCY, BulkRequest, BulkRunner, error_code
+from .bulk import DEFAULT_CONCURRENCY, BulkRequest, BulkResult, BulkRunner, error_code
 
 __all__ = ["main"]
 
@@ -849,6 +849,7 @@ async def run_job(
     uncertain = 0 if retry_unsafe_failed else source.uncertain
     todo = source.rows - source.already_answered - already_failed - uncertain
     keys: dict[int | None, str] = {}  # row -> identity, for the rows pulled and not yet written
+    pending: set[int | None] = set()  # rows whose "sending" line has no result line yet
 
     def rows() -> Iterator[BulkRequest]:
         for request, key in source.keyed():
@@ -864,6 +865,7 @@ async def run_job(
 
     def sending(request: BulkRequest) -> None:
         log.write_sending(request, keys[request.row])
+        pending.add(request.row)
 
     meter = Meter(todo, rate_limit, client.stats, starts=starts)
     progress = make_progress(progress_mode, meter, description)
@@ -906,8 +908,14 @@ async def run_job(
         async with client, runner:
             async for result in runner:
                 key = keys.pop(result.request.row, None)
-                if isinstance(result.error, (ClientClosedError, *runner.stop_on)):
-                    meter.not_sent += 1  # not processed: not written, so a rerun sends it
+                journaled = result.request.row in pending
+                pending.discard(result.request.row)
+                if _left_unsent(result, runner.stop_on):
+                    # Certainly not processed, and the run stops: no result line, so a plain
+                    # rerun sends it; a "sending" line written for it is withdrawn.
+                    meter.not_sent += 1
+                    if journaled and key is not None:
+                        log.write_unsent(result, key)
                     continue
                 log.write(result, key)
                 if result.ok:
@@ -934,6 +942,13 @@ async def run_job(
         uncertain=uncertain,
         stopped_by=stopped_by,
     )
+
+
+def _left_unsent(result: BulkResult, stop_on: tuple[type[AutocallsError], ...]) -> bool:
+    """A row the run leaves for the next one: not sent (the run stopped or was closed first),
+    or refused by a failure that stops the run (402, 401, --max-replies) without processing."""
+    error = result.error
+    return isinstance(error, (ClientClosedError, *stop_on)) and not result.maybe_processed
 
 
 def summary(outcome: Outcome, out: Path) -> list[str]:
@@ -975,7 +990,7 @@ def summary(outcome: Outcome, out: Path) -> list[str]:
     if outcome.interrupted:
         lines.append("Run the same command again to send the rows left.")
     elif outcome.stopped_by is not None:
-        lines.append(stop_message(outcome.stopped_by, meter.not_sent))
+        lines.append(stop_message(outcome.stopped_by, max(meter.todo - meter.done, 0)))
     return lines
 
 
@@ -987,7 +1002,7 @@ def stop_message(error: AutocallsError, left: int) -> str:
     else:
         why = f"Stopped at the first {error_code(error)}"
         then = f"{hint_for(error)}, then run the same command again to send them"
-    return f"{why}: {left} rows left unsent (not written to OUT); {then}."
+    return f"{why}: {left} rows left unsent (no result in OUT); {then}."
 
 
 def _bulk_command(args: argparse.Namespace) -> int:

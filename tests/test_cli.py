@@ -84,14 +84,15 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 def read_lines(path: Path, *, sending: bool = False) -> list[dict[str, Any]]:
     """The complete result lines of an output file (none if it does not exist yet); with
-    ``sending``, the journal's "about to send" lines instead."""
+    ``sending``, the journal's "about to send" lines instead (never its withdrawals,
+    ``"sending": false``, which are not result lines either)."""
     lines: list[dict[str, Any]] = []
     if not path.exists():
         return lines
     for line in path.read_text(encoding="utf-8").splitlines():
         with contextlib.suppress(ValueError):
             data = json.loads(line)
-            if (data.get("sending") is True) == sending:
+            if data.get("sending") is True if sending else "sending" not in data:
                 lines.append(data)
     return lines
 
