@@ -556,11 +556,32 @@ class ResultLog:
 
     def open(self) -> None:
         """Open for appending (creating OUT if needed), locked against a second run."""
+        fd = self._open_regular(os.O_RDWR | os.O_APPEND | os.O_CREAT, "write")
+        file = os.fdopen(fd, "ab")
+        self._lock(file, exclusive=True)
+        self._file = file
+
+    def peek(self) -> Ledger:
+        """What earlier runs wrote, for a dry run: OUT is never created nor written (a missing
+        OUT holds nothing), and it is read under a shared lock, so that no run writes it
+        meanwhile; one that does makes the dry run refuse, as the run itself would be."""
+        try:
+            fd = self._open_regular(os.O_RDONLY, "read")
+        except FileNotFoundError:
+            return Ledger()
+        with os.fdopen(fd, "rb") as file:
+            self._lock(file, exclusive=False)
+            ledger, _ = self._parse(file)
+        return ledger
+
+    def _open_regular(self, flags: int, action: str) -> int:
         try:
             # O_NONBLOCK: a FIFO must not block the open; it is then refused below.
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o666)
+            fd = os.open(self.path, flags | os.O_NONBLOCK, 0o666)
         except OSError as exc:
-            raise InputError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+            if isinstance(exc, FileNotFoundError) and not flags & os.O_CREAT:
+                raise  # peek(): no OUT yet
+            raise InputError(f"cannot {action} {self.path}: {exc.strerror or exc}") from None
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise InputError(
@@ -569,24 +590,26 @@ class ResultLog:
                 "a file and follow it with `tail -f OUT`"
             )
         os.set_blocking(fd, True)
-        file = os.fdopen(fd, "ab")
+        return fd
+
+    def _lock(self, file: IO[bytes], *, exclusive: bool) -> None:
+        """Lock OUT (a run: exclusive; a dry run: shared), or close it and refuse."""
         if fcntl is not None:
+            mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
             try:
-                fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(file.fileno(), mode | fcntl.LOCK_NB)
             except OSError:
                 file.close()
                 raise InputError(
-                    f"{self.path} is being written by another run; wait for it to finish "
-                    "(or pass another --out)"
+                    f"{self.path} is being written by another run (or read by a --dry-run); "
+                    "wait for it to finish (or pass another --out)"
                 ) from None
-        self._file = file
 
     def read(self) -> Ledger:
         """What earlier runs wrote, by row identity; refuses a file this command did not write.
 
         Call it after ``open()`` (then it reads the locked file itself).
         """
-        ledger = Ledger()
         try:
             file = (
                 os.fdopen(os.dup(self._file.fileno()), "rb")
@@ -594,34 +617,40 @@ class ResultLog:
                 else self.path.open("rb")
             )
         except FileNotFoundError:
-            return ledger
+            return Ledger()
         except OSError as exc:
             raise InputError(f"cannot read {self.path}: {exc.strerror or exc}") from None
-        last = b"\n"
-        seen_one = False
         with file:
-            file.seek(0)
-            for number, line in enumerate(file, 1):
-                last = line[-1:]
-                if not seen_one and line.strip():
-                    if not line.lstrip().startswith(b'{"id"'):
-                        self._not_ours(number)
-                    seen_one = True
-                try:
-                    data = json.loads(line)
-                except ValueError:
-                    ledger.unreadable_lines += line.strip() != b""  # a line cut by a crash
-                    continue
-                row_id = data.get("id") if isinstance(data, dict) else None
-                if isinstance(row_id, bool) or not isinstance(row_id, int | str):
-                    ledger.unreadable_lines += 1
-                    continue
-                key = data.get("key")
-                ledger.note(key if isinstance(key, str) else None, row_id, data, number)
+            ledger, last = self._parse(file)
         if last != b"\n" and self._file is not None:
             self._file.write(b"\n")  # the last line was cut short by a crash
             self._file.flush()
         return ledger
+
+    def _parse(self, file: IO[bytes]) -> tuple[Ledger, bytes]:
+        """The ledger of ``file``, and its last byte (a newline unless a line was cut)."""
+        ledger = Ledger()
+        last = b"\n"
+        seen_one = False
+        file.seek(0)
+        for number, line in enumerate(file, 1):
+            last = line[-1:]
+            if not seen_one and line.strip():
+                if not line.lstrip().startswith(b'{"id"'):
+                    self._not_ours(number)
+                seen_one = True
+            try:
+                data = json.loads(line)
+            except ValueError:
+                ledger.unreadable_lines += line.strip() != b""  # a line cut by a crash
+                continue
+            row_id = data.get("id") if isinstance(data, dict) else None
+            if isinstance(row_id, bool) or not isinstance(row_id, int | str):
+                ledger.unreadable_lines += 1
+                continue
+            key = data.get("key")
+            ledger.note(key if isinstance(key, str) else None, row_id, data, number)
+        return ledger, last
 
     def _not_ours(self, line: int) -> NoReturn:
         raise InputError(

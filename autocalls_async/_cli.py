@@ -1101,13 +1101,14 @@ def dry_run(
     """Check ``source`` against the output of earlier runs in ``log`` as ``run_job`` would
     (rows matched by content, foreign lines refused); send nothing.
 
-    Rows are matched by the key of the row as read, before ``normalize``, exactly as a run
-    matches them.
+    OUT is read with ``log.peek()``: never created nor written, under a shared lock that a
+    run writing OUT refuses (the dry run then fails as the run would: exit 2). Rows are matched
+    by the key of the row as read, before ``normalize``, exactly as a run matches them.
     """
     from ._bulkio import Ledger
     from .bulk import _check
 
-    ledger: Ledger = log.read()
+    ledger: Ledger = log.peek()
     source.check(ledger, out=log.path, allow_foreign=allow_foreign)
     retry_failed = retry_failed or retry_unsafe_failed
     found = DryRun(rows=source.rows)

@@ -195,3 +195,102 @@ def test_stopped_while_waiting_to_retry_is_withdrawn_not_reported(
     assert states(source, out) == [None]
     assert bulk(source, out, "--rate-limit", "none") == 0
     assert processed(emulator) == collections.Counter({"m1": 1})
+
+
+# -- --dry-run with rows matched by content ---------------------------------------------------
+
+
+def test_dry_run_matches_rows_by_content_and_refuses_foreign_lines(
+    emulator: MockAutocalls, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An edited input: the dry run refuses it as the run would (exit 2, OUT untouched);
+    --allow-foreign counts the rows by content. Rows possibly processed are counted apart."""
+    source, out = write_csv(tmp_path / "in.csv", rows(3)), tmp_path / "out.jsonl"
+    assert bulk(source, out, "--rate-limit", "none") == 0
+    write_csv(source, [rows(4)[3], *rows(3)[1:]])  # row 1 replaced by a new row (m4), moved
+    capsys.readouterr()
+    assert bulk(source, out, "--dry-run") == 2
+    assert "out.jsonl has 1 line(s) for rows that are not in in.csv" in capsys.readouterr().err
+    assert bulk(source, out, "--dry-run", "--allow-foreign") == 0
+    report = capsys.readouterr().out
+    assert "to send:  1\n" in report and "to skip:  2 (2 already answered" in report
+
+    # A row journaled by a run that was killed: possibly processed, not counted as to send.
+    key = {request.message: key for request, key in InputFile(source).keyed()}["m4"]
+    with out.open("a", encoding="utf-8") as file:
+        file.write(json.dumps({"id": 1, "sending": True, "key": key, "row": 1}) + "\n")
+    before = out.read_bytes()
+    assert bulk(source, out, "--dry-run", "--allow-foreign") == 0
+    report = capsys.readouterr().out
+    assert "to send:  0\n" in report
+    assert "1 may have been processed: --retry-unsafe-failed sends them" in report
+    assert bulk(source, out, "--dry-run", "--allow-foreign", "--retry-unsafe-failed") == 0
+    assert "to send:  1\n" in capsys.readouterr().out
+    assert out.read_bytes() == before
+    assert len(emulator.requests) == 3
+
+
+def test_dry_run_neither_creates_nor_repairs_out_and_respects_the_lock(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The dry run reads OUT under a shared lock: a run writing it makes the dry run refuse
+    (exit 2), as the run itself would be refused; a cut last line is left as it is (only a run
+    repairs it); a file that is not a bulk output, or not a regular file, is refused."""
+    source, out = write_csv(tmp_path / "in.csv", rows(2)), tmp_path / "out.jsonl"
+    assert bulk(source, out, "--dry-run") == 0
+    assert "to send:  2\n" in capsys.readouterr().out
+    assert not out.exists()
+
+    out.write_bytes(b'{"id": 1, "ok": tr')  # cut by a crash
+    writer = ResultLog(out)
+    writer.open()
+    try:
+        assert bulk(source, out, "--dry-run") == 2
+        assert "being written by another run" in capsys.readouterr().err
+    finally:
+        writer.close()
+    assert bulk(source, out, "--dry-run") == 0
+    assert out.read_bytes() == b'{"id": 1, "ok": tr'
+
+    reader = ResultLog(out)
+    assert reader.peek().unreadable_lines == 1
+    (tmp_path / "people.csv").write_text("name\nJane\n", encoding="utf-8")
+    assert bulk(source, tmp_path / "people.csv", "--dry-run") == 2
+    assert "is not the output of a bulk run" in capsys.readouterr().err
+    os.mkfifo(tmp_path / "fifo")
+    assert bulk(source, tmp_path / "fifo", "--dry-run") == 2
+    assert "is not a regular file" in capsys.readouterr().err
+
+
+# -- --e164 and row keys -------------------------------------------------------------------------
+
+
+def test_keys_are_the_rows_as_read_so_e164_does_not_change_them(
+    emulator: MockAutocalls, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The key is computed from the row as read, before --e164 normalises it: a rerun with or
+    without --e164 matches the same lines (nothing sent twice); OUT keeps the spelling of the
+    input, and the number sent is the E.164 one."""
+    spelled = [
+        {"assistant_id": 123, "customer_identifier": c, "message": f"m{n}"}
+        for n, c in enumerate(["(415) 555-1234", "+1 415 555 1234", "555-12"], 1)
+    ]
+    source, out = write_csv(tmp_path / "in.csv", spelled), tmp_path / "out.jsonl"
+    assert bulk(source, out, "--rate-limit", "none", "--e164", "US") == 1  # row 3: INVALID_ROW
+    assert list(emulator.conversations) == [(123, "+14155551234")]
+    lines = {line["row"]: line for line in read_lines(out)}
+    assert lines[1]["customer_identifier"] == "(415) 555-1234"
+    assert lines[3]["error_code"] == "INVALID_ROW" and lines[3]["maybe_processed"] is False
+    keys = [key for _, key in InputFile(source).keyed()]
+    assert [lines[row]["key"] for row in (1, 2, 3)] == keys
+
+    for flags in (["--e164", "US"], []):
+        capsys.readouterr()
+        assert bulk(source, out, "--rate-limit", "none", *flags) == 1
+        assert "0 answered, 0 failed, 3 skipped" in capsys.readouterr().out
+    assert len(emulator.requests) == 2
+
+    # --retry-failed sends the refused row again, here normalised (and refused) once more.
+    assert bulk(source, out, "--rate-limit", "none", "--e164", "US", "--retry-failed") == 1
+    assert len(emulator.requests) == 2
+    assert states(source, out) == ["answered", "answered", "failed"]
