@@ -55,11 +55,11 @@ PROG: Final = "autocalls-async"
 
 # Exit codes, documented in ``--help``.
 EXIT_OK: Final = 0
-EXIT_FAILED: Final = 1  # bulk: some rows failed; reply: an API error not listed below
-EXIT_USAGE: Final = 2  # bad option or input, no token; nothing was sent
-EXIT_AUTH: Final = 3
+EXIT_FAILED: Final = 1  # bulk: some rows failed or are reported; reply: an API error not below
+EXIT_USAGE: Final = 2  # bad option or input, no token, OUT refused; nothing was sent
+EXIT_AUTH: Final = 3  # bulk: stopped at the first 401
 EXIT_NOT_FOUND: Final = 4
-EXIT_BALANCE: Final = 5
+EXIT_BALANCE: Final = 5  # bulk: stopped at the first INSUFFICIENT_BALANCE
 EXIT_RATE_LIMITED: Final = 6
 EXIT_NETWORK: Final = 7
 EXIT_SERVER: Final = 8
@@ -69,16 +69,20 @@ EXIT_INTERRUPTED: Final = 130
 EXIT_CODES_HELP: Final = """\
 exit codes:
   0    success (bulk: every row answered)
-  1    bulk: some rows failed; reply: an API error not listed below (e.g. 422)
-  2    usage error: bad option, bad input file, no token (nothing was sent)
+  1    bulk: some rows failed, or may have been processed by an earlier run (reported,
+       not sent again); reply: an API error not listed below (e.g. 422)
+  2    usage error: bad option, bad input file, no token; bulk: OUT refused (being
+       written by another run, lines for rows not in INPUT, not a bulk output). Nothing
+       was sent
   3    401/403: the token is missing, wrong or may not use this assistant
+       (bulk: stopped at the first 401; run it again once the token is fixed)
   4    404 / ASSISTANT_NOT_FOUND
-  5    INSUFFICIENT_BALANCE
+  5    INSUFFICIENT_BALANCE (bulk: stopped at the first one; top up, run it again)
   6    still rate limited (429) after retries, or no slot within --max-wait
   7    network: could not connect, or the request timed out
   8    5xx, or a reply that is not valid
   9    bulk: --max-replies reached (run it again to send the rest)
-  130  interrupted (Ctrl-C / SIGTERM)
+  130  interrupted (Ctrl-C / SIGTERM; bulk: run it again to resume)
 """
 
 ENVIRONMENT_HELP: Final = """\
@@ -377,20 +381,21 @@ def build_parser() -> argparse.ArgumentParser:
         "  variables (a JSON object) and id (default: the row number); or JSONL, one object\n"
         "  per line with the same fields. A bad row gets its own error line (INVALID_ROW) and\n"
         "  the job goes on; a bad file is refused before anything is sent.\n\n"
-        "output line:\n"
-        '  {"id": 1, "ok": true, "conversation_id": ..., "reply": ..., ...}\n'
-        '  {"id": 2, "ok": false, "error": ..., "error_code": "ASSISTANT_NOT_FOUND", ...}\n\n'
+        "output lines (one per finished row, and a journal around each send):\n"
+        '  {"id":1,"sending":true,"key":...}        about to send row 1 (journal)\n'
+        '  {"id":1,"ok":true,"key":...,"conversation_id":...,"reply":...}\n'
+        '  {"id":2,"ok":false,"key":...,"error_code":"ASSISTANT_NOT_FOUND",...,\n'
+        '   "sent":true,"maybe_processed":false}\n'
+        '  {"id":3,"sending":false,"key":...,"error_code":"INSUFFICIENT_BALANCE"}\n'
+        "                                  refused unprocessed: a rerun sends row 3\n\n"
         "cost:\n"
-        "  --dry-run checks INPUT and reports what a run would send, skip and cost in time,\n"
-        "  sending nothing (no token needed). The run stops sending at the first\n"
-        "  INSUFFICIENT_BALANCE or 401 (exit 5 or 3) and after --max-replies (exit 9): calls in\n"
-        "  flight finish, the rest is not written to OUT, and the same command sends it later.\n"
-        "  After ASSISTANT_NOT_FOUND the assistant's other rows fail as\n"
-        "  SKIPPED_ASSISTANT_NOT_FOUND without being sent (--retry-failed sends them again).\n\n"
-        "exit codes:\n  0 every row answered, 1 some rows failed or may have been processed,\n"
-        "  2 usage error, bad file, or OUT refused (another run, another input),\n"
-        "  3 stopped at a 401, 5 stopped at INSUFFICIENT_BALANCE, 9 --max-replies reached,\n"
-        "  130 interrupted (run it again to resume)\n\n" + ENVIRONMENT_HELP,
+        "  --dry-run checks INPUT and OUT as a run would and reports what it would send,\n"
+        "  skip and cost in time, sending nothing (no token needed; OUT is never created).\n"
+        "  The run stops sending at the first INSUFFICIENT_BALANCE or 401 (exit 5 or 3) and\n"
+        "  after --max-replies (exit 9): calls in flight finish, the rows left get no result\n"
+        "  in OUT, and the same command sends them later. After ASSISTANT_NOT_FOUND the\n"
+        "  assistant's other rows fail as SKIPPED_ASSISTANT_NOT_FOUND without being sent\n"
+        "  (--retry-failed sends them again).\n\n" + EXIT_CODES_HELP + "\n" + ENVIRONMENT_HELP,
         formatter_class=formatter,
     )
     bulk.add_argument("input", type=Path, metavar="INPUT", help="a .csv or .jsonl file")
