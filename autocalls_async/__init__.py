@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ._budget import AssistantUsage, Budget, Usage
 from ._client import AsyncAutocalls, ClientStats
 from ._conversations import ConversationStore, MemoryConversationStore
 from ._errors import (
@@ -20,6 +21,7 @@ from ._errors import (
     AssistantNotFoundError,
     AuthenticationError,
     AutocallsError,
+    BudgetExceededError,
     ClientClosedError,
     InsufficientBalanceError,
     InternalServerError,
@@ -46,9 +48,12 @@ __all__ = [
     "APIResponseValidationError",
     "APITimeoutError",
     "AssistantNotFoundError",
+    "AssistantUsage",
     "AsyncAutocalls",
     "AuthenticationError",
     "AutocallsError",
+    "Budget",
+    "BudgetExceededError",
     "ClientClosedError",
     "ClientStats",
     "Conversation",
@@ -72,6 +77,7 @@ __all__ = [
     "RetryPolicy",
     "Slot",
     "UnprocessableEntityError",
+    "Usage",
     "__version__",
 ]
 

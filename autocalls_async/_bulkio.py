@@ -13,20 +13,22 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import itertools
 import json
 import os
 import re
+import stat
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Final, Literal
+from typing import IO, Any, Final, Literal, NoReturn
 
 import attrs
 
-from .bulk import BulkRequest, BulkResult, RowId
+from .bulk import BulkRequest, BulkResult, RowId, error_code
 
-__all__ = ["IdSet", "InputError", "InputFile", "ResultLog", "Skips"]
+__all__ = ["Entry", "InputError", "InputFile", "Ledger", "ResultLog", "row_digest"]
 
 Format = Literal["csv", "jsonl"]
 
@@ -46,122 +48,203 @@ class InputError(Exception):
     """A file the bulk command refuses before sending anything (exit code 2)."""
 
 
-class IdSet:
-    """Row ids, exactly: row numbers as bits (a million take 125 KB), other ids in a set.
+#: What OUT says of a row: answered; failed, certainly not processed (``--retry-failed``
+#: sends it); or uncertain, it may have been processed (only ``--retry-unsafe-failed``).
+#: A row OUT knows nothing of, or whose ``sending`` line was withdrawn, has no state (None).
+RowState = Literal["answered", "failed", "uncertain"]
 
-    A resumed run holds the ids of every row done before; most inputs have no ``id`` column,
-    so their ids are row numbers and this keeps a resumed run's memory flat.
-    """
-
-    __slots__ = ("_bits", "_count", "_others")
-
-    def __init__(self, ids: Iterable[RowId] = ()) -> None:
-        self._bits = bytearray()
-        self._count = 0
-        self._others: set[RowId] = set()
-        for row_id in ids:
-            self.add(row_id)
-
-    def add(self, row_id: RowId) -> None:
-        if _is_row_number(row_id):
-            assert isinstance(row_id, int)
-            if not _bit(self._bits, row_id):
-                _set_bit(self._bits, row_id)
-                self._count += 1
-        else:
-            self._others.add(row_id)
-
-    def discard(self, row_id: RowId) -> None:
-        if _is_row_number(row_id):
-            assert isinstance(row_id, int)
-            if _bit(self._bits, row_id):
-                self._bits[row_id >> 3] &= ~(1 << (row_id & 7)) & 0xFF
-                self._count -= 1
-        else:
-            self._others.discard(row_id)
-
-    def clear(self) -> None:
-        self._bits, self._count = bytearray(), 0
-        self._others.clear()
-
-    def __contains__(self, row_id: object) -> bool:
-        if _is_row_number(row_id):
-            assert isinstance(row_id, int)
-            return _bit(self._bits, row_id)
-        return row_id in self._others
-
-    def __len__(self) -> int:
-        return self._count + len(self._others)
-
-    def __iter__(self) -> Iterator[RowId]:
-        for byte_index, byte in enumerate(self._bits):
-            if byte:
-                for bit in range(8):
-                    if byte & (1 << bit):
-                        yield byte_index * 8 + bit
-        yield from self._others
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, IdSet | set | frozenset):
-            return set(self) == set(other)
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"IdSet({sorted(self, key=repr)!r})"
+#: Error codes of failures that prove the row was not processed, for lines written before
+#: lines said so themselves (``maybe_processed``).
+_UNPROCESSED_CODES: Final = frozenset(
+    {
+        "INVALID_ROW",
+        "INVALID_REQUEST",
+        "NOT_SENT",
+        "RATE_LIMIT_TIMEOUT",
+        "LIMITER_UNAVAILABLE",
+        "RATE_LIMITED",
+        "SKIPPED_ASSISTANT_NOT_FOUND",
+        "BUDGET_EXCEEDED",
+    }
+)
 
 
-def _is_row_number(row_id: object) -> bool:
-    return type(row_id) is int and 0 < row_id < _ROW_NUMBER_LIMIT
+def row_digest(request: BulkRequest) -> str:
+    """A row's content, hashed: its explicit id (if any), assistant, customer, message,
+    variables and, for a bad row, its problem. Two rows with the same digest are the same
+    request; occurrences tell them apart (see ``InputFile.keyed``)."""
+    explicit = request.id if request.id != request.row else None
+    content = [
+        explicit,
+        request.assistant_id,
+        request.customer_identifier,
+        request.message,
+        request.variables,
+        request.problem,
+    ]
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), default=repr)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+@attrs.define(slots=True)
+class Entry:
+    """What OUT says about one row: its first line, the row it named, and its state now."""
+
+    line: int  #: 1-based line number in OUT
+    id: RowId
+    row: int | None
+    assistant_id: int | None
+    customer_identifier: str | None
+    state: RowState | None  #: None: its only "sending" line was withdrawn (not processed)
+    matched: bool = False
+
+    def describe(self) -> str:
+        who = [f"assistant {self.assistant_id}"] if self.assistant_id is not None else []
+        if self.customer_identifier is not None:
+            who.append(f"customer {self.customer_identifier}")
+        name = f"row {self.row}" if self.row is not None else "a row"
+        if self.row is None or self.id != self.row:
+            name += f" (id {self.id!r})"
+        return name + (f" ({', '.join(who)})" if who else "")
 
 
 @attrs.define
-class Skips:
-    """Ids found in the output of earlier runs."""
+class Ledger:
+    """Everything OUT holds, by row identity (``key``); lines written before keys existed are
+    kept ``legacy``, by id, and match a row of the input only if its assistant and customer
+    agree."""
 
-    answered: IdSet = attrs.field(factory=IdSet, converter=IdSet)
-    failed: IdSet = attrs.field(factory=IdSet, converter=IdSet)  #: and never answered since
+    by_key: dict[str, Entry] = attrs.Factory(dict)
+    legacy: dict[RowId, Entry] = attrs.Factory(dict)
     unreadable_lines: int = 0
+
+    def state_of(self, request: BulkRequest, key: str) -> RowState | None:
+        """The row's state from earlier runs (None: to send, OUT knows nothing of it or only
+        a withdrawn ``sending`` line); marks the line that speaks for it as matched."""
+        entry = self.by_key.get(key)
+        if entry is None and self.legacy:
+            old = self.legacy.get(request.id)
+            if old is not None and _same_row(old, request):
+                entry = old
+        if entry is None:
+            return None
+        entry.matched = True
+        return entry.state
+
+    def unmatched(self) -> list[Entry]:
+        entries = [e for e in (*self.by_key.values(), *self.legacy.values()) if not e.matched]
+        return sorted(entries, key=lambda entry: entry.line)
+
+    def note(self, key: str | None, row_id: RowId, data: dict[str, Any], line: int) -> None:
+        state: RowState | None
+        if data.get("ok") is True:
+            state = "answered"
+        elif data.get("sending") is False:
+            state = None  # its "sending" line is withdrawn: certainly not processed
+        elif data.get("sending") is True or _maybe_processed(data):
+            state = "uncertain"
+        else:
+            state = "failed"
+        table: dict[Any, Entry] = self.by_key if key is not None else self.legacy
+        entry = table.get(key if key is not None else row_id)
+        if entry is None:
+            row = data.get("row")
+            assistant_id = data.get("assistant_id")
+            customer = data.get("customer_identifier")
+            table[key if key is not None else row_id] = Entry(
+                line,
+                row_id,
+                row if _is_int(row) else None,
+                assistant_id if _is_int(assistant_id) else None,
+                customer if isinstance(customer, str) else None,
+                state,
+            )
+        elif entry.state != "answered":  # an answer is final; otherwise the last line says
+            entry.state = state
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _same_row(entry: Entry, request: BulkRequest) -> bool:
+    return (entry.assistant_id is None or entry.assistant_id == request.assistant_id) and (
+        entry.customer_identifier is None
+        or entry.customer_identifier == request.customer_identifier
+    )
+
+
+def _maybe_processed(data: dict[str, Any]) -> bool:
+    stated = data.get("maybe_processed")
+    if isinstance(stated, bool):
+        return stated
+    if data.get("error_code") in _UNPROCESSED_CODES:
+        return False
+    status = data.get("status")
+    if isinstance(status, int) and not isinstance(status, bool):
+        return 200 <= status < 300 or (status >= 500 and status != 503)
+    return True  # a timeout or a lost connection: the old lines did not say which
 
 
 class InputFile:
     """A bulk input file; ``check()`` validates it whole, iterating streams its rows."""
 
     def __init__(
-        self, path: Path, *, format: Format | None = None, extra_as_variables: bool = False
+        self,
+        path: Path,
+        *,
+        format: Format | None = None,
+        extra_as_variables: bool = False,
+        delimiter: str | None = None,
     ) -> None:
         self.path = path
         self.format: Format = format or _guess_format(path)
+        self.delimiter = delimiter or ("\t" if path.suffix.lower() == ".tsv" else ",")
         self.extra_as_variables = extra_as_variables
         self.rows = 0  #: counted by check()
         self.already_answered = 0
-        self.already_failed = 0
+        self.already_failed = 0  #: failed, certainly not processed: --retry-failed sends them
+        self.uncertain = 0  #: may have been processed: only --retry-unsafe-failed sends them
         self.extra_columns: tuple[str, ...] = ()
 
-    def check(self, skips: Skips | None = None) -> None:
+    def keyed(self) -> Iterator[tuple[BulkRequest, str]]:
+        """Each row with its identity: the digest of its content and its occurrence among the
+        rows with that content (two identical rows are two rows, each sent once)."""
+        seen: dict[str, int] = {}
+        for request in self:
+            digest = row_digest(request)
+            seen[digest] = occurrence = seen.get(digest, 0) + 1
+            yield request, f"{digest}.{occurrence}"
+
+    def check(
+        self, ledger: Ledger | None = None, *, out: Path | None = None, allow_foreign: bool = False
+    ) -> None:
         """Read the whole file once: refuse it (``InputError``) if it cannot be run safely.
 
-        Sets ``rows``, and with ``skips`` (from the output of earlier runs) how many rows
-        were ``already_answered`` and ``already_failed``.
+        Sets ``rows``, and with ``ledger`` (what OUT holds from earlier runs) how many rows
+        were ``already_answered``, ``already_failed`` and ``uncertain``. A line of OUT that
+        matches no row of this file means the file was edited or OUT belongs to another
+        input: refused unless ``allow_foreign`` (such lines are then left alone).
 
         Ids must be unique. Memory stays small for big files: the first pass keeps only an
         8-byte hash per explicit id (bucketed, sorted a bucket at a time) and a bit per row
         without one; only ids whose hashes collide are compared exactly, in a second pass.
         """
-        self.already_answered = self.already_failed = 0
+        self.already_answered = self.already_failed = self.uncertain = 0
         buckets = [array("q") for _ in range(256)]
         int_ids = array("q")  # explicit integer ids: one may be the number of an id-less row
         implicit = bytearray()  # bit n: row n has no id of its own (its id is n)
         rows = 0
         with self._refusing():
-            for request in self:
+            for request, key in self.keyed():
                 rows = request.row or rows + 1
-                if skips is not None:
-                    if request.id in skips.answered:
-                        self.already_answered += 1
-                    elif request.id in skips.failed:
-                        self.already_failed += 1
+                state = ledger.state_of(request, key) if ledger is not None else None
+                if state == "answered":
+                    self.already_answered += 1
+                elif state == "failed":
+                    self.already_failed += 1
+                elif state == "uncertain":
+                    self.uncertain += 1
                 if request.id == request.row:
                     _set_bit(implicit, rows)
                     continue
@@ -177,6 +260,36 @@ class InputFile:
         clashes = {i for i in int_ids if i <= rows and _bit(implicit, i)}
         if collisions or clashes:
             self._find_duplicates(collisions, clashes)
+        if ledger is not None and not allow_foreign:
+            foreign = ledger.unmatched()
+            if foreign:
+                raise InputError(self._foreign_message(foreign, out))
+
+    def _foreign_message(self, foreign: list[Entry], out: Path | None) -> str:
+        """Say which lines of OUT match no row, and what the input holds in their place."""
+        shown = foreign[:3]
+        wanted = {entry.id for entry in shown}
+        found: dict[RowId, BulkRequest] = {}
+        with self._refusing():
+            for request in self:
+                if request.id in wanted:
+                    found[request.id] = request
+        name = out.name if out is not None else "OUT"
+        lines = [
+            f"{name} has {len(foreign)} line(s) for rows that are not in {self.path.name}, "
+            "so resuming could skip or repeat rows; nothing was sent:"
+        ]
+        for entry in shown:
+            lines.append(f"  line {entry.line}: {entry.describe()}: {_difference(entry, found)}")
+        if len(foreign) > len(shown):
+            lines.append(f"  ... and {len(foreign) - len(shown)} more")
+        lines.append(
+            f"{self.path.name} was edited since those lines were written, or {name} belongs to "
+            f"another input. To start afresh, pass a new --out; to send the rows of "
+            f"{self.path.name} that {name} does not answer (rows are matched by content, and "
+            f"{name}'s other lines are left alone), add --allow-foreign."
+        )
+        return "\n".join(lines)
 
     def _find_duplicates(self, collisions: set[int], clashes: set[int]) -> None:
         seen: dict[RowId, int] = {}
@@ -222,8 +335,8 @@ class InputFile:
                 yield from self._jsonl_rows(file)
 
     def _csv_rows(self, file: IO[str]) -> Iterator[BulkRequest]:
-        reader = csv.reader(file)
-        header = next(reader, None)
+        reader = csv.reader(file, delimiter=self.delimiter, strict=True)
+        header = self._csv_record(reader, 0)
         if header is None or not any(cell.strip() for cell in header):
             raise InputError(
                 f"{self.path}: empty; a CSV input needs a header row "
@@ -236,22 +349,78 @@ class InputFile:
                 f"{self.path}: the header row lacks the required column(s) "
                 f"{', '.join(missing)} (found: {', '.join(columns)}); the first row must name "
                 "the columns: assistant_id,customer_identifier,message[,variables][,id]"
+                + _delimiter_hint(header, self.delimiter)
             )
         duplicated = sorted({name for name in columns if columns.count(name) > 1 and name})
         if duplicated:
             raise InputError(f"{self.path}: column(s) named twice: {', '.join(duplicated)}")
         self.extra_columns = tuple(c for c in columns if c and c not in (*REQUIRED, *OPTIONAL))
         row = 0
-        for cells in reader:
+        while True:
+            first_line = reader.line_num + 1
+            cells = self._csv_record(reader, row + 1)
+            if cells is None:
+                return
             if not any(cell.strip() for cell in cells):
                 continue  # blank lines are not rows
             row += 1
+            lines = _lines(first_line, reader.line_num)
+            if len(cells) != len(columns):
+                raise InputError(
+                    f"{self.path}: row {row} ({lines}) has {len(cells)} fields but the header "
+                    f"has {len(columns)} columns; quote fields that contain "
+                    f"{_printable(self.delimiter)} or line breaks, and give every row every "
+                    "column (empty if unused); nothing was sent"
+                )
+            self._check_swallowed(columns, cells, row, lines)
             yield self._csv_request(columns, cells, row)
+
+    def _csv_record(self, reader: Any, row: int) -> list[str] | None:
+        start = reader.line_num + 1
+        try:
+            cells: list[str] | None = next(reader, None)
+        except csv.Error as exc:
+            where = f"row {row} (from line {start})" if row else "the header row"
+            if "unexpected end of data" in str(exc):
+                raise InputError(
+                    f"{self.path}: {where} opens a quoted field that is never closed: the rest "
+                    'of the file would be one field. Close the quote (or double it, "", '
+                    "inside a quoted field); nothing was sent"
+                ) from None
+            raise InputError(
+                f"{self.path}: {where} is not valid CSV ({exc}, line {reader.line_num}); "
+                'a quote inside a field must be doubled ("") and the field quoted; '
+                "nothing was sent"
+            ) from None
+        return cells
+
+    def _check_swallowed(self, columns: list[str], cells: list[str], row: int, lines: str) -> None:
+        """Refuse a field that spans lines shaped like this file's header or rows: a quote that
+        was opened by mistake and closed by a later one, swallowing the rows in between."""
+        for name, cell in zip(columns, cells, strict=True):
+            if "\n" not in cell and "\r" not in cell:
+                continue
+            for text in cell.splitlines()[1:]:
+                parts = next(csv.reader([text], delimiter=self.delimiter), [])
+                fields = dict(zip(columns, (part.strip() for part in parts), strict=False))
+                header_like = all(
+                    column in (p.strip().lower() for p in parts) for column in REQUIRED
+                )
+                row_like = len(parts) >= len(REQUIRED) and bool(
+                    _INTEGER.match(fields.get("assistant_id", ""))
+                    and fields.get("customer_identifier")
+                )
+                if header_like or row_like:
+                    kind = "the header" if header_like else "a row"
+                    raise InputError(
+                        f"{self.path}: row {row} ({lines}): its {name} field runs over several "
+                        f"lines, one of which looks like {kind} of this file ({text[:60]!r}): "
+                        "a quote was probably opened by mistake and closed rows later. Fix the "
+                        "quotes; nothing was sent"
+                    )
 
     def _csv_request(self, columns: list[str], cells: list[str], row: int) -> BulkRequest:
         problems: list[str] = []
-        if len(cells) > len(columns):
-            problems.append(f"{len(cells)} cells but the header names {len(columns)} columns")
         data: dict[str, Any] = {}
         extra: dict[str, Any] = {}
         for name, cell in zip(columns, cells, strict=False):
@@ -300,6 +469,46 @@ class InputFile:
             yield BulkRequest.from_mapping(data, row, extra_as_variables=self.extra_as_variables)
 
 
+def _difference(entry: Entry, found: dict[RowId, BulkRequest]) -> str:
+    request = found.get(entry.id)
+    if request is None:
+        if entry.row is not None and entry.id == entry.row:
+            return "its content is in no row of the input (rows are matched by content)"
+        return f"the input has no row with the id {entry.id!r}"
+    here = f"row {request.row}" if request.id == request.row else f"the row with id {entry.id!r}"
+    changes = []
+    if entry.assistant_id is not None and entry.assistant_id != request.assistant_id:
+        changes.append(f"assistant {request.assistant_id}")
+    if (
+        entry.customer_identifier is not None
+        and entry.customer_identifier != request.customer_identifier
+    ):
+        changes.append(f"customer {request.customer_identifier}")
+    if changes:
+        return f"{here} of the input now has {' and '.join(changes)}, and no other row matches"
+    return f"{here} of the input has another message or variables, and no other row matches"
+
+
+def _lines(first: int, last: int) -> str:
+    return f"line {first}" if first >= last else f"lines {first}-{last}"
+
+
+def _printable(delimiter: str) -> str:
+    return {"\t": "tabs", ",": "commas", ";": "semicolons"}.get(delimiter, repr(delimiter))
+
+
+def _delimiter_hint(header: list[str], delimiter: str) -> str:
+    text = delimiter.join(header)
+    for other in ("\t", ";", ",", "|"):
+        if other != delimiter and other in text:
+            option = "tab" if other == "\t" else other
+            return (
+                f"; the header seems separated by {_printable(other)}: pass "
+                f"--delimiter {option!r}" + (" or name the file .tsv" if other == "\t" else "")
+            )
+    return ""
+
+
 def _bad(row: int, problem: str) -> BulkRequest:
     return BulkRequest(row, 0, "", "", row=row, problem=problem)
 
@@ -331,65 +540,147 @@ def _guess_format(path: Path) -> Format:
 
 
 class ResultLog:
-    """The bulk command's output: append-only JSONL, one flushed line per finished row."""
+    """The bulk command's output: append-only JSONL, one flushed line per finished row, and a
+    ``"sending"`` line just before a row's request leaves (so that a run killed while the
+    request was on the wire knows, next time, that it may have been processed).
+
+    ``open()`` locks OUT before anything reads it, and it stays locked until ``close()``: a
+    second run on the same OUT is refused at once, and what ``read()`` finds is what no other
+    run can change meanwhile.
+    """
 
     def __init__(self, path: Path, *, fsync: bool = False) -> None:
         self.path = path
         self.fsync = fsync
         self._file: IO[bytes] | None = None
 
-    def read(self) -> Skips:
-        """Ids answered or failed by earlier runs (an answer beats any earlier failure)."""
-        skips = Skips()
-        try:
-            file = self.path.open("rb")
-        except FileNotFoundError:
-            return skips
-        except OSError as exc:
-            raise InputError(f"cannot read {self.path}: {exc.strerror or exc}") from None
-        with file:
-            for line in file:
-                try:
-                    data = json.loads(line)
-                except ValueError:
-                    skips.unreadable_lines += line.strip() != b""  # a line cut by a crash
-                    continue
-                row_id = data.get("id") if isinstance(data, dict) else None
-                if isinstance(row_id, bool) or not isinstance(row_id, int | str):
-                    skips.unreadable_lines += 1
-                    continue
-                if data.get("ok") is True:
-                    skips.answered.add(row_id)
-                    skips.failed.discard(row_id)
-                elif row_id not in skips.answered:
-                    skips.failed.add(row_id)
-        return skips
-
     def open(self) -> None:
-        """Open for appending, locked against a second run, on a fresh line."""
+        """Open for appending (creating OUT if needed), locked against a second run."""
+        fd = self._open_regular(os.O_RDWR | os.O_APPEND | os.O_CREAT, "write")
+        file = os.fdopen(fd, "ab")
+        self._lock(file, exclusive=True)
+        self._file = file
+
+    def peek(self) -> Ledger:
+        """What earlier runs wrote, for a dry run: OUT is never created nor written (a missing
+        OUT holds nothing), and it is read under a shared lock, so that no run writes it
+        meanwhile; one that does makes the dry run refuse, as the run itself would be."""
         try:
-            file = self.path.open("ab")
+            fd = self._open_regular(os.O_RDONLY, "read")
+        except FileNotFoundError:
+            return Ledger()
+        with os.fdopen(fd, "rb") as file:
+            self._lock(file, exclusive=False)
+            ledger, _ = self._parse(file)
+        return ledger
+
+    def _open_regular(self, flags: int, action: str) -> int:
+        try:
+            # O_NONBLOCK: a FIFO must not block the open; it is then refused below.
+            fd = os.open(self.path, flags | os.O_NONBLOCK, 0o666)
         except OSError as exc:
-            raise InputError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+            if isinstance(exc, FileNotFoundError) and not flags & os.O_CREAT:
+                raise  # peek(): no OUT yet
+            raise InputError(f"cannot {action} {self.path}: {exc.strerror or exc}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise InputError(
+                f"--out {self.path} is not a regular file: OUT is read back to resume and locked "
+                "against a second run, which a pipe, a terminal or a device cannot do. Write to "
+                "a file and follow it with `tail -f OUT`"
+            )
+        os.set_blocking(fd, True)
+        return fd
+
+    def _lock(self, file: IO[bytes], *, exclusive: bool) -> None:
+        """Lock OUT (a run: exclusive; a dry run: shared), or close it and refuse."""
         if fcntl is not None:
+            mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
             try:
-                fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(file.fileno(), mode | fcntl.LOCK_NB)
             except OSError:
                 file.close()
                 raise InputError(
-                    f"{self.path} is being written by another run; wait for it to finish"
+                    f"{self.path} is being written by another run (or read by a --dry-run); "
+                    "wait for it to finish (or pass another --out)"
                 ) from None
-        if file.tell() > 0:
-            with self.path.open("rb") as check:
-                check.seek(-1, os.SEEK_END)
-                if check.read(1) != b"\n":
-                    file.write(b"\n")  # the last line was cut short by a crash
-                    file.flush()
-        self._file = file
 
-    def write(self, result: BulkResult) -> None:
-        assert self._file is not None, "open() first"
+    def read(self) -> Ledger:
+        """What earlier runs wrote, by row identity; refuses a file this command did not write.
+
+        Call it after ``open()`` (then it reads the locked file itself).
+        """
+        try:
+            file = (
+                os.fdopen(os.dup(self._file.fileno()), "rb")
+                if self._file is not None
+                else self.path.open("rb")
+            )
+        except FileNotFoundError:
+            return Ledger()
+        except OSError as exc:
+            raise InputError(f"cannot read {self.path}: {exc.strerror or exc}") from None
+        with file:
+            ledger, last = self._parse(file)
+        if last != b"\n" and self._file is not None:
+            self._file.write(b"\n")  # the last line was cut short by a crash
+            self._file.flush()
+        return ledger
+
+    def _parse(self, file: IO[bytes]) -> tuple[Ledger, bytes]:
+        """The ledger of ``file``, and its last byte (a newline unless a line was cut)."""
+        ledger = Ledger()
+        last = b"\n"
+        seen_one = False
+        file.seek(0)
+        for number, line in enumerate(file, 1):
+            last = line[-1:]
+            if not seen_one and line.strip():
+                if not line.lstrip().startswith(b'{"id"'):
+                    self._not_ours(number)
+                seen_one = True
+            try:
+                data = json.loads(line)
+            except ValueError:
+                ledger.unreadable_lines += line.strip() != b""  # a line cut by a crash
+                continue
+            row_id = data.get("id") if isinstance(data, dict) else None
+            if isinstance(row_id, bool) or not isinstance(row_id, int | str):
+                ledger.unreadable_lines += 1
+                continue
+            key = data.get("key")
+            ledger.note(key if isinstance(key, str) else None, row_id, data, number)
+        return ledger, last
+
+    def _not_ours(self, line: int) -> NoReturn:
+        raise InputError(
+            f"--out {self.path} exists and is not the output of a bulk run (line {line} is not "
+            "one of its JSON lines); nothing was sent. OUT must be a new file or one this "
+            "command wrote: pass another --out"
+        )
+
+    def write(self, result: BulkResult, key: str | None = None) -> None:
         data = result.to_json()
+        if key is not None:
+            data = {"id": data.pop("id"), "ok": data.pop("ok"), "key": key, **data}
+        self._append(data)
+
+    def write_sending(self, request: BulkRequest, key: str) -> None:
+        """Record that the row's request is about to leave: until its result line, a later
+        run treats it as possibly processed."""
+        self._append(_journal(request, key, sending=True))
+
+    def write_unsent(self, result: BulkResult, key: str) -> None:
+        """Withdraw the row's ``sending`` line: the run stopped and the row was certainly not
+        processed (refused with a 402 or 401, or never sent after all), so a later run sends it
+        as if OUT knew nothing of it. Not a result line: it has no ``ok``."""
+        data = _journal(result.request, key, sending=False)
+        if result.error is not None:
+            data["error_code"] = error_code(result.error)
+        self._append(data)
+
+    def _append(self, data: dict[str, Any]) -> None:
+        assert self._file is not None, "open() first"
         try:
             line = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
         except UnicodeEncodeError:  # a lone surrogate in a bad row: escape rather than fail
@@ -403,3 +694,12 @@ class ResultLog:
         file, self._file = self._file, None
         if file is not None:
             file.close()
+
+
+def _journal(request: BulkRequest, key: str, *, sending: bool) -> dict[str, Any]:
+    data: dict[str, Any] = {"id": request.id, "sending": sending, "key": key}
+    if request.row is not None:
+        data["row"] = request.row
+    data["assistant_id"] = request.assistant_id
+    data["customer_identifier"] = request.customer_identifier
+    return data

@@ -24,6 +24,7 @@ from typing import IO, Any, Final, Protocol
 
 import attrs
 
+from ._budget import Budget
 from ._client import AsyncAutocalls, ClientStats
 from ._errors import (
     APIConnectionError,
@@ -32,6 +33,7 @@ from ._errors import (
     AssistantNotFoundError,
     AuthenticationError,
     AutocallsError,
+    BudgetExceededError,
     ClientClosedError,
     InsufficientBalanceError,
     InternalServerError,
@@ -45,7 +47,7 @@ from ._errors import (
 from ._models import Priority, RateLimit
 from ._ratelimit import Limiter, RateLimiter, Slot, default_limiter
 from ._version import __version__
-from .bulk import DEFAULT_CONCURRENCY, BulkRequest, BulkRunner, error_code
+from .bulk import DEFAULT_CONCURRENCY, BulkRequest, BulkResult, BulkRunner, error_code
 
 __all__ = ["main"]
 
@@ -53,28 +55,34 @@ PROG: Final = "autocalls-async"
 
 # Exit codes, documented in ``--help``.
 EXIT_OK: Final = 0
-EXIT_FAILED: Final = 1  # bulk: some rows failed; reply: an API error not listed below
-EXIT_USAGE: Final = 2  # bad option or input, no token; nothing was sent
-EXIT_AUTH: Final = 3
+EXIT_FAILED: Final = 1  # bulk: some rows failed or are reported; reply: an API error not below
+EXIT_USAGE: Final = 2  # bad option or input, no token, OUT refused; nothing was sent
+EXIT_AUTH: Final = 3  # bulk: stopped at the first 401
 EXIT_NOT_FOUND: Final = 4
-EXIT_BALANCE: Final = 5
+EXIT_BALANCE: Final = 5  # bulk: stopped at the first INSUFFICIENT_BALANCE
 EXIT_RATE_LIMITED: Final = 6
 EXIT_NETWORK: Final = 7
 EXIT_SERVER: Final = 8
+EXIT_MAX_REPLIES: Final = 9  # bulk: --max-replies reached; the rest is left for a rerun
 EXIT_INTERRUPTED: Final = 130
 
 EXIT_CODES_HELP: Final = """\
 exit codes:
   0    success (bulk: every row answered)
-  1    bulk: some rows failed; reply: an API error not listed below (e.g. 422)
-  2    usage error: bad option, bad input file, no token (nothing was sent)
+  1    bulk: some rows failed, or may have been processed by an earlier run (reported,
+       not sent again); reply: an API error not listed below (e.g. 422)
+  2    usage error: bad option, bad input file, no token; bulk: OUT refused (being
+       written by another run, lines for rows not in INPUT, not a bulk output). Nothing
+       was sent
   3    401/403: the token is missing, wrong or may not use this assistant
+       (bulk: stopped at the first 401; run it again once the token is fixed)
   4    404 / ASSISTANT_NOT_FOUND
-  5    INSUFFICIENT_BALANCE
+  5    INSUFFICIENT_BALANCE (bulk: stopped at the first one; top up, run it again)
   6    still rate limited (429) after retries, or no slot within --max-wait
   7    network: could not connect, or the request timed out
   8    5xx, or a reply that is not valid
-  130  interrupted (Ctrl-C / SIGTERM)
+  9    bulk: --max-replies reached (run it again to send the rest)
+  130  interrupted (Ctrl-C / SIGTERM; bulk: run it again to resume)
 """
 
 ENVIRONMENT_HELP: Final = """\
@@ -102,6 +110,8 @@ def exit_code_for(error: AutocallsError) -> int:
         return EXIT_NOT_FOUND
     if isinstance(error, InsufficientBalanceError):
         return EXIT_BALANCE
+    if isinstance(error, BudgetExceededError):
+        return EXIT_MAX_REPLIES
     if isinstance(error, RateLimitError | RateLimitTimeout):
         return EXIT_RATE_LIMITED
     if isinstance(error, APIConnectionError):
@@ -120,6 +130,8 @@ def hint_for(error: AutocallsError) -> str:
         return "this token may not use this assistant or endpoint"
     if isinstance(error, InsufficientBalanceError):
         return "top up the account's balance in the Autocalls dashboard"
+    if isinstance(error, BudgetExceededError):
+        return "raise --max-replies, or run the same command again to send the rest"
     if isinstance(error, RateLimitError | RateLimitTimeout):
         return "the token's limit is used up; wait a minute, or raise --max-wait"
     if isinstance(error, APIConnectionError):
@@ -199,6 +211,16 @@ def _assistants(text: str) -> tuple[int, ...]:
     return ids
 
 
+def _delimiter(text: str) -> str:
+    named = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";"}
+    value = named.get(text.lower(), text)
+    if len(value) != 1 or value in '"\r\n':
+        raise argparse.ArgumentTypeError(
+            f"expected one character (or 'tab'), not a quote or a line break: {text!r}"
+        )
+    return value
+
+
 def _variable(text: str) -> tuple[str, str]:
     name, sep, value = text.partition("=")
     if not sep or not name.strip():
@@ -248,6 +270,42 @@ def _make_client(args: argparse.Namespace, **options: Any) -> AsyncAutocalls:
         max_retries=args.max_retries,
         timeout=args.timeout,
         **options,
+    )
+
+
+def _region(text: str) -> Callable[[str], str]:
+    try:
+        from .identifiers import e164
+    except ImportError as exc:  # pragma: no cover - only without the phone extra
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    try:
+        return e164(text)
+    except InvalidRequestError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("default_region", "--e164")) from None
+
+
+def _cost_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("cost")
+    group.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check INPUT and report the rows to send, skip and refuse, the distinct customers "
+        "and the time at the rate limit; send nothing (no token needed)",
+    )
+    group.add_argument(
+        "--max-replies",
+        type=_count,
+        metavar="N",
+        help="send at most N requests that may be billed, then stop (exit 9); run the same "
+        "command again to send the rest",
+    )
+    group.add_argument(
+        "--e164",
+        type=_region,
+        metavar="REGION",
+        help="write phone numbers in E.164 before sending, reading numbers without a + as "
+        "numbers of REGION (e.g. US); a row whose number is not possible fails as "
+        "INVALID_ROW (needs the phone extra)",
     )
 
 
@@ -312,9 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
         "bulk",
         help="send every row of a CSV or JSONL file; resumable",
         description="Send every row of INPUT and append one JSON line per finished row to OUT, "
-        "at the full rate the limit allows; a customer's rows are sent in file order. Running "
-        "it again with the same OUT skips the rows already answered (and, unless "
-        "--retry-failed, those that failed): Ctrl-C, SIGTERM or a crash lose nothing. "
+        "at the full rate the limit allows; a customer's rows are sent in file order. Each "
+        "row is sent at most once per OUT: running it again sends only the rows OUT does not "
+        "answer (matched by content); an edited or foreign input is refused, not guessed "
+        "(--allow-foreign). Ctrl-C, SIGTERM or a crash lose nothing. "
         "Ctrl-C stops gracefully (calls in flight finish and are written); press it again to "
         "stop at once.",
         epilog="input:\n"
@@ -322,11 +381,21 @@ def build_parser() -> argparse.ArgumentParser:
         "  variables (a JSON object) and id (default: the row number); or JSONL, one object\n"
         "  per line with the same fields. A bad row gets its own error line (INVALID_ROW) and\n"
         "  the job goes on; a bad file is refused before anything is sent.\n\n"
-        "output line:\n"
-        '  {"id": 1, "ok": true, "conversation_id": ..., "reply": ..., ...}\n'
-        '  {"id": 2, "ok": false, "error": ..., "error_code": "ASSISTANT_NOT_FOUND", ...}\n\n'
-        "exit codes:\n  0 every row answered, 1 some rows failed, 2 usage error or bad file,\n"
-        "  130 interrupted (run it again to resume)\n\n" + ENVIRONMENT_HELP,
+        "output lines (one per finished row, and a journal around each send):\n"
+        '  {"id":1,"sending":true,"key":...}        about to send row 1 (journal)\n'
+        '  {"id":1,"ok":true,"key":...,"conversation_id":...,"reply":...}\n'
+        '  {"id":2,"ok":false,"key":...,"error_code":"ASSISTANT_NOT_FOUND",...,\n'
+        '   "sent":true,"maybe_processed":false}\n'
+        '  {"id":3,"sending":false,"key":...,"error_code":"INSUFFICIENT_BALANCE"}\n'
+        "                                  refused unprocessed: a rerun sends row 3\n\n"
+        "cost:\n"
+        "  --dry-run checks INPUT and OUT as a run would and reports what it would send,\n"
+        "  skip and cost in time, sending nothing (no token needed; OUT is never created).\n"
+        "  The run stops sending at the first INSUFFICIENT_BALANCE or 401 (exit 5 or 3) and\n"
+        "  after --max-replies (exit 9): calls in flight finish, the rows left get no result\n"
+        "  in OUT, and the same command sends them later. After ASSISTANT_NOT_FOUND the\n"
+        "  assistant's other rows fail as SKIPPED_ASSISTANT_NOT_FOUND without being sent\n"
+        "  (--retry-failed sends them again).\n\n" + EXIT_CODES_HELP + "\n" + ENVIRONMENT_HELP,
         formatter_class=formatter,
     )
     bulk.add_argument("input", type=Path, metavar="INPUT", help="a .csv or .jsonl file")
@@ -342,9 +411,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="send the input's other columns as variables too (the variables column wins)",
     )
     bulk.add_argument(
+        "--delimiter",
+        type=_delimiter,
+        metavar="CHAR",
+        help="CSV field separator (default: tab for .tsv, else a comma; 'tab' for a tab)",
+    )
+    bulk.add_argument(
         "--retry-failed",
         action="store_true",
-        help="also send again the rows that ended in an error in an earlier run",
+        help="also send again the rows that failed in an earlier run without reaching the "
+        "service's processing (a 4xx, a 429, a 503, no connection)",
+    )
+    bulk.add_argument(
+        "--retry-unsafe-failed",
+        action="store_true",
+        help="also send again the rows an earlier run may have had processed (a 5xx, a "
+        "timeout, a run killed while they were sent): their message may be sent twice",
+    )
+    bulk.add_argument(
+        "--allow-foreign",
+        action="store_true",
+        help="run even if OUT has lines for rows that are not in INPUT (an edited input, "
+        "another day's file): rows are matched by content, the other lines are left alone",
     )
     bulk.add_argument(
         "--concurrency",
@@ -362,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     bulk.add_argument(
         "--fsync", action="store_true", help="fsync OUT after each line (survives power loss)"
     )
+    _cost_options(bulk)
     _client_options(bulk, default_rate="5/60")
     bulk.set_defaults(handler=_bulk_command)
 
@@ -728,12 +817,18 @@ class Outcome:
     already_answered: int
     already_failed: int  #: failed in an earlier run and not sent again
     interrupted: bool
+    uncertain: int = 0  #: may have been processed by an earlier run; not sent again
+    #: The error that stopped the run (balance, 401, --max-replies), if one did.
+    stopped_by: AutocallsError | None = None
 
     @property
     def exit_code(self) -> int:
         if self.interrupted:
             return EXIT_INTERRUPTED
-        return EXIT_FAILED if self.meter.failed or self.already_failed else EXIT_OK
+        if self.stopped_by is not None:
+            return exit_code_for(self.stopped_by)
+        failed = self.meter.failed or self.already_failed or self.uncertain
+        return EXIT_FAILED if failed else EXIT_OK
 
 
 async def run_job(
@@ -747,23 +842,46 @@ async def run_job(
     concurrency: int,
     progress_mode: str,
     description: str = "bulk",
+    retry_unsafe_failed: bool = False,
+    allow_foreign: bool = False,
 ) -> Outcome:
-    """Run ``source`` (an ``InputFile``) into ``log`` (a ``ResultLog``), with signals handled."""
-    from ._bulkio import Skips
+    """Run ``source`` (an ``InputFile``) into ``log`` (a ``ResultLog``), with signals handled.
 
-    skips: Skips = log.read()
-    source.check(skips)
-    if retry_failed:
-        skips.failed.clear()
-    already_failed = 0 if retry_failed else source.already_failed
-    todo = source.rows - source.already_answered - already_failed
-
-    def rows() -> Iterator[BulkRequest]:
-        for request in source:
-            if request.id not in skips.answered and request.id not in skips.failed:
-                yield request
+    OUT is locked first, then read, then the input is checked against it: nothing is sent
+    unless every line of OUT belongs to a row of the input (or ``allow_foreign``).
+    """
+    from ._bulkio import Ledger
 
     log.open()
+    try:
+        ledger: Ledger = log.read()
+        source.check(ledger, out=log.path, allow_foreign=allow_foreign)
+    except BaseException:
+        log.close()
+        raise
+    retry_failed = retry_failed or retry_unsafe_failed
+    already_failed = 0 if retry_failed else source.already_failed
+    uncertain = 0 if retry_unsafe_failed else source.uncertain
+    todo = source.rows - source.already_answered - already_failed - uncertain
+    keys: dict[int | None, str] = {}  # row -> identity, for the rows pulled and not yet written
+    pending: set[int | None] = set()  # rows whose "sending" line has no result line yet
+
+    def rows() -> Iterator[BulkRequest]:
+        for request, key in source.keyed():
+            state = ledger.state_of(request, key)
+            if (
+                state == "answered"
+                or (state == "failed" and not retry_failed)
+                or (state == "uncertain" and not retry_unsafe_failed)
+            ):
+                continue
+            keys[request.row] = key
+            yield request
+
+    def sending(request: BulkRequest) -> None:
+        log.write_sending(request, keys[request.row])
+        pending.add(request.row)
+
     meter = Meter(todo, rate_limit, client.stats, starts=starts)
     progress = make_progress(progress_mode, meter, description)
     if progress_mode != "off":
@@ -774,7 +892,7 @@ async def run_job(
             + (f", {skipped} skipped (already in {log.path.name})" if skipped else "")
             + pace
         )
-    runner = BulkRunner(client, rows(), concurrency=concurrency)
+    runner = BulkRunner(client, rows(), concurrency=concurrency, on_send=sending)
     main_task = asyncio.current_task()
     assert main_task is not None
     loop = asyncio.get_running_loop()
@@ -804,10 +922,17 @@ async def run_job(
     try:
         async with client, runner:
             async for result in runner:
-                if isinstance(result.error, ClientClosedError):
-                    meter.not_sent += 1  # nothing was sent: a rerun sends it
+                key = keys.pop(result.request.row, None)
+                journaled = result.request.row in pending
+                pending.discard(result.request.row)
+                if _left_unsent(result, runner.stop_on):
+                    # Certainly not processed, and the run stops: no result line, so a plain
+                    # rerun sends it; a "sending" line written for it is withdrawn.
+                    meter.not_sent += 1
+                    if journaled and key is not None:
+                        log.write_unsent(result, key)
                     continue
-                log.write(result)
+                log.write(result, key)
                 if result.ok:
                     meter.answered += 1
                 else:
@@ -825,7 +950,22 @@ async def run_job(
         log.close()
         if starts is not None:
             await starts.aclose()  # this run stops counting as a user of the token
-    return Outcome(meter, source.already_answered, already_failed, interrupted)
+    stopped_by = runner.stopped_by.error if runner.stopped_by is not None else None
+    return Outcome(
+        meter,
+        source.already_answered,
+        already_failed,
+        interrupted,
+        uncertain=uncertain,
+        stopped_by=stopped_by,
+    )
+
+
+def _left_unsent(result: BulkResult, stop_on: tuple[type[AutocallsError], ...]) -> bool:
+    """A row the run leaves for the next one: not sent (the run stopped or was closed first),
+    or refused by a failure that stops the run (402, 401, --max-replies) without processing."""
+    error = result.error
+    return isinstance(error, (ClientClosedError, *stop_on)) and not result.maybe_processed
 
 
 def summary(outcome: Outcome, out: Path) -> list[str]:
@@ -834,8 +974,8 @@ def summary(outcome: Outcome, out: Path) -> list[str]:
     lines = [
         f"{'Interrupted' if outcome.interrupted else 'Done'} in {_duration(meter.elapsed)}: "
         f"{meter.answered} answered, {meter.failed} failed, "
-        f"{outcome.already_answered + outcome.already_failed} skipped (already in {out})"
-        + (f", {meter.not_sent} not sent" if meter.not_sent else ""),
+        f"{outcome.already_answered + outcome.already_failed + outcome.uncertain} skipped "
+        f"(already in {out})" + (f", {meter.not_sent} not sent" if meter.not_sent else ""),
     ]
     limit = meter.rate_limit
     if not stats.requests:
@@ -858,9 +998,28 @@ def summary(outcome: Outcome, out: Path) -> list[str]:
             f"{outcome.already_failed} rows failed in an earlier run: "
             "add --retry-failed to send them again"
         )
+    if outcome.uncertain:
+        lines.append(
+            f"{outcome.uncertain} rows may have been processed by an earlier run (it stopped "
+            "while they were sent, or they failed after reaching the service): not sent again. "
+            "Check those conversations; add --retry-unsafe-failed to send them anyway"
+        )
     if outcome.interrupted:
         lines.append("Run the same command again to send the rows left.")
+    elif outcome.stopped_by is not None:
+        lines.append(stop_message(outcome.stopped_by, max(meter.todo - meter.done, 0)))
     return lines
+
+
+def stop_message(error: AutocallsError, left: int) -> str:
+    """Why a bulk run stopped sending, and how to send the rest."""
+    if isinstance(error, BudgetExceededError):
+        why = "Stopped at --max-replies"
+        then = "run the same command again (with a new --max-replies) to send them"
+    else:
+        why = f"Stopped at the first {error_code(error)}"
+        then = f"{hint_for(error)}, then run the same command again to send them"
+    return f"{why}: {left} rows left unsent (no result in OUT); {then}."
 
 
 def _bulk_command(args: argparse.Namespace) -> int:
@@ -870,6 +1029,8 @@ def _bulk_command(args: argparse.Namespace) -> int:
         return _usage_error("--concurrency must be >= 1")
     if args.out.resolve() == args.input.resolve():
         return _usage_error("--out must not be the input file")
+    if args.dry_run:
+        return _dry_run_command(args)
     try:
         client, starts = bulk_client(
             args.token,
@@ -877,12 +1038,18 @@ def _bulk_command(args: argparse.Namespace) -> int:
             args.rate_limit,
             max_retries=args.max_retries,
             timeout=args.timeout,
+            **_cost_client_options(args),
         )
     except AutocallsError as exc:
         return _usage_error(str(exc))
     if not args.input.is_file():
         return _usage_error(f"cannot read {args.input}: no such file")
-    source = InputFile(args.input, format=args.format, extra_as_variables=args.vars_from_columns)
+    source = InputFile(
+        args.input,
+        format=args.format,
+        extra_as_variables=args.vars_from_columns,
+        delimiter=args.delimiter,
+    )
     log = ResultLog(args.out, fsync=args.fsync)
 
     async def job() -> int:
@@ -894,6 +1061,8 @@ def _bulk_command(args: argparse.Namespace) -> int:
                 rate_limit=args.rate_limit,
                 starts=starts,
                 retry_failed=args.retry_failed,
+                retry_unsafe_failed=args.retry_unsafe_failed,
+                allow_foreign=args.allow_foreign,
                 concurrency=args.concurrency,
                 progress_mode=args.progress,
                 description=args.input.name,
@@ -906,6 +1075,156 @@ def _bulk_command(args: argparse.Namespace) -> int:
         return outcome.exit_code
 
     return _run(job())
+
+
+def _cost_client_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The client options of ``--max-replies`` and ``--e164``."""
+    options: dict[str, Any] = {}
+    if args.max_replies is not None:
+        options["budget"] = Budget(replies=args.max_replies)
+    if args.e164 is not None:
+        options["normalize_identifier"] = args.e164
+    return options
+
+
+@attrs.define
+class DryRun:
+    """What ``bulk --dry-run`` found: counts only, nothing sent."""
+
+    rows: int = 0
+    to_send: int = 0
+    answered_before: int = 0  #: skipped: answered in OUT
+    failed_before: int = 0  #: skipped: failed in OUT (without --retry-failed)
+    uncertain_before: int = 0  #: skipped: may have been processed (without --retry-unsafe-failed)
+    invalid: int = 0
+    problems: list[str] = attrs.Factory(list)  #: the first invalid rows' messages
+    customers: set[str] = attrs.Factory(set)
+    conversations: set[tuple[int, str]] = attrs.Factory(set)
+    assistants: set[int] = attrs.Factory(set)
+
+
+DRY_RUN_PROBLEMS_SHOWN: Final = 5
+
+
+def dry_run(
+    source: Any,
+    log: Any,
+    *,
+    retry_failed: bool,
+    retry_unsafe_failed: bool = False,
+    allow_foreign: bool = False,
+    normalize: Any = None,
+) -> DryRun:
+    """Check ``source`` against the output of earlier runs in ``log`` as ``run_job`` would
+    (rows matched by content, foreign lines refused); send nothing.
+
+    OUT is read with ``log.peek()``: never created nor written, under a shared lock that a
+    run writing OUT refuses (the dry run then fails as the run would: exit 2). Rows are matched
+    by the key of the row as read, before ``normalize``, exactly as a run matches them.
+    """
+    from ._bulkio import Ledger
+    from .bulk import _check
+
+    ledger: Ledger = log.peek()
+    source.check(ledger, out=log.path, allow_foreign=allow_foreign)
+    retry_failed = retry_failed or retry_unsafe_failed
+    found = DryRun(rows=source.rows)
+    for request, key in source.keyed():
+        state = ledger.state_of(request, key)
+        if state == "answered":
+            found.answered_before += 1
+            continue
+        if state == "failed" and not retry_failed:
+            found.failed_before += 1
+            continue
+        if state == "uncertain" and not retry_unsafe_failed:
+            found.uncertain_before += 1
+            continue
+        problem = _check(request)
+        customer = request.customer_identifier
+        if problem is None and normalize is not None:
+            try:
+                customer = normalize(customer)
+            except InvalidRequestError as exc:
+                problem = InvalidRequestError(f"row {request.row or request.id}: {exc}")
+        if problem is not None:
+            found.invalid += 1
+            if len(found.problems) < DRY_RUN_PROBLEMS_SHOWN:
+                found.problems.append(" ".join(str(problem).split()))
+            continue
+        found.to_send += 1
+        found.customers.add(customer)
+        found.conversations.add((request.assistant_id, customer))
+        found.assistants.add(request.assistant_id)
+    return found
+
+
+def dry_run_report(
+    found: DryRun, *, out: Path, rate_limit: RateLimit | None, max_replies: int | None
+) -> list[str]:
+    sending = found.to_send if max_replies is None else min(found.to_send, max_replies)
+    lines = [
+        f"Dry run: nothing was sent. {found.rows} rows in the input:",
+        f"  to send:  {found.to_send}"
+        + (f" (--max-replies stops after {max_replies})" if sending < found.to_send else ""),
+        f"  to skip:  {found.answered_before + found.failed_before + found.uncertain_before} "
+        f"({found.answered_before} already answered in {out}, {found.failed_before} failed "
+        "before"
+        + (": add --retry-failed to send them" if found.failed_before else "")
+        + (
+            f"; {found.uncertain_before} may have been processed: --retry-unsafe-failed sends them"
+            if found.uncertain_before
+            else ""
+        )
+        + ")",
+        f"  invalid:  {found.invalid} (would fail as INVALID_ROW, never sent)",
+    ]
+    lines.extend(f"    {problem}" for problem in found.problems)
+    if found.invalid > len(found.problems):
+        lines.append(f"    … and {found.invalid - len(found.problems)} more")
+    lines.append(
+        f"  distinct customers: {len(found.customers)} ({len(found.conversations)} "
+        f"conversations with {len(found.assistants)} assistants)"
+    )
+    if rate_limit is None:
+        lines.append("  time: no client-side rate limit (--rate-limit none)")
+    else:
+        seconds = max(sending - 1, 0) * rate_limit.interval
+        lines.append(
+            f"  time at {rate_limit}: about {_duration(seconds)} "
+            f"({sending} requests, one every {rate_limit.interval:g}s, retries not included)"
+        )
+    return lines
+
+
+def _dry_run_command(args: argparse.Namespace) -> int:
+    from ._bulkio import InputError, InputFile, ResultLog
+
+    if not args.input.is_file():
+        return _usage_error(f"cannot read {args.input}: no such file")
+    source = InputFile(
+        args.input,
+        format=args.format,
+        extra_as_variables=args.vars_from_columns,
+        delimiter=args.delimiter,
+    )
+    try:
+        found = dry_run(
+            source,
+            ResultLog(args.out),
+            retry_failed=args.retry_failed,
+            retry_unsafe_failed=args.retry_unsafe_failed,
+            allow_foreign=args.allow_foreign,
+            normalize=args.e164,
+        )
+    except InputError as exc:
+        return _usage_error(str(exc))
+    report = dry_run_report(
+        found, out=args.out, rate_limit=args.rate_limit, max_replies=args.max_replies
+    )
+    for line in report:
+        print(line, flush=True)
+    return EXIT_FAILED if found.invalid else EXIT_OK
 
 
 # --------------------------------------------------------------------------- mock-server
@@ -958,6 +1277,12 @@ async def _mock_server(args: argparse.Namespace) -> int:
             "-H 'Content-Type: application/json' -H 'Accept: application/json' "
             f'-d \'{{"assistant_id": {assistant}, "customer_identifier": "+14155551234", '
             '"message": "Hi"}\'',
+            flush=True,
+        )
+        root = server.base_url.removesuffix("/api")
+        print(
+            f"  state: curl {root}/_emulator/state; top up: curl -X POST "
+            f"{root}/_emulator/top-up -H 'Content-Type: application/json' -d '{{\"replies\": 10}}'",
             flush=True,
         )
         await stop.wait()

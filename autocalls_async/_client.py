@@ -7,24 +7,28 @@ validate (``_wire``) → per-conversation order (``_ordering``) → rate limiter
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import logging
 import math
 import os
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, Self
 
 import aiohttp
 import attrs
 
+from ._budget import Budget, Ledger, Ticket, Usage
 from ._conversations import ConversationStore, MemoryConversationStore
 from ._errors import (
     AutocallsError,
+    BudgetExceededError,
     ClientClosedError,
     InvalidRequestError,
+    LimiterUnavailableError,
     RateLimitError,
     RateLimitTimeout,
 )
@@ -48,6 +52,13 @@ from ._wire import (
 )
 
 __all__ = ["AsyncAutocalls", "ClientStats"]
+
+#: Called synchronously, in the calling task's context, just before each attempt of a
+#: ``generate_reply`` is handed to the transport: the moment from which the service may
+#: process it. ``BulkRunner`` sets it per row to record "may have been sent" before it is true.
+on_send: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "autocalls_on_send", default=None
+)
 
 DEFAULT_RATE_LIMIT = RateLimit(5, 60.0)
 DEFAULT_MAX_RESPONSE_SIZE = 10 * 1024 * 1024
@@ -106,8 +117,17 @@ class AsyncAutocalls:
         conversation_store: ConversationStore | None = None,
         conversation_cache_size: int = 100_000,
         max_response_size: int = DEFAULT_MAX_RESPONSE_SIZE,
+        budget: Budget | None = None,
+        normalize_identifier: Callable[[str], str] | None = None,
     ) -> None:
         configure_from_env()
+        if isinstance(limiter, RateLimit) or (
+            limiter is not None and not callable(getattr(limiter, "slot", None))
+        ):
+            raise InvalidRequestError(
+                f"limiter must be a rate limiter object (e.g. RedisRateLimiter(...)), got "
+                f"{type(limiter).__name__}; to set the rate, pass rate_limit=RateLimit(...)"
+            )
         token = check_token(
             api_token if api_token is not None else os.environ.get("AUTOCALLS_API_TOKEN")
         )
@@ -160,6 +180,16 @@ class AsyncAutocalls:
             max_response_size=max_response_size,
             trust_env=not is_loopback(self.base_url.host or ""),
         )
+        if budget is not None and not isinstance(budget, Budget):
+            raise InvalidRequestError(f"budget must be a Budget(replies=N) or None, got {budget!r}")
+        self._ledger = Ledger(budget)
+        if normalize_identifier is not None and not callable(normalize_identifier):
+            raise InvalidRequestError(
+                "normalize_identifier must be a callable str -> str (e.g. "
+                f"autocalls_async.identifiers.e164('US')), got {normalize_identifier!r}"
+            )
+        #: Applied to every customer identifier before anything else (see ``normalize``).
+        self.normalize_identifier = normalize_identifier
         self._conversations = MemoryConversationStore(conversation_cache_size)
         self._store = conversation_store
         self._order = KeyedOrder()
@@ -229,10 +259,47 @@ class AsyncAutocalls:
         if self._closed:
             raise ClientClosedError("the client is closed; nothing was sent")
 
+    # ------------------------------------------------------------------ cost
+
+    @property
+    def usage(self) -> Usage:
+        """Calls sent, billed, possibly billed and refused, in total and per assistant."""
+        return self._ledger.usage()
+
+    @property
+    def budget(self) -> Budget | None:
+        return self._ledger.budget
+
     # ------------------------------------------------------------------ conversations
+
+    def normalize(self, customer_identifier: str) -> str:
+        """The identifier as this client sends it: ``normalize_identifier`` applied.
+
+        Raises ``InvalidRequestError`` when the normaliser refuses it; any other exception of
+        the normaliser becomes one, with the original as ``__cause__``.
+        """
+        normalizer = self.normalize_identifier
+        if normalizer is None or not isinstance(customer_identifier, str):
+            return customer_identifier  # build_request explains a wrong type
+        try:
+            normalized = normalizer(customer_identifier)
+        except InvalidRequestError:
+            raise
+        except Exception as exc:
+            raise InvalidRequestError(
+                f"normalize_identifier {getattr(normalizer, '__name__', normalizer)!s} failed "
+                f"on a customer_identifier: {type(exc).__name__}: {exc}; nothing was sent"
+            ) from exc
+        if not isinstance(normalized, str):
+            raise InvalidRequestError(
+                f"normalize_identifier returned {type(normalized).__name__}, not str; "
+                "nothing was sent"
+            )
+        return normalized
 
     def conversation(self, assistant_id: int, customer_identifier: str) -> Conversation | None:
         """What this client last saw of the conversation, from its in-memory cache."""
+        customer_identifier = self.normalize(customer_identifier)
         return self._conversations.peek(assistant_id, trim(customer_identifier))
 
     def conversation_id(self, assistant_id: int, customer_identifier: str) -> str | None:
@@ -245,6 +312,7 @@ class AsyncAutocalls:
     ) -> Conversation | None:
         """The conversation from this client's cache, else from the shared ``conversation_store``
         (what another worker saw), which then fills the cache."""
+        customer_identifier = self.normalize(customer_identifier)
         conversation = self.conversation(assistant_id, customer_identifier)
         if conversation is None and self._store is not None:
             conversation = await self._store.get(assistant_id, trim(customer_identifier))
@@ -290,10 +358,12 @@ class AsyncAutocalls:
         messages of this conversation and for a rate-limit slot: past it, ``RateLimitTimeout``
         is raised and nothing is sent.
         """
+        customer_identifier = self.normalize(customer_identifier)
         request = build_request(assistant_id, customer_identifier, message, variables)
         max_wait = self.max_wait if max_wait is _UNSET else _check_seconds("max_wait", max_wait)
         lane = self.priority if priority is None else _check_priority(priority)
         self._check_open()
+        self._ledger.check()
         loop = self._bind_loop()
         deadline = None if max_wait is None else loop.time() + max_wait
         task = asyncio.current_task()
@@ -357,6 +427,10 @@ class AsyncAutocalls:
     ) -> Reply:
         retries = 0
         error: AutocallsError | None = None
+        #: The last attempt's error when that attempt may have been processed (a 500 with
+        #: retry_unsafe): whatever ends the retries later, the call raises it, so that the
+        #: caller never reads "nothing was sent" about a message the service may have billed.
+        processed: AutocallsError | None = None
         delay = 0.0
         pause = False
         while True:
@@ -365,19 +439,15 @@ class AsyncAutocalls:
                     await self._wait_before_retry(delay, pause=pause)
                 return await self._attempt(request, task, deadline, retries + 1, priority)
             except asyncio.CancelledError:
-                # Closed while waiting to retry: if the failed attempt may have been processed,
-                # its error says what really happened; otherwise nothing was processed.
-                if error is not None and not is_retry_safe(error) and self._take_interruption(task):
-                    raise error from None
-                raise
-            except ClientClosedError:
-                if error is not None and not is_retry_safe(error):
-                    raise error from None
-                raise
-            except RateLimitTimeout:
+                # Closed while waiting to retry: if an attempt may have been processed, its
+                # error says what really happened; otherwise nothing was processed.
+                if processed is not None and self._take_interruption(task):
+                    raise _ended_by(processed, "the client was closed") from None
                 raise
             except AutocallsError as exc:
-                decision = self.retry_policy.decide(exc, retries, self._random.random)
+                decision = None
+                if not isinstance(exc, ClientClosedError | RateLimitTimeout | BudgetExceededError):
+                    decision = self.retry_policy.decide(exc, retries, self._random.random)
                 if isinstance(exc, RateLimitError):
                     # Every 429 pauses the token for every process sharing it, retried or not.
                     await self._pause_limiter(exc, decision)
@@ -385,8 +455,12 @@ class AsyncAutocalls:
                     deadline is not None
                     and asyncio.get_running_loop().time() + decision.delay > deadline
                 ):
+                    if processed is not None and _proves_unprocessed(exc):
+                        raise _ended_by(processed, f"{type(exc).__name__}: {exc}") from exc
                     raise
                 error, delay, pause = exc, decision.delay, decision.pause_limiter
+                if not is_retry_safe(exc):
+                    processed = exc
                 retries += 1
                 self.stats.retries += 1
                 logger.info(
@@ -402,7 +476,9 @@ class AsyncAutocalls:
         if self._limiter is None:
             return
         if error.retry_after is not None:
-            seconds = error.retry_after
+            # Capped: a proxy saying "a day" must not freeze every process of the host for a
+            # day (the error still carries the full Retry-After); each further 429 pauses again.
+            seconds = min(error.retry_after, self.retry_policy.max_retry_after)
         elif decision is not None:
             seconds = decision.delay
         else:
@@ -431,13 +507,26 @@ class AsyncAutocalls:
     ) -> Reply:
         loop = asyncio.get_running_loop()
         self._check_open()
-        waited_from = loop.time()
-        if self._limiter is None:
-            return await self._send(request, task, attempt, 0.0, OPEN)
-        async with self._limiter.slot(self.token_id, deadline=deadline, priority=priority) as slot:
-            waited = loop.time() - waited_from
-            self.stats.limiter_wait += waited
-            return await self._send(request, task, attempt, waited, slot)
+        # The budget is reserved before queueing for a slot: a call that cannot be paid for
+        # fails at once and never takes a slot from the others.
+        ticket = self._ledger.reserve(request.assistant_id)
+        try:
+            waited_from = loop.time()
+            if self._limiter is None:
+                reply = await self._send(request, task, attempt, 0.0, _Billed(OPEN, ticket))
+            else:
+                async with self._limiter.slot(
+                    self.token_id, deadline=deadline, priority=priority
+                ) as slot:
+                    waited = loop.time() - waited_from
+                    self.stats.limiter_wait += waited
+                    gate = _Billed(slot, ticket)
+                    reply = await self._send(request, task, attempt, waited, gate)
+        except BaseException as exc:
+            self._ledger.settle(ticket, exc)
+            raise
+        self._ledger.settle(ticket, None)
+        return reply
 
     async def _send(
         self,
@@ -448,6 +537,9 @@ class AsyncAutocalls:
         gate: SendGate,
     ) -> Reply:
         self._check_open()
+        hook = on_send.get()
+        if hook is not None:
+            hook()
         self._leave_waiting(task)  # from here on, close() lets this call finish
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -482,12 +574,50 @@ class AsyncAutocalls:
                 )
 
 
+class _Billed:
+    """The send gate, and the budget: a request written is a request that may be billed."""
+
+    __slots__ = ("_gate", "_ticket")
+
+    def __init__(self, gate: SendGate, ticket: Ticket) -> None:
+        self._gate = gate
+        self._ticket = ticket
+
+    def may_send(self) -> bool:
+        check = getattr(self._gate, "may_send", None)
+        return True if check is None else bool(check())
+
+    def sent(self) -> None:
+        self._ticket.mark_sent()
+        self._gate.sent()
+
+    def give_back(self) -> None:
+        give_back = getattr(self._gate, "give_back", None)
+        if give_back is not None:
+            give_back()
+
+
 def _check_priority(priority: object) -> Priority:
     if not isinstance(priority, Priority):
         raise InvalidRequestError(
             f"priority must be Priority.INTERACTIVE or Priority.BACKGROUND, got {priority!r}"
         )
     return priority
+
+
+def _proves_unprocessed(error: AutocallsError) -> bool:
+    """True for errors that say this attempt, at least, was not processed."""
+    return is_retry_safe(error) or isinstance(
+        error,
+        ClientClosedError | RateLimitTimeout | LimiterUnavailableError | BudgetExceededError,
+    )
+
+
+def _ended_by(processed: AutocallsError, reason: str) -> AutocallsError:
+    processed.add_note(
+        f"(retrying it ended with {reason}; the attempt above may have been processed)"
+    )
+    return processed
 
 
 def _short(error: AutocallsError) -> str:

@@ -7,6 +7,7 @@
     ├── RateLimitTimeout (also TimeoutError)     no client-side slot within max_wait
     ├── ClientClosedError                        the client was closed before this call was sent
     ├── LimiterUnavailableError                  a shared limiter backend (Redis) failed
+    ├── BudgetExceededError                      the client's Budget is used up; nothing sent
     ├── APIConnectionError                       network failure, no response
     │   └── APITimeoutError (also TimeoutError)
     └── APIError                                 the server answered
@@ -36,6 +37,7 @@ __all__ = [
     "AssistantNotFoundError",
     "AuthenticationError",
     "AutocallsError",
+    "BudgetExceededError",
     "ClientClosedError",
     "InsufficientBalanceError",
     "InternalServerError",
@@ -67,6 +69,10 @@ class ClientClosedError(AutocallsError):
 
 class LimiterUnavailableError(AutocallsError):
     """A shared rate-limiter backend could not be reached; nothing was sent."""
+
+
+class BudgetExceededError(AutocallsError):
+    """The client's ``Budget`` is used up (calls in flight included); nothing was sent."""
 
 
 class APIConnectionError(AutocallsError):

@@ -261,6 +261,7 @@ class _Grant:
     """One outstanding grant: the ``Slot`` a request is sent on."""
 
     __slots__ = (
+        "_asked",
         "_done",
         "_front",
         "_key",
@@ -280,6 +281,7 @@ class _Grant:
         self._queue = queue
         self._key = key
         self.ticket = ticket
+        self._asked = asked  # loop clock: when the store was asked for this grant
         self._lease_end = asked + limiter.rules.lease - _LEASE_SAFETY  # loop clock
         self._done = False
         self._report: asyncio.Task[None] | None = None
@@ -295,9 +297,16 @@ class _Grant:
         """The request was written: record the start (once; later calls do nothing)."""
         if self._done:
             return
-        queue = self._queue
-        queue.own_next = self._front.loop.time() + self._limiter.rules.min_gap
-        self._close(functools.partial(schedule.sent, rules=self._limiter.rules, ticket=self.ticket))
+        now = self._front.loop.time()
+        self._queue.own_next = now + self._limiter.rules.min_gap
+        self._close(
+            functools.partial(
+                schedule.sent,
+                rules=self._limiter.rules,
+                ticket=self.ticket,
+                elapsed=now - self._asked,
+            )
+        )
 
     def give_back(self) -> None:
         """Nothing was written: the grant goes back unused."""

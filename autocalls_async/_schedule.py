@@ -16,10 +16,12 @@ The rules
    gave the grant back unused (``release``), or its lease ran out.
 2. **A grant is made only when due**: never before ``max(due, pause)`` on the store's clock. No
    reservation is made ahead of time, so nothing made ahead can fail to move when a send is late.
-3. **A start is recorded when it is reported**, at the store's clock: never earlier than the real
-   write, which happened before the report was sent. ``due`` becomes the start plus ``g``, or,
-   when the start was on time (within ``tol`` of its own due time), that due time plus ``g``, so
-   that timer lateness does not add up.
+3. **A start is dated no earlier than the real write**: at the store's clock when it is
+   reported, or, earlier and closer, at the grant's time on the store's clock plus the time the
+   holder measured on its own clock from asking for the grant to writing (the store granted
+   after the holder asked, so this is still no earlier than the write). ``due`` becomes the
+   start plus ``g``, or, when the start was on time (within ``tol`` of its own due time), that
+   due time plus ``g``, so that timer lateness does not add up.
 4. **A lease that runs out counts as a start at its end.** The holder renews its lease while it
    connects, and checks it on its own clock, synchronously, just before it writes: a holder whose
    loop stalled past its lease never writes, and one that crashed never renews. Either way the
@@ -36,8 +38,9 @@ Why ``requests + 1`` starts cannot happen within ``period``
 -----------------------------------------------------------
 
 Take two consecutive real starts ``a`` then ``b`` (writes to the socket). By rule 1, ``b``'s
-grant was made after ``a``'s holder reported, gave up, or expired. If it reported at ``r ≥ a``
-(rule 3), the due time set then is at least ``r + g ≥ a + g`` or ``d + g`` with ``d ≥ r - tol``,
+grant was made after ``a``'s holder reported, gave up, or expired. If it reported, with ``a``
+dated ``r ≥ a`` (rule 3), the due time set then is at least ``r + g ≥ a + g`` or ``d + g`` with
+``d ≥ r - tol``,
 so at least ``a + g - tol``; if its lease expired at ``e`` (rule 4), ``a < e`` and the due time
 is ``e + g``. By rule 2, ``b ≥ due``. So any two consecutive starts are at least
 ``g - tol = period / requests x (1 + margin / 2)`` apart, and ``requests + 1`` starts span at
@@ -156,6 +159,7 @@ class TokenState:
     holder: str | None = None  #: the outstanding grant's ticket
     lease: float = _NEVER  #: when the outstanding grant runs out
     scheduled: float = _NEVER  #: the due time the outstanding grant was made for
+    granted: float = _NEVER  #: when the outstanding grant was made
     streak: int = 0  #: interactive grants in a row while background work waited
     #: limiter -> [requests, period, margin, description, expiry]: who uses the token at what rate
     users: dict[str, list[Any]] = attrs.field(factory=dict)
@@ -172,6 +176,7 @@ class TokenState:
             "holder": self.holder,
             "lease": _out(self.lease),
             "scheduled": _out(self.scheduled),
+            "granted": _out(self.granted),
             "streak": self.streak,
             "users": self.users,
             "queued": self.queued,
@@ -187,6 +192,7 @@ class TokenState:
             holder=None if holder is None else str(holder),
             lease=_in(data.get("lease")),
             scheduled=_in(data.get("scheduled")),
+            granted=_in(data.get("granted")),
             streak=int(data.get("streak") or 0),
             users={str(k): list(v) for k, v in (data.get("users") or {}).items()},
             queued={str(k): list(v) for k, v in (data.get("queued") or {}).items()},
@@ -239,9 +245,15 @@ def _settle(state: TokenState, now: float, rules: Rules) -> None:
 
 def _check_rate(state: TokenState, now: float, rules: Rules, who: str, where: str) -> None:
     mine = rules.rate_limit
+    changed = False
     for other, entry in state.users.items():
-        if other != who and _rate_of(entry) != mine:
-            raise RateConflict(_rate_of(entry), str(entry[3]))
+        if _rate_of(entry) != mine:
+            if other != who:
+                raise RateConflict(_rate_of(entry), str(entry[3]))
+            changed = True
+    if changed or (not state.users and state.due > now):
+        # Nobody else uses the token: the new rate spaces the next start from the last one.
+        state.due = min(state.due, state.last + rules.interval)
     state.users[who] = [mine.requests, mine.period, mine.margin, where, now + rules.user_ttl]
 
 
@@ -298,6 +310,7 @@ def grant(
     state.holder = ticket
     state.lease = now + rules.lease
     state.scheduled = earliest
+    state.granted = now
     state.streak = 0 if lane == BACKGROUND else state.streak + (background is not None)
     left = list(lanes)
     served = left[lane]
@@ -323,14 +336,20 @@ def _report(
     state.queued[who] = entry
 
 
-def sent(state: TokenState, now: float, rules: Rules, *, ticket: str) -> None:
-    """The holder of ``ticket`` wrote its request (before ``now``): record the start (rule 3)."""
+def sent(
+    state: TokenState, now: float, rules: Rules, *, ticket: str, elapsed: float | None = None
+) -> None:
+    """The holder of ``ticket`` wrote its request: record the start (rule 3).
+
+    ``elapsed``: seconds the holder measured from asking for the grant to writing.
+    """
     _settle(state, now, rules)
     if state.holder != ticket:
         return  # the lease ran out first: _settle counted the start at its end
-    on_time = now - rules.tolerance <= state.scheduled
-    state.due = max(state.due, (state.scheduled if on_time else now) + rules.interval)
-    state.last = max(state.last, now)
+    start = now if elapsed is None else min(now, state.granted + max(0.0, elapsed))
+    on_time = start - rules.tolerance <= state.scheduled
+    state.due = max(state.due, (state.scheduled if on_time else start) + rules.interval)
+    state.last = max(state.last, start)
     state.holder = None
 
 

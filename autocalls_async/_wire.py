@@ -10,8 +10,9 @@ import json
 import math
 import platform
 import re
+import time
 from collections.abc import Mapping
-from email.utils import parsedate_to_datetime
+from datetime import UTC, datetime
 from http import HTTPStatus
 from ipaddress import ip_address
 from typing import Any, NoReturn
@@ -147,30 +148,42 @@ def _check_text(name: str, value: str) -> None:
         _refuse(f"{name} contains a lone surrogate character and cannot be encoded as UTF-8")
 
 
-def _check_json(value: object, path: str, depth: int = 0) -> None:
-    """Accept only what serialises as strict JSON and means the same on the other side."""
+def _json_value(value: object, path: str, depth: int = 0) -> Any:
+    """``value`` as plain JSON data (any ``Mapping`` becomes a dict, a tuple a list), or refuse.
+
+    Only what serialises as strict JSON and means the same on the other side is accepted;
+    ``json.dumps`` knows only ``dict`` and ``list``, so a ``MappingProxyType`` or a nested
+    ``ChainMap`` is copied here rather than left to fail later with a bare ``TypeError``.
+    """
     if depth > MAX_JSON_DEPTH:
         _refuse(f"{path} is nested more than {MAX_JSON_DEPTH} levels deep")
-    if value is None or isinstance(value, bool | int):
-        return
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return int(value)  # an IntEnum or int subclass is sent as its number
     if isinstance(value, float):
         if not math.isfinite(value):
             _refuse(f"{path} is {value!r}, which JSON cannot represent; use null or a number")
-        return
+        return float(value)
     if isinstance(value, str):
         _check_text(path, value)
-        return
+        return str(value)
     if isinstance(value, list | tuple):
-        for index, item in enumerate(value):
-            _check_json(item, f"{path}[{index}]", depth + 1)
-        return
+        return [
+            _json_value(item, f"{path}[{index}]", depth + 1) for index, item in enumerate(value)
+        ]
     if isinstance(value, Mapping):
-        for key, item in value.items():
+        plain: dict[str, Any] = {}
+        try:
+            items = list(value.items())
+        except Exception as exc:  # a Mapping whose items() fails: the caller's bug, named
+            _refuse(f"{path} could not be read as a mapping ({type(exc).__name__}: {exc})")
+        for key, item in items:
             if not isinstance(key, str):
                 _refuse(f"{path} has a key {key!r} of type {type(key).__name__}; keys must be str")
             _check_text(f"{path} key {key!r}", key)
-            _check_json(item, f"{path}[{key!r}]", depth + 1)
-        return
+            plain[str(key)] = _json_value(item, f"{path}[{key!r}]", depth + 1)
+        return plain
     _refuse(
         f"{path} is a {type(value).__name__}, which is not JSON: use str, int, float, bool, "
         "None, list or dict (convert dates with .isoformat())"
@@ -230,8 +243,7 @@ def build_request(
     if variables is not None:
         if not isinstance(variables, Mapping):
             _refuse(f"variables must be a dict (a JSON object), got {type(variables).__name__}")
-        _check_json(variables, "variables")
-        payload["variables"] = variables
+        payload["variables"] = _json_value(variables, "variables")
     body = json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     return ReplyRequest(
         assistant_id,
@@ -311,23 +323,67 @@ def _decode_json(body: bytes) -> Any:
         return None
 
 
+#: A delay or an epoch time: ASCII digits with an optional fraction (``float()`` would also
+#: take ``1_000``, ``1e3``, ``inf`` and other scripts' digits, which no server sends).
+_NUMBER = re.compile(r"[0-9]+(?:\.[0-9]+)?", re.ASCII)
+_MONTHS = {
+    name: number
+    for number, name in enumerate(
+        ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1
+    )
+}
+_DAY = r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)"
+_LONG_DAY = r"(?:Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday)"
+_MONTH = r"(?P<month>Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
+_TIME = r"(?P<hour>[0-9]{2}):(?P<minute>[0-9]{2}):(?P<second>[0-9]{2})"
+#: RFC 9110 section 5.6.7: IMF-fixdate, then the obsolete RFC 850 and asctime forms, all GMT.
+_HTTP_DATES = (
+    re.compile(rf"{_DAY}, (?P<day>[0-9]{{2}}) {_MONTH} (?P<year>[0-9]{{4}}) {_TIME} GMT", re.ASCII),
+    re.compile(
+        rf"{_LONG_DAY}, (?P<day>[0-9]{{2}})-{_MONTH}-(?P<year>[0-9]{{2}}) {_TIME} GMT", re.ASCII
+    ),
+    re.compile(rf"{_DAY} {_MONTH} (?P<day>[ 0-9][0-9]) {_TIME} (?P<year>[0-9]{{4}})", re.ASCII),
+)
+
+
 def _number(text: str | None) -> float | None:
     if text is None:
         return None
-    try:
-        value = float(text.strip())
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
+    text = text.strip(" \t")
+    return float(text) if _NUMBER.fullmatch(text) else None
 
 
-def _http_date(text: str | None) -> float | None:
+def _http_date(text: str | None, now: float | None = None) -> float | None:
+    """Epoch seconds of an HTTP date (always GMT, whatever the local time zone), or None."""
     if not text:
         return None
-    try:
-        return parsedate_to_datetime(text).timestamp()
-    except (TypeError, ValueError, IndexError, OverflowError):
+    text = text.strip(" \t")
+    for pattern in _HTTP_DATES:
+        match = pattern.fullmatch(text)
+        if match is not None:
+            break
+    else:
         return None
+    year = int(match["year"])
+    if len(match["year"]) == 2:
+        # RFC 9110: a two-digit year more than 50 years in the future is in the past century.
+        current = time.gmtime(time.time() if now is None else now).tm_year
+        year += current - current % 100
+        if year > current + 50:
+            year -= 100
+    try:
+        when = datetime(
+            year,
+            _MONTHS[match["month"]],
+            int(match["day"]),
+            int(match["hour"]),
+            int(match["minute"]),
+            59 if match["second"] == "60" else int(match["second"]),  # a leap second
+            tzinfo=UTC,
+        )
+    except ValueError:  # 31 Feb, hour 25
+        return None
+    return when.timestamp()
 
 
 def retry_after(headers: Mapping[str, str], now: float) -> float | None:
@@ -337,12 +393,12 @@ def retry_after(headers: Mapping[str, str], now: float) -> float | None:
     ``X-RateLimit-Reset`` (epoch seconds) are read against the response's own ``Date`` header
     when present, so a skewed local clock does not matter. ``now`` is ``time.time()``.
     """
-    server_now = _http_date(_header(headers, "Date")) or now
+    server_now = _http_date(_header(headers, "Date"), now) or now
     raw = _header(headers, "Retry-After")
     seconds = _number(raw)
     if seconds is not None:
-        return max(seconds, 0.0)
-    when = _http_date(raw)
+        return seconds
+    when = _http_date(raw, now)
     if when is not None:
         return max(when - server_now, 0.0)
     reset = _number(_header(headers, "X-RateLimit-Reset"))

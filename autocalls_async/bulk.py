@@ -17,6 +17,11 @@ so a million-row generator never becomes a million tasks; calls for one customer
 input order (the client serialises each conversation in call order, and the runner starts
 calls in input order). Each row yields exactly one ``BulkResult``: a reply or a typed error.
 
+Rows that would only pay to learn the same failure are not sent (see ``BulkRunner``): the run
+stops at the first ``INSUFFICIENT_BALANCE``, 401 or ``BudgetExceededError`` (``stop_on``), and
+after an ``ASSISTANT_NOT_FOUND`` the remaining rows of that assistant fail as
+``SkippedAssistantError`` without being sent (``skip_unknown_assistants``).
+
 ``run.stop()`` stops gracefully: no new row is pulled, the client is closed so that calls still
 waiting for a slot fail at once with ``ClientClosedError`` (nothing was sent: run them again
 later), and calls already sent finish and are yielded. Cancelling the task that iterates stops
@@ -27,10 +32,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
+    Callable,
+    Collection,
     Iterable,
     Iterator,
     Mapping,
@@ -39,15 +47,18 @@ from typing import Any, Final
 
 import attrs
 
-from ._client import AsyncAutocalls
+from ._client import AsyncAutocalls, on_send
 from ._errors import (
     APIConnectionError,
     APIError,
     APIResponseValidationError,
     APITimeoutError,
+    AssistantNotFoundError,
     AuthenticationError,
     AutocallsError,
+    BudgetExceededError,
     ClientClosedError,
+    InsufficientBalanceError,
     InternalServerError,
     InvalidRequestError,
     LimiterUnavailableError,
@@ -63,10 +74,12 @@ from ._wire import build_request
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
+    "DEFAULT_STOP_ON",
     "BulkRequest",
     "BulkResult",
     "BulkRunner",
     "RowId",
+    "SkippedAssistantError",
     "error_code",
     "generated_requests",
 ]
@@ -79,6 +92,13 @@ RowId = int | str
 #: draw from at once; 32 covers 5 requests/s with 5 s replies, far more than the documented limit
 #: needs, while keeping memory flat and a graceful stop quick.
 DEFAULT_CONCURRENCY: Final = 32
+
+#: Errors after which every following row would fail the same way: the run stops sending.
+DEFAULT_STOP_ON: Final[tuple[type[AutocallsError], ...]] = (
+    InsufficientBalanceError,
+    AuthenticationError,
+    BudgetExceededError,
+)
 
 _REQUIRED: Final = ("assistant_id", "customer_identifier", "message")
 _END: Final = object()
@@ -187,12 +207,32 @@ class BulkResult:
         """False when the error proves nothing reached the server (safe to send again)."""
         if self.error is None:
             return True
+        if isinstance(self.error, SkippedAssistantError | BudgetExceededError):
+            return False
         if isinstance(self.error, APIConnectionError):
             return self.error.sent
         return not isinstance(
             self.error,
             InvalidRequestError | ClientClosedError | RateLimitTimeout | LimiterUnavailableError,
         )
+
+    @property
+    def maybe_processed(self) -> bool:
+        """True unless the row certainly was not processed (message appended, call billed).
+
+        An answer was processed; a refusal by the service (4xx, a 429, a 503) or an error
+        before sending was not; a 5xx, a bad 2xx body, a timeout or a connection lost after
+        the request was written may have been. The bulk command does not send such rows again
+        unless asked (``--retry-unsafe-failed``).
+        """
+        error = self.error
+        if error is None:
+            return True
+        if not self.sent:
+            return False
+        if isinstance(error, APIError) and not isinstance(error, APIResponseValidationError):
+            return error.status >= 500 and error.status != 503
+        return True
 
     def to_json(self) -> dict[str, Any]:
         """The row's line in a bulk run's JSONL output."""
@@ -217,10 +257,33 @@ class BulkResult:
         line["error_code"] = "INVALID_ROW" if invalid else error_code(error)
         line["error_type"] = type(error).__name__
         line["status"] = error.status if isinstance(error, APIError) else None
+        line["sent"] = self.sent
+        line["maybe_processed"] = self.maybe_processed
         return line
 
 
+class SkippedAssistantError(AutocallsError):
+    """Not sent: this run already learned that the row's assistant does not exist.
+
+    ``BulkRunner(skip_unknown_assistants=True)`` fails the remaining rows of an assistant that
+    answered ``ASSISTANT_NOT_FOUND`` with this error (``error_code``
+    ``SKIPPED_ASSISTANT_NOT_FOUND``) instead of paying a rate-limit slot per row to learn it
+    again. ``cause`` is the id of the row that got the answer.
+    """
+
+    def __init__(self, assistant_id: int, cause: RowId) -> None:
+        super().__init__(
+            f"not sent: assistant {assistant_id} answered ASSISTANT_NOT_FOUND for row {cause} "
+            "of this run; fix the assistant id (or create the assistant), then send the rows "
+            "again (bulk --retry-failed)"
+        )
+        self.assistant_id = assistant_id
+        self.cause = cause
+
+
 _CODES: Final[tuple[tuple[type[AutocallsError], str], ...]] = (
+    (SkippedAssistantError, "SKIPPED_ASSISTANT_NOT_FOUND"),
+    (BudgetExceededError, "BUDGET_EXCEEDED"),
     (InvalidRequestError, "INVALID_REQUEST"),
     (RateLimitTimeout, "RATE_LIMIT_TIMEOUT"),
     (ClientClosedError, "NOT_SENT"),
@@ -262,6 +325,24 @@ class BulkRunner(AsyncClosing):
     At most ``concurrency`` rows are in the runner at a time (sent, or waiting in the client
     for their conversation's turn or a rate-limit slot); the next row is pulled when one ends.
     Use ``async with`` so that an early exit cancels what is left.
+
+    Stopping early, so as not to pay for failures known in advance:
+
+    * ``stop_on`` (default ``DEFAULT_STOP_ON``: ``InsufficientBalanceError``,
+      ``AuthenticationError``, ``BudgetExceededError``): the first row failing with one of these
+      stops the run as ``stop()`` does: no new row is pulled, calls already sent finish and are
+      yielded, calls still waiting for a slot end with ``ClientClosedError`` (nothing sent). A
+      ``BudgetExceededError`` does not close the client: calls already holding budget still go.
+      ``stopped_by`` is then the result that stopped the run. ``stop_on=()`` sends every row.
+    * ``skip_unknown_assistants`` (default True): each assistant is first tried with one row;
+      its other rows wait in the runner (they count in ``concurrency``) until that row is
+      answered. If it answers ``ASSISTANT_NOT_FOUND``, every other row of the assistant fails
+      with ``SkippedAssistantError`` without being sent (``unknown_assistants`` lists them);
+      any other error tries the next row. With replies quicker than the rate limit's interval
+      this costs no throughput; ``False`` sends every row.
+
+    ``client.normalize_identifier`` (e.g. ``e164("US")``) is checked when a row is pulled, so a
+    refused identifier fails that row alone, named, before anything is sent.
     """
 
     def __init__(
@@ -270,11 +351,32 @@ class BulkRunner(AsyncClosing):
         rows: Rows,
         *,
         concurrency: int = DEFAULT_CONCURRENCY,
+        stop_on: Collection[type[AutocallsError]] = DEFAULT_STOP_ON,
+        skip_unknown_assistants: bool = True,
+        on_send: Callable[[BulkRequest], None] | None = None,
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise InvalidRequestError(f"concurrency must be an int >= 1, got {concurrency!r}")
+        stop_on = tuple(stop_on)
+        if not all(isinstance(cls, type) and issubclass(cls, AutocallsError) for cls in stop_on):
+            raise InvalidRequestError(
+                f"stop_on must be AutocallsError subclasses, e.g. DEFAULT_STOP_ON, got {stop_on!r}"
+            )
+        self.stop_on: tuple[type[AutocallsError], ...] = stop_on
+        self.skip_unknown_assistants = skip_unknown_assistants
+        #: The result whose error (one of ``stop_on``) stopped the run, if one did.
+        self.stopped_by: BulkResult | None = None
+        #: Assistants that answered ASSISTANT_NOT_FOUND in this run -> the row that learned it.
+        self.unknown_assistants: dict[int, RowId] = {}
+        self._confirmed: set[int] = set()  # assistants that answered a row
+        self._probing: dict[int, deque[BulkRequest]] = {}  # rows held behind a first row
+        self._held = 0
         self.client = client
         self.concurrency = concurrency
+        #: Called once per row, synchronously, just before its first attempt is handed to the
+        #: transport (after its rate-limit slot): a journal can record "may have been sent"
+        #: before it is true. If it raises, the row is not sent and the run stops with it.
+        self.on_send = on_send
         self._rows = rows
         self._pending: set[asyncio.Task[BulkResult]] = set()
         self._stopping = False
@@ -329,7 +431,10 @@ class BulkRunner(AsyncClosing):
         failure: Exception | None = None
         try:
             while True:
-                while not (exhausted or self._stopping) and len(self._pending) < self.concurrency:
+                while (
+                    not (exhausted or self._stopping)
+                    and len(self._pending) + self._held < self.concurrency
+                ):
                     try:
                         item = await anext(rows, _END)
                     except Exception as exc:  # the input broke: finish what was sent, then raise
@@ -340,11 +445,16 @@ class BulkRunner(AsyncClosing):
                         break
                     self.pulled += 1
                     request = _as_request(item, self.pulled)
-                    invalid = _check(request)
+                    invalid = _check(request) or self._check_identifier(request)
                     if invalid is not None:
                         yield BulkResult(request, error=invalid)
                     else:
-                        self._pending.add(asyncio.create_task(self._call(request)))
+                        skipped = self._admit(request)
+                        if skipped is not None:
+                            yield skipped
+                if self._stopping:
+                    for result in self._release_held():
+                        yield result
                 if not self._pending:
                     break  # exhausted or stopping, and nothing left in flight
                 done, self._pending = await asyncio.wait(
@@ -354,14 +464,108 @@ class BulkRunner(AsyncClosing):
                     result = task.result()
                     if isinstance(result.error, ClientClosedError):
                         self._stopping = True  # closed under us: pulling more would only fail
+                    follow = self._after(result)
                     yield result
+                    for skipped in follow:
+                        yield skipped
         finally:
             await self._cancel_pending()
             await rows.aclose()
         if failure is not None:
             raise failure
 
+    # -- stopping early (issue 14) ----------------------------------------------------------
+
+    def _check_identifier(self, request: BulkRequest) -> InvalidRequestError | None:
+        """The client's ``normalize_identifier``, applied now so a refused row fails alone."""
+        if self.client.normalize_identifier is None:
+            return None
+        try:
+            self.client.normalize(request.customer_identifier)
+        except InvalidRequestError as exc:
+            return InvalidRequestError(f"row {_name(request)}: {exc}")
+        return None
+
+    def _admit(self, request: BulkRequest) -> BulkResult | None:
+        """Start the row's call, hold it behind its assistant's first row, or skip it."""
+        assistant = request.assistant_id
+        if self.skip_unknown_assistants and assistant not in self._confirmed:
+            if assistant in self.unknown_assistants:
+                return self._skipped(request)
+            held = self._probing.get(assistant)
+            if held is not None:
+                held.append(request)
+                self._held += 1
+                return None
+            self._probing[assistant] = deque()  # this row is the assistant's first
+        self._start(request)
+        return None
+
+    def _start(self, request: BulkRequest) -> None:
+        self._pending.add(asyncio.create_task(self._call(request)))
+
+    def _skipped(self, request: BulkRequest) -> BulkResult:
+        cause = self.unknown_assistants[request.assistant_id]
+        return BulkResult(request, error=SkippedAssistantError(request.assistant_id, cause))
+
+    def _after(self, result: BulkResult) -> list[BulkResult]:
+        """React to a finished row: stop the run; confirm, refuse or retry its assistant."""
+        error = result.error
+        if self.stopped_by is None and isinstance(error, self.stop_on):
+            self.stopped_by = result
+            self.stop(close_client=not isinstance(error, BudgetExceededError))
+        assistant = result.request.assistant_id
+        held = self._probing.get(assistant)
+        if held is None:
+            if self.skip_unknown_assistants and isinstance(error, AssistantNotFoundError):
+                self._confirmed.discard(assistant)  # deleted during the run: skip what follows
+                self.unknown_assistants.setdefault(assistant, result.id)
+            return []
+        if isinstance(error, AssistantNotFoundError):
+            del self._probing[assistant]
+            self.unknown_assistants[assistant] = result.id
+            self._held -= len(held)
+            return [self._skipped(request) for request in held]
+        if self._stopping:
+            return []  # _release_held ends the rows held
+        if error is None or not held:
+            del self._probing[assistant]
+            if error is None:
+                self._confirmed.add(assistant)
+            rows = list(held)
+        else:  # another error says nothing about the assistant: try its next row
+            rows = [held.popleft()]
+        self._held -= len(rows)
+        for request in rows:
+            self._start(request)
+        return []
+
+    def _release_held(self) -> list[BulkResult]:
+        """The run stops: rows held behind an assistant's first row end as not sent."""
+        results = [
+            BulkResult(request, error=ClientClosedError("the run stopped before this row was sent"))
+            for held in self._probing.values()
+            for request in held
+        ]
+        self._probing.clear()
+        self._held = 0
+        return results
+
     async def _call(self, request: BulkRequest) -> BulkResult:
+        sent = False
+        hook_error: BaseException | None = None
+
+        def sending() -> None:
+            nonlocal sent, hook_error
+            if not sent and self.on_send is not None:
+                try:
+                    self.on_send(request)
+                except BaseException as exc:  # the row is not sent; remembered to re-raise
+                    hook_error = exc
+                    raise
+            sent = True
+
+        on_send.set(sending)  # this task's own context: other rows are not affected
         try:
             reply = await self.client.generate_reply(
                 assistant_id=request.assistant_id,
@@ -371,6 +575,17 @@ class BulkRunner(AsyncClosing):
             )
         except AutocallsError as exc:
             return BulkResult(request, error=exc)
+        except Exception as exc:
+            if exc is hook_error:
+                raise  # the journal failed: the run cannot keep its promise, stop it
+            # Anything else is this row's failure, never the run's death; say whether it
+            # may have been sent.
+            text = f"row {_name(request)}: unexpected {type(exc).__name__}: {exc}"
+            if not sent:
+                return BulkResult(request, error=InvalidRequestError(f"{text}; nothing was sent"))
+            return BulkResult(
+                request, error=APIConnectionError(f"{text}; it may have been sent", sent=True)
+            )
         return BulkResult(request, reply=reply)
 
 
@@ -398,6 +613,20 @@ async def _pull(rows: Rows) -> AsyncGenerator[object, None]:
 
 
 def _as_request(item: object, position: int) -> BulkRequest:
+    try:
+        return _to_request(item, position)
+    except Exception as exc:  # a Mapping whose get() fails, a str subclass that breaks...
+        return BulkRequest(
+            position,
+            0,
+            "",
+            "",
+            row=position,
+            problem=f"the row could not be read ({type(exc).__name__}: {exc})",
+        )
+
+
+def _to_request(item: object, position: int) -> BulkRequest:
     if isinstance(item, BulkRequest):
         return item if item.row is not None else attrs.evolve(item, row=position)
     if isinstance(item, Mapping):
@@ -420,6 +649,8 @@ def _check(request: BulkRequest) -> InvalidRequestError | None:
         )
     except InvalidRequestError as exc:
         return InvalidRequestError(f"row {_name(request)}: {exc}")
+    except Exception as exc:  # a BulkRequest built by hand with fields of the wrong type
+        return InvalidRequestError(f"row {_name(request)}: {type(exc).__name__}: {exc}")
     return None
 
 

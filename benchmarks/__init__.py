@@ -22,6 +22,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "waiting": ("benchmarks.waiting", "100,000 calls waiting on one token"),
     "bulk": ("benchmarks.bulk", "the bulk runner over 10,000 and 100,000 rows"),
     "distributed": ("benchmarks.distributed", "N processes sharing RedisRateLimiter"),
+    "deployments": (
+        "benchmarks.deployments",
+        "3 processes: host store and Redis, strict and no-burst",
+    ),
 }
 
 

@@ -16,9 +16,14 @@ FAST_RETRIES = RetryPolicy(backoff_base=0.01, backoff_max=0.02)
 
 
 @pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _clean_env(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
     for name in ("AUTOCALLS_API_TOKEN", "AUTOCALLS_BASE_URL", "AUTOCALLS_LOG"):
         monkeypatch.delenv(name, raising=False)
+    # The default limiter is host-wide and its files outlive a run: each test gets its own
+    # directory (children inherit it), so no test sees another's pauses or schedule.
+    monkeypatch.setenv("AUTOCALLS_LIMITER_DIR", str(tmp_path_factory.mktemp("limiter")))
     yield
 
 

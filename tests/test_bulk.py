@@ -23,7 +23,7 @@ from autocalls_async import (
     RateLimitTimeout,
     UnprocessableEntityError,
 )
-from autocalls_async._bulkio import IdSet, InputError, InputFile, ResultLog, Skips
+from autocalls_async._bulkio import InputError, InputFile, Ledger, ResultLog
 from autocalls_async.bulk import (
     BulkRequest,
     BulkResult,
@@ -198,7 +198,13 @@ async def test_stop_finishes_calls_in_flight_and_sends_nothing_new(make_client: 
 async def test_cancelling_the_consumer_cancels_every_call(make_client: Maker) -> None:
     """Cancelling the iterating task stops at once and leaves no task behind."""
     async with MockAutocalls(rate_limit=None, reply_delay=5.0) as slow:
-        runner = BulkRunner(make_client(slow.base_url), generated_requests(50), concurrency=5)
+        # Without the first-row probe, so that 5 rows go out at once (probing: test_cost_bulk).
+        runner = BulkRunner(
+            make_client(slow.base_url),
+            generated_requests(50),
+            concurrency=5,
+            skip_unknown_assistants=False,
+        )
 
         async def consume() -> list[BulkResult]:
             return await collect(runner)
@@ -305,6 +311,8 @@ def test_result_lines() -> None:
         "error_code": "SERVER_ERROR",
         "error_type": "InternalServerError",
         "status": 500,
+        "sent": True,
+        "maybe_processed": True,
     }
     assert BulkResult(request, error=APIConnectionError("x", sent=True)).sent
     assert not BulkResult(request, error=APIConnectionError("x", sent=False)).sent
@@ -330,12 +338,11 @@ def test_csv_rows(tmp_path: Path) -> None:
         "12x,+2,Hi,,,\n"
         '123,+3,Hi,"{bad",,\n'
         "123,+4,,,,\n"
-        '123,+5,Hi,"[1]",Jane,Oslo\n'
-        "123,+6,Hi,,,,,\n",
+        '123,+5,Hi,"[1]",Jane,Oslo\n',
     )
     source = InputFile(path, extra_as_variables=True)
     source.check()
-    assert source.rows == 6
+    assert source.rows == 5
     rows = list(source)
     assert source.extra_columns == ("name", "city")
     first = rows[0]
@@ -347,7 +354,6 @@ def test_csv_rows(tmp_path: Path) -> None:
     assert "variables is not valid JSON" in problems[1]
     assert "missing message" in problems[2]
     assert "variables must be a JSON object" in problems[3]
-    assert "8 cells but the header names 6 columns" in problems[4]
 
 
 def test_jsonl_rows(tmp_path: Path) -> None:
@@ -407,49 +413,65 @@ def test_unreadable_files_are_refused(tmp_path: Path) -> None:
 
 
 def test_check_counts_rows_done_before(tmp_path: Path) -> None:
-    """check(skips) counts the rows answered or failed by earlier runs."""
-    path = write(tmp_path, "in.csv", "assistant_id,customer_identifier,message\n1,+1,a\n1,+1,b\n")
+    """check(ledger) counts the rows answered, failed or possibly processed by earlier runs."""
+    path = write(
+        tmp_path, "in.csv", "assistant_id,customer_identifier,message\n1,+1,a\n1,+1,b\n1,+1,c\n"
+    )
     source = InputFile(path)
-    source.check(Skips(answered={1}, failed={2, 9}))
-    assert (source.rows, source.already_answered, source.already_failed) == (2, 1, 1)
+    keys = [key for _, key in source.keyed()]
+    ledger = Ledger()
+    ledger.note(keys[0], 1, {"ok": True}, 1)
+    ledger.note(keys[1], 2, {"ok": False, "maybe_processed": False}, 2)
+    ledger.note(keys[2], 3, {"sending": True}, 3)
+    source.check(ledger)
+    assert (source.rows, source.already_answered, source.already_failed) == (3, 1, 1)
+    assert source.uncertain == 1
 
 
 # -- the output log ---------------------------------------------------------------------------
 
 
 def test_result_log_resumes_after_a_cut_line(tmp_path: Path) -> None:
-    """A truncated last line is ignored and the next line starts on a fresh line."""
+    """Old lines (no key) are kept by id; a truncated last line is ignored and the next line
+    starts on a fresh line; an answer beats any failure, otherwise the last line says."""
     out = tmp_path / "out.jsonl"
     out.write_text(
-        '{"id": 1, "ok": false, "error": "x"}\n'
+        '{"id": 1, "ok": false, "error": "x", "error_code": "NOT_SENT"}\n'
         '{"id": 2, "ok": true}\n'
         '{"id": 1, "ok": true}\n'
-        '{"id": 3, "ok": false}\n'
+        '{"id": 3, "ok": false, "status": 404}\n'
+        '{"id": 5, "ok": false, "status": 500}\n'
+        '{"id": 6, "ok": false, "error_code": "TIMEOUT"}\n'
         '["not", "a", "row"]\n'
         '{"id": 4, "ok": tr'
     )
     log = ResultLog(out, fsync=True)
-    skips = log.read()
-    assert skips.answered == {1, 2}
-    assert skips.failed == {3}
-    assert skips.unreadable_lines == 2
     log.open()
-    log.write(BulkResult(BulkRequest(4, 123, "+1", "é"), error=ClientClosedError("x")))
+    ledger = log.read()
+    assert {i: e.state for i, e in ledger.legacy.items()} == {
+        1: "answered",
+        2: "answered",
+        3: "failed",  # the service refused it: safe to send again
+        5: "uncertain",  # a 500 may have been processed
+        6: "uncertain",
+    }
+    assert ledger.unreadable_lines == 2
+    log.write(BulkResult(BulkRequest(4, 123, "+1", "é"), error=ClientClosedError("x")), "k.1")
     log.close()
     lines = out.read_text(encoding="utf-8").splitlines()
     assert lines[-2] == '{"id": 4, "ok": tr'
-    assert json.loads(lines[-1])["id"] == 4
-    assert ResultLog(out).read().failed == {3, 4}
+    assert json.loads(lines[-1])["key"] == "k.1"
+    assert ResultLog(out).read().by_key["k.1"].state == "failed"
 
 
-def test_result_log_is_locked_and_missing_is_empty(tmp_path: Path) -> None:
+def test_result_log_is_locked_before_it_is_read(tmp_path: Path) -> None:
     """A second writer is refused; a missing output means nothing was done yet."""
     out = tmp_path / "out.jsonl"
-    assert ResultLog(out).read() == Skips()
+    assert ResultLog(out).read() == Ledger()
     first = ResultLog(out)
     first.open()
     try:
-        with pytest.raises(InputError, match="another run"):
+        with pytest.raises(InputError, match="being written by another run"):
             ResultLog(out).open()
     finally:
         first.close()
@@ -463,12 +485,12 @@ async def test_result_lines_of_a_real_run_round_trip(
     """Lines written from real results parse back into the same answered/failed sets."""
     log = ResultLog(tmp_path / "out.jsonl")
     log.open()
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"id": "ok", "assistant_id": 123, "customer_identifier": "+1", "message": "book it"},
         {"id": "nf", "assistant_id": 5, "customer_identifier": "+1", "message": "m"},
     ]
     for result in await collect(BulkRunner(make_client(server.base_url), rows)):
-        log.write(result)
+        log.write(result, f"{result.id}.1")
     log.close()
     text = (tmp_path / "out.jsonl").read_text(encoding="utf-8")
     lines = {line["id"]: line for line in map(json.loads, text.splitlines())}
@@ -476,7 +498,8 @@ async def test_result_lines_of_a_real_run_round_trip(
     assert lines["ok"]["conversation_id"] == server.conversations[(123, "+1")].conversation_id
     assert lines["nf"]["error_code"] == "ASSISTANT_NOT_FOUND"
     assert lines["nf"]["status"] == 404
-    assert ResultLog(tmp_path / "out.jsonl").read() == Skips({"ok"}, {"nf"}, 0)
+    ledger = ResultLog(tmp_path / "out.jsonl").read()
+    assert {k: e.state for k, e in ledger.by_key.items()} == {"ok.1": "answered", "nf.1": "failed"}
 
 
 def test_distinct_ids_with_equal_hashes_are_accepted(tmp_path: Path) -> None:
@@ -492,18 +515,77 @@ def test_distinct_ids_with_equal_hashes_are_accepted(tmp_path: Path) -> None:
     assert source.rows == 3
 
 
-def test_id_set() -> None:
-    """Row numbers are bits, other ids a set; membership is exact for both."""
-    ids = IdSet([3, 3, "3", 1 << 30, True])
-    assert len(ids) == 4
-    assert 3 in ids and "3" in ids and (1 << 30) in ids and 4 not in ids and 1.5 not in ids
-    ids.discard(3)
-    ids.discard(3)
-    ids.discard("nope")
-    assert ids == {"3", 1 << 30, True}
-    assert ids != [1]
-    ids.add(900)
-    assert sorted(i for i in ids if isinstance(i, int)) == [True, 900, 1 << 30]
-    assert "900" in repr(ids)
-    ids.clear()
-    assert len(ids) == 0 and ids == IdSet()
+# -- issue 10: per-row errors never kill the run; on_send marks the moment of sending ----------
+
+
+async def test_any_per_row_error_is_that_rows_failure(
+    server: MockAutocalls, make_client: Maker
+) -> None:
+    """A Mapping variables value json.dumps cannot take (MappingProxyType, nested ChainMap)
+    used to escape as a bare TypeError and kill the run; a row whose mapping breaks, or a
+    hand-made request of the wrong types, now fails alone and the other rows are answered."""
+    from collections import ChainMap
+    from types import MappingProxyType
+
+    class BrokenRow(dict[str, Any]):
+        def get(self, key: str, default: Any = None) -> Any:
+            raise RuntimeError("the database cursor went away")
+
+    rows: list[Any] = [
+        {
+            **rows_for(1, 1)[0],
+            "id": "proxy",
+            "variables": MappingProxyType({"a": ChainMap({"b": 1})}),
+        },
+        BrokenRow(),
+        BulkRequest("typed", 123, "+1", "m", variables={"x": {1, 2}}),  # type: ignore[dict-item]
+        {
+            **rows_for(1, 1)[0],
+            "id": "bad key",
+            "variables": ChainMap({"k": MappingProxyType({2: 3})}),
+        },
+        {**rows_for(1, 1)[0], "id": "fine", "message": "still answered"},
+    ]
+    results = {
+        result.id: result
+        for result in await collect(BulkRunner(make_client(server.base_url), rows))
+    }
+    assert results["proxy"].ok
+    assert server.conversations[(123, "+15550000000")].variables == {"a": {"b": 1}}
+    assert results["fine"].ok
+    broken = results[2]
+    assert isinstance(broken.error, InvalidRequestError) and not broken.sent
+    assert "could not be read (RuntimeError: the database cursor went away)" in str(broken.error)
+    assert isinstance(results["typed"].error, InvalidRequestError)
+    assert "variables['x'] is a set" in str(results["typed"].error)
+    assert isinstance(results["bad key"].error, InvalidRequestError)
+    assert len(server.requests) == 2
+
+
+async def test_on_send_is_called_once_per_row_just_before_it_leaves(
+    server: MockAutocalls, make_client: Maker
+) -> None:
+    """on_send runs once per sent row (not per retry), before the server sees the request;
+    rows that fail before sending never call it; if it raises, the row is not sent and the
+    run stops with that error."""
+    from autocalls_async.testing import Fault
+
+    server.inject(Fault.status(503), times=1)
+    seen: list[tuple[Any, int]] = []
+
+    def on_send(request: BulkRequest) -> None:
+        seen.append((request.id, len(server.requests)))
+
+    rows = [*rows_for(2, 1), {"assistant_id": 123, "customer_identifier": "", "message": "x"}]
+    client = make_client(server.base_url)
+    results = await collect(BulkRunner(client, rows, concurrency=1, on_send=on_send))
+    assert sorted(r.ok for r in results) == [False, True, True]  # the invalid row fails alone
+    assert seen == [("r0-0", 0), ("r0-1", 2)]  # the 503 retry did not call it again
+    assert client.stats.retries == 1
+
+    def failing(request: BulkRequest) -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        await collect(BulkRunner(make_client(server.base_url), rows_for(1, 1), on_send=failing))
+    assert len(server.requests) == 3

@@ -82,14 +82,18 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
-def read_lines(path: Path) -> list[dict[str, Any]]:
-    """The complete JSON lines of an output file (none if it does not exist yet)."""
+def read_lines(path: Path, *, sending: bool = False) -> list[dict[str, Any]]:
+    """The complete result lines of an output file (none if it does not exist yet); with
+    ``sending``, the journal's "about to send" lines instead (never its withdrawals,
+    ``"sending": false``, which are not result lines either)."""
     lines: list[dict[str, Any]] = []
     if not path.exists():
         return lines
     for line in path.read_text(encoding="utf-8").splitlines():
         with contextlib.suppress(ValueError):
-            lines.append(json.loads(line))
+            data = json.loads(line)
+            if data.get("sending") is True if sending else "sending" not in data:
+                lines.append(data)
     return lines
 
 
@@ -309,8 +313,8 @@ def test_bulk_writes_a_line_per_row_and_resumes(
     asks for."""
     source = write_csv(tmp_path / "in.csv", bulk_rows())
     out = tmp_path / "out.jsonl"
-    argv = ["bulk", str(source), "--out", str(out), "--rate-limit", "none"]
-    assert main([*argv, "--vars-from-columns"]) == 1
+    argv = ["bulk", str(source), "--out", str(out), "--rate-limit", "none", "--vars-from-columns"]
+    assert main(argv) == 1
     lines = {line["id"]: line for line in read_lines(out)}
     assert len(lines) == 9
     assert lines["r5"]["error_code"] == "INVALID_ROW"
@@ -330,9 +334,11 @@ def test_bulk_writes_a_line_per_row_and_resumes(
     emulator.assistants.add(999)
     assert main([*argv, "--retry-failed"]) == 1  # the invalid row fails again
     assert emulator.count() == sent + 1  # only r7: an invalid row is never sent
-    skips = ResultLog(out).read()
-    assert skips.answered == {f"r{n}" for n in range(1, 10)} - {"r5"}
-    assert skips.failed == {"r5"}
+    states = {e.id: e.state for e in ResultLog(out).read().by_key.values()}
+    assert {i for i, state in states.items() if state == "answered"} == {
+        f"r{n}" for n in range(1, 10)
+    } - {"r5"}
+    assert states["r5"] == "failed"
 
 
 def test_bulk_jsonl_all_answered_exits_0(
@@ -549,9 +555,10 @@ async def wait_for_lines(out: Path, count: int, process: asyncio.subprocess.Proc
 
 @pytest.mark.slow
 async def test_sigkill_sigint_resume_exactly_once(tmp_path: Path) -> None:
-    """SIGKILL mid-run, resume, SIGINT, resume: every row answered once with its own reply;
-    only the calls in flight at the SIGKILL were sent twice, none after the SIGINT, each
-    customer's order kept, no 429."""
+    """SIGKILL mid-run, resume, SIGINT, resume: no message is sent twice. The rows in flight
+    at the SIGKILL are reported (they may have been processed) rather than sent again; only
+    --retry-unsafe-failed sends them again. Every row is answered once with its own reply,
+    each customer's order kept, no 429."""
     customers = [f"+1555{c:04d}" for c in range(5)]
     rows = [
         {"assistant_id": 123, "customer_identifier": customers[n % 5], "message": f"msg {n + 1}"}
@@ -590,10 +597,21 @@ async def test_sigkill_sigint_resume_exactly_once(tmp_path: Path) -> None:
         assert sorted(int(m.split()[1]) for m in sent_second) == sorted(written_second)
         assert len(written_first) + len(written_second) < 40  # the third run has work left
 
-        # 3. Resume to the end.
+        # 3. Resume to the end: the rows cut off by the SIGKILL are reported, not resent.
         third = await run_cli(*argv, **env)
-        assert third.code == 0, third.err
+        assert third.code == 1, third.err
         assert "0 429s received" in third.out
+        journal = {line["row"] for line in read_lines(out, sending=True)}
+        cut_off = journal - {line["row"] for line in read_lines(out)}
+        assert {f"msg {row}" for row in cut_off} >= in_flight_at_kill
+        assert f"{len(cut_off)} rows may have been processed by an earlier run" in third.out
+        everything = processed()
+        assert len(everything) == len(set(everything))  # no message twice
+        assert len(read_lines(out)) == 40 - len(cut_off)
+
+        # 4. Asked to, send them again: those the service had processed are then sent twice.
+        fourth = await run_cli(*argv, "--retry-unsafe-failed", **env)
+        assert fourth.code == 0, fourth.err
 
         lines = read_lines(out)
         assert sorted(line["row"] for line in lines) == list(range(1, 41))  # exactly once
@@ -615,12 +633,16 @@ async def test_sigkill_sigint_resume_exactly_once(tmp_path: Path) -> None:
 async def test_sigterm_then_sigint_stops_at_once(tmp_path: Path) -> None:
     """SIGTERM stops gracefully; a second signal stops at once: exit 130, nothing half-done
     is written, and a rerun sends the rows again."""
+    # One assistant per row: bulk holds an assistant's other rows until its first is answered
+    # (skipping unknown assistants), and here all six must be in flight at once.
     rows = [
-        {"assistant_id": 123, "customer_identifier": f"+1{n}", "message": "m"} for n in range(6)
+        {"assistant_id": 100 + n, "customer_identifier": f"+1{n}", "message": "m"} for n in range(6)
     ]
     source = write_csv(tmp_path / "in.csv", rows)
     out = tmp_path / "out.jsonl"
-    async with MockAutocalls(rate_limit=None, reply_delay=30.0) as server:
+    async with MockAutocalls(
+        rate_limit=None, reply_delay=30.0, assistants=range(100, 106)
+    ) as server:
         env = {"AUTOCALLS_API_TOKEN": TOKEN, "AUTOCALLS_BASE_URL": server.base_url}
         process = await start_cli(
             "bulk",

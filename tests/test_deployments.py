@@ -46,14 +46,6 @@ SPACING = RATE.period / RATE.requests  # what a no-burst server needs between tw
 JITTER = 0.003  # loopback and timer noise allowed on top of the margin, per gap
 
 
-@pytest.fixture(autouse=True)
-def _host_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Every test gets its own host-limiter directory (children inherit it)."""
-    directory = tmp_path / "limiter"
-    monkeypatch.setenv("AUTOCALLS_LIMITER_DIR", str(directory))
-    return directory
-
-
 @pytest.fixture
 async def strict() -> AsyncIterator[MockAutocalls]:
     """The emulator as a strict rolling-window server: 5 per rolling second, per token."""

@@ -25,6 +25,8 @@ CONTRACT = {
     "RateLimitError",
     "InternalServerError",
     "APIResponseValidationError",
+    "Budget",
+    "BudgetExceededError",
 }
 
 
@@ -43,6 +45,7 @@ def test_error_tree_matches_the_contract() -> None:
         sdk.InvalidRequestError: (sdk.AutocallsError, ValueError),
         sdk.RateLimitTimeout: (sdk.AutocallsError, TimeoutError),
         sdk.ClientClosedError: (sdk.AutocallsError,),
+        sdk.BudgetExceededError: (sdk.AutocallsError,),
         sdk.APIConnectionError: (sdk.AutocallsError,),
         sdk.APITimeoutError: (sdk.APIConnectionError, TimeoutError),
         sdk.APIError: (sdk.AutocallsError,),
@@ -65,7 +68,15 @@ def test_value_types_are_frozen_slotted_attrs() -> None:
     """Reply, FunctionCall and RateLimit are frozen attrs classes with slots."""
     import attrs
 
-    for cls in (sdk.Reply, sdk.FunctionCall, sdk.RateLimit, sdk.Conversation):
+    for cls in (
+        sdk.Reply,
+        sdk.FunctionCall,
+        sdk.RateLimit,
+        sdk.Conversation,
+        sdk.Budget,
+        sdk.Usage,
+        sdk.AssistantUsage,
+    ):
         assert attrs.has(cls)
         assert "__slots__" in cls.__dict__
     limit = sdk.RateLimit(5, 60.0)

@@ -280,7 +280,8 @@ def test_good_input_is_encoded_as_strict_compact_json() -> None:
     [
         ({"Retry-After": "42"}, 42.0),
         ({"retry-after": "1.5"}, 1.5),
-        ({"Retry-After": "-3"}, 0.0),
+        ({"Retry-After": "-3"}, None),  # not delay-seconds (1*DIGIT): the policy's backoff
+        ({"Retry-After": " 7 "}, 7.0),
         ({"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}, 0.0),  # a date in the past
         (
             {
@@ -343,3 +344,161 @@ def test_excerpt_is_short_and_single_line() -> None:
     assert excerpt(b"<html><title> Oops </title></html>", "text/html") == "Oops"
     long = excerpt(b"word " * 1000)
     assert len(long) == 200 and long.endswith("…")
+
+
+# -- Retry-After per RFC 9110 (issue 10, item 9) ----------------------------------------------
+
+DATE = "Wed, 21 Oct 2015 07:28:00 GMT"
+DATE_EPOCH = datetime(2015, 10, 21, 7, 28, tzinfo=UTC).timestamp()
+
+
+@pytest.mark.parametrize(
+    "retry",
+    [
+        "Wed, 21 Oct 2015 07:29:30 GMT",  # IMF-fixdate
+        "Wednesday, 21-Oct-15 07:29:30 GMT",  # obsolete RFC 850
+        "Wed Oct 21 07:29:30 2015",  # obsolete asctime: no zone written, GMT all the same
+    ],
+)
+def test_retry_after_http_dates_are_gmt(retry: str) -> None:
+    """All three HTTP date forms of RFC 9110 are read as GMT: 90 s after the server's Date."""
+    assert retry_after({"Retry-After": retry, "Date": DATE}, NOW) == 90.0
+
+
+def test_asctime_with_a_one_digit_day_and_two_digit_years() -> None:
+    """asctime pads the day with a space; an RFC 850 year more than 50 years ahead is past."""
+    headers = {"Retry-After": "Sun Nov  6 08:49:37 1994", "Date": "Sun, 06 Nov 1994 08:49:00 GMT"}
+    assert retry_after(headers, NOW) == 37.0
+    # NOW is in 2026: "94" is 1994 (2094 would be more than 50 years ahead), "70" is 2070.
+    old = {"Retry-After": "Sunday, 06-Nov-94 08:49:37 GMT", "Date": "Sun, 06 Nov 1994 08:49:00 GMT"}
+    assert retry_after(old, NOW) == 37.0
+    ahead = {
+        "Retry-After": "Thursday, 01-Jan-70 00:00:10 GMT",
+        "Date": "Thu, 01 Jan 2070 00:00:00 GMT",
+    }
+    assert retry_after(ahead, NOW) == 10.0
+
+
+def test_retry_after_dates_ignore_the_local_time_zone(tmp_path: Path) -> None:
+    """In a UTC-8 zone an asctime date was read as local time (28,830 s instead of 30):
+    checked in a child process whose TZ is America/Los_Angeles."""
+    import subprocess
+    import sys
+
+    code = (
+        "import time; from autocalls_async._wire import retry_after;"
+        "assert time.localtime(0).tm_gmtoff == -8 * 3600, time.localtime(0);"
+        "print(retry_after({'Retry-After': 'Wed Oct 21 07:28:30 2015',"
+        f" 'Date': {DATE!r}}}, {NOW}),"
+        "      retry_after({'Retry-After': 'Wed Oct 21 07:28:30 2015'},"
+        f" {DATE_EPOCH}))"
+    )
+    env = {"TZ": "America/Los_Angeles", "PATH": "/usr/bin:/bin"}
+    run = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["30.0", "30.0"]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "1_000",  # float() accepts it
+        "\u0661\u0662",  # Arabic-Indic digits: float() accepts them too
+        "\uff11\uff12",  # full-width digits
+        "1e3",
+        "inf",
+        "0x10",
+        "+5",
+        "5.",
+        ".5",
+        "Wed, 21 Oct 2015 07:28:30 UTC",  # HTTP dates are GMT, written GMT
+        "Wed, 21 Oct 2015 25:28:30 GMT",
+        "Wed, 31 Feb 2015 07:28:30 GMT",
+        "2015-10-21T07:28:30Z",
+    ],
+)
+def test_retry_after_refuses_what_rfc_9110_does_not_allow(value: str) -> None:
+    """Only ASCII digits with an optional fraction, or an RFC 9110 date: anything else is
+    ignored (the policy's own backoff applies) rather than misread."""
+    assert retry_after({"Retry-After": value, "Date": DATE}, NOW) is None
+    assert retry_after({"X-RateLimit-Reset": value}, NOW) is None
+
+
+def test_retry_after_keeps_a_fraction_and_a_leap_second() -> None:
+    assert retry_after({"Retry-After": "0.25"}, NOW) == 0.25
+    leap = {"Retry-After": "Wed, 31 Dec 2014 23:59:60 GMT", "Date": "Wed, 31 Dec 2014 23:59:00 GMT"}
+    assert retry_after(leap, NOW) == 59.0
+
+
+# -- any Mapping in variables (issue 10, item 8) ----------------------------------------------
+
+
+def test_any_mapping_in_variables_is_encoded() -> None:
+    """MappingProxyType, a nested ChainMap, a custom Mapping, tuples and IntEnum values are
+    sent as plain JSON; json.dumps alone raised a bare TypeError on them."""
+    import enum
+    from collections import ChainMap, OrderedDict
+    from collections.abc import Iterator, Mapping
+    from types import MappingProxyType
+
+    class Frozen(Mapping[str, Any]):
+        def __init__(self, **data: Any) -> None:
+            self._data = data
+
+        def __getitem__(self, key: str) -> Any:
+            return self._data[key]
+
+        def __iter__(self) -> Iterator[str]:
+            return iter(self._data)
+
+        def __len__(self) -> int:
+            return len(self._data)
+
+    class Level(enum.IntEnum):
+        GOLD = 3
+
+    variables = MappingProxyType(
+        {
+            "plan": ChainMap({"tier": "gold"}, {"tier": "silver", "seats": 2}),
+            "tags": ("a", MappingProxyType({"b": 1})),
+            "custom": Frozen(level=Level.GOLD, ok=True),
+            "ordered": OrderedDict(x=1.5),
+        }
+    )
+    body = json.loads(build_request(123, "+1", "m", variables).body)
+    assert body["variables"] == {
+        "plan": {"tier": "gold", "seats": 2},
+        "tags": ["a", {"b": 1}],
+        "custom": {"level": 3, "ok": True},
+        "ordered": {"x": 1.5},
+    }
+    assert build_request(123, "+1", "m", ChainMap({"a": 1})).body.endswith(b'"variables":{"a":1}}')
+
+
+def test_a_mapping_that_cannot_be_encoded_is_an_invalid_request() -> None:
+    """Non-str keys inside a nested Mapping, a set, a Mapping whose items() fails: all are
+    InvalidRequestError naming the path, never a bare TypeError."""
+    from collections import ChainMap
+    from collections.abc import Iterator, Mapping
+    from types import MappingProxyType
+
+    class Broken(Mapping[str, Any]):
+        def __getitem__(self, key: str) -> Any:
+            raise KeyError(key)
+
+        def __iter__(self) -> Iterator[str]:
+            return iter(["x"])
+
+        def __len__(self) -> int:
+            return 1
+
+    cases = [
+        (ChainMap({"a": MappingProxyType({1: "x"})}), "variables['a'] has a key 1"),
+        (MappingProxyType({"s": {1, 2}}), "variables['s'] is a set"),
+        ({"b": Broken()}, "variables['b'] could not be read as a mapping"),
+    ]
+    for variables, words in cases:
+        with pytest.raises(InvalidRequestError, match=words.replace("[", r"\[")):
+            build_request(123, "+1", "m", variables)

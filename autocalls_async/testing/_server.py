@@ -39,6 +39,10 @@ from ._laravel import (
 from ._state import Conversation, RequestRecord, Responder, Turn, default_responder
 
 ENDPOINT: Final = "/api/ai/generate-reply"
+#: Not part of the service: the emulator's own state (GET) and balance top-up (POST), so that
+#: a test or a person driving ``autocalls-async mock-server`` from a shell can read and change it.
+ADMIN_STATE: Final = "/_emulator/state"
+ADMIN_TOP_UP: Final = "/_emulator/top-up"
 #: nginx's default ``client_max_body_size`` (1 MiB): bigger bodies get nginx's 413 page.
 MAX_BODY: Final = 1024 * 1024
 #: The service's documented limit, reported by ``Fault.rate_limited`` when no throttle is set.
@@ -176,6 +180,8 @@ class MockAutocalls:
         self._charged = 0
         self.app = web.Application(client_max_size=MAX_BODY, middlewares=[_route_errors])
         self.app.router.add_post(ENDPOINT, self._handle)
+        self.app.router.add_get(ADMIN_STATE, self._state)
+        self.app.router.add_post(ADMIN_TOP_UP, self._top_up)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -274,6 +280,46 @@ class MockAutocalls:
             if (status is None or record.status == status)
             and (processed is None or record.processed == processed)
         )
+
+    def top_up(self, replies: int) -> int:
+        """Pay for ``replies`` more replies (the account was topped up); return the balance left.
+
+        With an unlimited balance (``balance=None``) there is nothing to top up: ValueError.
+        """
+        if isinstance(replies, bool) or not isinstance(replies, int) or replies < 1:
+            raise ValueError(f"replies must be an int >= 1, got {replies!r}")
+        if self.balance is None:
+            raise ValueError("the balance is unlimited (balance=None): nothing to top up")
+        self.balance = max(self.balance, self._charged) + replies
+        remaining = self.balance_remaining
+        assert remaining is not None
+        return remaining
+
+    def state(self) -> dict[str, Any]:
+        """Counters for a test or a shell: what ``GET /_emulator/state`` answers."""
+        return {
+            "requests": len(self.requests),
+            "processed": self.count(processed=True),
+            "replies_served": self.replies_served,
+            "balance": self.balance,
+            "balance_remaining": self.balance_remaining,
+            "conversations": len(self.conversations),
+            "by_status": {
+                str(status): self.count(status)
+                for status in sorted({r.status for r in self.requests if r.status is not None})
+            },
+        }
+
+    async def _state(self, request: web.Request) -> web.Response:
+        return _json(200, self.state())
+
+    async def _top_up(self, request: web.Request) -> web.Response:
+        data, _ = parse_input(await request.read(), request.content_type)
+        try:
+            self.top_up(data.get("replies"))  # type: ignore[arg-type]  # checked there
+        except ValueError as exc:
+            return _json(422, {"message": str(exc)})
+        return _json(200, self.state())
 
     def reset(self) -> None:
         """Forget requests, conversations, throttle history, charges and faults (queued and

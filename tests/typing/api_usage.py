@@ -11,8 +11,11 @@ import aiohttp
 
 from autocalls_async import (
     APIError,
+    AssistantUsage,
     AsyncAutocalls,
     AutocallsError,
+    Budget,
+    BudgetExceededError,
     ClientStats,
     Conversation,
     ConversationStore,
@@ -27,7 +30,9 @@ from autocalls_async import (
     Reply,
     RetryPolicy,
     UnprocessableEntityError,
+    Usage,
 )
+from autocalls_async.identifiers import Normalizer, e164, email
 
 
 async def web_handler(client: AsyncAutocalls, text: str) -> str:
@@ -103,3 +108,24 @@ async def several_workers() -> None:
 
 def no_limiter() -> AsyncAutocalls:
     return AsyncAutocalls("token", rate_limit=None, timeout=None)
+
+
+async def cost_control() -> int:
+    normalize: Normalizer = e164("US")
+    by_mail: Normalizer = email()
+    async with AsyncAutocalls(
+        "token", budget=Budget(replies=100), normalize_identifier=normalize
+    ) as client:
+        try:
+            await client.generate_reply(
+                assistant_id=1, customer_identifier="415-555-1234", message="m"
+            )
+        except BudgetExceededError as exc:
+            print(exc)
+        usage: Usage = client.usage
+        left: int | None = usage.remaining
+        per: dict[int, AssistantUsage] = usage.by_assistant
+        spelled: str = client.normalize("(415) 555-1234")
+        budget: Budget | None = client.budget
+        del left, per, spelled, budget, by_mail
+        return usage.sent + usage.billed + usage.possibly_billed + usage.refused + usage.charged
