@@ -179,9 +179,9 @@ def test_every_shape_keeps_every_promise(
         # FIFO within a lane, per process.
         order = {index: n for n, (index, _) in enumerate(grants)}
         for (i, a), (j, b) in itertools.combinations(enumerate(calls), 2):
-            if i in order and j in order and a["process"] == b["process"]:
-                if a["lane"] == b["lane"] and arrived[i] + EPS < arrived[j]:
-                    assert order[i] < order[j], (i, j)
+            same_queue = a["process"] == b["process"] and a["lane"] == b["lane"]
+            if i in order and j in order and same_queue and arrived[i] + EPS < arrived[j]:
+                assert order[i] < order[j], (i, j)
         # Lanes: with no share owed, background never goes while an interactive call waits.
         # (A process stalled or dead past QUEUE_GRACE stops holding others back, by design;
         # here every simulated process shares one loop, so a stall stalls them all.)
