@@ -33,7 +33,7 @@ import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, Self, TypeVar, runtime_checkable
 
 from . import _schedule as schedule
 from ._errors import InvalidRequestError, LimiterUnavailableError, RateLimitTimeout
@@ -436,7 +436,7 @@ class Limiter:
         """Where the schedule is shared: "process", "host" or "redis"."""
         return self.store.kind
 
-    async def __aenter__(self) -> Limiter:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

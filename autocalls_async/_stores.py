@@ -15,6 +15,7 @@ path costs no task switch; a busy lock or a network store is awaited (``update``
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import fcntl
@@ -220,8 +221,6 @@ class FileStore:
             self._lock.release()
 
     async def update(self, key: str, update: Update[T]) -> T:
-        import asyncio
-
         delay = 0.0002
         give_up = time.monotonic() + LOCK_TIMEOUT
         while True:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import json
 import logging
 import socket
@@ -91,6 +93,37 @@ async def test_two_limiters_share_one_schedule(redis_server: RedisServer, prefix
     assert min(gaps) >= rate.period / rate.requests - EPS  # what a no-burst server needs
     assert statistics.median(gaps) == pytest.approx(rate.interval, abs=0.02)
     assert starts[-1] - t0 < 11 * rate.interval + 0.5  # the full rate
+
+
+@pytest.mark.parametrize(("limiters", "late"), [(6, 0.03), (2, 0.86), (3, 0.65), (4, 0.45)])
+async def test_many_limiters_and_one_late_send(
+    redis_server: RedisServer, prefix: str, limiters: int, late: float
+) -> None:
+    """Issue 9's first shape: N limiters, each with a caller always waiting, one send late."""
+    rate = RateLimit(5, 1.0)
+    loop = asyncio.get_running_loop()
+    starts: list[float] = []
+    async with contextlib.AsyncExitStack() as stack:
+        pool = [
+            await stack.enter_async_context(
+                RedisRateLimiter(redis_server.url, rate_limit=rate, prefix=prefix)
+            )
+            for _ in range(limiters)
+        ]
+
+        async def worker(limiter: RedisRateLimiter, index: int) -> None:
+            for call in range(3):
+                async with limiter.slot("tok") as slot:
+                    if index == 0 and call == 1:
+                        await asyncio.sleep(late)  # a slow TLS handshake, say
+                    starts.append(loop.time())
+                    slot.sent()
+
+        await asyncio.gather(*(worker(limiter, n) for n, limiter in enumerate(pool)))
+    assert len(starts) == 3 * limiters
+    assert_rolling(starts, rate)
+    starts.sort()
+    assert min(b - a for a, b in itertools.pairwise(starts)) >= 0.2 - EPS
 
 
 async def test_fifo_within_a_process(redis_server: RedisServer, prefix: str) -> None:
