@@ -561,14 +561,27 @@ class Limiter:
             self._outage(exc)
             if self.fallback is None:
                 raise
+            # The fallback does not know this process's last start or pause: wait for them.
+            await self._own_floor(key, deadline)
             async with self.fallback.slot(key, deadline=deadline, priority=priority) as slot:
                 yield slot
+            queue = self._front().queue(key)  # as if it was sent: the store will not know
+            queue.own_next = max(queue.own_next, self._front().loop.time() + self.rules.min_gap)
             return
         self._recovered()
         try:
             yield grant
         finally:
             await grant.finish()
+
+    async def _own_floor(self, key: str, deadline: float | None) -> None:
+        front = self._front()
+        queue = front.queue(key)
+        wait = max(queue.own_next, queue.own_pause) - front.loop.time()
+        if wait > 0:
+            if deadline is not None and front.loop.time() + wait > deadline:
+                raise self._timeout(wait)
+            await asyncio.sleep(wait)
 
     async def pause(self, key: str, seconds: float) -> None:
         """Pause this token everywhere it is shared: nobody starts until ``seconds`` passed."""
@@ -599,8 +612,7 @@ class Limiter:
         lane = int(priority)
         if deadline is not None:
             try:
-                # The store's round trip is not a wait for a slot: max_wait=0 may still ask.
-                async with asyncio.timeout_at(max(deadline, loop.time() + _ROUND_TRIP_GRACE)):
+                async with asyncio.timeout_at(_grace(deadline, loop)):
                     await self._check_deadline(front, queue, key, deadline, lane)
             except RateLimitTimeout:
                 raise  # with its detail: how far away the next slot is
@@ -613,18 +625,21 @@ class Limiter:
             ticket = f"{front.who}#{next(front.tickets)}"
             queue.asking = True
             try:
-                answer = await self._apply(
-                    front,
-                    key,
-                    functools.partial(
-                        schedule.grant,
-                        rules=self.rules,
-                        who=front.who,
-                        where=front.where,
-                        ticket=ticket,
-                        lanes=_alone(lane, arrival),
-                    ),
-                )
+                async with asyncio.timeout_at(_grace(deadline, loop)):
+                    answer = await self._apply(
+                        front,
+                        key,
+                        functools.partial(
+                            schedule.grant,
+                            rules=self.rules,
+                            who=front.who,
+                            where=front.where,
+                            ticket=ticket,
+                            lanes=_alone(lane, arrival),
+                        ),
+                    )
+            except TimeoutError:
+                raise self._timeout(None) from None
             finally:
                 queue.asking = False
                 queue.interrupt()
@@ -728,6 +743,15 @@ class Limiter:
                     poll = _POLL_MIN
                     queue.next_free = now + wait
                 await self._sleep(queue, wait)
+                if not queue.total() and queue.holding is None:
+                    # We may have told the store about callers who then gave up: take it back,
+                    # or other processes would count them ahead of their own max_wait.
+                    with contextlib.suppress(Exception):
+                        await self._apply(
+                            front,
+                            key,
+                            functools.partial(schedule.withdraw, rules=self.rules, who=front.who),
+                        )
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the store failed: every waiter hears it
@@ -752,6 +776,12 @@ class Limiter:
 
 
 _HOST = socket.gethostname()
+
+
+def _grace(deadline: float | None, loop: asyncio.AbstractEventLoop) -> float | None:
+    """A caller's deadline for a store round trip: that is not a wait for a slot, so even
+    ``max_wait=0`` may ask once."""
+    return None if deadline is None else max(deadline, loop.time() + _ROUND_TRIP_GRACE)
 
 
 def _forget_the_dead(state: schedule.TokenState) -> None:

@@ -85,6 +85,7 @@ __all__ = [
     "renew",
     "sent",
     "unregister",
+    "withdraw",
 ]
 
 _NEVER = -math.inf
@@ -374,6 +375,12 @@ def pause(state: TokenState, now: float, rules: Rules, *, seconds: float) -> flo
     _settle(state, now, rules)
     state.pause = max(state.pause, now + seconds)
     return state.pause - now
+
+
+def withdraw(state: TokenState, now: float, rules: Rules, *, who: str) -> None:
+    """Nobody waits at ``who`` any more (its callers were served or gave up)."""
+    _settle(state, now, rules)
+    state.queued.pop(who, None)
 
 
 def unregister(state: TokenState, now: float, rules: Rules, *, who: str) -> None:

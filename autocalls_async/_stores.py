@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from ._errors import LimiterUnavailableError
+from ._log import logger
 from ._schedule import TokenState
 
 __all__ = ["FileStore", "MemoryStore", "Store", "default_host_directory"]
@@ -38,7 +39,7 @@ __all__ = ["FileStore", "MemoryStore", "Store", "default_host_directory"]
 T = TypeVar("T")
 Update = Callable[[TokenState, float], T]
 
-#: Past this many seconds a busy host lock is an outage, not contention (a stopped process).
+#: Past this many seconds of a busy host lock, a WARNING says so (a stopped process?).
 LOCK_TIMEOUT = 2.0
 _OPEN_FILES = 64
 _MAX_STATE = 1 << 20
@@ -214,6 +215,13 @@ class FileStore:
             except OSError as exc:
                 raise self._unavailable("locking", exc) from exc
             try:
+                if os.fstat(fd).st_nlink == 0:
+                    # Deleted (rm -rf, a tmp cleaner, logind at logout): the others now use a new
+                    # file at the same path. Join them, never keep a schedule of our own.
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                    self._forget(key)
+                    fd = self._fd(key)
+                    fcntl.flock(fd, fcntl.LOCK_EX)  # a fresh file: held for microseconds
                 return True, self._apply(fd, update)
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
@@ -221,20 +229,32 @@ class FileStore:
             self._lock.release()
 
     async def update(self, key: str, update: Update[T]) -> T:
+        """Wait for the lock as long as it takes: a process holding it is alive (the kernel
+        drops the locks of a dead one), so sending without it would break the limit. Callers
+        bound the wait with their ``max_wait``."""
         delay = 0.0002
-        give_up = time.monotonic() + LOCK_TIMEOUT
+        warn_at = time.monotonic() + LOCK_TIMEOUT
         while True:
             done, result = self.try_update(key, update)
             if done:
                 return result  # type: ignore[return-value]
-            if time.monotonic() > give_up:
-                raise LimiterUnavailableError(
-                    f"the host rate limiter's file for this token in {self.directory} stayed "
-                    f"locked for over {LOCK_TIMEOUT:g}s (a process stopped while holding it?); "
-                    "nothing was sent"
+            if warn_at and time.monotonic() > warn_at:
+                warn_at = 0.0
+                logger.warning(
+                    "the host rate limiter's file for a token in %s has been locked for over "
+                    "%gs by another process (stopped, or stalled?); waiting for it",
+                    self.directory,
+                    LOCK_TIMEOUT,
                 )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.01)
+
+    def _forget(self, key: str) -> None:
+        fd = self._files.pop(key, None)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._ready = False  # the directory may be gone too
 
     def _apply(self, fd: int, update: Update[T]) -> T:
         try:

@@ -146,6 +146,9 @@ class Transport:
                     headers=self._headers,
                     timeout=self.timeout,
                     allow_redirects=False,
+                    # Whatever the caller's session says: every status is ours to read (a 429
+                    # must pause the token, a 4xx is a typed error, not a connection failure).
+                    raise_for_status=False,
                 )
             async with request as response:
                 return response.status, response.headers, await self._read(response)

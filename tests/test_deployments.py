@@ -27,6 +27,7 @@ import aiohttp
 import pytest
 
 from autocalls_async import (
+    AssistantNotFoundError,
     AsyncAutocalls,
     HostRateLimiter,
     InvalidRequestError,
@@ -465,3 +466,123 @@ async def test_a_directory_others_can_write_is_refused(tmp_path: Path) -> None:
         with pytest.raises(LimiterUnavailableError, match="writable by others"):
             async with limiter.slot("tok"):
                 pytest.fail("must not be granted")
+
+
+# ---------------------------------------------------------------------- found in review
+
+
+def token_file(token: str) -> Path:
+    import hashlib
+
+    name = hashlib.sha256(token.encode()).hexdigest()[:16]
+    return Path(os.environ["AUTOCALLS_LIMITER_DIR"]) / f"{name}.json"
+
+
+async def test_a_stalled_lock_holder_makes_others_wait_not_fall_back(
+    strict: MockAutocalls, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A process holding the host file's lock for 2.5 s (stopped, stalled): the others wait for
+    it (one WARNING) instead of falling back to a per-process limiter at the full rate."""
+    caplog.set_level(logging.WARNING, logger="autocalls_async")
+    path = token_file("stalled")
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "import fcntl, os, sys, time\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(2.5)\n",
+        str(path),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert holder.stdout is not None
+    assert (await asyncio.wait_for(holder.stdout.readline(), 30)).strip() == b"locked"
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    async with AsyncAutocalls("stalled", base_url=strict.base_url, rate_limit=RATE) as client:
+        await asyncio.gather(
+            *(
+                client.generate_reply(assistant_id=123, customer_identifier=f"s{n}", message="x")
+                for n in range(3)
+            )
+        )
+    await holder.wait()
+    assert loop.time() - began >= 2.0  # nothing went out while the lock was held
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("locked for over" in m for m in messages), messages
+    assert not any("unavailable" in m for m in messages), messages
+    check_arrivals([r.time for r in strict.requests])
+
+
+async def test_a_deleted_host_file_is_noticed(open_server: MockAutocalls) -> None:
+    """`rm -rf` of the limiter directory between calls: a long-lived process joins the new file
+    that a newcomer creates, instead of keeping a schedule of its own."""
+    import shutil
+
+    async with (
+        HostRateLimiter(rate_limit=RATE) as old,
+        HostRateLimiter(rate_limit=RATE) as new,
+        AsyncAutocalls("deleted", base_url=open_server.base_url, limiter=old) as veteran,
+        AsyncAutocalls("deleted", base_url=open_server.base_url, limiter=new) as newcomer,
+    ):
+        await veteran.generate_reply(assistant_id=123, customer_identifier="v0", message="x")
+        shutil.rmtree(os.environ["AUTOCALLS_LIMITER_DIR"])
+        # The newcomer creates a new file. The veteran's start in the old one is lost (as in a
+        # Redis flush): give it one period, then both must share one schedule again.
+        await newcomer.generate_reply(assistant_id=123, customer_identifier="n", message="x")
+        await asyncio.sleep(RATE.period + 0.1)
+        since = asyncio.get_running_loop().time()
+        await asyncio.gather(
+            *(
+                client.generate_reply(
+                    assistant_id=123, customer_identifier=f"{name}{n}", message="x"
+                )
+                for n in range(3)
+                for name, client in (("v", veteran), ("n", newcomer))
+            )
+        )
+    check_arrivals([r.time for r in open_server.requests if r.time >= since])
+
+
+async def test_callers_who_gave_up_do_not_count_ahead(open_server: MockAutocalls) -> None:
+    """Another process queued 10 calls and cancelled them: a max_wait beside it is not refused
+    for callers who are gone."""
+    async with (
+        HostRateLimiter(rate_limit=RATE) as theirs,
+        AsyncAutocalls("gone", base_url=open_server.base_url, limiter=theirs) as other,
+        AsyncAutocalls("gone", base_url=open_server.base_url, rate_limit=RATE) as web,
+    ):
+        queued = [
+            asyncio.create_task(
+                other.generate_reply(assistant_id=123, customer_identifier=f"g{n}", message="x")
+            )
+            for n in range(10)
+        ]
+        await asyncio.sleep(0.1)
+        for task in queued:
+            task.cancel()
+        await asyncio.gather(*queued, return_exceptions=True)
+        await asyncio.sleep(0.05)
+        await web.generate_reply(
+            assistant_id=123, customer_identifier="w", message="x", max_wait=0.5
+        )
+
+
+async def test_a_callers_session_that_raises_for_status(strict: MockAutocalls) -> None:
+    """session=ClientSession(raise_for_status=True): a 429 still pauses and is retried, and a
+    404 is still a typed error."""
+    strict.inject(Fault.rate_limited(retry_after=1))
+    async with (
+        aiohttp.ClientSession(raise_for_status=True) as session,
+        AsyncAutocalls(
+            "strict-session", base_url=strict.base_url, rate_limit=RATE, session=session
+        ) as client,
+    ):
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        await client.generate_reply(assistant_id=123, customer_identifier="a", message="x")
+        assert client.stats.rate_limited == 1 and loop.time() - began >= 1.0 - JITTER
+        with pytest.raises(AssistantNotFoundError):
+            await client.generate_reply(assistant_id=999, customer_identifier="a", message="x")

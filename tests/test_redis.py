@@ -330,6 +330,24 @@ async def test_unreachable_redis_raises_clearly_and_hides_the_password(
     assert "s3cret" not in caplog.text
 
 
+async def test_a_busy_redis_keeps_max_wait(redis_server: RedisServer, prefix: str) -> None:
+    """Redis paused for 0.8 s (CLIENT PAUSE, as a slow script would): max_wait=0.3 holds."""
+    loop = asyncio.get_running_loop()
+    async with (
+        Redis.from_url(redis_server.url) as admin,
+        RedisRateLimiter(redis_server.url, prefix=prefix) as limiter,
+    ):
+        async with limiter.slot("warm") as slot:  # connections made, scripts loaded
+            slot.sent()
+        await admin.execute_command("CLIENT", "PAUSE", 800)
+        started = loop.time()
+        with pytest.raises(RateLimitTimeout):
+            async with limiter.slot("tok", deadline=started + 0.3):
+                pytest.fail("must not be granted")
+        assert loop.time() - started < 0.3 + 0.1 + 0.1
+        await asyncio.sleep(0.9)
+
+
 @pytest.fixture
 def silent_port() -> Iterator[int]:
     """A port that accepts connections (in the backlog) and never answers: a hung Redis."""
