@@ -233,7 +233,7 @@ class _Queue:
 class _Front:
     """One limiter's presence in one event loop: its id in the store and its queues."""
 
-    __slots__ = ("loop", "offset", "queues", "tickets", "used", "where", "who")
+    __slots__ = ("answered_at", "loop", "offset", "queues", "tickets", "used", "where", "who")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         host = socket.gethostname()
@@ -244,6 +244,7 @@ class _Front:
         self.tickets = itertools.count(1)
         self.used: set[str] = set()  # keys registered in the store, to unregister on close
         self.offset = 0.0  # store clock minus loop clock, from the last store operation
+        self.answered_at = 0.0  # loop clock: when the store read its clock for that operation
 
     def queue(self, key: str) -> _Queue:
         queue = self.queues.get(key)
@@ -530,7 +531,10 @@ class Limiter:
             ) from None
         front.used.add(key)
         if seen:
-            front.offset = seen[-1] - (asked + loop.time()) / 2
+            # The store read its clock about halfway through the round trip: waits it answers
+            # count from there, not from when the answer arrived.
+            front.answered_at = (asked + loop.time()) / 2
+            front.offset = seen[-1] - front.answered_at
         return result  # type: ignore[return-value]
 
     def _timeout(self, wait: float | None, ahead: int = 0) -> RateLimitTimeout:
@@ -739,9 +743,10 @@ class Limiter:
                     poll = min(poll * 2, _POLL_MAX)
                     queue.next_free = max(now + answer.wait, now + self.rules.min_gap)
                 else:
-                    wait = max(answer.wait, floor - now)
+                    due = max(front.answered_at + answer.wait, floor)
+                    wait = due - loop.time()
                     poll = _POLL_MIN
-                    queue.next_free = now + wait
+                    queue.next_free = due
                 await self._sleep(queue, wait)
                 if not queue.total() and queue.holding is None:
                     # We may have told the store about callers who then gave up: take it back,

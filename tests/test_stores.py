@@ -1,0 +1,239 @@
+"""The stores and the limiter front on their failure paths: a store that fails while a grant
+is out, a store that always needs a round trip, a host file that is corrupt, from another boot,
+held by another process, or inherited across a fork."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from autocalls_async import HostRateLimiter, LocalRateLimiter, RateLimit
+from autocalls_async import _stores as stores
+from autocalls_async._ratelimit import Limiter, _Grant
+from autocalls_async._schedule import TokenState
+from autocalls_async._stores import FileStore, MemoryStore
+
+from .virtual_time import run_virtual, stall
+
+T = TypeVar("T")
+RATE = RateLimit(5, 1.0)
+KEY = "token"
+
+
+class Flaky(MemoryStore):
+    """A process store that can be told to fail, or to answer only after a round trip."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        super().__init__(clock)
+        self.failing = False
+        self.remote = False
+
+    def try_update(
+        self, key: str, update: Callable[[TokenState, float], T]
+    ) -> tuple[bool, T | None]:
+        if self.failing:
+            raise RuntimeError("store down")
+        if self.remote:
+            return False, None
+        return super().try_update(key, update)
+
+    async def update(self, key: str, update: Callable[[TokenState, float], T]) -> T:
+        await asyncio.sleep(0.001)  # a round trip
+        if self.failing:
+            raise RuntimeError("store down")
+        return await super().update(key, update)
+
+
+def test_a_failed_report_counts_as_a_start_at_the_lease_end(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The store fails as the start is reported: logged, and the next grant waits for the
+    lease to run out plus one gap (the worst case: a write at the lease's very end)."""
+    caplog.set_level(logging.WARNING, logger="autocalls_async")
+
+    async def scenario() -> float:
+        loop = asyncio.get_running_loop()
+        store = Flaky(loop.time)
+        limiter = Limiter(store, RATE, lease=1.0)
+        grant = await limiter.acquire(KEY)
+        store.failing = True
+        grant.sent()
+        store.failing = False
+        began = loop.time()
+        async with limiter.slot(KEY) as slot:
+            slot.sent()
+        return loop.time() - began
+
+    assert run_virtual(scenario) == pytest.approx(1.0 + RATE.interval, abs=0.06)
+    assert "could not be reported" in caplog.text
+
+
+def test_reports_and_renewals_through_a_store_that_needs_round_trips() -> None:
+    """A store that always needs a round trip (like Redis): reports and renewals run as tasks,
+    the spacing holds, a slow connect keeps its grant, and aclose() waits for the reports."""
+
+    async def scenario() -> list[float]:
+        loop = asyncio.get_running_loop()
+        store = Flaky(loop.time)
+        store.remote = True
+        starts: list[float] = []
+        async with Limiter(store, RATE, lease=1.0) as limiter:
+
+            async def one(delay: float) -> None:
+                async with limiter.slot(KEY) as slot:
+                    await asyncio.sleep(delay)  # 2.5 s: renewed twice, as tasks
+                    assert isinstance(slot, _Grant) and slot.may_send()
+                    starts.append(loop.time())
+                    slot.sent()
+
+            await asyncio.gather(one(2.5), one(0.0), one(0.0))
+        return starts
+
+    starts = run_virtual(scenario)
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    # Never closer than the schedule allows; late by at most a few 1 ms round trips.
+    assert all(RATE.interval - 0.002 <= gap <= RATE.interval + 0.004 for gap in gaps), gaps
+
+
+def test_failed_renewals_and_a_lost_lease(caplog: pytest.LogCaptureFixture) -> None:
+    """Renewals that fail are logged and the lease runs out; a holder whose loop stalled past
+    its lease learns at the next renewal that it lost it, and may never write on it."""
+    caplog.set_level(logging.WARNING, logger="autocalls_async")
+
+    async def scenario() -> tuple[bool, bool, bool]:
+        loop = asyncio.get_running_loop()
+        store = Flaky(loop.time)
+        limiter = Limiter(store, RATE, lease=1.0)
+        failed = await limiter.acquire(KEY)
+        store.failing = True
+        await asyncio.sleep(0.5)  # a renewal fails
+        store.failing = False
+        expired = failed.may_send()
+        await asyncio.sleep(0.6)
+        after_lease = failed.may_send()
+        failed.give_back()
+        await asyncio.sleep(1.5)
+        stalled = await limiter.acquire(KEY)
+        stall(1.5)  # past the lease: the renewal that was due could not run
+        await asyncio.sleep(0.4)  # it runs now, and hears the lease is gone
+        lost = stalled.may_send()
+        stalled.give_back()
+        store.remote = True
+        remote = await limiter.acquire(KEY)
+        store.failing = True
+        await asyncio.sleep(0.4)  # a renewal as a task, failing
+        store.failing = False
+        remote.give_back()
+        await limiter.aclose()
+        return expired, after_lease, lost
+
+    expired, after_lease, lost = run_virtual(scenario)
+    assert expired is True  # still within the lease measured before the failure
+    assert after_lease is False and lost is False
+    assert caplog.text.count("could not be reported") >= 2
+
+
+def test_a_store_that_fails_while_callers_wait(caplog: pytest.LogCaptureFixture) -> None:
+    """Every waiter hears the store's failure; the fallback is used where there is one."""
+
+    async def scenario() -> list[str]:
+        loop = asyncio.get_running_loop()
+        store = Flaky(loop.time)
+        limiter = Limiter(store, RATE, lease=1.0)
+        first = await limiter.acquire(KEY)
+        waiters = [asyncio.create_task(limiter.acquire(KEY)) for _ in range(3)]
+        await asyncio.sleep(0)
+        store.failing = True
+        first.sent()  # fails too: logged
+        results = await asyncio.gather(*waiters, return_exceptions=True)
+        return [type(r).__name__ for r in results]
+
+    assert run_virtual(scenario) == ["RuntimeError"] * 3
+
+
+def test_limiter_arguments_are_checked() -> None:
+    store = MemoryStore()
+    with pytest.raises(TypeError, match="rate_limit"):
+        Limiter(store, "5/60")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="lease"):
+        Limiter(store, RATE, lease=0.1)
+    with pytest.raises(ValueError, match="background_share"):
+        Limiter(store, RATE, background_share=-1)
+    assert repr(LocalRateLimiter(RATE)) == "<LocalRateLimiter process 5/1s>"
+    host = HostRateLimiter("/some/where", rate_limit=RATE)
+    assert host.path == "/some/where" and repr(host) == "<HostRateLimiter /some/where 5/1s>"
+    assert host.kind == "host"
+
+
+# ---------------------------------------------------------------------- the host file
+
+
+def test_a_corrupt_or_foreign_boot_file_starts_afresh(tmp_path: Path) -> None:
+    """An unreadable file, or one written before a reboot, is a fresh schedule (each process
+    still keeps its own last start); a big stale file is truncated when rewritten."""
+    store = FileStore(tmp_path, clock=lambda: 100.0)
+    path = tmp_path / f"{KEY}.json"
+
+    def due() -> float:
+        return store.try_update(KEY, lambda state, now: state.due)[1]  # type: ignore[return-value]
+
+    store.try_update(KEY, lambda state, now: setattr(state, "due", 150.0))
+    assert due() == 150.0
+    for garbage in (b"{not json", b'{"boot": null, "state": {"due": "x"}}', b"[]"):
+        path.write_bytes(garbage)
+        assert due() == -float("inf")
+    store.try_update(KEY, lambda state, now: setattr(state, "due", 150.0))
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "boot": "another-boot", "state": {"due": 150.0}}))
+    assert due() == -float("inf")
+    path.write_text(json.dumps({"boot": data["boot"], "state": {"due": 1e9}}))  # a clock reset
+    assert due() == -float("inf")
+    path.write_bytes(b" " * 100_000)
+    store.try_update(KEY, lambda state, now: setattr(state, "due", 150.0))
+    assert path.stat().st_size < 1000
+
+
+def test_a_busy_lock_is_waited_for_and_a_forked_child_reopens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another descriptor holds the lock: try_update says so without blocking; update() waits,
+    warns once, and goes on when it is released. After a fork the child opens its own files."""
+    caplog.set_level(logging.WARNING, logger="autocalls_async")
+    monkeypatch.setattr(stores, "LOCK_TIMEOUT", 0.05)
+    store = FileStore(tmp_path, clock=None)
+    assert store.try_update(KEY, lambda state, now: None) == (True, None)
+    other = os.open(tmp_path / f"{KEY}.json", os.O_RDWR)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    assert store.try_update(KEY, lambda state, now: None) == (False, None)
+    threading.Timer(0.2, lambda: fcntl.flock(other, fcntl.LOCK_UN)).start()
+
+    async def wait() -> Any:
+        return await store.update(KEY, lambda state, now: "done")
+
+    assert asyncio.run(wait()) == "done"
+    os.close(other)
+    assert "locked for over" in caplog.text
+    before = store._files[KEY]
+    store._pid = -1  # as if this were a forked child
+    assert store.try_update(KEY, lambda state, now: "child") == (True, "child")
+    assert store._files[KEY] != before
+    os.close(before)
+    asyncio.run(store.aclose())
+    assert not store._files
+
+
+def test_many_tokens_keep_a_bounded_number_of_open_files(tmp_path: Path) -> None:
+    store = FileStore(tmp_path, clock=None)
+    for n in range(stores._OPEN_FILES + 10):
+        store.try_update(f"token{n}", lambda state, now: None)
+    assert len(store._files) == stores._OPEN_FILES
+    asyncio.run(store.aclose())
