@@ -2,8 +2,9 @@
 
 Optional (the ``otel`` extra installs opentelemetry-api only) and free when unused: nothing of
 OpenTelemetry is imported until the app has imported it itself, and nothing is recorded while the
-API's default providers (the proxy, or a no-op) are in place. Then a call costs one dict lookup
-and one context variable read per step. An app that sets an SDK ``TracerProvider`` or
+API's default providers (the proxy, or a no-op) are in place. A call then costs a dict lookup
+(OpenTelemetry not imported) or asking the API for its two providers (~1 µs), and a context
+variable read per step. An app that sets an SDK ``TracerProvider`` or
 ``MeterProvider``, at start-up or later, gets each signal from its next call.
 
 The client reaches this module through three hooks, each a no-op when telemetry is off:
@@ -108,28 +109,37 @@ class _Signals:
         self.tracer: Tracer | None = None
         self.meters: _Meters | None = None
         self.unavailable = False
+        self.api: tuple[Any, Any, tuple[type, ...], tuple[type, ...]] | None = None
         #: The tests' seam: providers to use instead of the global ones.
         self.providers: tuple[TracerProvider | None, MeterProvider | None] | None = None
 
     def resolve(self) -> None:
-        try:
-            from opentelemetry import metrics, trace
-            from opentelemetry.metrics._internal import _ProxyMeterProvider
-        except ImportError:  # another package's "opentelemetry", or a very old API
-            self.unavailable = True
-            return
+        api = self.api
+        if api is None:
+            try:
+                from opentelemetry import metrics, trace
+                from opentelemetry.metrics._internal import _ProxyMeterProvider
+            except ImportError:  # another package's "opentelemetry", or a very old API
+                self.unavailable = True
+                return
+            # The API exports no name for its default (proxy) meter provider.
+            api = self.api = (
+                trace,
+                metrics,
+                (trace.ProxyTracerProvider, trace.NoOpTracerProvider),
+                (_ProxyMeterProvider, metrics.NoOpMeterProvider),
+            )
+        trace, metrics, default_tracers, default_meters = api
         tracer_provider, meter_provider = self.providers or (None, None)
         if self.tracer is None:
             tracer_provider = tracer_provider or trace.get_tracer_provider()
-            if not isinstance(
-                tracer_provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider
-            ):
+            if not isinstance(tracer_provider, default_tracers):
                 tracer = tracer_provider.get_tracer(SCOPE, __version__, schema_url=SCHEMA_URL)
                 if not isinstance(tracer, trace.NoOpTracer):  # e.g. OTEL_SDK_DISABLED=true
                     self.tracer = tracer
         if self.meters is None:
             meter_provider = meter_provider or metrics.get_meter_provider()
-            if not isinstance(meter_provider, _ProxyMeterProvider | metrics.NoOpMeterProvider):
+            if not isinstance(meter_provider, default_meters):
                 meters = _Meters(meter_provider)
                 if not isinstance(meters.meter, metrics.NoOpMeter):
                     self.meters = meters
@@ -166,21 +176,20 @@ def _signals() -> _Signals | None:
 class _Call:
     """One ``generate_reply`` being recorded: what its steps add to."""
 
-    __slots__ = ("attempts", "meters", "priority", "store", "tracer")
+    __slots__ = ("attempts", "lane", "meters", "store", "tracer")
 
-    def __init__(self, signals: _Signals, priority: str | None) -> None:
+    def __init__(self, signals: _Signals, priority: object) -> None:
         self.tracer = signals.tracer
         self.meters = signals.meters
-        self.priority = priority
+        #: ``autocalls.priority``, unless the call named none that is valid (it then fails)
+        self.lane: dict[str, str] = (
+            {"autocalls.priority": priority.name.lower()} if isinstance(priority, Priority) else {}
+        )
         self.store = "none"
         self.attempts = 0
 
 
 _CALL: ContextVar[_Call | None] = ContextVar("autocalls_telemetry_call", default=None)
-
-
-def _priority_name(priority: object) -> str | None:
-    return priority.name.lower() if isinstance(priority, Priority) else None
 
 
 # ---------------------------------------------------------------------- hook 1: the call
@@ -211,13 +220,11 @@ async def _traced_call(
     from opentelemetry import context, trace
 
     priority = kwargs.get("priority")
-    call = _Call(signals, _priority_name(client.priority if priority is None else priority))
-    attributes: dict[str, str | int] = {}
+    call = _Call(signals, client.priority if priority is None else priority)
+    attributes: dict[str, str | int] = {**call.lane}
     assistant_id = kwargs.get("assistant_id")
     if type(assistant_id) is int:  # what was asked for, valid or not; never anything else
         attributes["autocalls.assistant_id"] = assistant_id
-    if call.priority is not None:
-        attributes["autocalls.priority"] = call.priority
     span = None
     if call.tracer is not None:
         span = call.tracer.start_span(
@@ -252,9 +259,7 @@ async def _traced_call(
                 span.set_status(trace.StatusCode.ERROR)
             span.end()
         if call.meters is not None:
-            if call.priority is not None:
-                ended["autocalls.priority"] = call.priority
-            call.meters.calls.add(1, ended)
+            call.meters.calls.add(1, {**ended, **call.lane})
 
 
 # ---------------------------------------------------------------------- hook 2: the wait
@@ -273,9 +278,7 @@ def limiter_slot(
     if call is None:
         return slot
     call.store = store_kind(limiter)
-    attributes = {"autocalls.rate_limit.store": call.store}
-    if call.priority is not None:
-        attributes["autocalls.priority"] = call.priority
+    attributes = {"autocalls.rate_limit.store": call.store, **call.lane}
     return _ObservedWait(call, slot, attributes)
 
 
@@ -426,9 +429,8 @@ async def _observed_request(
             exceeded = {
                 "server.address": common["server.address"],
                 "autocalls.rate_limit.store": call.store,
+                **call.lane,
             }
-            if call.priority is not None:
-                exceeded["autocalls.priority"] = call.priority
             call.meters.exceeded.add(1, exceeded)
         return status, headers, body
     finally:

@@ -435,10 +435,12 @@ async def test_nothing_is_recorded_without_a_provider(
         patched.delitem(sys.modules, "opentelemetry")
         assert telemetry._signals() is None
     with monkeypatch.context() as patched:
+        patched.setattr(telemetry.SIGNALS, "api", None)
+        patched.setattr(telemetry.SIGNALS, "unavailable", False)
         patched.setitem(sys.modules, "opentelemetry.metrics._internal", None)  # ImportError
         assert telemetry._signals() is None
         assert telemetry.SIGNALS.unavailable
-    telemetry.SIGNALS.unavailable = False
+        assert telemetry._signals() is None  # not asked again
 
 
 def test_a_disabled_sdk_is_no_provider(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -451,14 +453,28 @@ def test_a_disabled_sdk_is_no_provider(monkeypatch: pytest.MonkeyPatch) -> None:
         telemetry.SIGNALS.use()
 
 
-def test_traces_only_and_metrics_only(otel: Recorded) -> None:
-    """Each signal on its own: the other stays off."""
+async def test_traces_only_and_metrics_only(
+    server: MockAutocalls, make_client: Make, otel: Recorded
+) -> None:
+    """Each signal on its own (an app may export one): the other stays off, calls still work."""
+    client = make_client(server.base_url, rate_limit=RateLimit(50, 1.0))
     telemetry.SIGNALS.use(tracer_provider=otel.tracer_provider)
+    for _ in range(2):
+        server.inject(Fault.rate_limited(retry_after=0))
+        await ask(client)
     signals = telemetry._signals()
     assert signals is not None and signals.tracer is not None and signals.meters is None
+    assert len(otel.spans(telemetry.CALL_SPAN)) == 2
     telemetry.SIGNALS.use(meter_provider=otel.meter_provider)
+    for _ in range(2):
+        server.inject(Fault.rate_limited(retry_after=0))
+        await ask(client)
     signals = telemetry._signals()
     assert signals is not None and signals.tracer is None and signals.meters is not None
+    assert len(otel.spans(telemetry.CALL_SPAN)) == 2
+    ((_, calls),) = otel.points("autocalls.calls")
+    ((_, exceeded),) = otel.points("autocalls.rate_limit.exceeded")
+    assert (calls.value, exceeded.value) == (2, 2)
 
 
 @pytest.mark.parametrize(
