@@ -2,10 +2,11 @@
 
 Optional (the ``otel`` extra installs opentelemetry-api only) and free when unused: nothing of
 OpenTelemetry is imported until the app has imported it itself, and nothing is recorded while the
-API's default providers (the proxy, or a no-op) are in place. A call then costs a dict lookup
-(OpenTelemetry not imported) or asking the API for its two providers (~1 µs), and a context
-variable read per step. An app that sets an SDK ``TracerProvider`` or
-``MeterProvider``, at start-up or later, gets each signal from its next call.
+API's default providers (the proxy, or a no-op) are in place. A call then costs ~0.3 µs (a dict
+lookup, a wrapper, a context variable read per step), or ~2 µs once OpenTelemetry is imported
+(the API reads ``os.environ`` for each of its two providers). An app that sets an SDK
+``TracerProvider`` or ``MeterProvider``, at start-up or later, gets each signal from its next
+call.
 
 The client reaches this module through three hooks, each a no-op when telemetry is off:
 ``traced`` around ``generate_reply``, ``limiter_slot`` for the rate-limit wait, ``http_request``
