@@ -11,7 +11,7 @@ $(BIN)/python:
 
 # Reinstall only when the project's metadata changes.
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[dev,cli,redis,phone]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,cli,redis,phone,otel]'
 	touch $@
 
 $(VENV)/.installed-cli: pyproject.toml | $(BIN)/python

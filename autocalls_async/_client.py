@@ -37,6 +37,7 @@ from ._models import Conversation, Priority, RateLimit, Reply
 from ._ordering import KeyedOrder
 from ._ratelimit import Limiter, RateLimiter, default_limiter
 from ._retry import Decision, RetryPolicy, is_retry_safe
+from ._telemetry import http_request, limiter_slot, traced
 from ._transport import OPEN, SendGate, Transport
 from ._wire import (
     DEFAULT_BASE_URL,
@@ -338,6 +339,7 @@ class AsyncAutocalls:
 
     # ------------------------------------------------------------------ the call
 
+    @traced  # OpenTelemetry, when the app has set a provider (_telemetry)
     async def generate_reply(
         self,
         *,
@@ -515,8 +517,8 @@ class AsyncAutocalls:
             if self._limiter is None:
                 reply = await self._send(request, task, attempt, 0.0, _Billed(OPEN, ticket))
             else:
-                async with self._limiter.slot(
-                    self.token_id, deadline=deadline, priority=priority
+                async with limiter_slot(
+                    self._limiter, self.token_id, deadline=deadline, priority=priority
                 ) as slot:
                     waited = loop.time() - waited_from
                     self.stats.limiter_wait += waited
@@ -549,7 +551,8 @@ class AsyncAutocalls:
         self._drained.clear()
         status: int | str = "error"
         try:
-            status, headers, body = await self._transport.post(request.body, gate)
+            post = self._transport.post(request.body, gate)
+            status, headers, body = await http_request(self._transport.url, attempt, post)
             if status == 429:
                 self.stats.rate_limited += 1
             return parse_reply(
