@@ -58,7 +58,7 @@ DEFAULT_RATE_LIMIT = RateLimit(5, 60.0)
 DEFAULT_LEASE = 3.0
 #: Our clock and the store's may differ by this much over one lease: never write that close.
 _LEASE_SAFETY = 0.05
-_POLL_MIN = 0.001
+_POLL_MIN = 0.004  # the holder reports within a couple of ms; polling faster only contends
 #: How long a store's round trip may take past a caller's deadline before RateLimitTimeout.
 _ROUND_TRIP_GRACE = 0.1
 _POLL_MAX = 0.05

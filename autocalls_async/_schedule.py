@@ -19,9 +19,10 @@ The rules
 3. **A start is dated no earlier than the real write**: at the store's clock when it is
    reported, or, earlier and closer, at the grant's time on the store's clock plus the time the
    holder measured on its own clock from asking for the grant to writing (the store granted
-   after the holder asked, so this is still no earlier than the write). ``due`` becomes the
-   start plus ``g``, or, when the start was on time (within ``tol`` of its own due time), that
-   due time plus ``g``, so that timer lateness does not add up.
+   after the holder asked, so this is still no earlier than the write). ``due`` becomes
+   ``max(d, start - tol) + g``, with ``d`` the due time the grant was made for: lateness up to
+   ``tol`` (a timer firing late, a round trip) never moves the schedule, and more moves it only
+   by the excess, so small delays do not add up.
 4. **A lease that runs out counts as a start at its end.** The holder renews its lease while it
    connects, and checks it on its own clock, synchronously, just before it writes: a holder whose
    loop stalled past its lease never writes, and one that crashed never renews. Either way the
@@ -39,9 +40,8 @@ Why ``requests + 1`` starts cannot happen within ``period``
 
 Take two consecutive real starts ``a`` then ``b`` (writes to the socket). By rule 1, ``b``'s
 grant was made after ``a``'s holder reported, gave up, or expired. If it reported, with ``a``
-dated ``r ≥ a`` (rule 3), the due time set then is at least ``r + g ≥ a + g`` or ``d + g`` with
-``d ≥ r - tol``,
-so at least ``a + g - tol``; if its lease expired at ``e`` (rule 4), ``a < e`` and the due time
+dated ``r ≥ a`` (rule 3), the due time set then is at least ``r - tol + g ≥ a + g - tol``;
+if its lease expired at ``e`` (rule 4), ``a < e`` and the due time
 is ``e + g``. By rule 2, ``b ≥ due``. So any two consecutive starts are at least
 ``g - tol = period / requests x (1 + margin / 2)`` apart, and ``requests + 1`` starts span at
 least ``period x (1 + margin / 2)``: more than ``period``, with ``margin / 2`` left for network
@@ -348,8 +348,8 @@ def sent(
     if state.holder != ticket:
         return  # the lease ran out first: _settle counted the start at its end
     start = now if elapsed is None else min(now, state.granted + max(0.0, elapsed))
-    on_time = start - rules.tolerance <= state.scheduled
-    state.due = max(state.due, (state.scheduled if on_time else start) + rules.interval)
+    # Up to tol of lateness never moves the schedule; beyond it, only the excess does.
+    state.due = max(state.due, max(state.scheduled, start - rules.tolerance) + rules.interval)
     state.last = max(state.last, start)
     state.holder = None
 
