@@ -585,6 +585,27 @@ class Limiter:
                 await self.fallback.pause(key, seconds)
             # Otherwise this process's own pause still holds.
 
+    async def adopt(self, key: str, rate_limit: RateLimit) -> str | None:
+        """Switch this limiter to ``rate_limit``, unless another live limiter uses ``key``.
+
+        Returns None once switched, or where the other limiter runs (nothing changes: every
+        limiter of a token must use one rate). For a limiter that serves one token, such as
+        a client's own adopting the limit the server states (``RateLimit.from_server``). The
+        next grant spaces itself from the token's last start at the new rate.
+        """
+        front = self._front()
+        other = await self._apply(
+            front, key, functools.partial(schedule.other_user, rules=self.rules, who=front.who)
+        )
+        if other is not None:
+            return other
+        self.rate_limit = rate_limit
+        self.rules = Rules.of(rate_limit, lease=self.rules.lease, share=self.rules.share)
+        if isinstance(self.fallback, Limiter):  # it keeps the old rate if another uses it
+            with contextlib.suppress(InvalidRequestError, LimiterUnavailableError):
+                await self.fallback.adopt(key, rate_limit)
+        return None
+
     async def acquire(
         self,
         key: str,

@@ -79,6 +79,7 @@ __all__ = [
     "Rules",
     "TokenState",
     "grant",
+    "other_user",
     "pause",
     "peek",
     "release",
@@ -381,6 +382,15 @@ def unregister(state: TokenState, now: float, rules: Rules, *, who: str) -> None
     _settle(state, now, rules)
     state.users.pop(who, None)
     state.queued.pop(who, None)
+
+
+def other_user(state: TokenState, now: float, rules: Rules, *, who: str) -> str | None:
+    """Where another live limiter using the token runs (any rate), or None if none does."""
+    _settle(state, now, rules)
+    for other, entry in state.users.items():
+        if other != who:
+            return str(entry[3])
+    return None
 
 
 @attrs.frozen
