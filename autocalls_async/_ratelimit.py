@@ -164,6 +164,7 @@ class _Queue:
         "next_free",
         "own_next",
         "own_pause",
+        "stale",
         "waiting",
         "wake",
     )
@@ -178,6 +179,7 @@ class _Queue:
         self.own_next = -float("inf")  # loop clock: this process's own spacing
         self.own_pause = -float("inf")  # loop clock: this process's own 429 pause
         self.next_free = -float("inf")  # loop clock: the next grant, as last seen
+        self.stale = False  # a waiter gave up: the store may still count it as waiting
 
     def total(self) -> int:
         return self.waiting[0] + self.waiting[1]
@@ -674,6 +676,7 @@ class Limiter:
             else:  # still queued (a cancelled task cancels the future it awaits, too)
                 future.cancel()
                 queue.waiting[lane] -= 1
+                queue.stale = True
                 if not queue.total():
                     queue.interrupt()  # the dispatcher ends: nobody is left to ask for
             if isinstance(exc, TimeoutError):
@@ -704,7 +707,20 @@ class Limiter:
         loop = front.loop
         poll = _POLL_MIN
         try:
-            while queue.total():
+            while True:
+                if not queue.total():
+                    if not queue.stale:
+                        break
+                    # The last waiters gave up: withdraw this queue's report from the store,
+                    # or it would hold other processes back until it expires.
+                    queue.stale = False
+                    with contextlib.suppress(Exception):
+                        await self._apply(
+                            front,
+                            key,
+                            functools.partial(schedule.withdraw, rules=self.rules, who=front.who),
+                        )
+                    continue
                 if queue.holding is not None or queue.asking:
                     await self._sleep(queue, None)  # until the grant is reported
                     continue

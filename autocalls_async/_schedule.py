@@ -86,6 +86,7 @@ __all__ = [
     "renew",
     "sent",
     "unregister",
+    "withdraw",
 ]
 
 _NEVER = -math.inf
@@ -381,6 +382,13 @@ def unregister(state: TokenState, now: float, rules: Rules, *, who: str) -> None
     """The limiter ``who`` is closed: it no longer uses the token, nor waits."""
     _settle(state, now, rules)
     state.users.pop(who, None)
+    state.queued.pop(who, None)
+
+
+def withdraw(state: TokenState, now: float, rules: Rules, *, who: str) -> None:
+    """Nobody waits in ``who``'s queue any more (its last waiters gave up): say so at once,
+    or its report would hold every other process back until it expires."""
+    _settle(state, now, rules)
     state.queued.pop(who, None)
 
 
