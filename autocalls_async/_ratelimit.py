@@ -596,13 +596,16 @@ class Limiter:
         next grant spaces itself from the token's last start at the new rate.
         """
         front = self._front()
+        rules = Rules.of(rate_limit, lease=self.rules.lease, share=self.rules.share)
         other = await self._apply(
-            front, key, functools.partial(schedule.other_user, rules=self.rules, who=front.who)
+            front,
+            key,
+            functools.partial(schedule.adopt, rules=rules, who=front.who, where=front.where),
         )
         if other is not None:
             return other
         self.rate_limit = rate_limit
-        self.rules = Rules.of(rate_limit, lease=self.rules.lease, share=self.rules.share)
+        self.rules = rules
         if isinstance(self.fallback, Limiter):  # it keeps the old rate if another uses it
             with contextlib.suppress(InvalidRequestError, LimiterUnavailableError):
                 await self.fallback.adopt(key, rate_limit)

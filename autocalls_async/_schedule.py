@@ -78,8 +78,8 @@ __all__ = [
     "RateConflict",
     "Rules",
     "TokenState",
+    "adopt",
     "grant",
-    "other_user",
     "pause",
     "peek",
     "release",
@@ -392,12 +392,18 @@ def withdraw(state: TokenState, now: float, rules: Rules, *, who: str) -> None:
     state.queued.pop(who, None)
 
 
-def other_user(state: TokenState, now: float, rules: Rules, *, who: str) -> str | None:
-    """Where another live limiter using the token runs (any rate), or None if none does."""
+def adopt(state: TokenState, now: float, rules: Rules, *, who: str, where: str) -> str | None:
+    """``who`` switches to ``rules``' rate, if no other live limiter uses the token: its next
+    start is spaced from the last one at the new rate. Returns where another one runs (then
+    nothing changes: one rate per token)."""
     _settle(state, now, rules)
     for other, entry in state.users.items():
         if other != who:
             return str(entry[3])
+    mine = rules.rate_limit
+    state.users[who] = [mine.requests, mine.period, mine.margin, where, now + rules.user_ttl]
+    if state.last != _NEVER:
+        state.due = state.last + rules.interval
     return None
 
 
