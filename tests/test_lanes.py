@@ -182,8 +182,10 @@ def test_redis_lanes_keep_every_promise(
         assert b - a >= SPACING - JITTER, (a, b)
     # FIFO within a lane of one process.
     for i, j in itertools.permutations(granted, 2):
-        a, b = calls[i], calls[j]
-        if (a["process"], a["lane"]) == (b["process"], b["lane"]) and arrived[i] < arrived[j]:
+        one, two = calls[i], calls[j]
+        if (one["process"], one["lane"]) == (two["process"], two["lane"]) and arrived[i] < arrived[
+            j
+        ]:
             assert granted[i] < granted[j], (i, j)
 
     def waited(index: int, when: float) -> bool:
