@@ -504,12 +504,16 @@ class AsyncAutocalls:
         )
         await self._limiter.pause(self.token_id, seconds)
 
-    async def _server_states(self, text: str) -> None:
+    async def _server_states(self, text: str, headers: Mapping[str, str]) -> None:
         """The server stated its limit, for the first time or a new one: expose it; adopt
         it (``RateLimit.from_server``) or warn once when it differs from ours."""
         limiter = self._limiter
         ours = None if limiter is None else limiter.rate_limit
-        stated = stated_limit(text, margin=0.02 if ours is None else ours.margin)
+        stated = stated_limit(
+            text,
+            margin=0.02 if ours is None else ours.margin,
+            policy=headers.get("RateLimit-Policy"),
+        )
         self._stated = text
         if stated is None:
             return
@@ -523,9 +527,9 @@ class AsyncAutocalls:
             except (InvalidRequestError, LimiterUnavailableError) as exc:
                 self._stated = None  # try again on the next response
                 logger.warning(
-                    "the server states a limit of %s per minute, but it could not be adopted "
-                    "now (%s); keeping %s",
-                    stated.requests,
+                    "the server states a limit of %s, but it could not be adopted now (%s); "
+                    "keeping %s",
+                    stated,
                     exc,
                     ours,
                     extra=extra,
@@ -533,18 +537,17 @@ class AsyncAutocalls:
                 return
             if other is None:
                 logger.info(
-                    "adopted the limit the server states: %s per minute (was %s; token_id=%s)",
-                    stated.requests,
+                    "adopted the limit the server states: %s (was %s; token_id=%s)",
+                    stated,
                     ours,
                     self.token_id,
                     extra=extra,
                 )
                 return
             logger.warning(
-                "the server states a limit of %s per minute (%s) but rate_limit %s is kept: "
-                "another live client uses this token at that rate (%s); every client of a "
-                "token must use one rate (token_id=%s)",
-                stated.requests,
+                "the server states a limit of %s but rate_limit %s is kept: another live "
+                "client uses this token at that rate (%s); every client of a token must use "
+                "one rate (token_id=%s)",
                 stated,
                 ours,
                 other,
@@ -553,14 +556,14 @@ class AsyncAutocalls:
             )
             return
         logger.warning(
-            "the server states a limit of %s per minute (%s) but this client's rate_limit is "
-            "%s (token_id=%s); set rate_limit=RateLimit(%s, 60) to match it, or "
+            "the server states a limit of %s but this client's rate_limit is %s "
+            "(token_id=%s); set rate_limit=RateLimit(%s, %g) to match it, or "
             "RateLimit.from_server() to adopt it",
-            stated.requests,
             stated,
             ours,
             self.token_id,
             stated.requests,
+            stated.period,
             extra=extra,
         )
 
@@ -626,7 +629,7 @@ class AsyncAutocalls:
                 self.stats.rate_limited += 1
             stated = stated_limit_text(headers)
             if stated is not None and stated != self._stated:
-                await self._server_states(stated)
+                await self._server_states(stated, headers)
             return parse_reply(
                 status,
                 headers,

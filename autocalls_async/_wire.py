@@ -417,16 +417,27 @@ def stated_limit_text(headers: Mapping[str, str]) -> str | None:
     return _header(headers, "X-RateLimit-Limit")
 
 
-def stated_limit(text: str | None, margin: float = 0.02) -> RateLimit | None:
+_POLICY_WINDOW = re.compile(r"(?:^|;)\s*w\s*=\s*(\d+(?:\.\d+)?)\s*(?:;|,|$)")
+
+
+def stated_limit(
+    text: str | None, margin: float = 0.02, *, policy: str | None = None
+) -> RateLimit | None:
     """The limit the server states in ``X-RateLimit-Limit`` (Laravel's throttle middleware
-    sends it on every response it counted: requests per minute), or None when absent or not
-    a positive whole number. ``margin`` is the client's own, so it never goes above it."""
+    sends it on every response it counted), or None when absent or not a positive whole
+    number. The period is the service's minute, unless ``policy`` (a ``RateLimit-Policy``
+    header, ``5;w=60``, as the IETF draft and the emulator at a scaled rate send) names its
+    window. ``margin`` is the client's own, so it never goes above it."""
     if text is None:
         return None
     text = text.strip(" \t")
     if not (text.isascii() and text.isdigit()) or not 0 < int(text) <= _MAX_STATED:
         return None
-    return RateLimit(int(text), SERVER_PERIOD, margin=margin)
+    period = SERVER_PERIOD
+    window = None if policy is None else _POLICY_WINDOW.search(policy)
+    if window is not None and 0 < float(window.group(1)) <= 86_400:
+        period = float(window.group(1))
+    return RateLimit(int(text), period, margin=margin)
 
 
 def _error_class(status: int, error_code: str | None) -> type[APIError]:

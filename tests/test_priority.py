@@ -159,6 +159,10 @@ def test_stated_limit_is_per_minute_and_a_positive_whole_number() -> None:
     assert stated_limit(" 300 ", margin=0.1) == RateLimit(300, 60.0, margin=0.1)
     for text in (None, "", "0", "-5", "5.5", "５", "10000000", "many"):
         assert stated_limit(text) is None, text
+    assert stated_limit("5", policy="5;w=1") == RateLimit(5, 1.0)
+    assert stated_limit("5", policy='"default";q=5;w=0.5') == RateLimit(5, 0.5)
+    for policy in ("5", "5;w=0", "5;w=abc", "5;w=999999", "5;window=1"):
+        assert stated_limit("5", policy=policy) == RateLimit(5, 60.0), policy
 
 
 def test_from_server_is_its_default_with_a_flag() -> None:
@@ -196,20 +200,27 @@ async def test_a_server_limit_that_differs_is_warned_about_once(
             await call(client, n)
         assert client.stats.server_limit == RateLimit(200, 60.0)
     (warning,) = warnings_of(caplog)
-    assert "200 per minute" in warning and "rate_limit is 5/1s" in warning
+    assert "limit of 200/60s" in warning and "rate_limit is 5/1s" in warning
     assert token not in caplog.text
 
 
 async def test_a_server_limit_that_matches_is_silent(
     token: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """5/1s is 300 per minute: what a server stating 300 allows. No header: nothing."""
+    """5/1s is 300 per minute: what a server stating 300 allows; a scaled emulator states its
+    window (RateLimit-Policy). No header: nothing."""
     async with (
         MockAutocalls(rate_limit=(300, 60.0)) as server,
         AsyncAutocalls(token, base_url=server.base_url, rate_limit=RateLimit(5, 1.0)) as client,
     ):
         await call(client, 0)
         assert client.stats.server_limit == RateLimit(300, 60.0)
+    async with (
+        MockAutocalls(rate_limit=(5, 1.0)) as server,
+        AsyncAutocalls(token, base_url=server.base_url, rate_limit=RateLimit(5, 1.0)) as client,
+    ):
+        await call(client, 0)
+        assert client.stats.server_limit == RateLimit(5, 1.0)
     async with (
         MockAutocalls(rate_limit=None) as server,
         AsyncAutocalls(token, base_url=server.base_url, rate_limit=RateLimit(5, 1.0)) as client,
@@ -240,7 +251,7 @@ async def test_from_server_adopts_the_stated_limit_after_the_first_response(
         refused = next(r.time for r in server.requests if r.status == 429)
         assert server.requests[-1].time - refused >= 1.0 - 0.003
         assert server.count(status=429) == 1 and client.stats.rate_limited == 1
-    assert any("adopted the limit the server states: 150" in r.getMessage() for r in caplog.records)
+    assert any("the server states: 150/60s" in r.getMessage() for r in caplog.records)
 
 
 async def test_from_server_keeps_its_default_while_another_client_uses_the_token(
