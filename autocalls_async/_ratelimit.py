@@ -606,9 +606,12 @@ class Limiter:
             return other
         self.rate_limit = rate_limit
         self.rules = rules
-        if isinstance(self.fallback, Limiter):  # it keeps the old rate if another uses it
-            with contextlib.suppress(InvalidRequestError, LimiterUnavailableError):
-                await self.fallback.adopt(key, rate_limit)
+        fallback = self.fallback
+        if isinstance(fallback, Limiter):
+            # Switched without registering in its store (it may never be used): it serves
+            # this limiter's tokens only while this store is down.
+            fallback.rate_limit = rate_limit
+            fallback.rules = Rules.of(rate_limit, lease=fallback.rules.lease, share=rules.share)
         return None
 
     async def acquire(

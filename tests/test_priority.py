@@ -25,6 +25,7 @@ from autocalls_async import (
     _cli,
 )
 from autocalls_async._client import ClientStats
+from autocalls_async._ratelimit import Limiter
 from autocalls_async._wire import stated_limit
 from autocalls_async.bulk import BulkRunner, generated_requests
 from autocalls_async.testing import Fault, MockAutocalls
@@ -243,6 +244,9 @@ async def test_from_server_adopts_the_stated_limit_after_the_first_response(
     ):
         await call(client, 0)
         assert client.stats.server_limit == RateLimit(150, 60.0)
+        limiter = client._limiter
+        assert isinstance(limiter, Limiter) and isinstance(limiter.fallback, Limiter)
+        assert limiter.rate_limit == limiter.fallback.rate_limit == RateLimit(150, 60.0)
         await asyncio.gather(*(call(client, n) for n in range(1, 5)))
         gaps = [b.time - a.time for a, b in itertools.pairwise(server.requests)]
         assert all(gap >= 0.4 - 0.003 for gap in gaps), gaps
