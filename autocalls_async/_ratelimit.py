@@ -637,7 +637,9 @@ class Limiter:
                 raise self._timeout(None) from None
         now = loop.time()
         arrival = now + front.offset
+        asked = False
         if queue.quiet() and max(queue.own_next, queue.own_pause) <= now:
+            asked = True
             # Nobody waits here: ask directly; no task is needed when the store answers now.
             ticket = f"{front.who}#{next(front.tickets)}"
             queue.asking = True
@@ -665,7 +667,10 @@ class Limiter:
             if certain and deadline is not None and now + answer.wait > deadline:
                 raise self._timeout(answer.wait)
         waiter = _Waiter(arrival, loop.create_future())
-        queue.lanes[lane].append(waiter)
+        if asked:  # first in: whoever queued while the store answered arrived later (FIFO)
+            queue.lanes[lane].appendleft(waiter)
+        else:
+            queue.lanes[lane].append(waiter)
         queue.waiting[lane] += 1
         if queue.dispatcher is None:
             queue.dispatcher = loop.create_task(self._dispatch(front, queue, key))

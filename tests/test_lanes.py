@@ -214,6 +214,27 @@ def test_redis_lanes_keep_every_promise(
                 assert run <= share - 1, (index, order)
 
 
+async def test_the_first_caller_stays_first_while_redis_answers(redis_server: RedisServer) -> None:
+    """A caller who asks the store directly (nobody waited) and must wait stays ahead of the
+    callers who queued while Redis answered: FIFO holds when the store's answer is awaited."""
+    order: list[int] = []
+    prefix = f"fifo{uuid.uuid4().hex[:8]}:"
+    async with (
+        RedisRateLimiter(redis_server.url, rate_limit=RATE, prefix=prefix) as limiter,
+        RedisRateLimiter(redis_server.url, rate_limit=RATE, prefix=prefix) as other,
+    ):
+        async with other.slot(KEY) as slot:
+            slot.sent()  # another process started: the next slot is an interval away
+
+        async def one(n: int) -> None:
+            async with limiter.slot(KEY, priority=Priority.BACKGROUND) as slot:
+                order.append(n)
+                slot.sent()
+
+        await asyncio.gather(*(one(n) for n in range(4)))
+    assert order == [0, 1, 2, 3]
+
+
 # ---------------------------------------------------------------------- real processes
 
 WEB_CALLS = 7
