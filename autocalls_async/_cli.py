@@ -17,6 +17,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from importlib import resources
 from pathlib import Path
@@ -95,6 +96,12 @@ environment:
 #: The bulk client remembers few conversations: a bulk job never asks for them again.
 BULK_CONVERSATION_CACHE: Final = 1024
 PLAIN_PROGRESS_EVERY: Final = 5.0  # seconds between plain progress lines
+#: The ETA is measured over this run's last starts once it has this many (before: the limit's
+#: pace); over the last ``PACE_WINDOW`` of them, so that it follows a change of traffic.
+PACE_MIN_STARTS: Final = 5
+PACE_WINDOW: Final = 32
+#: Below this fraction of the token's slots, the progress says other traffic took the rest.
+SHARE_SHOWN_BELOW: Final = 0.9
 
 
 # --------------------------------------------------------------------------- errors
@@ -450,6 +457,14 @@ def build_parser() -> argparse.ArgumentParser:
     bulk.add_argument(
         "--fsync", action="store_true", help="fsync OUT after each line (survives power loss)"
     )
+    bulk.add_argument(
+        "--priority",
+        choices=("background", "interactive"),
+        default="background",
+        help="the rows' lane for rate-limit slots: background (default) yields the next slot "
+        "to interactive calls of any process on the token (a web app), keeping 1 slot in 5 "
+        "while they wait; interactive competes with them first come, first served",
+    )
     _cost_options(bulk)
     _client_options(bulk, default_rate="5/60")
     bulk.set_defaults(handler=_bulk_command)
@@ -596,6 +611,7 @@ class StartClock:
         self.rate_limit = inner.rate_limit
         self.count = 0
         self.first = self.last = 0.0
+        self.recent: deque[float] = deque(maxlen=PACE_WINDOW)  #: the last starts' times
 
     @contextlib.asynccontextmanager
     async def slot(
@@ -610,6 +626,7 @@ class StartClock:
             if not self.count:
                 self.first = self.last
             self.count += 1
+            self.recent.append(self.last)
             yield slot
 
     async def pause(self, key: str, seconds: float) -> None:
@@ -623,6 +640,15 @@ class StartClock:
         """Starts per second, or None before two starts."""
         span = self.last - self.first
         return (self.count - 1) / span if self.count > 1 and span > 0 else None
+
+    def pace(self) -> float | None:
+        """Seconds between this run's starts, over its last ``PACE_WINDOW`` starts; None
+        before ``PACE_MIN_STARTS``. Slots that other traffic on the token took (a web app's
+        interactive calls, another run) lengthen it; so do 429 pauses."""
+        recent = self.recent
+        if len(recent) < PACE_MIN_STARTS:
+            return None
+        return (recent[-1] - recent[0]) / (len(recent) - 1)
 
 
 def bulk_client(
@@ -672,15 +698,34 @@ class Meter:
         return self.stats.requests / elapsed if elapsed > 0 else 0.0
 
     def eta(self) -> float | None:
-        """Seconds left: the rows left at the limit's pace (or at the pace seen, if none)."""
+        """Seconds left: the rows left at the pace this run measured over its last starts
+        (never faster than the limit), which counts the slots other traffic on the token
+        took; before a few starts, at the limit's pace (or the pace seen, if no limit)."""
         left = max(self.todo - self.done - self.not_sent, 0)
         if not left:
             return 0.0
         if self.rate_limit is not None:
-            return left * self.rate_limit.interval
+            pace = self.starts.pace() if self.starts is not None else None
+            return left * max(pace or 0.0, self.rate_limit.interval)
         if self.done:
             return left * self.elapsed / self.done
         return None
+
+    def share(self) -> float | None:
+        """The fraction of the token's slots this run got over its last starts (1.0: all of
+        them); None before a few starts or without a limit."""
+        pace = self.starts.pace() if self.starts is not None else None
+        if pace is None or self.rate_limit is None or pace <= 0:
+            return None
+        return min(1.0, self.rate_limit.interval / pace)
+
+    def figures(self) -> str:
+        """Rate, the slots other traffic took (when it took some), and the ETA."""
+        share = self.share()
+        others = ""
+        if share is not None and share < SHARE_SHOWN_BELOW:
+            others = f" ({1 - share:.0%} of slots to other traffic)"
+        return f"{self.rate_text()}{others}, ETA {_duration(self.eta())}"
 
     def rate_text(self) -> str:
         per_minute = self.rate_limit is not None and self.rate_limit.period >= 60
@@ -730,7 +775,7 @@ class PlainProgress:
             meter = self.meter
             print(
                 f"{meter.done}/{meter.todo} rows ({meter.answered} answered, {meter.failed} "
-                f"failed), {meter.rate_text()}, ETA {_duration(meter.eta())}",
+                f"failed), {meter.figures()}",
                 file=self.stream,
                 flush=True,
             )
@@ -760,7 +805,7 @@ class RichProgress:
         class Figures(ProgressColumn):
             def render(self, task: Any) -> Text:
                 return Text(
-                    f"{meter.failed} failed · {meter.rate_text()} · ETA {_duration(meter.eta())}",
+                    f"{meter.failed} failed · {meter.figures()}",
                     style="progress.remaining",
                 )
 
@@ -844,6 +889,7 @@ async def run_job(
     description: str = "bulk",
     retry_unsafe_failed: bool = False,
     allow_foreign: bool = False,
+    priority: Priority = Priority.BACKGROUND,
 ) -> Outcome:
     """Run ``source`` (an ``InputFile``) into ``log`` (a ``ResultLog``), with signals handled.
 
@@ -892,7 +938,7 @@ async def run_job(
             + (f", {skipped} skipped (already in {log.path.name})" if skipped else "")
             + pace
         )
-    runner = BulkRunner(client, rows(), concurrency=concurrency, on_send=sending)
+    runner = BulkRunner(client, rows(), concurrency=concurrency, on_send=sending, priority=priority)
     main_task = asyncio.current_task()
     assert main_task is not None
     loop = asyncio.get_running_loop()
@@ -1066,6 +1112,7 @@ def _bulk_command(args: argparse.Namespace) -> int:
                 concurrency=args.concurrency,
                 progress_mode=args.progress,
                 description=args.input.name,
+                priority=Priority[args.priority.upper()],
             )
         except InputError as exc:
             await client.close()

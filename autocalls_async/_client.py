@@ -49,6 +49,8 @@ from ._wire import (
     is_loopback,
     parse_reply,
     request_headers,
+    stated_limit,
+    stated_limit_text,
     trim,
 )
 
@@ -78,6 +80,8 @@ class ClientStats:
     limiter_wait: float = 0.0  #: seconds spent waiting for rate-limit slots
     in_flight: int = 0  #: requests on the wire right now
     waiting: int = 0  #: calls waiting for their turn or a slot right now
+    #: The limit the server last stated (``X-RateLimit-Limit``, per minute), once it did.
+    server_limit: RateLimit | None = None
 
 
 def _check_seconds(name: str, value: object, *, allow_none: bool = True) -> float | None:
@@ -154,6 +158,14 @@ class AsyncAutocalls:
             default_limiter(rate_limit) if rate_limit is not None else None
         )
         self.priority = _check_priority(priority)
+        #: Adopt the limit the server states (``RateLimit.from_server``): own limiter only.
+        self._follows_server = rate_limit is not None and rate_limit.follows_server
+        if self._follows_server and limiter is not None:
+            raise InvalidRequestError(
+                "RateLimit.from_server() adopts the server's limit in the client's own limiter: "
+                "pass it as rate_limit= without limiter= (a limiter you pass keeps its rate)"
+            )
+        self._stated: str | None = None  # the last X-RateLimit-Limit acted on, as received
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
             raise InvalidRequestError(f"max_retries must be an int >= 0, got {max_retries!r}")
         self.retry_policy = retry_policy or RetryPolicy(
@@ -494,6 +506,69 @@ class AsyncAutocalls:
         )
         await self._limiter.pause(self.token_id, seconds)
 
+    async def _server_states(self, text: str, headers: Mapping[str, str]) -> None:
+        """The server stated its limit, for the first time or a new one: expose it; adopt
+        it (``RateLimit.from_server``) or warn once when it differs from ours."""
+        limiter = self._limiter
+        ours = None if limiter is None else limiter.rate_limit
+        stated = stated_limit(
+            text,
+            margin=0.02 if ours is None else ours.margin,
+            policy=headers.get("RateLimit-Policy"),
+        )
+        self._stated = text
+        if stated is None:
+            return
+        self.stats.server_limit = stated
+        if limiter is None or ours is None or ours.same_rate(stated):
+            return
+        extra = {"autocalls_token_id": self.token_id, "autocalls_server_limit": str(stated)}
+        if self._follows_server and isinstance(limiter, Limiter):
+            try:
+                other = await limiter.adopt(self.token_id, stated)
+            except (InvalidRequestError, LimiterUnavailableError) as exc:
+                self._stated = None  # try again on the next response
+                logger.warning(
+                    "the server states a limit of %s, but it could not be adopted now (%s); "
+                    "keeping %s",
+                    stated,
+                    exc,
+                    ours,
+                    extra=extra,
+                )
+                return
+            if other is None:
+                logger.info(
+                    "adopted the limit the server states: %s (was %s; token_id=%s)",
+                    stated,
+                    ours,
+                    self.token_id,
+                    extra=extra,
+                )
+                return
+            logger.warning(
+                "the server states a limit of %s but rate_limit %s is kept: another live "
+                "client uses this token at that rate (%s); every client of a token must use "
+                "one rate (token_id=%s)",
+                stated,
+                ours,
+                other,
+                self.token_id,
+                extra=extra,
+            )
+            return
+        logger.warning(
+            "the server states a limit of %s but this client's rate_limit is %s "
+            "(token_id=%s); set rate_limit=RateLimit(%s, %g) to match it, or "
+            "RateLimit.from_server() to adopt it",
+            stated,
+            ours,
+            self.token_id,
+            stated.requests,
+            stated.period,
+            extra=extra,
+        )
+
     async def _wait_before_retry(self, delay: float, *, pause: bool) -> None:
         if pause and self._limiter is not None:
             return  # the 429 paused the token: the next attempt waits for its slot after it
@@ -555,6 +630,9 @@ class AsyncAutocalls:
             status, headers, body = await http_request(self._transport.url, attempt, post)
             if status == 429:
                 self.stats.rate_limited += 1
+            stated = stated_limit_text(headers)
+            if stated is not None and stated != self._stated:
+                await self._server_states(stated, headers)
             return parse_reply(
                 status,
                 headers,

@@ -48,11 +48,35 @@ class RateLimit:
     requests: int = attrs.field(validator=_positive_int)
     period: float = attrs.field(converter=float, validator=_positive_finite)
     margin: float = attrs.field(default=0.02, converter=float, validator=_margin, kw_only=True)
+    #: Set by ``from_server``: the client adopts the limit the server states. Not part of the
+    #: limit's value (two clients at 5/60s use the same limit, whichever follows the server).
+    follows_server: bool = attrs.field(default=False, kw_only=True, eq=False, repr=False)
 
     @property
     def interval(self) -> float:
         """Seconds between two starts at the full sustained rate, margin included."""
         return self.period / self.requests * (1.0 + self.margin)
+
+    @classmethod
+    def from_server(cls, default: RateLimit | None = None) -> RateLimit:
+        """``default`` (5 per 60 s) until the server states its limit, then the server's.
+
+        The service's throttle sends ``X-RateLimit-Limit`` (requests per minute) on every
+        response it counted. ``AsyncAutocalls(rate_limit=RateLimit.from_server())`` starts at
+        ``default`` and, from the first such response, limits its token to what the header
+        states (with ``default``'s margin: never above it); a later 429 still pauses the
+        token. The client switches only its own limiter (``limiter=None``), and only while no
+        other live client uses the token at another rate: then it keeps ``default`` and logs
+        a warning naming both limits.
+        """
+        base = RateLimit(5, 60.0) if default is None else default
+        if not isinstance(base, RateLimit):
+            raise TypeError(f"default must be a RateLimit(requests, period), got {base!r}")
+        return attrs.evolve(base, follows_server=True)
+
+    def same_rate(self, other: RateLimit) -> bool:
+        """True when both allow the same requests per second (5/60s and 1/12s do)."""
+        return math.isclose(self.requests / self.period, other.requests / other.period)
 
     @classmethod
     def parse(cls, text: str) -> RateLimit:
@@ -67,6 +91,10 @@ class RateLimit:
 
     def __str__(self) -> str:
         return f"{self.requests}/{self.period:g}s"
+
+    def __repr__(self) -> str:
+        text = f"RateLimit({self.requests}, {self.period:g}, margin={self.margin:g})"
+        return f"RateLimit.from_server(default={text})" if self.follows_server else text
 
 
 class Priority(enum.IntEnum):

@@ -164,6 +164,7 @@ class _Queue:
         "next_free",
         "own_next",
         "own_pause",
+        "stale",
         "waiting",
         "wake",
     )
@@ -178,6 +179,7 @@ class _Queue:
         self.own_next = -float("inf")  # loop clock: this process's own spacing
         self.own_pause = -float("inf")  # loop clock: this process's own 429 pause
         self.next_free = -float("inf")  # loop clock: the next grant, as last seen
+        self.stale = False  # a waiter gave up: the store may still count it as waiting
 
     def total(self) -> int:
         return self.waiting[0] + self.waiting[1]
@@ -602,6 +604,33 @@ class Limiter:
                 await self.fallback.pause(key, seconds)
             # Otherwise this process's own pause still holds.
 
+    async def adopt(self, key: str, rate_limit: RateLimit) -> str | None:
+        """Switch this limiter to ``rate_limit``, unless another live limiter uses ``key``.
+
+        Returns None once switched, or where the other limiter runs (nothing changes: every
+        limiter of a token must use one rate). For a limiter that serves one token, such as
+        a client's own adopting the limit the server states (``RateLimit.from_server``). The
+        next grant spaces itself from the token's last start at the new rate.
+        """
+        front = self._front()
+        rules = Rules.of(rate_limit, lease=self.rules.lease, share=self.rules.share)
+        other = await self._apply(
+            front,
+            key,
+            functools.partial(schedule.adopt, rules=rules, who=front.who, where=front.where),
+        )
+        if other is not None:
+            return other
+        self.rate_limit = rate_limit
+        self.rules = rules
+        fallback = self.fallback
+        if isinstance(fallback, Limiter):
+            # Switched without registering in its store (it may never be used): it serves
+            # this limiter's tokens only while this store is down.
+            fallback.rate_limit = rate_limit
+            fallback.rules = Rules.of(rate_limit, lease=fallback.rules.lease, share=rules.share)
+        return None
+
     async def acquire(
         self,
         key: str,
@@ -624,7 +653,9 @@ class Limiter:
                 raise self._timeout(None) from None
         now = loop.time()
         arrival = now + front.offset
+        asked = False
         if queue.quiet() and max(queue.own_next, queue.own_pause) <= now:
+            asked = True
             # Nobody waits here: ask directly; no task is needed when the store answers now.
             ticket = f"{front.who}#{next(front.tickets)}"
             queue.asking = True
@@ -655,7 +686,10 @@ class Limiter:
             if certain and deadline is not None and now + answer.wait > deadline:
                 raise self._timeout(answer.wait)
         waiter = _Waiter(arrival, loop.create_future())
-        queue.lanes[lane].append(waiter)
+        if asked:  # first in: whoever queued while the store answered arrived later (FIFO)
+            queue.lanes[lane].appendleft(waiter)
+        else:
+            queue.lanes[lane].append(waiter)
         queue.waiting[lane] += 1
         if queue.dispatcher is None:
             queue.dispatcher = loop.create_task(self._dispatch(front, queue, key))
@@ -672,6 +706,7 @@ class Limiter:
             else:  # still queued (a cancelled task cancels the future it awaits, too)
                 future.cancel()
                 queue.waiting[lane] -= 1
+                queue.stale = True
                 if not queue.total():
                     queue.interrupt()  # the dispatcher ends: nobody is left to ask for
             if isinstance(exc, TimeoutError):
@@ -702,7 +737,20 @@ class Limiter:
         loop = front.loop
         poll = _POLL_MIN
         try:
-            while queue.total():
+            while True:
+                if not queue.total():
+                    if not queue.stale:
+                        break
+                    # The last waiters gave up: withdraw this queue's report from the store,
+                    # or it would hold other processes back until it expires.
+                    queue.stale = False
+                    with contextlib.suppress(Exception):
+                        await self._apply(
+                            front,
+                            key,
+                            functools.partial(schedule.withdraw, rules=self.rules, who=front.who),
+                        )
+                    continue
                 if queue.holding is not None or queue.asking:
                     await self._sleep(queue, None)  # until the grant is reported
                     continue
@@ -748,15 +796,6 @@ class Limiter:
                     poll = _POLL_MIN
                     queue.next_free = due
                 await self._sleep(queue, wait)
-                if not queue.total() and queue.holding is None:
-                    # We may have told the store about callers who then gave up: take it back,
-                    # or other processes would count them ahead of their own max_wait.
-                    with contextlib.suppress(Exception):
-                        await self._apply(
-                            front,
-                            key,
-                            functools.partial(schedule.withdraw, rules=self.rules, who=front.who),
-                        )
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the store failed: every waiter hears it

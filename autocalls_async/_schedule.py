@@ -78,6 +78,7 @@ __all__ = [
     "RateConflict",
     "Rules",
     "TokenState",
+    "adopt",
     "grant",
     "pause",
     "peek",
@@ -377,17 +378,33 @@ def pause(state: TokenState, now: float, rules: Rules, *, seconds: float) -> flo
     return state.pause - now
 
 
-def withdraw(state: TokenState, now: float, rules: Rules, *, who: str) -> None:
-    """Nobody waits at ``who`` any more (its callers were served or gave up)."""
-    _settle(state, now, rules)
-    state.queued.pop(who, None)
-
-
 def unregister(state: TokenState, now: float, rules: Rules, *, who: str) -> None:
     """The limiter ``who`` is closed: it no longer uses the token, nor waits."""
     _settle(state, now, rules)
     state.users.pop(who, None)
     state.queued.pop(who, None)
+
+
+def withdraw(state: TokenState, now: float, rules: Rules, *, who: str) -> None:
+    """Nobody waits in ``who``'s queue any more (its last waiters gave up): say so at once,
+    or its report would hold every other process back until it expires."""
+    _settle(state, now, rules)
+    state.queued.pop(who, None)
+
+
+def adopt(state: TokenState, now: float, rules: Rules, *, who: str, where: str) -> str | None:
+    """``who`` switches to ``rules``' rate, if no other live limiter uses the token: its next
+    start is spaced from the last one at the new rate. Returns where another one runs (then
+    nothing changes: one rate per token)."""
+    _settle(state, now, rules)
+    for other, entry in state.users.items():
+        if other != who:
+            return str(entry[3])
+    mine = rules.rate_limit
+    state.users[who] = [mine.requests, mine.period, mine.margin, where, now + rules.user_ttl]
+    if state.last != _NEVER:
+        state.due = state.last + rules.interval
+    return None
 
 
 @attrs.frozen

@@ -36,7 +36,7 @@ from ._errors import (
     RateLimitError,
     UnprocessableEntityError,
 )
-from ._models import FunctionCall, Reply
+from ._models import FunctionCall, RateLimit, Reply
 from ._version import __version__
 
 ENDPOINT = "ai/generate-reply"
@@ -405,6 +405,39 @@ def retry_after(headers: Mapping[str, str], now: float) -> float | None:
     if reset is not None and reset > 1e9:  # epoch seconds; anything smaller is not a date
         return max(reset - server_now, 0.0)
     return None
+
+
+#: The period of the service's throttle: ``X-RateLimit-Limit`` states requests per minute.
+SERVER_PERIOD = 60.0
+_MAX_STATED = 1_000_000
+
+
+def stated_limit_text(headers: Mapping[str, str]) -> str | None:
+    """The raw ``X-RateLimit-Limit`` header, or None (cheap: read on every response)."""
+    return _header(headers, "X-RateLimit-Limit")
+
+
+_POLICY_WINDOW = re.compile(r"(?:^|;)\s*w\s*=\s*(\d+(?:\.\d+)?)\s*(?:;|,|$)")
+
+
+def stated_limit(
+    text: str | None, margin: float = 0.02, *, policy: str | None = None
+) -> RateLimit | None:
+    """The limit the server states in ``X-RateLimit-Limit`` (Laravel's throttle middleware
+    sends it on every response it counted), or None when absent or not a positive whole
+    number. The period is the service's minute, unless ``policy`` (a ``RateLimit-Policy``
+    header, ``5;w=60``, as the IETF draft and the emulator at a scaled rate send) names its
+    window. ``margin`` is the client's own, so it never goes above it."""
+    if text is None:
+        return None
+    text = text.strip(" \t")
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) <= _MAX_STATED:
+        return None
+    period = SERVER_PERIOD
+    window = None if policy is None else _POLICY_WINDOW.search(policy)
+    if window is not None and 0 < float(window.group(1)) <= 86_400:
+        period = float(window.group(1))
+    return RateLimit(int(text), period, margin=margin)
 
 
 def _error_class(status: int, error_code: str | None) -> type[APIError]:

@@ -69,7 +69,7 @@ from ._errors import (
     UnprocessableEntityError,
 )
 from ._lifecycle import AsyncClosing
-from ._models import Reply
+from ._models import Priority, Reply
 from ._wire import build_request
 
 __all__ = [
@@ -343,6 +343,12 @@ class BulkRunner(AsyncClosing):
 
     ``client.normalize_identifier`` (e.g. ``e164("US")``) is checked when a row is pulled, so a
     refused identifier fails that row alone, named, before anything is sent.
+
+    ``priority`` (default ``Priority.BACKGROUND``) is the lane the rows wait in for their
+    rate-limit slots: a bulk run yields the next slot to any interactive call of any process
+    sharing the token (a web app answering customers), keeping at least the limiter's
+    ``background_share`` while interactive calls wait. ``Priority.INTERACTIVE`` runs the rows
+    as live traffic.
     """
 
     def __init__(
@@ -354,7 +360,14 @@ class BulkRunner(AsyncClosing):
         stop_on: Collection[type[AutocallsError]] = DEFAULT_STOP_ON,
         skip_unknown_assistants: bool = True,
         on_send: Callable[[BulkRequest], None] | None = None,
+        priority: Priority = Priority.BACKGROUND,
     ) -> None:
+        if not isinstance(priority, Priority):
+            raise InvalidRequestError(
+                f"priority must be Priority.BACKGROUND or Priority.INTERACTIVE, got {priority!r}"
+            )
+        #: The lane every row waits in for its rate-limit slot.
+        self.priority = priority
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise InvalidRequestError(f"concurrency must be an int >= 1, got {concurrency!r}")
         stop_on = tuple(stop_on)
@@ -572,6 +585,7 @@ class BulkRunner(AsyncClosing):
                 customer_identifier=request.customer_identifier,
                 message=request.message,
                 variables=request.variables,
+                priority=self.priority,
             )
         except AutocallsError as exc:
             return BulkResult(request, error=exc)

@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "benchmarks.deployments",
         "3 processes: host store and Redis, strict and no-burst",
     ),
+    "lanes": ("benchmarks.lanes", "a web app and a bulk job on one token, lanes on and off"),
 }
 
 

@@ -22,7 +22,9 @@ of it, framework behaviour included, so code tested here behaves the same in pro
    any rolling period (strict); ``"fixed"``: Laravel's window anchored at the first hit.
    429 ``{"message": "Too Many Attempts."}`` with ``Retry-After`` (whole seconds, >= 1),
    ``X-RateLimit-Limit``, ``X-RateLimit-Remaining: 0`` and ``X-RateLimit-Reset`` (epoch);
-   allowed responses carry ``X-RateLimit-Limit`` / ``-Remaining``.
+   allowed responses carry ``X-RateLimit-Limit`` / ``-Remaining``. At a scaled period (not
+   60 s) both also carry ``RateLimit-Policy: N;w=SECONDS`` (the IETF draft's form), since
+   ``X-RateLimit-Limit`` alone means "per minute".
 4. **Validation** after ``TrimStrings`` and ``ConvertEmptyStringsToNull``; invalid JSON is an
    empty input. 422 with Laravel's messages: ``{"message": "The assistant id field is
    required. (and 2 more errors)", "errors": {"assistant_id": [...], ...}}``. Deliberately

@@ -427,6 +427,14 @@ class MockAutocalls:
             return _framework_error(code, message, json_wanted, headers)
         return _raw(code, fault.payload, fault.content_type or "application/json", headers)
 
+    def _policy(self) -> dict[str, str]:
+        """At a scaled period, the window too (``RateLimit-Policy``, the IETF draft's form):
+        the service throttles per minute and says only how many (``X-RateLimit-Limit``)."""
+        throttle = self._throttle
+        if throttle is None or throttle.period == 60.0:
+            return {}
+        return {"RateLimit-Policy": f"{throttle.requests};w={throttle.period:g}"}
+
     def _too_many(self, limit: int, retry_after: float, json_wanted: bool) -> web.Response:
         seconds = max(1, math.ceil(retry_after))
         headers = {
@@ -434,6 +442,7 @@ class MockAutocalls:
             "X-RateLimit-Limit": str(limit),
             "X-RateLimit-Remaining": "0",
             "X-RateLimit-Reset": str(int(time.time()) + seconds),
+            **self._policy(),
         }
         return _framework_error(429, "Too Many Attempts.", json_wanted, headers)
 
@@ -449,6 +458,7 @@ class MockAutocalls:
             record.counted = True
             headers["X-RateLimit-Limit"] = str(decision.limit)
             headers["X-RateLimit-Remaining"] = str(decision.remaining)
+            headers.update(self._policy())
         response = await self._controller(request, record, json_wanted)
         response.headers.update(headers)
         return response
