@@ -661,18 +661,7 @@ class Limiter:
             queue.asking = True
             try:
                 async with asyncio.timeout_at(_grace(deadline, loop)):
-                    answer = await self._apply(
-                        front,
-                        key,
-                        functools.partial(
-                            schedule.grant,
-                            rules=self.rules,
-                            who=front.who,
-                            where=front.where,
-                            ticket=ticket,
-                            lanes=_alone(lane, arrival),
-                        ),
-                    )
+                    answer = await self._ask(front, key, ticket, _alone(lane, arrival))
             except TimeoutError:
                 raise self._timeout(None) from None
             finally:
@@ -712,6 +701,23 @@ class Limiter:
             if isinstance(exc, TimeoutError):
                 raise self._timeout(queue.next_free - loop.time()) from None
             raise
+
+    async def _ask(
+        self, front: _Front, key: str, ticket: str, lanes: tuple[Lane | None, Lane | None]
+    ) -> schedule.Grant:
+        """Ask the store for the grant ``ticket``, reporting this queue's lanes."""
+        return await self._apply(
+            front,
+            key,
+            functools.partial(
+                schedule.grant,
+                rules=self.rules,
+                who=front.who,
+                where=front.where,
+                ticket=ticket,
+                lanes=lanes,
+            ),
+        )
 
     async def _check_deadline(
         self, front: _Front, queue: _Queue, key: str, deadline: float, lane: int
@@ -757,18 +763,7 @@ class Limiter:
                 now = loop.time()
                 lanes = (queue.summary(0), queue.summary(1))
                 ticket = f"{front.who}#{next(front.tickets)}"
-                answer = await self._apply(
-                    front,
-                    key,
-                    functools.partial(
-                        schedule.grant,
-                        rules=self.rules,
-                        who=front.who,
-                        where=front.where,
-                        ticket=ticket,
-                        lanes=lanes,
-                    ),
-                )
+                answer = await self._ask(front, key, ticket, lanes)
                 floor = max(queue.own_next, queue.own_pause)
                 if answer.granted:
                     grant = _Grant(self, front, queue, key, ticket, now)

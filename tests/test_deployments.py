@@ -158,10 +158,15 @@ async def run_children(base_url: str, store: str, processes: int = 3, calls: int
 # ---------------------------------------------------------------------- processes
 
 
-async def test_processes_on_one_host_share_the_default_limiter(strict: MockAutocalls) -> None:
-    """3 processes x 6 calls, default limiter, no set-up: 0 x 429 at a strict rolling window."""
+@pytest.mark.parametrize("store", ["host", "redis"])
+async def test_processes_share_one_token(
+    strict: MockAutocalls, store: str, request: pytest.FixtureRequest
+) -> None:
+    """3 processes x 6 calls, with the default limiter (no set-up) or through Redis: 0 x 429 at
+    a strict rolling window, at the full rate."""
+    url = "host" if store == "host" else request.getfixturevalue("redis_server").url
     began = time.monotonic()
-    await run_children(strict.base_url, "host")
+    await run_children(strict.base_url, url)
     arrivals = [record.time for record in strict.requests]
     assert len(arrivals) == 18 and strict.count(status=429) == 0
     check_arrivals(arrivals)

@@ -9,7 +9,6 @@ import json
 import logging
 import socket
 import statistics
-import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -492,90 +491,6 @@ async def test_redis_killed_mid_run_fails_promptly_without_a_burst(prefix: str) 
     assert sent_after <= 1
     assert server.count(status=429) == 0
     assert_rolling([r.time for r in server.requests], RateLimit(5, 0.5, margin=0))
-
-
-CHILD = """
-import asyncio, json, sys
-from autocalls_async import AsyncAutocalls, RateLimit
-from autocalls_async._redis import RedisRateLimiter
-
-async def main(redis_url, base_url, prefix, name, calls):
-    rate = RateLimit(5, 1.0)
-    async with RedisRateLimiter(redis_url, rate_limit=rate, prefix=prefix) as limiter:
-        async with AsyncAutocalls("shared-token", base_url=base_url, limiter=limiter,
-                                  max_retries=0) as client:
-            print("ready", flush=True)
-            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-
-            async def one(i):
-                try:
-                    await client.generate_reply(
-                        assistant_id=123, customer_identifier=f"{name}-{i}", message="Hi")
-                    return "ok"
-                except Exception as exc:
-                    return f"{type(exc).__name__}: {exc}"
-
-            print(json.dumps(await asyncio.gather(*(one(i) for i in range(calls)))), flush=True)
-
-asyncio.run(main(*sys.argv[1:5], int(sys.argv[5])))
-"""
-
-
-@pytest.mark.slow
-async def test_three_processes_share_one_token(redis_server: RedisServer, prefix: str) -> None:
-    """3 OS processes x 6 calls, one token, 5/s rolling server: no 429, full rate, never 6 in 1 s."""
-    processes, calls = 3, 6
-    async with MockAutocalls(rate_limit=(5, 1.0)) as server:
-        children = [
-            await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-c",
-                CHILD,
-                redis_server.url,
-                server.base_url,
-                prefix,
-                f"p{n}",
-                str(calls),
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
-            for n in range(processes)
-        ]
-        try:
-            for child in children:
-                assert child.stdout is not None
-                line = await asyncio.wait_for(child.stdout.readline(), 60)
-                assert line.strip() == b"ready", line
-            loop = asyncio.get_running_loop()
-            go = loop.time()
-            for child in children:
-                assert child.stdin is not None
-                child.stdin.write(b"go\n")
-                await child.stdin.drain()
-            outputs = await asyncio.wait_for(
-                asyncio.gather(*(child.communicate() for child in children)), 60
-            )
-        finally:
-            for child in children:
-                if child.returncode is None:
-                    child.kill()
-                    await child.wait()
-    for child, (out, err) in zip(children, outputs, strict=True):
-        assert child.returncode == 0, err.decode(errors="replace")
-        assert json.loads(out) == ["ok"] * calls, out
-    arrivals = sorted(record.time - go for record in server.requests)
-    assert len(arrivals) == processes * calls
-    assert server.count(status=429) == 0
-    assert_rolling(arrivals, RateLimit(5, 1.0, margin=0))
-    ideal = (processes * calls - 1) * 1.0 / 5
-    tightest = min(b - a for a, b in zip(arrivals, arrivals[5:], strict=False))
-    print(
-        f"\n3x6 on Redis: first {arrivals[0]:.3f}s, last {arrivals[-1]:.3f}s, "
-        f"ideal {ideal:.2f}s, tightest 6 arrivals span {tightest:.3f}s"
-    )
-    assert arrivals[-1] - arrivals[0] <= 1.25 * ideal
-    assert arrivals[-1] <= 1.25 * ideal + 1.0  # + the children's first connections
 
 
 # ---------------------------------------------------------------------- conversations

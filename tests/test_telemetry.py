@@ -542,3 +542,16 @@ def test_the_global_providers_are_used(tmp_path: Any) -> None:
     spans, metric_names = done.stdout.splitlines()
     assert spans == "['POST', 'autocalls generate_reply']"
     assert metric_names == "['autocalls.calls', 'http.client.request.duration']"
+
+
+def test_generate_reply_is_still_a_coroutine_function_to_mocks() -> None:
+    """The telemetry wrapper adds no frame per call, yet generate_reply is still async to
+    introspection: unittest.mock's autospec makes it an AsyncMock, as users' tests expect."""
+    import asyncio as _asyncio
+    from unittest import mock
+
+    from autocalls_async import AsyncAutocalls
+
+    assert _asyncio.iscoroutinefunction(AsyncAutocalls.generate_reply)
+    fake = mock.create_autospec(AsyncAutocalls, instance=True)
+    assert isinstance(fake.generate_reply, mock.AsyncMock)
