@@ -38,7 +38,7 @@ from ._ordering import KeyedOrder
 from ._ratelimit import Limiter, RateLimiter, default_limiter
 from ._retry import Decision, RetryPolicy, is_retry_safe
 from ._telemetry import http_request, limiter_slot, traced
-from ._transport import OPEN, SendGate, Transport
+from ._transport import OPEN, GrantExpiredError, SendGate, Transport
 from ._wire import (
     DEFAULT_BASE_URL,
     ReplyRequest,
@@ -452,6 +452,11 @@ class AsyncAutocalls:
                 if error is not None:
                     await self._wait_before_retry(delay, pause=pause)
                 return await self._attempt(request, task, deadline, retries + 1, priority)
+            except GrantExpiredError:
+                # The loop was too busy to write before the grant ran out (100,000 calls made
+                # ready at once): nothing was sent, so this is no retry; queue again.
+                error = None
+                continue
             except asyncio.CancelledError:
                 # Closed while waiting to retry: if an attempt may have been processed, its
                 # error says what really happened; otherwise nothing was processed.

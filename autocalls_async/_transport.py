@@ -22,7 +22,7 @@ from yarl import URL
 
 from ._errors import APIConnectionError, APIResponseValidationError, APITimeoutError
 
-__all__ = ["Response", "SendGate", "Transport"]
+__all__ = ["GrantExpiredError", "Response", "SendGate", "Transport"]
 
 Response = tuple[int, Mapping[str, str], bytes]
 CHUNK = 64 * 1024
@@ -42,6 +42,11 @@ class _Open:
 
 
 OPEN = _Open()
+
+
+class GrantExpiredError(APIConnectionError):
+    """Nothing was written: the rate-limit grant ran out first. The client asks for another
+    slot (not a retry: nothing reached the server)."""
 
 
 class _LeaseLost(Exception):
@@ -165,8 +170,8 @@ class Transport:
             ) from exc
         except (aiohttp.ClientError, OSError) as exc:
             if payload.lease_lost:
-                raise APIConnectionError(
-                    "the event loop was blocked so long between the rate-limit grant and the "
+                raise GrantExpiredError(
+                    "the event loop was busy so long between the rate-limit grant and the "
                     "write that the grant ran out; nothing was sent",
                     sent=False,
                 ) from exc

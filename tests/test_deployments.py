@@ -591,3 +591,30 @@ async def test_a_callers_session_that_raises_for_status(strict: MockAutocalls) -
         assert client.stats.rate_limited == 1 and loop.time() - began >= 1.0 - JITTER
         with pytest.raises(AssistantNotFoundError):
             await client.generate_reply(assistant_id=999, customer_identifier="a", message="x")
+
+
+async def test_a_grant_that_ran_out_before_the_write_is_asked_again(
+    open_server: MockAutocalls,
+) -> None:
+    """The loop is blocked past the grant's lease before the request is written (here by a
+    caller's trace hook): nothing is written on the lost grant, and the call asks for another
+    slot without spending a retry (max_retries=0 still succeeds)."""
+    blocked: list[int] = []
+
+    async def on_start(*_: object) -> None:
+        if not blocked:
+            blocked.append(1)
+            time.sleep(0.6)  # noqa: ASYNC251 - a loop busy past the 0.5 s lease: the point
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_start.append(on_start)  # type: ignore[arg-type]
+    async with (
+        aiohttp.ClientSession(trace_configs=[trace]) as session,
+        HostRateLimiter(rate_limit=RATE, lease=0.5) as limiter,
+        AsyncAutocalls(
+            "lease", base_url=open_server.base_url, limiter=limiter, session=session, max_retries=0
+        ) as client,
+    ):
+        await client.generate_reply(assistant_id=123, customer_identifier="l", message="x")
+    assert blocked and len(open_server.requests) == 1
+    assert client.stats.retries == 0
