@@ -25,6 +25,7 @@ __all__ = [
     "Row",
     "emulator_process",
     "percentile",
+    "rate_rows",
     "rss_bytes",
     "spread",
 ]
@@ -197,3 +198,31 @@ def emulator_process(rate_limit: str = "none", window: str = "rolling") -> Itera
             process.wait()
         if process.stdout is not None:
             process.stdout.close()
+
+
+def rate_rows(
+    result: BenchResult,
+    case: str,
+    runs: Sequence[dict[str, Any]],
+    *,
+    limit: float,
+    period: float,
+    failed_row: bool = False,
+) -> None:
+    """The rows of one multi-process case: combined rate against the limit (target 0.97x),
+    429s (target 0), optionally failed calls, the most arrivals in one period, and a note
+    naming the errors of failed calls."""
+    result.summary(
+        case, "combined rate ÷ limit", [r["sustained"] / limit for r in runs], digits=3, unit="×"
+    ).expect("≥ 0.97×", lambda v: v >= 0.97)
+    result.summary(case, "429s received", [r["rate_429"] for r in runs], digits=0).expect(
+        "0", lambda v: v == 0
+    )
+    if failed_row:
+        result.summary(case, "failed calls", [r["failed"] for r in runs], digits=0)
+    result.summary(
+        case, f"max arrivals in {period:g}s", [r["max_in_window"] for r in runs], digits=0
+    )
+    errors = sorted({e for r in runs for e in r["errors"]})
+    if errors:
+        result.notes.append(f"{case}: failures were {', '.join(errors)}")

@@ -25,7 +25,7 @@ from typing import Any
 
 from autocalls_async.testing import MockAutocalls, token_hash
 
-from ._common import ROOT, BenchResult, Config
+from ._common import ROOT, BenchResult, Config, rate_rows
 from ._nginx import NginxLimiter, find_nginx
 from .distributed import available as redis_missing
 from .distributed import redis_server
@@ -164,22 +164,7 @@ def run(config: Config) -> BenchResult:
         measured = asyncio.run(_measure(stores, calls, rounds))
     limit = REQUESTS / PERIOD
     for case, runs in measured.items():
-        result.summary(
-            case,
-            "combined rate ÷ limit",
-            [r["sustained"] / limit for r in runs],
-            digits=3,
-            unit="×",
-        ).expect("≥ 0.97×", lambda v: v >= 0.97)
-        result.summary(case, "429s received", [r["rate_429"] for r in runs], digits=0).expect(
-            "0", lambda v: v == 0
-        )
-        result.summary(
-            case, f"max arrivals in {PERIOD:g}s", [r["max_in_window"] for r in runs], digits=0
-        )
-        errors = sorted({e for r in runs for e in r["errors"]})
-        if errors:
-            result.notes.append(f"{case}: failures were {', '.join(errors)}")
+        rate_rows(result, case, runs, limit=limit, period=PERIOD)
     return result
 
 

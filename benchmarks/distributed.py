@@ -28,7 +28,7 @@ from typing import Any
 
 from autocalls_async.testing import MockAutocalls, token_hash
 
-from ._common import ROOT, BenchResult, Config
+from ._common import ROOT, BenchResult, Config, rate_rows
 from .rate import _max_in_window
 
 NAME = "distributed"
@@ -223,23 +223,7 @@ def run(config: Config) -> BenchResult:
     for processes in PROCESSES:
         runs = measured[processes]
         case = f"{processes} process{'es' if processes > 1 else ''}"
-        result.summary(
-            case,
-            "combined rate ÷ limit",
-            [r["sustained"] / limit for r in runs],
-            digits=3,
-            unit="×",
-        ).expect("≥ 0.97×", lambda v: v >= 0.97)
-        result.summary(case, "429s received", [r["rate_429"] for r in runs], digits=0).expect(
-            "0", lambda v: v == 0
-        )
-        result.summary(case, "failed calls", [r["failed"] for r in runs], digits=0)
-        result.summary(
-            case, f"max arrivals in {period:g}s", [r["max_in_window"] for r in runs], digits=0
-        )
-        errors = sorted({e for r in runs for e in r["errors"]})
-        if errors:
-            result.notes.append(f"{case}: failures were {', '.join(errors)}")
+        rate_rows(result, case, runs, limit=limit, period=period, failed_row=True)
     return result
 
 
