@@ -645,6 +645,9 @@ class AsyncAutocalls:
                 customer_identifier=request.customer_identifier,
                 now=time.time(),
             )
+        except GrantExpiredError:
+            self.stats.requests -= 1  # nothing was written: not an attempt the server saw
+            raise
         finally:
             self.stats.in_flight -= 1
             if not self.stats.in_flight:

@@ -618,3 +618,4 @@ async def test_a_grant_that_ran_out_before_the_write_is_asked_again(
         await client.generate_reply(assistant_id=123, customer_identifier="l", message="x")
     assert blocked and len(open_server.requests) == 1
     assert client.stats.retries == 0
+    assert client.stats.requests == 1  # the lost grant wrote nothing: not counted as sent
