@@ -11,6 +11,10 @@ import pytest
 from autocalls_async import AsyncAutocalls, RetryPolicy
 from autocalls_async.testing import MockAutocalls
 
+# As the plugin's docs say: loaded from the root conftest.py, so its marker is registered
+# before any test module is imported (tests/test_pytest_plugin.py uses it).
+pytest_plugins = ["autocalls_async.testing.pytest_plugin"]
+
 #: Retries without real waiting: the policy is tested on its own in test_retry.py.
 FAST_RETRIES = RetryPolicy(backoff_base=0.01, backoff_max=0.02)
 
