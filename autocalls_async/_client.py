@@ -32,6 +32,7 @@ from ._errors import (
     RateLimitError,
     RateLimitTimeout,
 )
+from ._lifecycle import AsyncOnly
 from ._log import configure_from_env, logger
 from ._models import Conversation, Priority, RateLimit, Reply
 from ._ordering import KeyedOrder
@@ -41,6 +42,7 @@ from ._telemetry import http_request, limiter_slot, traced
 from ._transport import OPEN, GrantExpiredError, SendGate, Transport
 from ._wire import (
     DEFAULT_BASE_URL,
+    DEFAULT_MAX_REQUEST_BYTES,
     ReplyRequest,
     build_request,
     check_base_url,
@@ -97,12 +99,17 @@ def _check_seconds(name: str, value: object, *, allow_none: bool = True) -> floa
     return float(value)
 
 
-class AsyncAutocalls:
+class AsyncAutocalls(AsyncOnly):
     """An async client for ``POST /ai/generate-reply``; share one per process and event loop.
 
     Use it with ``async with`` (or call ``close()``). Every call first waits for its
     conversation's earlier calls, then for a rate-limit slot shared by every client using the
     same token, then is sent; only failures the server cannot have processed are retried.
+
+    ``max_request_bytes`` (default 1 MiB, nginx's default ``client_max_body_size``) bounds the
+    encoded JSON body of a call: a bigger one raises ``InvalidRequestError`` before anything
+    is sent, instead of travelling only to be refused with a 413. Raise it if the server you
+    talk to accepts more; None removes the check.
     """
 
     def __init__(
@@ -122,6 +129,7 @@ class AsyncAutocalls:
         conversation_store: ConversationStore | None = None,
         conversation_cache_size: int = 100_000,
         max_response_size: int = DEFAULT_MAX_RESPONSE_SIZE,
+        max_request_bytes: int | None = DEFAULT_MAX_REQUEST_BYTES,
         budget: Budget | None = None,
         normalize_identifier: Callable[[str], str] | None = None,
     ) -> None:
@@ -183,6 +191,18 @@ class AsyncAutocalls:
             raise InvalidRequestError(
                 f"max_response_size must be a positive int (bytes), got {max_response_size!r}"
             )
+        if max_request_bytes is not None and (
+            isinstance(max_request_bytes, bool)
+            or not isinstance(max_request_bytes, int)
+            or max_request_bytes < 1
+        ):
+            raise InvalidRequestError(
+                "max_request_bytes must be a positive int (bytes) or None (no limit), got "
+                f"{max_request_bytes!r}"
+            )
+        #: The largest request body sent, in bytes (None: no limit): a bigger one is refused
+        #: with ``InvalidRequestError`` before anything is sent.
+        self.max_request_bytes = max_request_bytes
         if session is not None and not isinstance(session, aiohttp.ClientSession):
             raise InvalidRequestError("session must be an aiohttp.ClientSession")
         self._transport = Transport(
@@ -262,15 +282,28 @@ class AsyncAutocalls:
             self._loop = loop
             self._drained = asyncio.Event()
         elif self._loop is not loop:
+            if self._loop.is_closed():
+                raise RuntimeError(
+                    "this AsyncAutocalls was used in an event loop that has since closed (an "
+                    "earlier asyncio.run()?), and its connections closed with it: create the "
+                    "client inside the loop that uses it (`async with AsyncAutocalls() as "
+                    "client:` in the coroutine that asyncio.run() runs, or in the app's "
+                    "lifespan), or keep one loop for the app's lifetime"
+                )
             raise RuntimeError(
                 "this AsyncAutocalls was first used in another event loop; aiohttp sessions and "
-                "the rate limiter belong to one loop: create one client per event loop"
+                "the rate limiter belong to one loop: create one client per event loop (one "
+                "per thread that runs a loop)"
             )
         return loop
 
     def _check_open(self) -> None:
         if self._closed:
-            raise ClientClosedError("the client is closed; nothing was sent")
+            raise ClientClosedError(
+                "the client is closed; nothing was sent. A closed client stays closed: create "
+                "a new AsyncAutocalls, or keep one open for the app's lifetime (`async with "
+                "AsyncAutocalls() as client:` around the app's work, or in its lifespan)"
+            )
 
     # ------------------------------------------------------------------ cost
 
@@ -373,7 +406,13 @@ class AsyncAutocalls:
         is raised and nothing is sent.
         """
         customer_identifier = self.normalize(customer_identifier)
-        request = build_request(assistant_id, customer_identifier, message, variables)
+        request = build_request(
+            assistant_id,
+            customer_identifier,
+            message,
+            variables,
+            max_bytes=self.max_request_bytes,
+        )
         max_wait = self.max_wait if max_wait is _UNSET else _check_seconds("max_wait", max_wait)
         lane = self.priority if priority is None else _check_priority(priority)
         self._check_open()

@@ -37,6 +37,7 @@ from typing import Any, Protocol, Self, TypeVar, runtime_checkable
 
 from . import _schedule as schedule
 from ._errors import InvalidRequestError, LimiterUnavailableError, RateLimitTimeout
+from ._lifecycle import AsyncOnly
 from ._log import logger
 from ._models import Priority, RateLimit
 from ._schedule import Lane, RateConflict, Rules
@@ -393,7 +394,7 @@ class _Grant:
         self._renewal = self._front.loop.call_later(rules.lease / 3, self._renew)
 
 
-class Limiter:
+class Limiter(AsyncOnly):
     """The schedule over one store, and this process's queue in front of it.
 
     ``LocalRateLimiter``, ``HostRateLimiter`` and ``RedisRateLimiter`` are this class over their

@@ -44,6 +44,8 @@ DEFAULT_BASE_URL = "https://app.autocalls.ai/api"
 MAX_CUSTOMER_IDENTIFIER = 255
 MAX_ASSISTANT_ID = 2**63 - 1  # the service stores it in a signed BIGINT
 MAX_JSON_DEPTH = 64
+#: nginx's default ``client_max_body_size``: a bigger body would travel only to get a 413.
+DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024
 EXCERPT = 200
 #: What Laravel's TrimStrings middleware strips from both ends of every input string.
 _TRIM = re.compile(r"^[\s\ufeff\u200b\u200e]+|[\s\ufeff\u200b\u200e]+$")
@@ -141,6 +143,19 @@ def _refuse(message: str) -> NoReturn:
     raise InvalidRequestError(message)
 
 
+def too_large(size: int, limit: int) -> str:
+    """Why a request body of ``size`` bytes is refused before it is sent."""
+    default = ""
+    if limit == DEFAULT_MAX_REQUEST_BYTES:
+        default = " (1 MiB: nginx's default client_max_body_size)"
+    return (
+        f"the request would be {size:,} bytes (JSON, UTF-8), over the limit of {limit:,} "
+        f"bytes{default}, and the server would refuse it with a 413 after receiving it all: "
+        "shorten the message or the variables (or, if your server accepts bigger requests, "
+        "raise AsyncAutocalls(max_request_bytes=...)); nothing was sent"
+    )
+
+
 def _check_text(name: str, value: str) -> None:
     try:
         value.encode("utf-8")
@@ -208,8 +223,11 @@ def build_request(
     customer_identifier: object,
     message: object,
     variables: object = None,
+    *,
+    max_bytes: int | None = None,
 ) -> ReplyRequest:
-    """Validate the arguments of ``generate_reply`` and encode the JSON body."""
+    """Validate the arguments of ``generate_reply`` and encode the JSON body, which must be at
+    most ``max_bytes`` long (no limit when None)."""
     if isinstance(assistant_id, bool) or not isinstance(assistant_id, int):
         _refuse(
             f"assistant_id must be an int, got {type(assistant_id).__name__} {assistant_id!r}"
@@ -245,11 +263,14 @@ def build_request(
             _refuse(f"variables must be a dict (a JSON object), got {type(variables).__name__}")
         payload["variables"] = _json_value(variables, "variables")
     body = json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    encoded = body.encode("utf-8")
+    if max_bytes is not None and len(encoded) > max_bytes:
+        _refuse(too_large(len(encoded), max_bytes))
     return ReplyRequest(
         assistant_id,
         customer_identifier,
         message,
-        body.encode("utf-8"),
+        encoded,
         (assistant_id, trim(customer_identifier)),
     )
 

@@ -70,7 +70,7 @@ from ._errors import (
 )
 from ._lifecycle import AsyncClosing
 from ._models import Priority, Reply
-from ._wire import build_request
+from ._wire import DEFAULT_MAX_REQUEST_BYTES, build_request
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
@@ -458,7 +458,8 @@ class BulkRunner(AsyncClosing):
                         break
                     self.pulled += 1
                     request = _as_request(item, self.pulled)
-                    invalid = _check(request) or self._check_identifier(request)
+                    invalid = _check(request, self.client.max_request_bytes)
+                    invalid = invalid or self._check_identifier(request)
                     if invalid is not None:
                         yield BulkResult(request, error=invalid)
                     else:
@@ -650,8 +651,11 @@ def _to_request(item: object, position: int) -> BulkRequest:
     )
 
 
-def _check(request: BulkRequest) -> InvalidRequestError | None:
-    """The core's own validation, so a bad row fails alone, named, before anything is sent."""
+def _check(
+    request: BulkRequest, max_bytes: int | None = DEFAULT_MAX_REQUEST_BYTES
+) -> InvalidRequestError | None:
+    """The core's own validation, so a bad row fails alone, named, before anything is sent
+    (the CLI's dry run uses the default client's ``max_request_bytes``)."""
     if request.problem is not None:
         return InvalidRequestError(f"row {_name(request)}: {request.problem}")
     try:
@@ -660,6 +664,7 @@ def _check(request: BulkRequest) -> InvalidRequestError | None:
             request.customer_identifier,
             request.message,
             request.variables,
+            max_bytes=max_bytes,
         )
     except InvalidRequestError as exc:
         return InvalidRequestError(f"row {_name(request)}: {exc}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -10,6 +12,44 @@ import pytest
 
 from autocalls_async import AsyncAutocalls, RetryPolicy
 from autocalls_async.testing import MockAutocalls
+from benchmarks._nginx import find_nginx
+
+# As the plugin's docs say: loaded from the root conftest.py, so its marker is registered
+# before any test module is imported (tests/test_pytest_plugin.py uses it).
+pytest_plugins = ["autocalls_async.testing.pytest_plugin"]
+
+#: What a full run needs beyond pip, how to get it, and what happens without it.
+SERVERS = (
+    (
+        "redis-server",
+        lambda: shutil.which("redis-server"),
+        "AUTOCALLS_REQUIRE_REDIS",
+        "the Redis tests (about 30)",
+        "sudo apt-get install redis-server (Debian, Ubuntu) or brew install redis (macOS)",
+    ),
+    (
+        "nginx",
+        find_nginx,
+        "AUTOCALLS_REQUIRE_NGINX",
+        "the tests against nginx's limit_req (a few)",
+        "sudo apt-get install nginx-light (Debian, Ubuntu) or brew install nginx (macOS)",
+    ),
+)
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Say at the start, not only in the skips at the end, what is missing and how to get it."""
+    lines = []
+    for name, find, required, tests, install in SERVERS:
+        if find() is None:
+            fate = (
+                f"fail ({required} is set)"
+                if os.environ.get(required)
+                else "be skipped, and the coverage gate may fail without them"
+            )
+            lines.append(f"{name} is not installed: {tests} will {fate}; install: {install}")
+    return lines
+
 
 #: Retries without real waiting: the policy is tested on its own in test_retry.py.
 FAST_RETRIES = RetryPolicy(backoff_base=0.01, backoff_max=0.02)

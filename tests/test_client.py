@@ -471,7 +471,7 @@ def test_one_client_one_event_loop() -> None:
         await ask(client)
 
     asyncio.run(bind())
-    with pytest.raises(RuntimeError, match="another event loop"):
+    with pytest.raises(RuntimeError, match="event loop that has since closed"):
         asyncio.run(use())
 
 

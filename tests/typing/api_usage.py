@@ -110,6 +110,20 @@ def no_limiter() -> AsyncAutocalls:
     return AsyncAutocalls("token", rate_limit=None, timeout=None)
 
 
+def bigger_requests() -> int | None:
+    client = AsyncAutocalls("token", max_request_bytes=8 * 1024 * 1024)
+    unchecked = AsyncAutocalls("token", max_request_bytes=None)
+    del unchecked
+    return client.max_request_bytes
+
+
+def a_plain_with_is_reported(client: AsyncAutocalls) -> None:
+    # The client is async-only: a type checker must keep reporting a plain `with` (were this
+    # ignore unused, mypy --strict would fail on it).
+    with client:  # type: ignore[attr-defined]
+        pass
+
+
 async def cost_control() -> int:
     normalize: Normalizer = e164("US")
     by_mail: Normalizer = email()
