@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint typecheck unit bench build clean
+.PHONY: demo test lint typecheck unit bench plots build clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ test: lint typecheck unit
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python -m benchmarks
+	$(BIN)/python -m benchmarks.plots
+
+# The docs' figures (docs/img/*.png) from real runs, about a minute and a half; nginx for the first.
+plots: $(VENV)/.installed-dev
+	$(BIN)/python -m benchmarks.plots
 
 build: $(VENV)/.installed-dev
 	rm -rf dist
