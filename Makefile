@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint typecheck unit bench build docs clean
+.PHONY: demo test lint typecheck unit bench plots build docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ test: lint typecheck unit
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python -m benchmarks
+	$(BIN)/python -m benchmarks.plots
+
+# The docs' figures (docs/img/*.png) from real runs, about a minute and a half; nginx for the first.
+plots: $(VENV)/.installed-dev
+	$(BIN)/python -m benchmarks.plots
 
 # The documentation site (docs/, mkdocs.yml) into site/; --strict: any warning fails the build.
 # NO_MKDOCS_2_WARNING: Material prints a banner about its future on every build otherwise.
