@@ -1,21 +1,25 @@
 """pytest plugin providing the ``autocalls_server`` fixture.
 
-Enable it in your root ``conftest.py``::
+Enable it in your root ``conftest.py``:
 
-    pytest_plugins = ["autocalls_async.testing.pytest_plugin"]
+```python
+pytest_plugins = ["autocalls_async.testing.pytest_plugin"]
 
-    async def test_reply(autocalls_server):
-        client = AsyncAutocalls("test-token", base_url=autocalls_server.base_url, rate_limit=None)
-        ...
+async def test_reply(autocalls_server):
+    client = AsyncAutocalls("test-token", base_url=autocalls_server.base_url, rate_limit=None)
+    ...
+```
 
 The fixture is function-scoped and yields a started ``MockAutocalls`` with no server-side rate
 limit (a test suite must not wait a minute for a window). Options come from the marker
 ``@pytest.mark.autocalls_server(rate_limit=(5, 0.5), balance=3, ...)`` (registered by this
 plugin when it is loaded from a conftest.py), or from indirect parametrization, which works
-wherever the plugin is loaded::
+wherever the plugin is loaded:
 
-    @pytest.mark.parametrize("autocalls_server", [{"balance": 3}], indirect=True)
-    async def test_balance(autocalls_server): ...
+```python
+@pytest.mark.parametrize("autocalls_server", [{"balance": 3}], indirect=True)
+async def test_balance(autocalls_server): ...
+```
 """
 
 from __future__ import annotations
