@@ -50,6 +50,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -147,12 +148,17 @@ class MockServer:
             env=_environment(),
         )
         assert self.process.stdout is not None
+        self._reader = threading.Thread()
         seen = []
         for line in self.process.stdout:  # the first lines name the URL
             seen.append(line)
             found = _URL.search(line)
             if found:
                 self.base_url = found[0]
+                # Keep reading what it prints (a request log), so that a full pipe never
+                # blocks it.
+                self._reader = threading.Thread(target=self.process.stdout.read, daemon=True)
+                self._reader.start()
                 return
         self.stop()
         raise AssertionError(f"mock-server printed no URL: {''.join(seen)!r}")
@@ -165,6 +171,8 @@ class MockServer:
             except subprocess.TimeoutExpired:  # pragma: no cover - only if it hangs
                 self.process.kill()
                 self.process.wait(10)
+        if self._reader.ident is not None:
+            self._reader.join(10)  # at EOF once the process has exited
         assert self.process.stdout is not None
         self.process.stdout.close()
 
