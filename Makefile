@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test test-needs lint typecheck unit bench build clean
+.PHONY: demo test test-needs lint typecheck unit bench plots build docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 
 $(VENV)/.installed-cli: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[cli]'
+	touch $@
+
+$(VENV)/.installed-docs: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[docs]'
 	touch $@
 
 demo: $(VENV)/.installed-cli
@@ -41,10 +45,20 @@ test: test-needs lint typecheck unit
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python -m benchmarks
+	$(BIN)/python -m benchmarks.plots
+
+# The docs' figures (docs/img/*.png) from real runs, about a minute and a half; nginx for the first.
+plots: $(VENV)/.installed-dev
+	$(BIN)/python -m benchmarks.plots
+
+# The documentation site (docs/, mkdocs.yml) into site/; --strict: any warning fails the build.
+# NO_MKDOCS_2_WARNING: Material prints a banner about its future on every build otherwise.
+docs: $(VENV)/.installed-docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 build: $(VENV)/.installed-dev
 	rm -rf dist
 	$(BIN)/python -m build
 
 clean:
-	rm -rf $(VENV) dist build .coverage .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) dist build site .coverage .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -33,7 +33,7 @@ class Budget:
     flight count; calls the service certainly did not process are given back.
     """
 
-    replies: int = attrs.field(validator=_non_negative_int)
+    replies: int = attrs.field(validator=_non_negative_int)  #: billed or possibly billed calls
 
 
 @attrs.frozen
@@ -50,13 +50,13 @@ class AssistantUsage:
 class Usage:
     """A snapshot of ``client.usage``: totals, the budget, and the figures per assistant."""
 
-    sent: int
-    billed: int
-    possibly_billed: int
-    refused: int
+    sent: int  #: attempts that reached the service (or may have), retries included
+    billed: int  #: attempts answered with a reply
+    possibly_billed: int  #: attempts with an unknown outcome (5xx, timeout after sending)
+    refused: int  #: attempts the service answered without processing (4xx, 429, 503)
     in_flight: int  #: attempts holding a reservation right now (queued for a slot or sent)
-    budget: Budget | None
-    by_assistant: dict[int, AssistantUsage]
+    budget: Budget | None  #: the client's budget, if it has one
+    by_assistant: dict[int, AssistantUsage]  #: the same counts per assistant id
 
     @property
     def charged(self) -> int:

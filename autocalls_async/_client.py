@@ -227,7 +227,7 @@ class AsyncAutocalls(AsyncOnly):
         self._store = conversation_store
         self._order = KeyedOrder()
         self._random = random.Random()
-        self.stats = ClientStats()
+        self.stats = ClientStats()  #: counters for your metrics: see ``ClientStats``
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._closing: asyncio.Future[None] | None = None
@@ -255,6 +255,7 @@ class AsyncAutocalls(AsyncOnly):
 
     @property
     def closed(self) -> bool:
+        """True once ``close()`` has started: new calls fail with ``ClientClosedError``."""
         return self._closed
 
     async def close(self) -> None:
@@ -314,6 +315,7 @@ class AsyncAutocalls(AsyncOnly):
 
     @property
     def budget(self) -> Budget | None:
+        """The ``Budget`` this client was given, or None."""
         return self._ledger.budget
 
     # ------------------------------------------------------------------ conversations

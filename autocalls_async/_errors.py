@@ -1,25 +1,25 @@
 """The SDK's exceptions.
 
-::
-
-    AutocallsError
-    ├── InvalidRequestError (also ValueError)    bad input, raised before anything is sent
-    ├── RateLimitTimeout (also TimeoutError)     no client-side slot within max_wait
-    ├── ClientClosedError                        the client was closed before this call was sent
-    ├── LimiterUnavailableError                  a shared limiter backend (Redis) failed
-    ├── BudgetExceededError                      the client's Budget is used up; nothing sent
-    ├── APIConnectionError                       network failure, no response
-    │   └── APITimeoutError (also TimeoutError)
-    └── APIError                                 the server answered
-        ├── AuthenticationError        401
-        ├── PermissionDeniedError      403
-        ├── NotFoundError              404
-        │   └── AssistantNotFoundError         error_code ASSISTANT_NOT_FOUND
-        ├── InsufficientBalanceError           error_code INSUFFICIENT_BALANCE
-        ├── UnprocessableEntityError   422 (.errors: field -> messages)
-        ├── RateLimitError             429 after retries (.retry_after)
-        ├── InternalServerError        5xx
-        └── APIResponseValidationError 2xx whose body is not a valid reply
+```text
+AutocallsError
+├── InvalidRequestError (also ValueError)    bad input, raised before anything is sent
+├── RateLimitTimeout (also TimeoutError)     no client-side slot within max_wait
+├── ClientClosedError                        the client was closed before this call was sent
+├── LimiterUnavailableError                  a shared limiter backend (Redis) failed
+├── BudgetExceededError                      the client's Budget is used up; nothing sent
+├── APIConnectionError                       network failure, no response
+│   └── APITimeoutError (also TimeoutError)
+└── APIError                                 the server answered
+    ├── AuthenticationError        401
+    ├── PermissionDeniedError      403
+    ├── NotFoundError              404
+    │   └── AssistantNotFoundError         error_code ASSISTANT_NOT_FOUND
+    ├── InsufficientBalanceError           error_code INSUFFICIENT_BALANCE
+    ├── UnprocessableEntityError   422 (.errors: field -> messages)
+    ├── RateLimitError             429 after retries (.retry_after)
+    ├── InternalServerError        5xx
+    └── APIResponseValidationError 2xx whose body is not a valid reply
+```
 
 Messages never contain the API token: nothing here ever sees it.
 """
@@ -85,6 +85,7 @@ class APIConnectionError(AutocallsError):
     def __init__(self, message: str, *, sent: bool) -> None:
         super().__init__(message)
         self.message = message
+        #: True when the request may have reached the server (and may have been processed).
         self.sent = sent
 
 
@@ -95,11 +96,11 @@ class APITimeoutError(APIConnectionError, TimeoutError):
 class APIError(AutocallsError):
     """The server answered with an error (or with a body that is not a valid reply)."""
 
-    status: int
-    error_code: str | None
-    message: str
-    body: Any
-    headers: Mapping[str, str]
+    status: int  #: the HTTP status
+    error_code: str | None  #: the service's ``error_code`` (``ASSISTANT_NOT_FOUND``, ...), if any
+    message: str  #: the service's message, or a short excerpt of the body
+    body: Any  #: the decoded JSON body, or the text when it was not JSON
+    headers: Mapping[str, str]  #: the response's headers
     #: Seconds the server asked us to wait (``Retry-After``, ``X-RateLimit-Reset``), or None.
     retry_after: float | None
 

@@ -45,8 +45,9 @@ class RateLimit:
     and scheduling jitter cannot push a sixth request into a strict server's window.
     """
 
-    requests: int = attrs.field(validator=_positive_int)
-    period: float = attrs.field(converter=float, validator=_positive_finite)
+    requests: int = attrs.field(validator=_positive_int)  #: requests allowed per ``period``
+    period: float = attrs.field(converter=float, validator=_positive_finite)  #: seconds
+    #: Fraction added to the spacing of starts (0.02: starts ``1.02 * period / requests`` apart).
     margin: float = attrs.field(default=0.02, converter=float, validator=_margin, kw_only=True)
     #: Set by ``from_server``: the client adopts the limit the server states. Not part of the
     #: limit's value (two clients at 5/60s use the same limit, whichever follows the server).
@@ -105,8 +106,8 @@ class Priority(enum.IntEnum):
     token; background work keeps a minimum share so it always progresses.
     """
 
-    INTERACTIVE = 0
-    BACKGROUND = 1
+    INTERACTIVE = 0  #: a customer waits: the default of ``generate_reply`` and the client
+    BACKGROUND = 1  #: bulk work: the default of ``BulkRunner`` and ``autocalls-async bulk``
 
 
 @attrs.frozen
@@ -117,9 +118,9 @@ class FunctionCall:
     ``name`` and ``arguments`` are read from it when present.
     """
 
-    data: Any
-    name: str | None = None
-    arguments: Any = None
+    data: Any  #: the item exactly as the service sent it
+    name: str | None = None  #: the function's name, when the item has one
+    arguments: Any = None  #: its arguments (``arguments`` or ``args``), when present
 
     @classmethod
     def from_data(cls, data: Any) -> FunctionCall:
@@ -140,20 +141,20 @@ class Reply:
     taken the conversation over). ``raw`` is the whole JSON body, unknown fields included.
     """
 
-    conversation_id: str
-    customer_identifier: str
-    reply: str
-    function_calls: tuple[FunctionCall, ...] = ()
-    ai_disabled: bool = False
-    raw: Mapping[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
+    conversation_id: str  #: the service's id of the (assistant, customer) conversation
+    customer_identifier: str  #: as the service echoed it
+    reply: str  #: the assistant's text; ``""`` when a human took over and none was sent
+    function_calls: tuple[FunctionCall, ...] = ()  #: the functions the assistant called
+    ai_disabled: bool = False  #: the AI is off for this conversation (a human answers)
+    raw: Mapping[str, Any] = attrs.field(factory=dict, eq=False, repr=False)  #: the whole body
 
 
 @attrs.frozen
 class Conversation:
     """What the client last saw of one (assistant, customer) conversation."""
 
-    assistant_id: int
-    customer_identifier: str
-    conversation_id: str
-    ai_disabled: bool
+    assistant_id: int  #: the assistant
+    customer_identifier: str  #: the customer, normalised as sent
+    conversation_id: str  #: the service's id of the conversation
+    ai_disabled: bool  #: the last reply said the AI is off for it
     last_seen: float  #: ``time.time()`` of the reply that told us

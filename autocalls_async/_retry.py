@@ -39,10 +39,22 @@ def _positive(_: object, attribute: attrs.Attribute[float], value: float) -> Non
 
 @attrs.frozen
 class RetryPolicy:
+    """When to retry a failed attempt, and how long to wait first.
+
+    ``AsyncAutocalls(retry_policy=RetryPolicy(...))`` for full control; by default the client
+    builds one from its ``max_retries`` and ``retry_unsafe``. Only failures the service cannot
+    have processed are retried (a 429, a 503, a request that never left), unless
+    ``retry_unsafe``; ``Retry-After`` is honoured in full, else the backoff is exponential with
+    "equal jitter" (half fixed, half random).
+    """
+
+    #: Retries after the first attempt.
     max_retries: int = attrs.field(default=2, validator=attrs.validators.ge(0))
+    #: Also retry what may have been processed: 500, 502, 504, read timeouts, dropped connections.
     retry_unsafe: bool = False
+    #: Seconds: the first backoff, doubled at each retry up to ``backoff_max``.
     backoff_base: float = attrs.field(default=0.5, validator=_positive)
-    backoff_max: float = attrs.field(default=8.0, validator=_positive)
+    backoff_max: float = attrs.field(default=8.0, validator=_positive)  #: seconds
     #: A ``Retry-After`` longer than this is not waited for: the error is raised at once, with
     #: its ``retry_after``, for the caller to schedule (a maintenance window can say an hour).
     max_retry_after: float = attrs.field(default=120.0, validator=_positive)

@@ -1,14 +1,14 @@
 """Bulk runs: stream many requests through one client at the full rate its limiter allows.
 
-::
+```python
+from autocalls_async import AsyncAutocalls
+from autocalls_async.bulk import BulkRunner
 
-    from autocalls_async import AsyncAutocalls
-    from autocalls_async.bulk import BulkRunner
-
-    async with AsyncAutocalls() as client:
-        async with BulkRunner(client, rows) as run:     # rows: an (async) iterable
-            async for result in run:                    # in completion order
-                print(result.id, result.reply.reply if result.ok else result.error)
+async with AsyncAutocalls() as client:
+    async with BulkRunner(client, rows) as run:     # rows: an (async) iterable
+        async for result in run:                    # in completion order
+            print(result.id, result.reply.reply if result.ok else result.error)
+```
 
 ``rows`` yields ``BulkRequest`` objects or plain mappings with ``assistant_id``,
 ``customer_identifier``, ``message``, optional ``variables`` and optional ``id`` (default: the

@@ -5,14 +5,16 @@ identifiers as plain strings, so ``+1 (415) 555-1234``, ``415-555-1234`` and ``+
 are three conversations, each without the context of the others. Its documentation's advice is
 "always use the same format for customer identifiers (e.g., always E.164 for phone numbers)".
 Give the client a normaliser and it applies it to every identifier before validation, the
-per-conversation order, the conversation cache and the request::
+per-conversation order, the conversation cache and the request:
 
-    from autocalls_async import AsyncAutocalls
-    from autocalls_async.identifiers import e164
+```python
+from autocalls_async import AsyncAutocalls
+from autocalls_async.identifiers import e164
 
-    client = AsyncAutocalls(normalize_identifier=e164("US"))
-    await client.generate_reply(assistant_id=123, customer_identifier="(415) 555-1234", ...)
-    client.conversation_id(123, "+1 415 555 1234")   # the same conversation
+client = AsyncAutocalls(normalize_identifier=e164("US"))
+await client.generate_reply(assistant_id=123, customer_identifier="(415) 555-1234", ...)
+client.conversation_id(123, "+1 415 555 1234")   # the same conversation
+```
 
 A normaliser is any callable ``str -> str``; it raises ``InvalidRequestError`` for an identifier
 it refuses (nothing is sent). ``e164`` needs the ``phone`` extra (``pip install

@@ -26,13 +26,14 @@ pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
 events {{ worker_connections 512; }}
 http {{
-    access_log off;
+    log_format arrivals '$msec $request_time $status';
+    access_log {access_log};
     client_body_temp_path {dir}/body;
     proxy_temp_path {dir}/proxy;
     fastcgi_temp_path {dir}/fastcgi;
     uwsgi_temp_path {dir}/uwsgi;
     scgi_temp_path {dir}/scgi;
-    limit_req_zone $http_authorization zone=token:1m rate={rate}r/s;
+    limit_req_zone $http_authorization zone=token:1m rate={rate};
     limit_req_status 429;
     server {{
         listen 127.0.0.1:{port};
@@ -63,12 +64,19 @@ def _free_port() -> int:
 
 
 class NginxLimiter:
-    """nginx on a free loopback port, limiting each token to ``rate`` requests per second."""
+    """nginx on a free loopback port, limiting each token to ``rate`` requests per second.
 
-    def __init__(self, binary: str, *, upstream_port: int, rate: int) -> None:
+    ``rate`` may also be nginx's own spelling, e.g. ``"150r/m"`` (one every 0.4 s). With
+    ``access_log=True`` nginx logs every request, refused ones included: see ``arrivals()``.
+    """
+
+    def __init__(
+        self, binary: str, *, upstream_port: int, rate: int | str, access_log: bool = False
+    ) -> None:
         self.binary = binary
         self.upstream_port = upstream_port
         self.rate = rate
+        self.access_log = access_log
         self.port = 0
         self._dir = tempfile.TemporaryDirectory(prefix="autocalls-nginx-")
         self.process: subprocess.Popen[bytes] | None = None
@@ -87,8 +95,9 @@ class NginxLimiter:
                 dir=directory,
                 port=self.port,
                 upstream=self.upstream_port,
-                rate=self.rate,
+                rate=f"{self.rate}r/s" if isinstance(self.rate, int) else self.rate,
                 user=user,
+                access_log=f"{directory}/access.log arrivals" if self.access_log else "off",
             )
         )
         self.process = subprocess.Popen(
@@ -114,6 +123,21 @@ class NginxLimiter:
             except OSError:
                 time.sleep(0.02)
         raise RuntimeError("nginx did not start listening")
+
+    def arrivals(self) -> list[tuple[float, int]]:
+        """(arrival time, status) of every request logged so far, in the order they ended.
+
+        The time is nginx's own: when it began reading the request (``$msec - $request_time``,
+        wall clock, millisecond resolution). Needs ``access_log=True``.
+        """
+        log = Path(self._dir.name) / "access.log"
+        if not log.exists():
+            return []
+        rows = []
+        for line in log.read_text().splitlines():
+            ended, took, status = line.split()
+            rows.append((float(ended) - float(took), int(status)))
+        return rows
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,10 @@ import pytest
 from benchmarks import BENCHMARKS, BenchResult, Config, Row, run_benchmark
 from benchmarks.__main__ import main, table
 from benchmarks._common import percentile
+from benchmarks.plots import FILES, _rolling, _stacked, nginx_rate
 from benchmarks.rate import _max_in_window, ideal_makespan
+
+from .nginx_server import require_nginx
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -138,3 +142,78 @@ def test_statistics_helpers() -> None:
     assert _max_in_window([0.0, 1.0, 2.0], 1.0) == 1
     assert ideal_makespan(50, 5, 1.0) == 9.0
     assert ideal_makespan(5, 5, 1.0) == 0.0
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a PNG, from its IHDR chunk; fails on anything else."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path.name} is not a PNG"
+    assert data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+@pytest.mark.slow
+def test_plots_draw_the_figures_from_real_runs(tmp_path: Path) -> None:
+    """`python -m benchmarks.plots --quick` draws the three figures and writes the numbers behind
+    them; the arrivals recorded by nginx show the SDK within the limit with no 429, and the
+    clients without the SDK's limiter over it and refused."""
+    require_nginx()
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.plots", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    for name in FILES.values():
+        width, height = png_size(tmp_path / name)
+        assert 800 <= width <= 1000 and 300 <= height <= 800, (name, width, height)
+        assert (tmp_path / name).stat().st_size < 200_000
+    document = json.loads((tmp_path / "figures.json").read_text())
+    assert document["summary"] == done.stdout.splitlines()
+
+    arrivals = document["arrivals"]
+    limit, period, calls = arrivals["requests"], arrivals["period"], arrivals["calls"]
+    clients = arrivals["clients"]
+    assert set(clients) == {"sdk", "asynclimiter", "none"}
+    for client in clients.values():  # the summary is the series'
+        times = [t for t, _ in client["arrivals"]]
+        assert times == sorted(times) and times[0] == 0
+        assert client["max_in_window"] == _max_in_window(times, period)
+        assert client["rejected"] == sum(s == 429 for _, s in client["arrivals"])
+        assert client["accepted"] == sum(s == 200 for _, s in client["arrivals"])
+        assert client["accepted"] + client["failed_calls"] == calls
+    sdk = clients["sdk"]
+    assert [s for _, s in sdk["arrivals"]] == [200] * calls
+    assert sdk["max_in_window"] <= limit
+    assert clients["asynclimiter"]["max_in_window"] > limit  # its first burst
+    assert clients["asynclimiter"]["rejected"] > 0
+    assert clients["none"]["rejected"] > clients["none"]["accepted"]
+
+    bulk = document["bulk"]
+    assert bulk["ok"] == bulk["rows"] == len(bulk["completions"])
+    assert bulk["rejected"] == 0
+    assert bulk["max_in_window"] <= bulk["requests"]
+    assert bulk["max_in_window"] == _max_in_window(bulk["arrivals"], bulk["period"])
+
+    waiters = document["waiters"]
+    for key in ("rss", "tracemalloc"):
+        counts = [count for count, _ in waiters[key]]
+        assert counts == list(range(0, waiters["total"] + 1, waiters["step"]))
+        assert waiters[key][-1][1] > waiters[key][1][1] > 0  # grows with the waiting calls
+        assert 1_000 < waiters[f"{key}_per_call_bytes"] < 20_000
+
+
+def test_plot_helpers() -> None:
+    """Rolling counts are exact, a burst stands in one column, nginx's rate is per minute."""
+    times = [0.0, 0.0, 0.5, 1.0, 2.5]
+    assert _rolling(times, 1.0, [0.0, 0.4, 0.5, 1.0, 1.2, 2.0, 2.5]) == [2, 2, 3, 2, 2, 0, 1]
+    ys = _stacked([0.0, 0.001, 0.002, 1.0], 0.05, 2)
+    assert ys[:3] == pytest.approx([1.6, 2.0, 2.4]) and ys[3] == 2
+    assert nginx_rate(5, 2.0) == "150r/m"
+    assert nginx_rate(5, 1.0) == "300r/m"
+    with pytest.raises(ValueError, match="whole number per minute"):
+        nginx_rate(5, 7.0)

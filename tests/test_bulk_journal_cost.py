@@ -299,16 +299,16 @@ def test_keys_are_the_rows_as_read_so_e164_does_not_change_them(
 # -- one exit-code table -----------------------------------------------------------------------
 
 
-def test_one_exit_code_table_in_help_and_readme(capsys: pytest.CaptureFixture[str]) -> None:
-    """Both sides added bulk exit codes: one table, printed by every --help, and the README's
-    table lists the same codes."""
+def test_one_exit_code_table_in_help_and_docs(capsys: pytest.CaptureFixture[str]) -> None:
+    """Both sides added bulk exit codes: one table, printed by every --help, and the docs'
+    table (docs/reference/cli.md) lists the same codes."""
     from autocalls_async._cli import EXIT_CODES_HELP
 
     for command in ([], ["reply"], ["bulk"]):
         assert main([*command, "--help"]) == 0
         assert EXIT_CODES_HELP in capsys.readouterr().out
     documented = {line.split()[0] for line in EXIT_CODES_HELP.splitlines()[1:] if line[2] != " "}
-    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
-    table = readme.split("Exit codes of both commands", 1)[1].split("\n\n", 2)[1]
+    page = Path(__file__).parents[1] / "docs" / "reference" / "cli.md"
+    table = page.read_text(encoding="utf-8").split("## Exit codes", 1)[1].split("\n\n", 3)[2]
     rows = [line.split("|")[1].strip() for line in table.splitlines()[2:]]
     assert rows == sorted(documented, key=int)

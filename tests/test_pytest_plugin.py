@@ -86,13 +86,8 @@ def documented_example() -> str:
     """The example test of the plugin's docstring (the how-to), as a user copies it."""
     doc = pytest_plugin.__doc__
     assert doc is not None
-    block = doc[doc.index("    import pytest\n") :]
-    lines = []
-    for line in block.splitlines():
-        if line and not line.startswith("    "):
-            break
-        lines.append(line)
-    return textwrap.dedent("\n".join(lines)).strip() + "\n"
+    block = doc[doc.index("```python\nimport pytest\n") + len("```python\n") :]
+    return block[: block.index("```")].strip() + "\n"
 
 
 MORE = """

@@ -1,15 +1,17 @@
 """A local emulator of the Autocalls "generate AI reply" service, for tests and demos.
 
 The real service is a Laravel application; the emulator reproduces what a client can observe
-of it, framework behaviour included, so code tested here behaves the same in production::
+of it, framework behaviour included, so code tested here behaves the same in production:
 
-    from autocalls_async.testing import Fault, MockAutocalls
+```python
+from autocalls_async.testing import Fault, MockAutocalls
 
-    async with MockAutocalls(rate_limit=(5, 60.0), assistants=(123,)) as server:
-        client = AsyncAutocalls("any-token", base_url=server.base_url)  # http://127.0.0.1:PORT/api
-        server.inject(Fault.status(503, headers={"Retry-After": "1"}))
-        ...
-        assert server.conversations[(123, "+14155551234")].messages == ["Hi"]
+async with MockAutocalls(rate_limit=(5, 60.0), assistants=(123,)) as server:
+    client = AsyncAutocalls("any-token", base_url=server.base_url)  # http://127.0.0.1:PORT/api
+    server.inject(Fault.status(503, headers={"Retry-After": "1"}))
+    ...
+    assert server.conversations[(123, "+14155551234")].messages == ["Hi"]
+```
 
 ``POST /api/ai/generate-reply`` (``server.url``), in the service's order:
 
