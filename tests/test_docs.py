@@ -411,7 +411,8 @@ def test_pytest_snippets_pass(page: Path, mode: str, emulator: MockServer, tmp_p
     assert tests, f"{page}: no test function in its pytest blocks"
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
-        + ["-o", f"asyncio_mode={mode}"],
+        + ["-o", f"asyncio_mode={mode}", "-o", "asyncio_default_fixture_loop_scope=function"]
+        + ["-W", "error"],  # as the page says to configure it; a warning is a failure
         cwd=tmp_path,
         env=_environment(AUTOCALLS_LIMITER_DIR=str(tmp_path / "limiter")),
         capture_output=True,
