@@ -288,7 +288,9 @@ def draw_bulk(data: dict[str, Any], path: Path) -> None:
     requests, period, rows = data["requests"], data["period"], data["rows"]
     done, arrivals = data["completions"], data["arrivals"]
     end = max(done) + period
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(WIDTH, 5.6), sharex=True)
+    fig, (top, bottom) = plt.subplots(
+        2, 1, figsize=(WIDTH, 5.6), sharex=True, gridspec_kw={"height_ratios": [1, 1.3]}
+    )
     top.step(done, range(1, len(done) + 1), where="post", color="tab:blue", lw=1.8)
     top.plot(
         [0, rows * period / requests],
@@ -322,7 +324,8 @@ def draw_bulk(data: dict[str, Any], path: Path) -> None:
         label=f"requests at the server (max {data['max_in_window']}, {data['rejected']} × 429)",
     )
     bottom.axhline(requests, color="black", ls="--", lw=1.2, label=f"limit: {requests}")
-    bottom.set_ylim(0, requests * 1.5)
+    bottom.set_ylim(0, requests * 1.3)
+    bottom.yaxis.get_major_locator().set_params(integer=True)
     bottom.set_xlim(grid[0], end)
     bottom.set_ylabel(f"in the last {period:g} s")
     bottom.set_xlabel("seconds since the first request")
