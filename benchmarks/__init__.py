@@ -4,6 +4,8 @@ Each benchmark is a module with ``run(config) -> BenchResult``; ``python -m benc
 them (all, or those named), prints one table and writes ``bench-results/results.json``.
 Every comparison runs side by side in one run, interleaved over several rounds; the table gives
 medians and min-max spreads, and the ratios are the headline because the machine is noisy.
+The docs' figures come from ``python -m benchmarks.plots`` (``make plots``, also run by
+``make bench``).
 """
 
 from __future__ import annotations
