@@ -1694,6 +1694,7 @@ async def _demo(args: argparse.Namespace, folder: Path) -> int:
     from .testing import MockAutocalls
 
     csv_path, out = folder / "demo.csv", folder / "replies.jsonl"
+    where = shlex.quote(str(folder))
     show = _Show()
     limit = (DEMO_LIMIT.requests, DEMO_LIMIT.period)
     async with MockAutocalls(rate_limit=limit, assistants=(123, 456), reply_delay=0.1) as srv:
@@ -1704,8 +1705,9 @@ async def _demo(args: argparse.Namespace, folder: Path) -> int:
             "minute: the same job there takes minutes, not seconds)."
         )
         show.line(
-            f"2. Running the bulk runner over the bundled demo.csv (copied to {folder}): the "
-            f"command is\n   {PROG} bulk demo.csv --out replies.jsonl --rate-limit 5/1"
+            f"2. Running the bulk runner over the bundled demo.csv, copied to {folder}: the "
+            f"command is\n   {PROG} bulk {where}/demo.csv --out {where}/replies.jsonl "
+            "--rate-limit 5/1"
         )
         client, starts = bulk_client(DEMO_TOKEN, srv.base_url, DEMO_LIMIT)
         outcome = await run_job(
@@ -1736,7 +1738,6 @@ async def _demo(args: argparse.Namespace, folder: Path) -> int:
         f"{plural(conversations, 'conversation')} (one per assistant and customer, messages "
         "kept in file order)."
     )
-    where = shlex.quote(str(folder))
     show.line(
         f"\nThe files are kept in {folder}. To run the same job yourself, in two shells:\n"
         f"   {PROG} mock-server --port 8000 --assistants 123,456 --rate-limit 5/1\n"
