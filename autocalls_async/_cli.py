@@ -205,12 +205,14 @@ def token_problem(token: str | None) -> str | None:
     return None
 
 
-def input_problem(path: Path) -> str | None:
-    """Why INPUT cannot be read as a file, or None."""
+def input_problem(path: Path, out: Path) -> str | None:
+    """Why INPUT cannot be read as a file, or OUT is a directory; None when neither."""
     if path.is_dir():
         return f"cannot read {path}: it is a directory; give a .csv or .jsonl file"
     if not path.is_file():
         return f"cannot read {path}: no such file"
+    if out.is_dir():
+        return f"--out {out} is a directory; give a file, e.g. --out {out / 'replies.jsonl'}"
     return None
 
 
@@ -1326,7 +1328,7 @@ def _bulk_command(args: argparse.Namespace) -> int:
         return _usage_error("--out must not be the input file")
     if args.dry_run:
         return _dry_run_command(args)
-    problem = token_problem(args.token) or input_problem(args.input)
+    problem = token_problem(args.token) or input_problem(args.input, args.out)
     if problem is not None:
         return _usage_error(problem)
     try:
@@ -1498,7 +1500,7 @@ def dry_run_report(
 def _dry_run_command(args: argparse.Namespace) -> int:
     from ._bulkio import InputError, InputFile, ResultLog
 
-    problem = input_problem(args.input)
+    problem = input_problem(args.input, args.out)
     if problem is not None:
         return _usage_error(problem)
     source = InputFile(

@@ -288,6 +288,21 @@ async def test_reply_says_it_waits_for_a_429_and_for_how_long() -> None:
     assert "minute" not in refused.err
 
 
+async def test_after_a_429_the_limiter_wait_is_not_announced_twice() -> None:
+    """With the client-side limiter (its limit above the server's), a 429 pauses the token:
+    the retry's notice says why and how long; the slot wait that follows is not announced
+    again as a rate-limit wait."""
+    async with MockAutocalls(rate_limit=(1, 2.0)) as server:
+        args = ("reply", "--assistant-id", "123", "--customer", "+1", "--rate-limit", "10/1")
+        first = await run(*args, "Hi", env=env_for(server))
+        second = await run(*args, "--max-retries", "1", "Hi again", env=env_for(server))
+        assert server.count(429) == 1
+    assert first.code == 0 and second.code == 0, second.err
+    assert second.out == "Hi there! Thanks for your message: Hi again\n"
+    assert "429 Too Many Requests: the token's limit is used up; the service asks" in second.err
+    assert "waiting for a slot" not in second.err
+
+
 def test_the_retry_notices_without_retry_after_and_for_other_errors() -> None:
     """Other retried errors are said too; a 429 without Retry-After says so."""
     from autocalls_async import APIConnectionError, RateLimitError
@@ -305,7 +320,7 @@ def test_the_retry_notices_without_retry_after_and_for_other_errors() -> None:
 # -- base URL, token, input --------------------------------------------------------------------
 
 
-async def test_a_wrong_base_url_says_so_with_its_own_exit_code() -> None:
+async def test_a_wrong_base_url_says_so_with_its_own_exit_code(tmp_path: Path) -> None:
     """The site's root instead of the API's (no /api): a 404 that is not
     ASSISTANT_NOT_FOUND says the base URL looks wrong and what it should be, exit 2 (an
     unknown assistant stays 4). The whole endpoint pasted: refused before sending."""
@@ -316,6 +331,11 @@ async def test_a_wrong_base_url_says_so_with_its_own_exit_code() -> None:
         no_api = await run(*args, env=env_for(server, AUTOCALLS_BASE_URL=root))
         pasted = await run(*args, env=env_for(server, AUTOCALLS_BASE_URL=server.url))
         unknown = await run(*args[:2], "9", *args[3:], env=env_for(server))
+        source = write_csv(tmp_path / "in.csv", rows(1))
+        bulk = await run(
+            *("bulk", str(source), "--out", str(tmp_path / "o.jsonl"), "--base-url", server.url),
+            env=env_for(server),
+        )
         sent = server.count()
     assert no_api.code == 2 == _cli.EXIT_USAGE
     assert "NOT_FOUND (HTTP 404)" in no_api.err and "the base URL looks wrong" in no_api.err
@@ -324,6 +344,7 @@ async def test_a_wrong_base_url_says_so_with_its_own_exit_code() -> None:
     assert pasted.code == 2
     assert "is the whole endpoint" in pasted.err and f"'{base_url}'" in pasted.err
     assert unknown.code == 4 and "ASSISTANT_NOT_FOUND" in unknown.err
+    assert bulk.code == 2 and "is the whole endpoint" in bulk.err
     assert sent == 1  # the unknown assistant's: neither wrong URL reached the endpoint
     assert "exit codes:" in (await run("--help", env=env_for())).out
 
@@ -349,8 +370,10 @@ async def test_the_sdk_refuses_a_pasted_endpoint_and_names_a_wrong_route(
 
 
 async def test_a_directory_as_input_is_called_a_directory(tmp_path: Path) -> None:
-    """bulk (and --dry-run) on a directory: "it is a directory", exit 2, no OUT created."""
+    """bulk (and --dry-run) on a directory: "it is a directory", exit 2, no OUT created; an
+    OUT that is a directory likewise."""
     out = tmp_path / "o.jsonl"
+    source = write_csv(tmp_path / "in.csv", rows(1))
     for extra in ((), ("--dry-run",)):
         result = await run(
             "bulk", str(tmp_path), "--out", str(out), *extra, env=env_for(AUTOCALLS_API_TOKEN="t")
@@ -358,6 +381,15 @@ async def test_a_directory_as_input_is_called_a_directory(tmp_path: Path) -> Non
         assert result.code == 2
         assert f"cannot read {tmp_path}: it is a directory" in result.err
         assert "no such file" not in result.err
+    into_dir = await run(
+        *("bulk", str(source), "--out", str(tmp_path), "--dry-run"),
+        env=env_for(AUTOCALLS_API_TOKEN="t"),
+    )
+    assert into_dir.code == 2
+    assert (
+        f"--out {tmp_path} is a directory; give a file, e.g. --out {tmp_path / 'replies.jsonl'}"
+        in into_dir.err
+    )
     missing = await run(
         "bulk", str(tmp_path / "nope.csv"), "--out", str(out), env=env_for(AUTOCALLS_API_TOKEN="t")
     )
