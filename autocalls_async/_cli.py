@@ -643,7 +643,18 @@ def _reply_command(args: argparse.Namespace) -> int:
 
 
 def _tell(text: str) -> None:
-    print(f"{PROG}: {text}", file=sys.stderr, flush=True)
+    """One notice on stderr; on a terminal, wrapped at word boundaries to its width."""
+    text = f"{PROG}: {text}"
+    width = shutil.get_terminal_size().columns if sys.stderr.isatty() else 0
+    if width >= 20:
+        text = textwrap.fill(
+            text,
+            width - 1,
+            subsequent_indent="  ",
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+    print(text, file=sys.stderr, flush=True)
 
 
 #: ``reply`` says it waits for a rate-limit slot once the wait is longer than this.
@@ -712,10 +723,9 @@ class TellingLimiter:
             return
         limit = self.rate_limit
         self.tell(
-            f"waiting for a slot of the rate limit ({limit.requests} per {limit.period:g}s "
-            "for this token, shared by every autocalls-async process of this user on this "
-            f"host: one request every {limit.interval:.0f}s); --max-wait bounds the wait, "
-            "Ctrl-C stops"
+            f"waiting for a rate-limit slot ({limit.requests} per {limit.period:g}s for this "
+            f"token, shared by this host's processes: one every {limit.interval:.0f}s); "
+            "--max-wait bounds the wait, Ctrl-C stops"
         )
 
     async def pause(self, key: str, seconds: float) -> None:

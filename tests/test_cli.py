@@ -538,8 +538,8 @@ async def test_reply_subprocess_unknown_assistant() -> None:
     assert (ok.code, ok.out) == (0, "Hi there! Thanks for your message: Hi\n")
     assert (bad.code, bad.out, ok.err) == (4, "", "")
     waiting, error = bad.err.splitlines()
-    assert waiting.startswith("autocalls-async: waiting for a slot of the rate limit (5 per 60s")
-    assert "one request every 12s" in waiting
+    assert waiting.startswith("autocalls-async: waiting for a rate-limit slot (5 per 60s")
+    assert "one every 12s" in waiting
     assert "ASSISTANT_NOT_FOUND" in error and "Traceback" not in bad.err
     assert token not in ok.out + ok.err + bad.out + bad.err
 

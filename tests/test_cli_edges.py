@@ -300,7 +300,7 @@ async def test_after_a_429_the_limiter_wait_is_not_announced_twice() -> None:
     assert first.code == 0 and second.code == 0, second.err
     assert second.out == "Hi there! Thanks for your message: Hi again\n"
     assert "429 Too Many Requests: the token's limit is used up; the service asks" in second.err
-    assert "waiting for a slot" not in second.err
+    assert "waiting for a rate-limit slot" not in second.err
 
 
 def test_the_retry_notices_without_retry_after_and_for_other_errors() -> None:
@@ -633,3 +633,16 @@ def test_the_demo_says_when_it_cannot_write_its_files(
     blocker.write_text("")
     assert _cli.main(["demo", "--dir", str(blocker / "sub")]) == 2
     assert "cannot write the demo's files in" in capsys.readouterr().err
+
+
+def test_notices_wrap_between_words_on_a_terminal(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """reply's notices on a narrow terminal: wrapped at word boundaries, nothing lost."""
+    notice = "waiting for a rate-limit slot (5 per 60s for this token: one every 12s)"
+    monkeypatch.setenv("COLUMNS", "40")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    _cli._tell(notice)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) > 1 and all(len(line) < 40 for line in lines)
+    assert " ".join(line.strip() for line in lines) == f"autocalls-async: {notice}"
