@@ -525,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the token's id, never the token, and latency). Ctrl-C or SIGTERM stops it and prints "
         "a summary: requests by status, replies, conversations.",
         epilog="example:\n"
-        f"  {PROG} mock-server --port 8000 &\n"
+        f"  {PROG} mock-server --port 8000 --quiet &\n"
         "  export AUTOCALLS_BASE_URL=http://127.0.0.1:8000/api AUTOCALLS_API_TOKEN=test-token\n"
         f'  {PROG} reply --assistant-id 123 --customer +14155551234 "Hi"',
         formatter_class=formatter,
