@@ -12,10 +12,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
+import os
+import shlex
+import shutil
 import signal
 import sys
 import tempfile
+import textwrap
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
@@ -47,7 +52,9 @@ from ._errors import (
 )
 from ._models import Priority, RateLimit
 from ._ratelimit import Limiter, RateLimiter, Slot, default_limiter
+from ._retry import Decision, RetryPolicy
 from ._version import __version__
+from ._wire import DEFAULT_BASE_URL, check_token
 from .bulk import DEFAULT_CONCURRENCY, BulkRequest, BulkResult, BulkRunner, error_code
 
 __all__ = ["main"]
@@ -72,12 +79,13 @@ exit codes:
   0    success (bulk: every row answered)
   1    bulk: some rows failed, or may have been processed by an earlier run (reported,
        not sent again); reply: an API error not listed below (e.g. 422)
-  2    usage error: bad option, bad input file, no token; bulk: OUT refused (being
-       written by another run, lines for rows not in INPUT, not a bulk output). Nothing
-       was sent
+  2    usage error: bad option, bad input file, no token, a base URL that is not the
+       API's root (refused, or a 404 that is not ASSISTANT_NOT_FOUND); bulk: OUT
+       refused (being written by another run, lines for rows not in INPUT, not a bulk
+       output). Nothing was processed
   3    401/403: the token is missing, wrong or may not use this assistant
        (bulk: stopped at the first 401; run it again once the token is fixed)
-  4    404 / ASSISTANT_NOT_FOUND
+  4    ASSISTANT_NOT_FOUND: no such assistant for this token
   5    INSUFFICIENT_BALANCE (bulk: stopped at the first one; top up, run it again)
   6    still rate limited (429) after retries, or no slot within --max-wait
   7    network: could not connect, or the request timed out
@@ -113,8 +121,10 @@ def exit_code_for(error: AutocallsError) -> int:
         return EXIT_USAGE
     if isinstance(error, AuthenticationError | PermissionDeniedError):
         return EXIT_AUTH
-    if isinstance(error, NotFoundError):
+    if isinstance(error, AssistantNotFoundError):
         return EXIT_NOT_FOUND
+    if isinstance(error, NotFoundError):  # a route the server does not have: a wrong base URL
+        return EXIT_USAGE
     if isinstance(error, InsufficientBalanceError):
         return EXIT_BALANCE
     if isinstance(error, BudgetExceededError):
@@ -131,6 +141,11 @@ def exit_code_for(error: AutocallsError) -> int:
 def hint_for(error: AutocallsError) -> str:
     if isinstance(error, AssistantNotFoundError):
         return "check --assistant-id: the assistant must belong to the account of this token"
+    if isinstance(error, NotFoundError):
+        return (
+            "check --base-url / AUTOCALLS_BASE_URL: it should be the API's root, like "
+            f"{DEFAULT_BASE_URL} (not the site's root, not the whole endpoint)"
+        )
     if isinstance(error, AuthenticationError):
         return "check AUTOCALLS_API_TOKEN (copy the token again from the Autocalls dashboard)"
     if isinstance(error, PermissionDeniedError):
@@ -139,8 +154,15 @@ def hint_for(error: AutocallsError) -> str:
         return "top up the account's balance in the Autocalls dashboard"
     if isinstance(error, BudgetExceededError):
         return "raise --max-replies, or run the same command again to send the rest"
-    if isinstance(error, RateLimitError | RateLimitTimeout):
-        return "the token's limit is used up; wait a minute, or raise --max-wait"
+    if isinstance(error, RateLimitError):
+        if error.retry_after is not None:
+            return (
+                f"the service asks to wait {_duration(error.retry_after)} (Retry-After) before "
+                "the next request with this token; try again then"
+            )
+        return "the token's limit is used up; try again in a minute"
+    if isinstance(error, RateLimitTimeout):
+        return "no slot of the token's limit was free in time; raise --max-wait, or try later"
     if isinstance(error, APIConnectionError):
         return "check --base-url / AUTOCALLS_BASE_URL and the network; raise --timeout if slow"
     if isinstance(error, UnprocessableEntityError):
@@ -163,6 +185,40 @@ def describe(error: AutocallsError) -> str:
 def _usage_error(message: str) -> int:
     print(f"{PROG}: {' '.join(message.split())}", file=sys.stderr)
     return EXIT_USAGE
+
+
+def token_problem(token: str | None) -> str | None:
+    """What is wrong with the token from --token or the environment, in the CLI's words (the
+    SDK's messages name the Python argument ``api_token=``); None when it may be sent."""
+    if token is None:
+        token = os.environ.get("AUTOCALLS_API_TOKEN")
+    if token is None:
+        return (
+            "no API token: set the AUTOCALLS_API_TOKEN environment variable (export "
+            "AUTOCALLS_API_TOKEN=...) or pass --token; nothing was sent. To try the command "
+            f"without one: {PROG} demo, or {PROG} mock-server"
+        )
+    try:
+        check_token(token)
+    except InvalidRequestError as exc:
+        return str(exc).replace("api_token", "the API token (--token / AUTOCALLS_API_TOKEN)")
+    return None
+
+
+def input_problem(path: Path, out: Path) -> str | None:
+    """Why INPUT cannot be read as a file, or OUT is a directory; None when neither."""
+    if path.is_dir():
+        return f"cannot read {path}: it is a directory; give a .csv or .jsonl file"
+    if not path.is_file():
+        return f"cannot read {path}: no such file"
+    if out.is_dir():
+        return f"--out {out} is a directory; give a file, e.g. --out {out / 'replies.jsonl'}"
+    return None
+
+
+def plural(count: int, word: str, many: str | None = None) -> str:
+    """``1 row``, ``2 rows``; ``many`` for irregular plurals (``1 retry``, ``2 retries``)."""
+    return f"{count} {word if count == 1 else many or word + 's'}"
 
 
 # --------------------------------------------------------------------------- options
@@ -266,17 +322,6 @@ def _client_options(parser: argparse.ArgumentParser, *, default_rate: str) -> No
         default=60.0,
         metavar="SECONDS",
         help="seconds per attempt (default: 60)",
-    )
-
-
-def _make_client(args: argparse.Namespace, **options: Any) -> AsyncAutocalls:
-    return AsyncAutocalls(
-        args.token,
-        base_url=args.base_url,
-        rate_limit=args.rate_limit,
-        max_retries=args.max_retries,
-        timeout=args.timeout,
-        **options,
     )
 
 
@@ -476,15 +521,23 @@ def build_parser() -> argparse.ArgumentParser:
         "faithful to the documented behaviour: conversations persist per (assistant, customer), "
         "unknown assistants get 404 ASSISTANT_NOT_FOUND, an exhausted balance 402 "
         "INSUFFICIENT_BALANCE, a wrong token 401, and requests past the limit 429 with "
-        "Retry-After. Ctrl-C stops it.",
+        "Retry-After. It logs one line per request on stderr (time, method, path, status, "
+        "the token's id, never the token, and latency). Ctrl-C or SIGTERM stops it and prints "
+        "a summary: requests by status, replies, conversations.",
         epilog="example:\n"
-        f"  {PROG} mock-server --port 8000 &\n"
-        "  export AUTOCALLS_BASE_URL=http://127.0.0.1:8000/api AUTOCALLS_API_TOKEN=test\n"
+        f"  {PROG} mock-server --port 8000 --quiet &\n"
+        "  export AUTOCALLS_BASE_URL=http://127.0.0.1:8000/api AUTOCALLS_API_TOKEN=test-token\n"
         f'  {PROG} reply --assistant-id 123 --customer +14155551234 "Hi"',
         formatter_class=formatter,
     )
-    mock.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    mock.add_argument("--port", type=_count, default=8000, help="0 picks a free port")
+    mock.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default: 127.0.0.1; 0.0.0.0 or :: for every interface)",
+    )
+    mock.add_argument(
+        "--port", type=_count, default=8000, help="port (default: 8000; 0 picks a free port)"
+    )
     mock.add_argument(
         "--rate-limit",
         type=_rate_limit,
@@ -521,21 +574,37 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="time each reply takes (default: 0)",
     )
+    mock.add_argument(
+        "--quiet", action="store_true", help="no request log (one line per request on stderr)"
+    )
     mock.set_defaults(handler=_mock_server_command)
 
     demo = commands.add_parser(
         "demo",
         help="run a bulk job against the emulator: no token, no network",
         description="Start the emulator in-process with a fast limit (5 per second), run the "
-        "bulk runner over a bundled example CSV, then show the replies and the stats.",
+        "bulk runner over a bundled example CSV, then show the replies and the stats, and "
+        "the commands to run the same job yourself (the files are kept).",
     )
     demo.add_argument("--progress", choices=("auto", "bar", "plain", "off"), default="auto")
+    demo.add_argument(
+        "--dir",
+        type=Path,
+        metavar="DIR",
+        help="where to keep the demo's files, demo.csv and replies.jsonl (default: a new "
+        "temporary directory, printed at the end)",
+    )
     demo.set_defaults(handler=_demo_command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):
+        # Bare `autocalls-async`: what a newcomer types first gets the whole help on stdout,
+        # not a usage error; the exit code stays argparse's for a missing command.
+        parser.print_help()
+        return EXIT_USAGE
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, usage errors: argparse has printed them
@@ -556,6 +625,9 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 
 
 def _reply_command(args: argparse.Namespace) -> int:
+    problem = token_problem(args.token)
+    if problem is not None:
+        return _usage_error(problem)
     message = sys.stdin.read() if args.message == "-" else args.message
     variables: dict[str, Any] | None = None
     if args.variables is not None:
@@ -570,9 +642,111 @@ def _reply_command(args: argparse.Namespace) -> int:
     return _run(_reply(args, message, variables))
 
 
+def _tell(text: str) -> None:
+    """One notice on stderr; on a terminal, wrapped at word boundaries to its width."""
+    text = f"{PROG}: {text}"
+    width = shutil.get_terminal_size().columns if sys.stderr.isatty() else 0
+    if width >= 20:
+        text = textwrap.fill(
+            text,
+            width - 1,
+            subsequent_indent="  ",
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+    print(text, file=sys.stderr, flush=True)
+
+
+#: ``reply`` says it waits for a rate-limit slot once the wait is longer than this.
+WAIT_NOTICE_AFTER: Final = 1.0
+
+
+@attrs.frozen
+class TellingRetryPolicy(RetryPolicy):
+    """The client's retry policy, saying on stderr what it waits for and how long (``reply``
+    would otherwise sit silent for a 429's Retry-After)."""
+
+    tell: Callable[[str], None] = attrs.field(default=_tell, kw_only=True)
+
+    def decide(
+        self, error: AutocallsError, retries_done: int, random: Callable[[], float]
+    ) -> Decision | None:
+        decision = super().decide(error, retries_done, random)
+        if decision is None:
+            return None
+        attempt = f"retry {retries_done + 1} of {self.max_retries}"
+        if isinstance(error, RateLimitError):
+            why = (
+                f"the service asks to wait {_duration(decision.delay)} (Retry-After)"
+                if error.retry_after is not None
+                else "it gave no Retry-After"
+            )
+            self.tell(
+                f"429 Too Many Requests: the token's limit is used up; {why}: waiting "
+                f"{_duration(decision.delay)}, then retrying ({attempt}; Ctrl-C stops)"
+            )
+        else:
+            self.tell(
+                f"{error_code(error)}: retrying in {decision.delay:.1f}s ({attempt}; Ctrl-C stops)"
+            )
+        return decision
+
+
+class TellingLimiter:
+    """A rate limiter that says on stderr when a call waits for a slot (``reply``)."""
+
+    def __init__(self, inner: Limiter, tell: Callable[[str], None] = _tell) -> None:
+        self.inner = inner
+        self.rate_limit = inner.rate_limit
+        self.tell = tell
+        self.paused = False  #: a 429 paused the token: the retry's notice said why already
+
+    @contextlib.asynccontextmanager
+    async def slot(
+        self,
+        key: str,
+        *,
+        deadline: float | None = None,
+        priority: Priority = Priority.INTERACTIVE,
+    ) -> AsyncIterator[Slot]:
+        loop = asyncio.get_running_loop()
+        notice = loop.call_later(WAIT_NOTICE_AFTER, self._waiting)
+        try:
+            async with self.inner.slot(key, deadline=deadline, priority=priority) as slot:
+                notice.cancel()
+                yield slot
+        finally:
+            notice.cancel()
+
+    def _waiting(self) -> None:
+        if self.paused:
+            return
+        limit = self.rate_limit
+        self.tell(
+            f"waiting for a rate-limit slot ({limit.requests} per {limit.period:g}s for this "
+            f"token, shared by this host's processes: one every {limit.interval:.0f}s); "
+            "--max-wait bounds the wait, Ctrl-C stops"
+        )
+
+    async def pause(self, key: str, seconds: float) -> None:
+        self.paused = True
+        await self.inner.pause(key, seconds)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 async def _reply(args: argparse.Namespace, message: str, variables: dict[str, Any] | None) -> int:
+    limiter = None if args.rate_limit is None else TellingLimiter(default_limiter(args.rate_limit))
     try:
-        async with _make_client(args) as client:
+        async with AsyncAutocalls(
+            args.token,
+            base_url=args.base_url,
+            rate_limit=args.rate_limit,
+            limiter=limiter,
+            retry_policy=TellingRetryPolicy(max_retries=args.max_retries),
+            timeout=args.timeout,
+        ) as client:
             reply = await client.generate_reply(
                 assistant_id=args.assistant_id,
                 customer_identifier=args.customer,
@@ -583,6 +757,9 @@ async def _reply(args: argparse.Namespace, message: str, variables: dict[str, An
     except AutocallsError as exc:
         print(describe(exc), file=sys.stderr)
         return exit_code_for(exc)
+    finally:
+        if limiter is not None:
+            await limiter.aclose()
     if args.json:
         print(json.dumps(dict(reply.raw), ensure_ascii=False, indent=2))
         return EXIT_OK
@@ -689,13 +866,16 @@ class Meter:
     def elapsed(self) -> float:
         return (self.ended or time.monotonic()) - self.started
 
-    def rate(self) -> float:
-        """Requests started per second so far."""
-        timed = self.starts.rate() if self.starts is not None else None
-        if timed is not None:
-            return timed
+    def rate(self) -> float | None:
+        """Requests started per second so far; None until there are enough of them
+        (``PACE_MIN_STARTS``) for a rate to mean something: one request in 0.05 s is not
+        "1,200 per minute"."""
+        if self.starts is not None:
+            return self.starts.rate() if self.starts.count >= PACE_MIN_STARTS else None
         elapsed = self.elapsed
-        return self.stats.requests / elapsed if elapsed > 0 else 0.0
+        if self.stats.requests < PACE_MIN_STARTS or elapsed <= 0:
+            return None
+        return self.stats.requests / elapsed
 
     def eta(self) -> float | None:
         """Seconds left: the rows left at the pace this run measured over its last starts
@@ -719,17 +899,27 @@ class Meter:
             return None
         return min(1.0, self.rate_limit.interval / pace)
 
-    def figures(self) -> str:
-        """Rate, the slots other traffic took (when it took some), and the ETA."""
+    def figures(self, *, finished: bool = False) -> str:
+        """Rate, the slots other traffic took (when it took some), and the ETA (none once
+        ``finished``)."""
         share = self.share()
         others = ""
         if share is not None and share < SHARE_SHOWN_BELOW:
             others = f" ({1 - share:.0%} of slots to other traffic)"
-        return f"{self.rate_text()}{others}, ETA {_duration(self.eta())}"
+        measured = (self.rate_text() if self.rate() is not None else "") + others
+        parts = [measured.strip()] if measured else []
+        if not finished:
+            parts.append(f"ETA {_duration(self.eta())}")
+        return ", ".join(parts)
 
     def rate_text(self) -> str:
+        """``12.0 req/min`` (per second for limits under a minute); ``rate not measured``
+        before ``PACE_MIN_STARTS`` requests."""
+        rate = self.rate()
+        if rate is None:
+            return "rate not measured"
         per_minute = self.rate_limit is not None and self.rate_limit.period >= 60
-        rate = self.rate() * (60 if per_minute else 1)
+        rate *= 60 if per_minute else 1
         return f"{rate:.1f} req/{'min' if per_minute else 's'}"
 
 
@@ -770,12 +960,14 @@ class PlainProgress:
 
     def update(self) -> None:
         now = time.monotonic()
-        if now - self._last >= self.every or self.meter.done >= self.meter.todo:
+        finished = self.meter.done >= self.meter.todo
+        if now - self._last >= self.every or finished:
             self._last = now
             meter = self.meter
+            figures = meter.figures(finished=finished)
             print(
-                f"{meter.done}/{meter.todo} rows ({meter.answered} answered, {meter.failed} "
-                f"failed), {meter.figures()}",
+                f"{meter.done}/{plural(meter.todo, 'row')} ({meter.answered} answered, "
+                f"{meter.failed} failed)" + (f", {figures}" if figures else ""),
                 file=self.stream,
                 flush=True,
             )
@@ -788,7 +980,11 @@ class PlainProgress:
 
 
 class RichProgress:
-    """rich's progress bar on stderr: rows done, rate, and an ETA from the rate limit."""
+    """rich's progress bar on stderr: rows done, rate, and an ETA from the rate limit.
+
+    Once closed it shows the outcome instead of a spinner ("done", or "stopped" before the
+    last row) and no ETA; the figures never wrap, they are cut with an ellipsis.
+    """
 
     def __init__(self, meter: Meter, description: str) -> None:
         from rich.console import Console
@@ -802,17 +998,30 @@ class RichProgress:
         from rich.progress import Progress as RichBar
         from rich.text import Text
 
+        progress = self
+
+        class State(SpinnerColumn):
+            def render(self, task: Any) -> Any:
+                if progress.closed:
+                    done = meter.done >= meter.todo
+                    return Text("done" if done else "stopped", style="green" if done else "red")
+                return super().render(task)
+
         class Figures(ProgressColumn):
             def render(self, task: Any) -> Text:
                 return Text(
-                    f"{meter.failed} failed · {meter.figures()}",
+                    f"{meter.failed} failed"
+                    + "".join(f" · {f}" for f in [meter.figures(finished=progress.closed)] if f),
                     style="progress.remaining",
+                    no_wrap=True,
+                    overflow="ellipsis",
                 )
 
         self.meter = meter
+        self.closed = False
         self.console = Console(stderr=True)
         self.bar = RichBar(
-            SpinnerColumn(),
+            State(),
             TextColumn("[progress.description]{task.description}"),
             BarColumn(bar_width=24),
             MofNCompleteColumn(),
@@ -829,8 +1038,9 @@ class RichProgress:
         self.bar.console.print(text, markup=False, highlight=False)
 
     def close(self) -> None:
+        self.closed = True
         self.update()
-        self.bar.stop()
+        self.bar.stop()  # draws the bar a last time, in its closed state
 
 
 def _rich_available() -> bool:
@@ -863,6 +1073,10 @@ class Outcome:
     already_failed: int  #: failed in an earlier run and not sent again
     interrupted: bool
     uncertain: int = 0  #: may have been processed by an earlier run; not sent again
+    total: int = 0  #: rows in the input
+    #: Sent, and cut off by a second Ctrl-C before their answer: they may have been processed
+    #: (their journal line stays, so the next run reports them rather than sending them again).
+    cut_off: int = 0
     #: The error that stopped the run (balance, 401, --max-replies), if one did.
     stopped_by: AutocallsError | None = None
 
@@ -934,7 +1148,7 @@ async def run_job(
         skipped = source.rows - todo
         pace = "" if rate_limit is None else f"; at {rate_limit} about {_duration(meter.eta())}"
         progress.note(
-            f"{description}: {todo} rows to send"
+            f"{description}: {plural(todo, 'row')} to send"
             + (f", {skipped} skipped (already in {log.path.name})" if skipped else "")
             + pace
         )
@@ -952,8 +1166,9 @@ async def run_job(
         if interrupts == 1:
             runner.stop()
             progress.note(
-                f"stopping: nothing new is sent; waiting for {client.stats.in_flight} call(s) "
-                "in flight (Ctrl-C again to stop at once)"
+                "stopping: nothing new is sent; waiting for "
+                f"{plural(client.stats.in_flight, 'call')} in flight (Ctrl-C again to stop at "
+                "once)"
             )
         else:
             main_task.cancel()
@@ -990,6 +1205,10 @@ async def run_job(
         main_task.uncancel()
     finally:
         meter.ended = time.monotonic()
+        # Every row of this run is accounted for: answered, failed, cut off on the wire by a
+        # second Ctrl-C (journaled, no answer), or never sent.
+        cut_off = len(pending)
+        meter.not_sent = max(todo - meter.done - cut_off, 0)
         for signum in handled:
             loop.remove_signal_handler(signum)
         progress.close()
@@ -1004,6 +1223,8 @@ async def run_job(
         interrupted,
         uncertain=uncertain,
         stopped_by=stopped_by,
+        total=source.rows,
+        cut_off=cut_off,
     )
 
 
@@ -1015,46 +1236,86 @@ def _left_unsent(result: BulkResult, stop_on: tuple[type[AutocallsError], ...]) 
 
 
 def summary(outcome: Outcome, out: Path) -> list[str]:
+    """What the run did, every row of the input accounted for: answered + failed + skipped +
+    cut off + not sent = the rows of the input, however the run ended."""
     meter = outcome.meter
     stats = meter.stats
+    skipped = outcome.already_answered + outcome.already_failed + outcome.uncertain
+    counts = [
+        f"{meter.answered} answered",
+        f"{meter.failed} failed",
+        f"{skipped} skipped (already in {out})",
+    ]
+    if outcome.cut_off:
+        counts.append(f"{outcome.cut_off} cut off in flight")
+    if meter.not_sent:
+        counts.append(f"{meter.not_sent} not sent")
+    state = "Interrupted" if outcome.interrupted else "Done"
     lines = [
-        f"{'Interrupted' if outcome.interrupted else 'Done'} in {_duration(meter.elapsed)}: "
-        f"{meter.answered} answered, {meter.failed} failed, "
-        f"{outcome.already_answered + outcome.already_failed + outcome.uncertain} skipped "
-        f"(already in {out})" + (f", {meter.not_sent} not sent" if meter.not_sent else ""),
+        f"{state} in {_duration(meter.elapsed)}: {plural(outcome.total, 'row')}: "
+        + ", ".join(counts)
     ]
     limit = meter.rate_limit
+    rate = meter.rate()
+    received = (
+        f"{plural(stats.rate_limited, '429')} received, {plural(stats.retries, 'retry', 'retries')}"
+    )
     if not stats.requests:
         lines.append("Nothing was sent.")
+    elif rate is None:
+        lines.append(
+            f"Rate: not measured ({plural(stats.requests, 'request')}; a rate needs at least "
+            f"{PACE_MIN_STARTS}); {received}"
+        )
     elif limit is not None:
-        per_period = meter.rate() * limit.period
+        per_period = rate * limit.period
         share = per_period / limit.requests * 100
         lines.append(
             f"Rate: {meter.rate_text()} achieved ({per_period:.1f} per {limit.period:g}s, "
-            f"{share:.0f}% of the limit {limit.requests} per {limit.period:g}s); "
-            f"{stats.rate_limited} 429s received, {stats.retries} retries"
+            f"{share:.0f}% of the limit {limit.requests} per {limit.period:g}s); {received}"
         )
     else:
-        lines.append(
-            f"Rate: {meter.rate_text()} achieved (no client-side limit); "
-            f"{stats.rate_limited} 429s received, {stats.retries} retries"
-        )
+        lines.append(f"Rate: {meter.rate_text()} achieved (no client-side limit); {received}")
     if outcome.already_failed:
         lines.append(
-            f"{outcome.already_failed} rows failed in an earlier run: "
+            f"{plural(outcome.already_failed, 'row')} failed in an earlier run: "
             "add --retry-failed to send them again"
         )
     if outcome.uncertain:
         lines.append(
-            f"{outcome.uncertain} rows may have been processed by an earlier run (it stopped "
-            "while they were sent, or they failed after reaching the service): not sent again. "
-            "Check those conversations; add --retry-unsafe-failed to send them anyway"
+            f"{plural(outcome.uncertain, 'row')} may have been processed by an earlier run (it "
+            "stopped while they were sent, or they failed after reaching the service): not sent "
+            "again. Check those conversations; add --retry-unsafe-failed to send them anyway"
+        )
+    if outcome.cut_off:
+        lines.append(
+            f"{plural(outcome.cut_off, 'row')} cut off in flight by the second Ctrl-C may have "
+            "been processed: the next run reports them instead of sending them again "
+            "(--retry-unsafe-failed sends them anyway)"
         )
     if outcome.interrupted:
         lines.append("Run the same command again to send the rows left.")
     elif outcome.stopped_by is not None:
-        lines.append(stop_message(outcome.stopped_by, max(meter.todo - meter.done, 0)))
+        lines.append(stop_message(outcome.stopped_by, meter.not_sent))
     return lines
+
+
+def print_lines(lines: list[str]) -> None:
+    """Print on stdout; on a terminal, each line wrapped at word boundaries to its width
+    (``COLUMNS`` or the terminal's), continuation lines indented. Elsewhere (a pipe, a log)
+    one line each, whole, for grep."""
+    width = shutil.get_terminal_size().columns if sys.stdout.isatty() else 0
+    for line in lines:
+        if width >= 20:
+            indent = line[: len(line) - len(line.lstrip())]
+            line = textwrap.fill(
+                line,
+                width - 1,  # some terminals wrap a line that fills the last column
+                subsequent_indent=indent + "  ",
+                break_long_words=False,
+                break_on_hyphens=False,
+            )
+        print(line, flush=True)
 
 
 def stop_message(error: AutocallsError, left: int) -> str:
@@ -1065,7 +1326,7 @@ def stop_message(error: AutocallsError, left: int) -> str:
     else:
         why = f"Stopped at the first {error_code(error)}"
         then = f"{hint_for(error)}, then run the same command again to send them"
-    return f"{why}: {left} rows left unsent (no result in OUT); {then}."
+    return f"{why}: {plural(left, 'row')} left unsent (no result in OUT); {then}."
 
 
 def _bulk_command(args: argparse.Namespace) -> int:
@@ -1077,6 +1338,9 @@ def _bulk_command(args: argparse.Namespace) -> int:
         return _usage_error("--out must not be the input file")
     if args.dry_run:
         return _dry_run_command(args)
+    problem = token_problem(args.token) or input_problem(args.input, args.out)
+    if problem is not None:
+        return _usage_error(problem)
     try:
         client, starts = bulk_client(
             args.token,
@@ -1088,8 +1352,6 @@ def _bulk_command(args: argparse.Namespace) -> int:
         )
     except AutocallsError as exc:
         return _usage_error(str(exc))
-    if not args.input.is_file():
-        return _usage_error(f"cannot read {args.input}: no such file")
     source = InputFile(
         args.input,
         format=args.format,
@@ -1117,8 +1379,7 @@ def _bulk_command(args: argparse.Namespace) -> int:
         except InputError as exc:
             await client.close()
             return _usage_error(str(exc))
-        for line in summary(outcome, args.out):
-            print(line, flush=True)
+        print_lines(summary(outcome, args.out))
         return outcome.exit_code
 
     return _run(job())
@@ -1211,7 +1472,7 @@ def dry_run_report(
 ) -> list[str]:
     sending = found.to_send if max_replies is None else min(found.to_send, max_replies)
     lines = [
-        f"Dry run: nothing was sent. {found.rows} rows in the input:",
+        f"Dry run: nothing was sent. {plural(found.rows, 'row')} in the input:",
         f"  to send:  {found.to_send}"
         + (f" (--max-replies stops after {max_replies})" if sending < found.to_send else ""),
         f"  to skip:  {found.answered_before + found.failed_before + found.uncertain_before} "
@@ -1230,8 +1491,9 @@ def dry_run_report(
     if found.invalid > len(found.problems):
         lines.append(f"    … and {found.invalid - len(found.problems)} more")
     lines.append(
-        f"  distinct customers: {len(found.customers)} ({len(found.conversations)} "
-        f"conversations with {len(found.assistants)} assistants)"
+        f"  distinct customers: {len(found.customers)} "
+        f"({plural(len(found.conversations), 'conversation')} with "
+        f"{plural(len(found.assistants), 'assistant')})"
     )
     if rate_limit is None:
         lines.append("  time: no client-side rate limit (--rate-limit none)")
@@ -1239,7 +1501,8 @@ def dry_run_report(
         seconds = max(sending - 1, 0) * rate_limit.interval
         lines.append(
             f"  time at {rate_limit}: about {_duration(seconds)} "
-            f"({sending} requests, one every {rate_limit.interval:g}s, retries not included)"
+            f"({plural(sending, 'request')}, one every {rate_limit.interval:g}s, retries not "
+            "included)"
         )
     return lines
 
@@ -1247,8 +1510,9 @@ def dry_run_report(
 def _dry_run_command(args: argparse.Namespace) -> int:
     from ._bulkio import InputError, InputFile, ResultLog
 
-    if not args.input.is_file():
-        return _usage_error(f"cannot read {args.input}: no such file")
+    problem = input_problem(args.input, args.out)
+    if problem is not None:
+        return _usage_error(problem)
     source = InputFile(
         args.input,
         format=args.format,
@@ -1269,8 +1533,7 @@ def _dry_run_command(args: argparse.Namespace) -> int:
     report = dry_run_report(
         found, out=args.out, rate_limit=args.rate_limit, max_replies=args.max_replies
     )
-    for line in report:
-        print(line, flush=True)
+    print_lines(report)
     return EXIT_FAILED if found.invalid else EXIT_OK
 
 
@@ -1281,10 +1544,63 @@ def _mock_server_command(args: argparse.Namespace) -> int:
     return _run(_mock_server(args))
 
 
+#: The token ``mock-server`` suggests when it accepts any (it prints it; it is no secret).
+MOCK_TOKEN: Final = "test-token"
+ALL_INTERFACES: Final = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+
+
+@attrs.define
+class RequestLog:
+    """``mock-server``'s request log (one line per request on stderr, unless quiet) and the
+    counts its summary shows on exit. Lines name a token by its id, never the token."""
+
+    quiet: bool = False
+    by_status: dict[str, int] = attrs.Factory(dict)
+
+    def __call__(self, record: Any) -> None:
+        status = "dropped" if record.status is None else str(record.status)
+        self.by_status[status] = self.by_status.get(status, 0) + 1
+        if self.quiet:
+            return
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.time))
+        millis = int(record.time % 1 * 1000)
+        token = f"token={record.token_id}" if record.token_id else "no-token"
+        print(
+            f"{stamp}.{millis:03d} {record.method} {record.path} {status} {token} "
+            f"{record.latency * 1000:.0f}ms",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def summary(self, server: Any) -> str:
+        total = sum(self.by_status.values())
+        statuses = ", ".join(f"{status}: {n}" for status, n in sorted(self.by_status.items()))
+        return (
+            f"Autocalls emulator stopped: {plural(total, 'request')}"
+            + (f" ({statuses})" if statuses else "")
+            + f"; {plural(server.replies_served, 'reply', 'replies')}; "
+            f"{plural(len(server.conversations), 'conversation')}"
+        )
+
+
+def _listen_problem(args: argparse.Namespace, exc: OSError) -> str:
+    where = f"{args.host}:{args.port}"
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"cannot listen on {where}: the port is in use (another mock-server?); pick "
+            f"another with --port {args.port + 1 if args.port else 8001}, or --port 0 for a "
+            "free one"
+        )
+    if exc.errno == errno.EACCES:
+        return f"cannot listen on {where}: permission denied; use a port above 1023"
+    return f"cannot listen on {where}: {exc.strerror or exc}"
+
+
 async def _mock_server(args: argparse.Namespace) -> int:
     from .testing import MockAutocalls
 
     limit: RateLimit | None = args.rate_limit
+    log = RequestLog(quiet=args.quiet)
     server = MockAutocalls(
         host=args.host,
         port=args.port,
@@ -1294,6 +1610,7 @@ async def _mock_server(args: argparse.Namespace) -> int:
         tokens=args.token,
         balance=args.balance,
         reply_delay=args.reply_delay,
+        on_request=log,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -1303,33 +1620,57 @@ async def _mock_server(args: argparse.Namespace) -> int:
         try:
             await server.start()
         except OSError as exc:
-            print(
-                f"{PROG}: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}",
-                file=sys.stderr,
-            )
+            print(f"{PROG}: {_listen_problem(args, exc)}", file=sys.stderr)
             return EXIT_FAILED
+        # The SDK sends the token over http:// to a loopback host only: on all interfaces,
+        # print the loopback URL, which works from this host.
+        loopback = ALL_INTERFACES.get(args.host)
+        host = args.host if loopback is None else loopback
+        shown = f"[{host}]" if ":" in host else host
+        base_url = f"http://{shown}:{server.port}/api"
+        print(f"Autocalls emulator listening on {base_url}", flush=True)
+        if loopback is not None:
+            print(
+                f"  on all interfaces ({args.host or '*'} port {server.port}); the SDK and the "
+                "CLI send a token over http:// to a loopback address only, so use the URL "
+                "above on this host",
+                flush=True,
+            )
+        tokens = (
+            "any non-empty token"
+            if args.token is None
+            else f"only {plural(len(args.token), 'token')} given with --token"
+        )
         limit_text = "no rate limit" if limit is None else f"limit {limit} per token"
-        print(f"Autocalls emulator listening on {server.base_url}", flush=True)
         print(
             f"  assistants {','.join(map(str, sorted(server.assistants)))}; {limit_text} "
-            f"({args.window} window); "
-            + ("any non-empty token" if args.token is None else f"{len(args.token)} token(s)")
+            f"({args.window} window); {tokens}"
             + ("" if args.balance is None else f"; balance {args.balance} replies"),
             flush=True,
         )
+        token = MOCK_TOKEN if args.token is None else args.token[0]
         assistant = min(server.assistants, default=123)
         print(
-            f"  export AUTOCALLS_BASE_URL={server.base_url}   (Ctrl-C stops)\n"
-            f'  curl -X POST {server.url} -H "Authorization: Bearer $AUTOCALLS_API_TOKEN" '
+            "  In another shell:\n"
+            f"  export AUTOCALLS_BASE_URL={base_url} AUTOCALLS_API_TOKEN={token}\n"
+            f'  {PROG} reply --assistant-id {assistant} --customer +14155551234 "Hi"\n'
+            f"  curl -X POST {base_url}/ai/generate-reply "
+            '-H "Authorization: Bearer $AUTOCALLS_API_TOKEN" '
             "-H 'Content-Type: application/json' -H 'Accept: application/json' "
             f'-d \'{{"assistant_id": {assistant}, "customer_identifier": "+14155551234", '
             '"message": "Hi"}\'',
             flush=True,
         )
-        root = server.base_url.removesuffix("/api")
+        root = base_url.removesuffix("/api")
         print(
             f"  state: curl {root}/_emulator/state; top up: curl -X POST "
             f"{root}/_emulator/top-up -H 'Content-Type: application/json' -d '{{\"replies\": 10}}'",
+            flush=True,
+        )
+        print(
+            "  One line per request on stderr"
+            + (" (--quiet: off)" if args.quiet else "")
+            + "; Ctrl-C stops and prints a summary",
             flush=True,
         )
         await stop.wait()
@@ -1337,7 +1678,7 @@ async def _mock_server(args: argparse.Namespace) -> int:
         await server.close()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
-    print("Autocalls emulator stopped", flush=True)
+    print(log.summary(server), flush=True)
     return EXIT_OK
 
 
@@ -1348,62 +1689,77 @@ DEMO_TOKEN: Final = "demo-token"
 
 
 def _demo_command(args: argparse.Namespace) -> int:
-    return _run(_demo(args))
+    # The files stay after the demo, so that every command it prints works once it has ended.
+    folder: Path = args.dir or Path(tempfile.mkdtemp(prefix="autocalls-demo-"))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        data = resources.files("autocalls_async") / "examples" / "demo.csv"
+        (folder / "demo.csv").write_bytes(data.read_bytes())
+        (folder / "replies.jsonl").unlink(missing_ok=True)  # run again in a --dir: afresh
+    except OSError as exc:
+        return _usage_error(f"cannot write the demo's files in {folder}: {exc}")
+    return _run(_demo(args, folder))
 
 
-async def _demo(args: argparse.Namespace) -> int:
+async def _demo(args: argparse.Namespace, folder: Path) -> int:
     from ._bulkio import InputFile, ResultLog
     from .testing import MockAutocalls
 
-    data = resources.files("autocalls_async") / "examples" / "demo.csv"
+    csv_path, out = folder / "demo.csv", folder / "replies.jsonl"
+    where = shlex.quote(str(folder))
     show = _Show()
-    with resources.as_file(data) as csv_path, tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "replies.jsonl"
-        limit = (DEMO_LIMIT.requests, DEMO_LIMIT.period)
-        async with MockAutocalls(rate_limit=limit, assistants=(123, 456), reply_delay=0.1) as srv:
-            source = InputFile(csv_path)
-            show.heading("autocalls-async demo: no token, no network")
-            show.line(
-                f"1. Started the Autocalls emulator at {srv.base_url} with a limit of "
-                f"{DEMO_LIMIT.requests} requests per second (the real service allows 5 per "
-                "minute: the same job there takes minutes, not seconds)."
-            )
-            show.line(
-                f"2. Running the bulk runner over the bundled {csv_path.name}: the command is\n"
-                f"   {PROG} bulk {csv_path.name} --out replies.jsonl --rate-limit 5/1"
-            )
-            client, starts = bulk_client(DEMO_TOKEN, srv.base_url, DEMO_LIMIT)
-            outcome = await run_job(
-                client,
-                source,
-                ResultLog(out),
-                rate_limit=DEMO_LIMIT,
-                starts=starts,
-                retry_failed=False,
-                concurrency=DEFAULT_CONCURRENCY,
-                progress_mode=args.progress,
-                description=csv_path.name,
-            )
-            conversations = len(srv.conversations)
-            served = srv.count()
-        results = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
-        results.sort(key=lambda line: line.get("row", 0))
+    limit = (DEMO_LIMIT.requests, DEMO_LIMIT.period)
+    async with MockAutocalls(rate_limit=limit, assistants=(123, 456), reply_delay=0.1) as srv:
+        show.heading("autocalls-async demo: no token, no network")
         show.line(
-            f"3. {len(results)} lines in replies.jsonl, one per row, written as each "
-            "finished (rerunning skips the rows already answered):"
-        )
-        show.table(results)
-        for line in summary(outcome, Path("replies.jsonl")):
-            show.line("   " + line)
-        show.line(
-            f"   The emulator received {served} requests and now holds {conversations} "
-            "conversations (one per assistant and customer, messages kept in file order)."
+            f"1. Started the Autocalls emulator at {srv.base_url} with a limit of "
+            f"{DEMO_LIMIT.requests} requests per second (the real service allows 5 per "
+            "minute: the same job there takes minutes, not seconds)."
         )
         show.line(
-            "\nNext: export AUTOCALLS_API_TOKEN=<your token>, then\n"
-            f'   {PROG} reply --assistant-id <id> --customer +14155551234 "Hi"\n'
-            f"   {PROG} bulk messages.csv --out replies.jsonl"
+            f"2. Running the bulk runner over the bundled demo.csv, copied to {folder}: the "
+            f"command is\n   {PROG} bulk {where}/demo.csv --out {where}/replies.jsonl "
+            "--rate-limit 5/1"
         )
+        client, starts = bulk_client(DEMO_TOKEN, srv.base_url, DEMO_LIMIT)
+        outcome = await run_job(
+            client,
+            InputFile(csv_path),
+            ResultLog(out),
+            rate_limit=DEMO_LIMIT,
+            starts=starts,
+            retry_failed=False,
+            concurrency=DEFAULT_CONCURRENCY,
+            progress_mode=args.progress,
+            description=csv_path.name,
+        )
+        conversations = len(srv.conversations)
+        served = srv.count()
+    results = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    results = [line for line in results if "sending" not in line]  # not the journal's lines
+    results.sort(key=lambda line: line.get("row", 0))
+    show.line(
+        f"3. {plural(len(results), 'result line')} in replies.jsonl, one per row, written as "
+        "each finished (rerunning skips the rows already answered):"
+    )
+    show.table(results)
+    for line in summary(outcome, Path("replies.jsonl")):
+        show.line("   " + line)
+    show.line(
+        f"   The emulator received {plural(served, 'request')} and now holds "
+        f"{plural(conversations, 'conversation')} (one per assistant and customer, messages "
+        "kept in file order)."
+    )
+    show.line(
+        f"\nThe files are kept in {folder}. To run the same job yourself, in two shells:\n"
+        f"   {PROG} mock-server --port 8000 --assistants 123,456 --rate-limit 5/1\n"
+        f"   export AUTOCALLS_BASE_URL=http://127.0.0.1:8000/api AUTOCALLS_API_TOKEN={DEMO_TOKEN}\n"
+        f"   {PROG} bulk {where}/demo.csv --out {where}/replies-2.jsonl --rate-limit 5/1\n"
+        "\nThen with the real service: export AUTOCALLS_API_TOKEN=<your token> (and unset "
+        "AUTOCALLS_BASE_URL), then\n"
+        f'   {PROG} reply --assistant-id <id> --customer +14155551234 "Hi"\n'
+        f"   {PROG} bulk <your-file.csv> --out replies.jsonl"
+    )
     if outcome.interrupted:
         return EXIT_INTERRUPTED
     return EXIT_OK if outcome.meter.answered else EXIT_FAILED

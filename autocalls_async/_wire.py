@@ -120,7 +120,18 @@ def check_base_url(base_url: object) -> URL:
             f"refusing to send the API token in clear text to {url.host!r}: "
             "use an https:// base_url (http:// is allowed for loopback hosts only)"
         )
-    return url.with_path(url.path.rstrip("/"))
+    path = url.path.rstrip("/")
+    root = f"{url.origin()}{path.removesuffix('/' + ENDPOINT)}"
+    if path.endswith("/" + ENDPOINT):
+        raise InvalidRequestError(
+            f"base_url {str(base_url)!r} is the whole endpoint; pass the API's root, {root!r}, "
+            f"e.g. {DEFAULT_BASE_URL!r} (the SDK adds /{ENDPOINT})"
+        )
+    if url.host == URL(DEFAULT_BASE_URL).host and path != URL(DEFAULT_BASE_URL).path:
+        raise InvalidRequestError(
+            f"base_url {str(base_url)!r} is not the Autocalls API: it is at {DEFAULT_BASE_URL!r}"
+        )
+    return url.with_path(path)
 
 
 def endpoint(base_url: URL) -> URL:
@@ -500,6 +511,13 @@ def api_error(status: int, headers: Mapping[str, str], body: bytes, *, now: floa
     else:
         parsed = excerpt(body, content_type)
         message = _reason(status) + (f" ({parsed})" if parsed else "")
+    if status == 404 and error_code is None:
+        # Not the service's ASSISTANT_NOT_FOUND: a route the server does not have (an HTML
+        # page, a framework's "route could not be found"), so the request went to a wrong URL.
+        message += (
+            f"; the base URL looks wrong: it must be the API's root, like {DEFAULT_BASE_URL!r}, "
+            f"to which the SDK adds /{ENDPOINT}"
+        )
     if 300 <= status < 400:
         location = URL(_header(headers, "Location") or "")
         message = (

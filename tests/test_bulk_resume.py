@@ -303,7 +303,7 @@ def test_retry_failed_leaves_rows_that_may_have_been_processed(
     assert bulk(source, out, "--retry-failed") == 1
     summary = capsys.readouterr().out
     assert "1 answered, 0 failed, 1 skipped" in summary
-    assert "1 rows may have been processed by an earlier run" in summary
+    assert "1 row may have been processed by an earlier run" in summary
     assert "--retry-unsafe-failed" in summary
     assert sent_messages(emulator) == ["charged", "unknown"]
     assert bulk(source, out, "--retry-unsafe-failed") == 0

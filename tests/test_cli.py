@@ -147,7 +147,6 @@ def test_help_everywhere(command: list[str], capsys: pytest.CaptureFixture[str])
 @pytest.mark.parametrize(
     "argv",
     [
-        [],
         ["reply", "Hi"],
         ["reply", "--assistant-id", "x", "--customer", "+1", "Hi"],
         ["bulk", "in.csv"],
@@ -176,12 +175,19 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_no_token_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Without --token or AUTOCALLS_API_TOKEN: one line naming the variable, exit 2."""
+    """Without --token or AUTOCALLS_API_TOKEN: one line naming the option and the variable
+    (not the SDK's Python argument api_token=), exit 2; an empty token likewise."""
+    source = write_csv(tmp_path / "in.csv", [{"assistant_id": 1, "customer_identifier": "a"}])
     assert main(["reply", "--assistant-id", "1", "--customer", "+1", "Hi"]) == 2
-    assert main(["bulk", str(tmp_path / "in.csv"), "--out", str(tmp_path / "o.jsonl")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("AUTOCALLS_API_TOKEN") == 2
-    assert "Traceback" not in err
+    assert main(["bulk", str(source), "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert main(["reply", "--token", " ", "--assistant-id", "1", "--customer", "+1", "Hi"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3
+    for line in lines:
+        assert "--token" in line and "AUTOCALLS_API_TOKEN" in line, line
+        assert "api_token" not in line and "Traceback" not in line
+    assert "no API token" in lines[0] and "empty" in lines[2]
+    assert not (tmp_path / "o.jsonl").exists()
 
 
 # -- reply ------------------------------------------------------------------------------------
@@ -415,6 +421,8 @@ def test_progress_modes(
     assert isinstance(_cli.make_progress("bar", meter, "x"), _cli.PlainProgress)
     assert "no progress bar without rich" in capsys.readouterr().err
     assert meter.eta() == pytest.approx(6 * 12 * 1.02)
+    assert meter.rate_text() == "rate not measured"  # no request yet: no rate to show
+    meter.stats.requests = _cli.PACE_MIN_STARTS
     assert meter.rate_text().endswith("req/min")
     assert _cli._duration(3725) == "1h02m" and _cli._duration(75) == "1m15s"
     assert _cli._duration(None) == "?"
@@ -520,17 +528,20 @@ async def test_mock_server_port_in_use() -> None:
 async def test_reply_subprocess_unknown_assistant() -> None:
     """python -m autocalls_async reply: the reply on stdout; an unknown assistant is one
     stderr line with ASSISTANT_NOT_FOUND, no traceback, a non-zero exit; the token never
-    shows."""
+    shows. The second call waits for the host-wide limit's next slot (5/60: one every 12 s)
+    and says so on stderr first."""
+    token = f"{TOKEN}-{os.getpid()}-{time.time_ns()}"  # no slot of the host limiter used yet
     async with MockAutocalls(rate_limit=None) as server:
-        env = {"AUTOCALLS_API_TOKEN": TOKEN, "AUTOCALLS_BASE_URL": server.base_url}
+        env = {"AUTOCALLS_API_TOKEN": token, "AUTOCALLS_BASE_URL": server.base_url}
         ok = await run_cli("reply", "--assistant-id", "123", "--customer", "+1", "Hi", **env)
         bad = await run_cli("reply", "--assistant-id", "77", "--customer", "+1", "Hi", **env)
     assert (ok.code, ok.out) == (0, "Hi there! Thanks for your message: Hi\n")
-    assert bad.code == 4
-    assert bad.out == ""
-    assert len(bad.err.splitlines()) == 1
-    assert "ASSISTANT_NOT_FOUND" in bad.err and "Traceback" not in bad.err
-    assert TOKEN not in ok.out + ok.err + bad.out + bad.err
+    assert (bad.code, bad.out, ok.err) == (4, "", "")
+    waiting, error = bad.err.splitlines()
+    assert waiting.startswith("autocalls-async: waiting for a rate-limit slot (5 per 60s")
+    assert "one every 12s" in waiting
+    assert "ASSISTANT_NOT_FOUND" in error and "Traceback" not in bad.err
+    assert token not in ok.out + ok.err + bad.out + bad.err
 
 
 async def test_demo_end_to_end() -> None:

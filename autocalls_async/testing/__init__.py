@@ -71,11 +71,19 @@ plain ``aiohttp.web.Application`` for running it any other way.
 """
 
 from ._faults import Fault, FaultKind
-from ._server import ENDPOINT, MockAutocalls, ServerOptions, run_server, token_hash
+from ._server import (
+    ENDPOINT,
+    AccessRecord,
+    MockAutocalls,
+    ServerOptions,
+    run_server,
+    token_hash,
+)
 from ._state import Conversation, RequestRecord, Responder, Turn, default_responder
 
 __all__ = [
     "ENDPOINT",
+    "AccessRecord",
     "Conversation",
     "Fault",
     "FaultKind",

@@ -19,6 +19,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Final, Self, TypedDict, Unpack
 
+import attrs
 from aiohttp import web
 
 from ._faults import Fault
@@ -62,11 +63,26 @@ class ServerOptions(TypedDict, total=False):
     responder: Responder
     seed: int | None
     shutdown_timeout: float
+    on_request: Callable[[AccessRecord], object] | None
 
 
 def token_hash(token: str) -> str:
     """Return the SHA-256 hex digest the emulator keeps instead of a token."""
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+@attrs.frozen
+class AccessRecord:
+    """One request the emulator answered (any route), for a request log: never the token."""
+
+    time: float  #: when it arrived (``time.time()``)
+    method: str
+    path: str
+    status: int | None  #: None: the connection was dropped (a ``Fault.drop``)
+    #: The first 8 hex digits of the token's SHA-256 (the SDK's ``token_id`` starts with
+    #: them), or None without a bearer token.
+    token_id: str | None
+    latency: float  #: seconds from arrival to the response
 
 
 def _raw(
@@ -156,6 +172,7 @@ class MockAutocalls:
         responder: Responder = default_responder,
         seed: int | None = None,
         shutdown_timeout: float = 1.0,
+        on_request: Callable[[AccessRecord], object] | None = None,
     ) -> None:
         if isinstance(tokens, str):
             raise TypeError("tokens must be a collection of tokens, not one string")
@@ -178,10 +195,36 @@ class MockAutocalls:
         self.conversations: dict[tuple[int, str], Conversation] = {}
         self.replies_served = 0
         self._charged = 0
-        self.app = web.Application(client_max_size=MAX_BODY, middlewares=[_route_errors])
+        #: Called once per request answered, on any route (``autocalls-async mock-server``
+        #: prints its request log with it); may be set at any time.
+        self.on_request = on_request
+        self.app = web.Application(
+            client_max_size=MAX_BODY, middlewares=[self._access, _route_errors]
+        )
         self.app.router.add_post(ENDPOINT, self._handle)
         self.app.router.add_get(ADMIN_STATE, self._state)
         self.app.router.add_post(ADMIN_TOP_UP, self._top_up)
+
+    @web.middleware
+    async def _access(
+        self, request: web.Request, handler: Callable[[web.Request], Any]
+    ) -> web.StreamResponse:
+        arrived, started = time.time(), time.perf_counter()
+        response: web.StreamResponse = await handler(request)
+        if self.on_request is not None:
+            token = bearer_token(request.headers.get("Authorization", ""))
+            dropped = request.transport is None or request.transport.is_closing()
+            self.on_request(
+                AccessRecord(
+                    time=arrived,
+                    method=request.method,
+                    path=request.path,
+                    status=None if dropped else response.status,
+                    token_id=None if token is None else token_hash(token)[:8],
+                    latency=time.perf_counter() - started,
+                )
+            )
+        return response
 
     # -- lifecycle ---------------------------------------------------------------------------
 
