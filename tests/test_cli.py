@@ -105,7 +105,10 @@ class Run:
 
 
 def child_env(**extra: str) -> dict[str, str]:
+    """The CLI's environment: no AUTOCALLS_ variable of the caller's but this test's own
+    limiter directory (conftest), so that runs never share a token's schedule."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOCALLS_")}
+    env["AUTOCALLS_LIMITER_DIR"] = os.environ["AUTOCALLS_LIMITER_DIR"]
     env.update(extra)
     return env
 
