@@ -58,67 +58,6 @@ async def test_balance(autocalls_server): ...
 
 The client fixture follows them: it uses the marker's first token when `tokens` is set, and
 the emulator's rate limit when there is one.
-
-```python
-pytest_plugins = ["autocalls_async.testing.pytest_plugin"]
-
-<<<<<<< HEAD
-pytest-asyncio warns until its fixtures' event loop scope is set; set it once, in
-``pyproject.toml`` (or the ``[pytest]`` section of ``pytest.ini``, without the quotes)::
-
-    [tool.pytest.ini_options]
-    asyncio_default_fixture_loop_scope = "function"
-
-A test then asks for ``autocalls_client``, an ``AsyncAutocalls`` already bound to the
-emulator, and for ``autocalls_server``, the emulator itself (a started ``MockAutocalls``), to
-check what it received. With pytest-asyncio's default (strict) mode, mark async tests
-``@pytest.mark.asyncio``; with ``asyncio_mode = "auto"`` the mark may be left out::
-
-    import pytest
-
-    @pytest.mark.asyncio
-    async def test_reply(autocalls_client, autocalls_server):
-        reply = await autocalls_client.generate_reply(
-            assistant_id=123, customer_identifier="+14155551234", message="Hi"
-        )
-        assert reply.reply == "Hi there! Thanks for your message: Hi"
-        assert autocalls_server.count() == 1
-
-Both fixtures are made for each test and closed after it. ``autocalls_server`` has no rate
-limit (a test suite must not wait for a minute's window) and knows assistant 123.
-``autocalls_client`` waits for nothing the emulator does not ask for: no client-side rate
-limit when the emulator has none; the emulator's own limit otherwise, kept in a private
-``LocalRateLimiter`` (never the host-wide limiter store, so tests cannot slow each other or
-the machine's other processes down); retries back off 10 to 50 ms (a ``Retry-After`` the
-emulator sends is still honoured). For other client options, build your own client from
-``autocalls_server.base_url``.
-
-The emulator's options come from the marker
-``@pytest.mark.autocalls_server(rate_limit=(5, 0.5), assistants=(7,), balance=3, ...)``
-(registered by this plugin), or from indirect parametrization::
-
-    @pytest.mark.parametrize("autocalls_server", [{"balance": 3}], indirect=True)
-    async def test_balance(autocalls_server): ...
-
-The client fixture follows them: it uses the marker's first token when ``tokens`` is set, and
-the emulator's rate limit when there is one.
-=======
-async def test_reply(autocalls_server):
-    client = AsyncAutocalls("test-token", base_url=autocalls_server.base_url, rate_limit=None)
-    ...
-```
-
-The fixture is function-scoped and yields a started ``MockAutocalls`` with no server-side rate
-limit (a test suite must not wait a minute for a window). Options come from the marker
-``@pytest.mark.autocalls_server(rate_limit=(5, 0.5), balance=3, ...)`` (registered by this
-plugin when it is loaded from a conftest.py), or from indirect parametrization, which works
-wherever the plugin is loaded:
-
-```python
-@pytest.mark.parametrize("autocalls_server", [{"balance": 3}], indirect=True)
-async def test_balance(autocalls_server): ...
-```
->>>>>>> docs-site
 """
 
 from __future__ import annotations
