@@ -148,12 +148,16 @@ def _clean_env(**extra: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["strict", "auto"])
+@pytest.mark.parametrize(
+    ("mode", "scope"), [("strict", "function"), ("auto", "function"), ("strict", "session")]
+)
 def test_the_documented_example_in_a_clean_venv(
-    clean_venv: Path, tmp_path: Path, mode: str
+    clean_venv: Path, tmp_path: Path, mode: str, scope: str
 ) -> None:
     """The plugin's docstring, followed to the letter: the install line, the conftest line,
-    the example; strict mode with its marks, auto mode without them. Warnings are errors."""
+    the example; strict mode with its marks, auto mode without them. Warnings are errors.
+    A project whose fixtures default to a session loop (shared database fixtures) still gets
+    fixtures in its tests' own loops."""
     project = tmp_path / "project"
     project.mkdir()
     (project / "conftest.py").write_text(CONFTEST)
@@ -170,7 +174,7 @@ def test_the_documented_example_in_a_clean_venv(
             f"""\
             [pytest]
             asyncio_mode = {mode}
-            asyncio_default_fixture_loop_scope = function
+            asyncio_default_fixture_loop_scope = {scope}
             addopts = --strict-markers -p no:cacheprovider
             filterwarnings = error
             """

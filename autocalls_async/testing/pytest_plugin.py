@@ -40,12 +40,17 @@ async def test_reply(autocalls_client, autocalls_server):
 
 Both fixtures are made for each test and closed after it. `autocalls_server` has no rate
 limit (a test suite must not wait for a minute's window) and knows assistant 123.
-`autocalls_client` waits for nothing the emulator does not ask for: no client-side rate
-limit when the emulator has none; the emulator's own limit otherwise, kept in a private
-`LocalRateLimiter` (never the host-wide limiter store, so tests cannot slow each other or
-the machine's other processes down); retries back off 10 to 50 ms (a `Retry-After` the
-emulator sends is still honoured). For other client options, build your own client from
-`autocalls_server.base_url`.
+`autocalls_client` has no client-side rate limit when the emulator has none, so its calls
+never wait. When the emulator has one (the marker's `rate_limit`), the client keeps to it as
+the SDK does in production: starts spaced `period / requests` apart, in a private
+`LocalRateLimiter` (never the host-wide limiter store, so tests cannot slow each other or the
+machine's other processes down). Under `rate_limit=(5, 60)` two calls are 12 s apart: give
+the marker a scaled limit such as `(5, 0.5)`. Retries back off 10 to 50 ms (a `Retry-After`
+the emulator sends is still honoured). Both fixtures run in the test's own event loop
+(`loop_scope="function"`, pytest-asyncio's default), whatever the project's
+`asyncio_default_fixture_loop_scope`; tests that use them run in that loop too (not
+`@pytest.mark.asyncio(loop_scope="session")`). For other client options, build your own
+client from `autocalls_server.base_url`.
 
 The emulator's options come from the marker
 `@pytest.mark.autocalls_server(rate_limit=(5, 0.5), assistants=(7,), balance=3, ...)`
@@ -99,7 +104,10 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-@pytest_asyncio.fixture
+# Both fixtures run in the test's own event loop, whatever the project's
+# ``asyncio_default_fixture_loop_scope`` (a project whose database fixtures share a session
+# loop still gets a client bound to the loop its tests run in).
+@pytest_asyncio.fixture(loop_scope="function")
 async def autocalls_server(request: pytest.FixtureRequest) -> AsyncIterator[MockAutocalls]:
     """A started emulator on a free loopback port, closed after the test."""
     options = server_options(request)
@@ -108,7 +116,7 @@ async def autocalls_server(request: pytest.FixtureRequest) -> AsyncIterator[Mock
         yield server
 
 
-@pytest_asyncio.fixture
+@pytest_asyncio.fixture(loop_scope="function")
 async def autocalls_client(
     autocalls_server: MockAutocalls, request: pytest.FixtureRequest
 ) -> AsyncIterator[AsyncAutocalls]:
