@@ -37,6 +37,11 @@ OPTIONAL: Final = ("id", "variables")
 _INTEGER: Final = re.compile(r"^\+?\d+$")
 #: Integer ids below this are kept as bits (2 MB at most); larger ones in a plain set.
 _ROW_NUMBER_LIMIT: Final = 1 << 24
+#: The csv module refuses a field longer than ``csv.field_size_limit()`` (131,072 characters
+#: by default) and so would refuse a whole file for one long message. Rows are judged by the
+#: size of their request instead (``max_request_bytes``: a row over it fails alone, as
+#: INVALID_ROW), so records are read with this limit (the largest a C long holds everywhere).
+_CSV_FIELD_LIMIT: Final = 2**31 - 1
 
 try:  # POSIX: keep two runs from appending to one output at once
     import fcntl
@@ -378,7 +383,8 @@ class InputFile:
     def _csv_record(self, reader: Any, row: int) -> list[str] | None:
         start = reader.line_num + 1
         try:
-            cells: list[str] | None = next(reader, None)
+            with _long_fields():
+                cells: list[str] | None = next(reader, None)
         except csv.Error as exc:
             where = f"row {row} (from line {start})" if row else "the header row"
             if "unexpected end of data" in str(exc):
@@ -401,7 +407,8 @@ class InputFile:
             if "\n" not in cell and "\r" not in cell:
                 continue
             for text in cell.splitlines()[1:]:
-                parts = next(csv.reader([text], delimiter=self.delimiter), [])
+                with _long_fields():
+                    parts = next(csv.reader([text], delimiter=self.delimiter), [])
                 fields = dict(zip(columns, (part.strip() for part in parts), strict=False))
                 header_like = all(
                     column in (p.strip().lower() for p in parts) for column in REQUIRED
@@ -467,6 +474,22 @@ class InputFile:
                 yield _bad(row, f"line {number} is not a JSON object")
                 continue
             yield BulkRequest.from_mapping(data, row, extra_as_variables=self.extra_as_variables)
+
+
+@contextlib.contextmanager
+def _long_fields() -> Iterator[None]:
+    """Read one CSV record with no practical field size limit, then put the process-wide
+    ``csv.field_size_limit`` back as it was: the limit is the csv module's global state, and
+    a program using this module's reader (or the CLI's) may rely on its own. It is raised for
+    one record at a time, never across a ``yield``, so no other code of this thread runs while
+    it is raised; another thread's readers may see it raised for that moment. A limit another
+    thread set meanwhile is left alone."""
+    previous = csv.field_size_limit(_CSV_FIELD_LIMIT)
+    try:
+        yield
+    finally:
+        if csv.field_size_limit() == _CSV_FIELD_LIMIT:
+            csv.field_size_limit(previous)
 
 
 def _difference(entry: Entry, found: dict[RowId, BulkRequest]) -> str:

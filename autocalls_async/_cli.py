@@ -13,11 +13,14 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import textwrap
@@ -50,11 +53,12 @@ from ._errors import (
     RateLimitTimeout,
     UnprocessableEntityError,
 )
+from ._log import configure_from_env
 from ._models import Priority, RateLimit
 from ._ratelimit import Limiter, RateLimiter, Slot, default_limiter
 from ._retry import Decision, RetryPolicy
 from ._version import __version__
-from ._wire import DEFAULT_BASE_URL, check_token
+from ._wire import DEFAULT_BASE_URL, DEFAULT_MAX_REQUEST_BYTES, RAISE_LIMIT_HINT, check_token
 from .bulk import DEFAULT_CONCURRENCY, BulkRequest, BulkResult, BulkRunner, error_code
 
 __all__ = ["main"]
@@ -165,6 +169,11 @@ def hint_for(error: AutocallsError) -> str:
         return "no slot of the token's limit was free in time; raise --max-wait, or try later"
     if isinstance(error, APIConnectionError):
         return "check --base-url / AUTOCALLS_BASE_URL and the network; raise --timeout if slow"
+    if isinstance(error, APIError) and error.status == 413:
+        return (
+            "the server refuses requests this big: shorten the message or the variables "
+            "(--max-request-bytes N, at the server's limit, refuses them before sending)"
+        )
     if isinstance(error, UnprocessableEntityError):
         return "the service refused the request's fields"
     if isinstance(error, InternalServerError | APIResponseValidationError):
@@ -178,8 +187,29 @@ def describe(error: AutocallsError) -> str:
     """One line: the error code, the status, the message and a hint; never a traceback."""
     status = f" (HTTP {error.status})" if isinstance(error, APIError) else ""
     message = error.message if isinstance(error, APIError) else str(error)
-    message = " ".join(message.split())
+    message = in_cli_words(" ".join(message.split()))
     return f"{PROG}: {error_code(error)}{status}: {message}; hint: {hint_for(error)}"
+
+
+#: The SDK's messages name its Python arguments; the command line's name its options.
+CLI_WORDS: Final = {RAISE_LIMIT_HINT: "pass --max-request-bytes N"}
+
+
+def in_cli_words(text: str) -> str:
+    """An SDK message as the command line says it: its options, not the SDK's arguments."""
+    for sdk, cli in CLI_WORDS.items():
+        text = text.replace(sdk, cli)
+    return text
+
+
+def cli_result(result: BulkResult) -> BulkResult:
+    """A bulk row's result as OUT says it: an invalid row's message in the CLI's words."""
+    error = result.error
+    if isinstance(error, InvalidRequestError):
+        text = in_cli_words(str(error))
+        if text != str(error):
+            return attrs.evolve(result, error=InvalidRequestError(text))
+    return result
 
 
 def _usage_error(message: str) -> int:
@@ -262,6 +292,42 @@ def _count(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"{value} is not a port: ports are 0-65535 (0 picks a free one)"
+        )
+    return value
+
+
+#: A host name: dot-separated labels of letters, digits and inner hyphens.
+_HOST_NAME: Final = re.compile(
+    r"^(?=.{1,253}\.?$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
+)
+
+
+def _host(text: str) -> str:
+    """An address to bind: an IP address, a host name, or '' (every interface)."""
+    host = text.strip()
+    if host in ALL_INTERFACES:
+        return host
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.ip_address(host.removeprefix("[").removesuffix("]")))
+    if _HOST_NAME.match(host):
+        return host
+    hint = "an IP address (127.0.0.1; 0.0.0.0 or :: for every interface) or a host name"
+    if "://" in host or "/" in host:
+        hint += ", not a URL"
+    elif host.count(":") == 1 or (host.startswith("[") and "]:" in host):
+        hint += ", without a port (give the port with --port)"
+    raise argparse.ArgumentTypeError(f"{text!r} is not an address to listen on: give {hint}")
+
+
 def _assistants(text: str) -> tuple[int, ...]:
     try:
         ids = tuple(int(part) for part in text.split(",") if part.strip())
@@ -281,6 +347,20 @@ def _delimiter(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"expected one character (or 'tab'), not a quote or a line break: {text!r}"
         )
+    return value
+
+
+def _request_bytes(text: str) -> int | None:
+    if text.strip().lower() in {"none", "off"}:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a whole number of bytes (or 'none' for no limit)"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1 byte (or 'none')")
     return value
 
 
@@ -322,6 +402,16 @@ def _client_options(parser: argparse.ArgumentParser, *, default_rate: str) -> No
         default=60.0,
         metavar="SECONDS",
         help="seconds per attempt (default: 60)",
+    )
+    group.add_argument(
+        "--max-request-bytes",
+        type=_request_bytes,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        metavar="N",
+        help=f"refuse, before sending, a message whose request (JSON, UTF-8) would be over N "
+        f"bytes (default: {DEFAULT_MAX_REQUEST_BYTES}, 1 MiB, nginx's default "
+        "client_max_body_size, past which the server answers 413); raise it if your server "
+        "accepts more; 'none': no limit",
     )
 
 
@@ -532,11 +622,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mock.add_argument(
         "--host",
+        type=_host,
         default="127.0.0.1",
         help="address to bind (default: 127.0.0.1; 0.0.0.0 or :: for every interface)",
     )
     mock.add_argument(
-        "--port", type=_count, default=8000, help="port (default: 8000; 0 picks a free port)"
+        "--port", type=_port, default=8000, help="port (default: 8000; 0 picks a free port)"
     )
     mock.add_argument(
         "--rate-limit",
@@ -610,6 +701,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, usage errors: argparse has printed them
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     handler: Callable[[argparse.Namespace], int] = args.handler
+    configure_from_env()  # every command, mock-server too: an unknown AUTOCALLS_LOG is said once
     try:
         return handler(args)
     except KeyboardInterrupt:
@@ -746,6 +838,7 @@ async def _reply(args: argparse.Namespace, message: str, variables: dict[str, An
             limiter=limiter,
             retry_policy=TellingRetryPolicy(max_retries=args.max_retries),
             timeout=args.timeout,
+            max_request_bytes=args.max_request_bytes,
         ) as client:
             reply = await client.generate_reply(
                 assistant_id=args.assistant_id,
@@ -844,6 +937,16 @@ def bulk_client(
     return client, clock
 
 
+def send_time(requests: int, interval: float, *, first_at_once: bool = True) -> float:
+    """Seconds until the last of ``requests`` starts, one every ``interval``: the first starts
+    at once when nothing else uses the token (``first_at_once``), so n requests span n - 1
+    intervals; once a run has started, each request left waits an interval. Both the dry
+    run's estimate and the run's first line (and its ETA) come from here."""
+    if requests <= 0:
+        return 0.0
+    return (requests - 1 if first_at_once else requests) * interval
+
+
 @attrs.define
 class Meter:
     """Counts of a bulk run, and the figures its progress and summary show."""
@@ -886,7 +989,9 @@ class Meter:
             return 0.0
         if self.rate_limit is not None:
             pace = self.starts.pace() if self.starts is not None else None
-            return left * max(pace or 0.0, self.rate_limit.interval)
+            started = self.starts.count if self.starts is not None else self.stats.requests
+            interval = max(pace or 0.0, self.rate_limit.interval)
+            return send_time(left, interval, first_at_once=not started)
         if self.done:
             return left * self.elapsed / self.done
         return None
@@ -1146,9 +1251,16 @@ async def run_job(
     progress = make_progress(progress_mode, meter, description)
     if progress_mode != "off":
         skipped = source.rows - todo
-        pace = "" if rate_limit is None else f"; at {rate_limit} about {_duration(meter.eta())}"
+        # The same estimate as the dry run's: --max-replies caps the requests to send.
+        budget = client.budget
+        capped = todo if budget is None else min(todo, budget.replies)
+        pace = ""
+        if rate_limit is not None:
+            seconds = send_time(capped, rate_limit.interval)
+            pace = f"; at {rate_limit} about {_duration(seconds)}"
         progress.note(
             f"{description}: {plural(todo, 'row')} to send"
+            + (f" (--max-replies stops after {capped})" if capped < todo else "")
             + (f", {skipped} skipped (already in {log.path.name})" if skipped else "")
             + pace
         )
@@ -1186,6 +1298,7 @@ async def run_job(
                 key = keys.pop(result.request.row, None)
                 journaled = result.request.row in pending
                 pending.discard(result.request.row)
+                result = cli_result(result)
                 if _left_unsent(result, runner.stop_on):
                     # Certainly not processed, and the run stops: no result line, so a plain
                     # rerun sends it; a "sending" line written for it is withdrawn.
@@ -1348,6 +1461,7 @@ def _bulk_command(args: argparse.Namespace) -> int:
             args.rate_limit,
             max_retries=args.max_retries,
             timeout=args.timeout,
+            max_request_bytes=args.max_request_bytes,
             **_cost_client_options(args),
         )
     except AutocallsError as exc:
@@ -1422,6 +1536,7 @@ def dry_run(
     retry_unsafe_failed: bool = False,
     allow_foreign: bool = False,
     normalize: Any = None,
+    max_request_bytes: int | None = DEFAULT_MAX_REQUEST_BYTES,
 ) -> DryRun:
     """Check ``source`` against the output of earlier runs in ``log`` as ``run_job`` would
     (rows matched by content, foreign lines refused); send nothing.
@@ -1448,7 +1563,7 @@ def dry_run(
         if state == "uncertain" and not retry_unsafe_failed:
             found.uncertain_before += 1
             continue
-        problem = _check(request)
+        problem = _check(request, max_request_bytes)
         customer = request.customer_identifier
         if problem is None and normalize is not None:
             try:
@@ -1458,7 +1573,7 @@ def dry_run(
         if problem is not None:
             found.invalid += 1
             if len(found.problems) < DRY_RUN_PROBLEMS_SHOWN:
-                found.problems.append(" ".join(str(problem).split()))
+                found.problems.append(in_cli_words(" ".join(str(problem).split())))
             continue
         found.to_send += 1
         found.customers.add(customer)
@@ -1498,7 +1613,7 @@ def dry_run_report(
     if rate_limit is None:
         lines.append("  time: no client-side rate limit (--rate-limit none)")
     else:
-        seconds = max(sending - 1, 0) * rate_limit.interval
+        seconds = send_time(sending, rate_limit.interval)
         lines.append(
             f"  time at {rate_limit}: about {_duration(seconds)} "
             f"({plural(sending, 'request')}, one every {rate_limit.interval:g}s, retries not "
@@ -1527,6 +1642,7 @@ def _dry_run_command(args: argparse.Namespace) -> int:
             retry_unsafe_failed=args.retry_unsafe_failed,
             allow_foreign=args.allow_foreign,
             normalize=args.e164,
+            max_request_bytes=args.max_request_bytes,
         )
     except InputError as exc:
         return _usage_error(str(exc))
@@ -1593,6 +1709,12 @@ def _listen_problem(args: argparse.Namespace, exc: OSError) -> str:
         )
     if exc.errno == errno.EACCES:
         return f"cannot listen on {where}: permission denied; use a port above 1023"
+    if isinstance(exc, socket.gaierror):
+        return (
+            f"cannot listen on {where}: {exc.strerror or exc}; --host must be an address of "
+            "this machine: 127.0.0.1 (this host only), 0.0.0.0 or :: (every interface), or a "
+            "name that resolves to one"
+        )
     return f"cannot listen on {where}: {exc.strerror or exc}"
 
 

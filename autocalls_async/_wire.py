@@ -154,6 +154,10 @@ def _refuse(message: str) -> NoReturn:
     raise InvalidRequestError(message)
 
 
+#: How ``too_large`` says to raise the limit; the command line names its own option instead.
+RAISE_LIMIT_HINT = "raise AsyncAutocalls(max_request_bytes=...)"
+
+
 def too_large(size: int, limit: int) -> str:
     """Why a request body of ``size`` bytes is refused before it is sent."""
     default = ""
@@ -163,7 +167,7 @@ def too_large(size: int, limit: int) -> str:
         f"the request would be {size:,} bytes (JSON, UTF-8), over the limit of {limit:,} "
         f"bytes{default}, and the server would refuse it with a 413 after receiving it all: "
         "shorten the message or the variables (or, if your server accepts bigger requests, "
-        "raise AsyncAutocalls(max_request_bytes=...)); nothing was sent"
+        f"{RAISE_LIMIT_HINT}); nothing was sent"
     )
 
 

@@ -655,7 +655,7 @@ def _check(
     request: BulkRequest, max_bytes: int | None = DEFAULT_MAX_REQUEST_BYTES
 ) -> InvalidRequestError | None:
     """The core's own validation, so a bad row fails alone, named, before anything is sent
-    (the CLI's dry run uses the default client's ``max_request_bytes``)."""
+    (the CLI's dry run passes its ``--max-request-bytes``)."""
     if request.problem is not None:
         return InvalidRequestError(f"row {_name(request)}: {request.problem}")
     try:
