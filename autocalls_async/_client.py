@@ -43,6 +43,7 @@ from ._transport import OPEN, GrantExpiredError, SendGate, Transport
 from ._wire import (
     DEFAULT_BASE_URL,
     DEFAULT_MAX_REQUEST_BYTES,
+    Redactor,
     ReplyRequest,
     build_request,
     check_base_url,
@@ -146,9 +147,10 @@ class AsyncAutocalls(AsyncOnly):
         )
         #: A stable, non-reversible name for the token: limiter keys and logs use it.
         self.token_id = hashlib.sha256(token.encode()).hexdigest()[:16]
-        headers = request_headers(token)  # the only place the token is kept, inside aiohttp
+        headers = request_headers(token)  # the token is kept there, inside aiohttp,
+        redactor = Redactor(token)  # and there, to mask it in whatever comes back
         base = base_url or os.environ.get("AUTOCALLS_BASE_URL") or DEFAULT_BASE_URL
-        self.base_url = check_base_url(base)
+        self.base_url = check_base_url(base, redactor)
         if rate_limit is not None and not isinstance(rate_limit, RateLimit):
             raise InvalidRequestError(
                 f"rate_limit must be a RateLimit(requests, period) or None, got {rate_limit!r}"
@@ -212,6 +214,7 @@ class AsyncAutocalls(AsyncOnly):
             timeout=timeout,
             max_response_size=max_response_size,
             trust_env=not is_loopback(self.base_url.host or ""),
+            redactor=redactor,
         )
         if budget is not None and not isinstance(budget, Budget):
             raise InvalidRequestError(f"budget must be a Budget(replies=N) or None, got {budget!r}")
