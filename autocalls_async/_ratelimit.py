@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import functools
 import itertools
+import math
 import os
 import socket
 import uuid
@@ -529,11 +530,7 @@ class Limiter(AsyncOnly):
             if not done:
                 result = await self.store.update(key, step)
         except RateConflict as conflict:
-            raise InvalidRequestError(
-                f"this API token is already limited to {conflict.theirs} by another live client "
-                f"({conflict.where}); every client using one token must use the same rate_limit "
-                f"(got {self.rate_limit}). Close the other client first, or use its rate_limit."
-            ) from None
+            raise InvalidRequestError(_conflict(conflict, self.rate_limit)) from None
         front.used.add(key)
         if seen:
             # The store read its clock about halfway through the round trip: waits it answers
@@ -916,6 +913,29 @@ class HostRateLimiter(Limiter):
 
     def __repr__(self) -> str:
         return f"<HostRateLimiter {self.path} {self.rate_limit}>"
+
+
+def _conflict(conflict: RateConflict, mine: RateLimit) -> str:
+    """Why ``mine`` may not be used beside another live limiter of the token: naming what
+    differs, the rate or the margin, on both sides."""
+    theirs = conflict.theirs
+    margins = not math.isclose(theirs.margin, mine.margin)
+    rates = not theirs.same_rate(mine)
+
+    def shown(rate_limit: RateLimit) -> str:
+        return f"{rate_limit} with margin={rate_limit.margin:g}" if margins else str(rate_limit)
+
+    if rates and margins:
+        rule = "the same rate and the same margin"
+    elif margins:
+        rule = "the same margin too (it spaces every start: two margins cannot share a schedule)"
+    else:
+        rule = "the same rate (requests per second: 5/60s and 1/12s are one rate)"
+    return (
+        f"this API token is already limited to {shown(theirs)} by another live client "
+        f"({conflict.where}); every client using one token must use {rule}, got {shown(mine)}. "
+        f"Close the other client first, or use its rate_limit, {theirs!r}."
+    )
 
 
 def default_limiter(rate_limit: RateLimit) -> HostRateLimiter:
