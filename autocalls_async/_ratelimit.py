@@ -42,7 +42,7 @@ from ._lifecycle import AsyncOnly
 from ._log import logger
 from ._models import Priority, RateLimit
 from ._schedule import Lane, RateConflict, Rules
-from ._stores import PROCESS_STORE, FileStore, MemoryStore, Store
+from ._stores import NOTHING_SENT, PROCESS_STORE, FileStore, MemoryStore, Store
 
 __all__ = [
     "FifoGate",
@@ -495,12 +495,24 @@ class Limiter(AsyncOnly):
 
     def _outage(self, exc: LimiterUnavailableError) -> None:
         if self._down is None:
-            logger.warning(
-                "rate limiter (%s) unavailable: %s",
-                self.kind,
-                exc,
-                extra={"autocalls_limiter_store": self.kind},
-            )
+            if self.fallback is None:  # the call fails with exc: nothing was sent
+                logger.warning(
+                    "rate limiter (%s) unavailable: %s",
+                    self.kind,
+                    exc,
+                    extra={"autocalls_limiter_store": self.kind},
+                )
+            else:  # the call goes ahead, on the fallback: say what that means
+                logger.warning(
+                    "rate limiter (%s) unavailable: %s; until it works again, calls go ahead "
+                    "with the limit %s kept by this process only (%s): other processes using "
+                    "this token are not counted, and together they may exceed it",
+                    self.kind,
+                    str(exc).removesuffix(NOTHING_SENT),
+                    self.fallback.rate_limit,
+                    type(self.fallback).__name__,
+                    extra={"autocalls_limiter_store": self.kind},
+                )
         self._down = exc
 
     def _recovered(self) -> None:

@@ -130,9 +130,7 @@ async def test_a_reply_that_echoes_the_token_keeps_it_masked(echo: str) -> None:
     assert not _shows_token(repr(reply)) and not _shows_token(json.dumps(dict(reply.raw)))
 
 
-async def test_a_retried_echo_is_logged_masked(
-    echo: str, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_a_retried_echo_is_logged_masked(echo: str, caplog: pytest.LogCaptureFixture) -> None:
     """The INFO line of a retry quotes the error: masked like the error itself."""
     caplog.set_level(logging.DEBUG, logger="autocalls_async")
     policy = sdk.RetryPolicy(max_retries=1, retry_unsafe=True, backoff_base=0.01)
