@@ -241,12 +241,12 @@ async def test_a_malformed_response_quoting_the_token_is_masked() -> None:
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    async with server:
-        async with AsyncAutocalls(
-            TOKEN, base_url=f"http://127.0.0.1:{port}/api", rate_limit=None
-        ) as client:
-            with pytest.raises(sdk.APIConnectionError) as caught:
-                await client.generate_reply(assistant_id=1, customer_identifier="c", message="m")
+    async with (
+        server,
+        AsyncAutocalls(TOKEN, base_url=f"http://127.0.0.1:{port}/api", rate_limit=None) as client,
+    ):
+        with pytest.raises(sdk.APIConnectionError) as caught:
+            await client.generate_reply(assistant_id=1, customer_identifier="c", message="m")
     text = "".join(traceback.format_exception(caught.value))
     assert f"x{REDACTED}" in str(caught.value) and not _shows_token(text)
     assert caught.value.__cause__ is None
