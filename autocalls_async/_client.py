@@ -43,6 +43,7 @@ from ._transport import OPEN, GrantExpiredError, SendGate, Transport
 from ._wire import (
     DEFAULT_BASE_URL,
     DEFAULT_MAX_REQUEST_BYTES,
+    Redactor,
     ReplyRequest,
     build_request,
     check_base_url,
@@ -76,7 +77,11 @@ class ClientStats:
 
     requests: int = 0  #: attempts sent to the server, retries included
     replies: int = 0  #: calls that returned a Reply
-    errors: int = 0  #: calls that raised (after retries)
+    #: calls that raised an SDK error (``AutocallsError``): after their retries, refused
+    #: before sending (bad input, ``max_wait``, a closed client, the budget) or ended by
+    #: ``close()``; not calls cancelled by their caller. ``replies + errors`` counts the
+    #: calls that ended, but for those.
+    errors: int = 0
     retries: int = 0
     rate_limited: int = 0  #: 429 responses received
     limiter_wait: float = 0.0  #: seconds spent waiting for rate-limit slots
@@ -146,9 +151,10 @@ class AsyncAutocalls(AsyncOnly):
         )
         #: A stable, non-reversible name for the token: limiter keys and logs use it.
         self.token_id = hashlib.sha256(token.encode()).hexdigest()[:16]
-        headers = request_headers(token)  # the only place the token is kept, inside aiohttp
+        headers = request_headers(token)  # the token is kept there, inside aiohttp,
+        redactor = Redactor(token)  # and there, to mask it in whatever comes back
         base = base_url or os.environ.get("AUTOCALLS_BASE_URL") or DEFAULT_BASE_URL
-        self.base_url = check_base_url(base)
+        self.base_url = check_base_url(base, redactor)
         if rate_limit is not None and not isinstance(rate_limit, RateLimit):
             raise InvalidRequestError(
                 f"rate_limit must be a RateLimit(requests, period) or None, got {rate_limit!r}"
@@ -212,6 +218,7 @@ class AsyncAutocalls(AsyncOnly):
             timeout=timeout,
             max_response_size=max_response_size,
             trust_env=not is_loopback(self.base_url.host or ""),
+            redactor=redactor,
         )
         if budget is not None and not isinstance(budget, Budget):
             raise InvalidRequestError(f"budget must be a Budget(replies=N) or None, got {budget!r}")
@@ -261,8 +268,20 @@ class AsyncAutocalls(AsyncOnly):
     async def close(self) -> None:
         """Close gracefully: waiting calls fail now, calls already sent finish and return.
 
-        Safe to call more than once and from several tasks; each waits for the end.
+        Safe to call more than once and from several tasks; each waits for the end. Await it
+        in the event loop the client was used in (or any loop, once that one has closed): from
+        another loop it raises ``RuntimeError`` and changes nothing, so the client stays usable
+        and closable from its own loop.
         """
+        loop = self._loop
+        if loop is not None and not loop.is_closed() and loop is not asyncio.get_running_loop():
+            raise RuntimeError(
+                "close() was awaited in another event loop than the one this AsyncAutocalls "
+                "was used in, which is still open (running in another thread?): its connections "
+                "and waiting calls belong to that loop. Nothing was closed: close it there, "
+                "e.g. asyncio.run_coroutine_threadsafe(client.close(), its_loop).result() "
+                "from this thread, or `async with` around its use in that loop"
+            )
         if not self._closed:
             self._closed = True
             for task in list(self._waiting):
@@ -407,18 +426,25 @@ class AsyncAutocalls(AsyncOnly):
         messages of this conversation and for a rate-limit slot: past it, ``RateLimitTimeout``
         is raised and nothing is sent.
         """
-        customer_identifier = self.normalize(customer_identifier)
-        request = build_request(
-            assistant_id,
-            customer_identifier,
-            message,
-            variables,
-            max_bytes=self.max_request_bytes,
-        )
-        max_wait = self.max_wait if max_wait is _UNSET else _check_seconds("max_wait", max_wait)
-        lane = self.priority if priority is None else _check_priority(priority)
-        self._check_open()
-        self._ledger.check()
+        try:
+            customer_identifier = self.normalize(customer_identifier)
+            request = build_request(
+                assistant_id,
+                customer_identifier,
+                message,
+                variables,
+                max_bytes=self.max_request_bytes,
+            )
+            if max_wait is not _UNSET:
+                max_wait = _check_seconds("max_wait", max_wait)
+            lane = self.priority if priority is None else _check_priority(priority)
+            self._check_open()
+            self._ledger.check()
+        except AutocallsError:
+            self.stats.errors += 1
+            raise
+        if max_wait is _UNSET:
+            max_wait = self.max_wait
         loop = self._bind_loop()
         deadline = None if max_wait is None else loop.time() + max_wait
         task = asyncio.current_task()
@@ -444,10 +470,11 @@ class AsyncAutocalls(AsyncOnly):
                 self._order.release(key)
         except asyncio.CancelledError:
             if self._take_interruption(task):
+                self.stats.errors += 1
                 raise ClientClosedError(
                     "the client was closed while this call waited; nothing was sent"
                 ) from None
-            raise
+            raise  # cancelled by its caller: neither a reply nor an error
         except AutocallsError:
             self.stats.errors += 1
             raise

@@ -76,7 +76,11 @@ class RateLimit:
         return attrs.evolve(base, follows_server=True)
 
     def same_rate(self, other: RateLimit) -> bool:
-        """True when both allow the same requests per second (5/60s and 1/12s do)."""
+        """True when both allow the same requests per second (5/60s and 1/12s do).
+
+        Limiters of one token may differ only that way (and must have the same ``margin``):
+        starts are spaced ``period / requests`` apart whatever the period, so each keeps the
+        other's rolling window too."""
         return math.isclose(self.requests / self.period, other.requests / other.period)
 
     @classmethod

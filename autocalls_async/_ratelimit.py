@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import functools
 import itertools
+import math
 import os
 import socket
 import uuid
@@ -41,7 +42,7 @@ from ._lifecycle import AsyncOnly
 from ._log import logger
 from ._models import Priority, RateLimit
 from ._schedule import Lane, RateConflict, Rules
-from ._stores import PROCESS_STORE, FileStore, MemoryStore, Store
+from ._stores import NOTHING_SENT, PROCESS_STORE, FileStore, MemoryStore, Store
 
 __all__ = [
     "FifoGate",
@@ -494,12 +495,24 @@ class Limiter(AsyncOnly):
 
     def _outage(self, exc: LimiterUnavailableError) -> None:
         if self._down is None:
-            logger.warning(
-                "rate limiter (%s) unavailable: %s",
-                self.kind,
-                exc,
-                extra={"autocalls_limiter_store": self.kind},
-            )
+            if self.fallback is None:  # the call fails with exc: nothing was sent
+                logger.warning(
+                    "rate limiter (%s) unavailable: %s",
+                    self.kind,
+                    exc,
+                    extra={"autocalls_limiter_store": self.kind},
+                )
+            else:  # the call goes ahead, on the fallback: say what that means
+                logger.warning(
+                    "rate limiter (%s) unavailable: %s; until it works again, calls go ahead "
+                    "with the limit %s kept by this process only (%s): other processes using "
+                    "this token are not counted, and together they may exceed it",
+                    self.kind,
+                    str(exc).removesuffix(NOTHING_SENT),
+                    self.fallback.rate_limit,
+                    type(self.fallback).__name__,
+                    extra={"autocalls_limiter_store": self.kind},
+                )
         self._down = exc
 
     def _recovered(self) -> None:
@@ -529,11 +542,7 @@ class Limiter(AsyncOnly):
             if not done:
                 result = await self.store.update(key, step)
         except RateConflict as conflict:
-            raise InvalidRequestError(
-                f"this API token is already limited to {conflict.theirs} by another live client "
-                f"({conflict.where}); every client using one token must use the same rate_limit "
-                f"(got {self.rate_limit}). Close the other client first, or use its rate_limit."
-            ) from None
+            raise InvalidRequestError(_conflict(conflict, self.rate_limit)) from None
         front.used.add(key)
         if seen:
             # The store read its clock about halfway through the round trip: waits it answers
@@ -916,6 +925,29 @@ class HostRateLimiter(Limiter):
 
     def __repr__(self) -> str:
         return f"<HostRateLimiter {self.path} {self.rate_limit}>"
+
+
+def _conflict(conflict: RateConflict, mine: RateLimit) -> str:
+    """Why ``mine`` may not be used beside another live limiter of the token: naming what
+    differs, the rate or the margin, on both sides."""
+    theirs = conflict.theirs
+    margins = not math.isclose(theirs.margin, mine.margin)
+    rates = not theirs.same_rate(mine)
+
+    def shown(rate_limit: RateLimit) -> str:
+        return f"{rate_limit} with margin={rate_limit.margin:g}" if margins else str(rate_limit)
+
+    if rates and margins:
+        rule = "the same rate and the same margin"
+    elif margins:
+        rule = "the same margin too (it spaces every start: two margins cannot share a schedule)"
+    else:
+        rule = "the same rate (requests per second: 5/60s and 1/12s are one rate)"
+    return (
+        f"this API token is already limited to {shown(theirs)} by another live client "
+        f"({conflict.where}); every client using one token must use {rule}, got {shown(mine)}. "
+        f"Close the other client first, or use its rate_limit, {theirs!r}."
+    )
 
 
 def default_limiter(rate_limit: RateLimit) -> HostRateLimiter:

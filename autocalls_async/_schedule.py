@@ -84,6 +84,7 @@ __all__ = [
     "peek",
     "release",
     "renew",
+    "same_schedule",
     "sent",
     "unregister",
     "withdraw",
@@ -245,11 +246,19 @@ def _settle(state: TokenState, now: float, rules: Rules) -> None:
             del table[who]
 
 
+def same_schedule(a: RateLimit, b: RateLimit) -> bool:
+    """True when limiters at ``a`` and at ``b`` may share a token: the same rate (5/60s and
+    1/12s are one, spaced 12 s apart) and the same margin. The schedule is made of the spacing
+    ``g`` and the tolerance alone (rule 2, 3), so such limiters space every start alike, and
+    each one's guarantee holds; another margin spaces starts differently."""
+    return a.same_rate(b) and math.isclose(a.margin, b.margin)
+
+
 def _check_rate(state: TokenState, now: float, rules: Rules, who: str, where: str) -> None:
     mine = rules.rate_limit
     changed = False
     for other, entry in state.users.items():
-        if _rate_of(entry) != mine:
+        if not same_schedule(_rate_of(entry), mine):
             if other != who:
                 raise RateConflict(_rate_of(entry), str(entry[3]))
             changed = True

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import fcntl
 import json
 import os
@@ -123,6 +122,16 @@ def default_host_directory() -> Path:
     return Path(tempfile.gettempdir()) / f"autocalls-async-{os.getuid()}"
 
 
+#: How every message of a store that failed ends: the call failed before anything was sent.
+NOTHING_SENT = "; nothing was sent"
+#: What the host limiter's directory must be, and how to choose another.
+DIRECTORY_HINT = (
+    "set AUTOCALLS_LIMITER_DIR (or HostRateLimiter(path=...)) to a directory of your own: "
+    "one that exists or can be created, owned by you and not writable by group or others "
+    "(it is created with mode 0700), on a local file system that supports flock"
+)
+
+
 class FileStore:
     """Every process of this OS user on the host: one file per token, under ``flock``.
 
@@ -152,15 +161,9 @@ class FileStore:
     # ------------------------------------------------------------------ files
 
     def _unavailable(self, what: str, exc: OSError) -> LimiterUnavailableError:
-        hint = ""
-        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-            hint = (
-                "; give HostRateLimiter(path=...) a writable directory, or set "
-                "AUTOCALLS_LIMITER_DIR"
-            )
         return LimiterUnavailableError(
             f"the host rate limiter cannot use {self.directory} ({what}: "
-            f"{exc.strerror or exc}){hint}; nothing was sent"
+            f"{exc.strerror or exc}); {DIRECTORY_HINT}{NOTHING_SENT}"
         )
 
     def _prepare(self) -> None:
@@ -173,8 +176,7 @@ class FileStore:
         if info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             raise LimiterUnavailableError(
                 f"the host rate limiter's directory {directory} belongs to another user or is "
-                "writable by others; use a directory of your own (HostRateLimiter(path=...) or "
-                "AUTOCALLS_LIMITER_DIR)"
+                f"writable by others; {DIRECTORY_HINT}{NOTHING_SENT}"
             )
         self._ready = True
 

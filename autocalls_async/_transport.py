@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Protocol
 
 import aiohttp
 from aiohttp.abc import AbstractStreamWriter
@@ -21,6 +21,7 @@ from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
 
 from ._errors import APIConnectionError, APIResponseValidationError, APITimeoutError
+from ._wire import Redactor
 
 __all__ = ["GrantExpiredError", "Response", "SendGate", "Transport"]
 
@@ -94,8 +95,12 @@ class Transport:
         timeout: float | None,
         max_response_size: int,
         trust_env: bool = True,
+        redactor: Redactor | None = None,
     ) -> None:
         self.url = url
+        #: Masks the token in every response's body and headers, and in failures' messages,
+        #: before anything else sees them: the one place where the SDK reads what came back.
+        self._redactor = redactor
         self._headers = dict(headers)
         self._borrowed = session
         self._trust_env = trust_env
@@ -156,7 +161,9 @@ class Transport:
                     raise_for_status=False,
                 )
             async with request as response:
-                return response.status, response.headers, await self._read(response)
+                headers = self._headers_of(response)
+                body = await self._read(response, headers)
+                return response.status, headers, self._body(body)
         except APIResponseValidationError:
             raise
         except aiohttp.ConnectionTimeoutError as exc:
@@ -175,10 +182,13 @@ class Transport:
                     "write that the grant ran out; nothing was sent",
                     sent=False,
                 ) from exc
-            raise APIConnectionError(
-                f"request to {url.host} failed: {type(exc).__name__}: {exc}",
-                sent=payload.written,
-            ) from exc
+            message = f"request to {url.host} failed: {type(exc).__name__}: {exc}"
+            shown = self._text(message)
+            # An exception of aiohttp that quotes what the server sent may hold the token:
+            # then it is not chained (a traceback would print it).
+            raise APIConnectionError(shown, sent=payload.written) from (
+                exc if shown == message else None
+            )
         finally:
             if not payload.written:
                 gate = payload.gate
@@ -186,24 +196,35 @@ class Transport:
                 if give_back is not None:
                     give_back()
 
-    async def _read(self, response: aiohttp.ClientResponse) -> bytes:
+    def _text(self, text: str) -> str:
+        return text if self._redactor is None else self._redactor.text(text)
+
+    def _body(self, body: bytes) -> bytes:
+        return body if self._redactor is None else self._redactor.body(body)
+
+    def _headers_of(self, response: aiohttp.ClientResponse) -> Mapping[str, str]:
+        headers = response.headers
+        return headers if self._redactor is None else self._redactor.headers(headers)
+
+    async def _read(self, response: aiohttp.ClientResponse, headers: Mapping[str, str]) -> bytes:
         cap = self.max_response_size
         declared = response.content_length
         if declared is not None:
             if declared > cap:
-                raise self._too_large(response, f"declares {declared} bytes")
+                raise self._too_large(response, headers, f"declares {declared} bytes")
             return await response.read()  # aiohttp stops at the declared length
         chunks: list[bytes] = []
         size = 0
         async for chunk in response.content.iter_chunked(CHUNK):
             size += len(chunk)
             if size > cap:
-                raise self._too_large(response, "kept going")
+                raise self._too_large(response, headers, "kept going")
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _too_large(self, response: aiohttp.ClientResponse, what: str) -> APIResponseValidationError:
-        headers: dict[str, Any] = dict(response.headers)
+    def _too_large(
+        self, response: aiohttp.ClientResponse, headers: Mapping[str, str], what: str
+    ) -> APIResponseValidationError:
         return APIResponseValidationError(
             f"the response body {what}, more than max_response_size={self.max_response_size} "
             "bytes; it was not read",

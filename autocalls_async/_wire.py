@@ -6,6 +6,7 @@ without a server (see ``tests/samples/``).
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import platform
@@ -16,11 +17,13 @@ from datetime import UTC, datetime
 from http import HTTPStatus
 from ipaddress import ip_address
 from typing import Any, NoReturn
+from urllib.parse import quote
 
 import aiohttp
 import attrs
 import cattrs
 from cattrs.preconf.json import make_converter
+from multidict import CIMultiDict
 from yarl import URL
 
 from ._errors import (
@@ -99,20 +102,94 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_base_url(base_url: object) -> URL:
-    """Validate the base URL: https, or http to a loopback host only (the token travels in it)."""
+# --------------------------------------------------------------------------- secrets
+
+#: What a secret is replaced with in everything the SDK shows: messages, bodies, headers.
+REDACTED = "***"
+#: A token at least this long is masked wherever it appears; a shorter one (the service never
+#: issues one: a test's ``"t"``) only right after ``Bearer``, or every "t" would be masked.
+MIN_MASKED_ANYWHERE = 8
+
+
+class Redactor:
+    """Masks a secret (the API token) in what a server sent back, as ``***``.
+
+    A server or a gateway may echo the request's ``Authorization`` header in an error ("invalid
+    credentials: Bearer ..."): the transport passes every response's body and headers through
+    ``body`` and ``headers`` before anything reads them, so no message, body excerpt, header,
+    log line or ``Reply.raw`` holds the token. The token is found as sent and as a server may
+    have escaped it (JSON, with PHP's ``\\/``, HTML, URL-encoded). ``repr()`` never shows it.
+    """
+
+    __slots__ = ("_bytes", "_text")
+
+    def __init__(self, secret: str) -> None:
+        escaped = json.dumps(secret)[1:-1]
+        forms = {
+            secret,
+            escaped,
+            escaped.replace("/", "\\/"),
+            html.escape(secret),
+            quote(secret, safe=""),
+        }
+        alternatives = "|".join(re.escape(form) for form in sorted(forms, key=len, reverse=True))
+        if len(secret) >= MIN_MASKED_ANYWHERE:
+            pattern = f"(?:{alternatives})"
+        else:
+            pattern = f"(?<=[Bb][Ee][Aa][Rr][Ee][Rr] )(?:{alternatives})(?![A-Za-z0-9])"
+        self._text = re.compile(pattern)
+        self._bytes = re.compile(pattern.encode())
+
+    def __repr__(self) -> str:
+        return "<Redactor ***>"
+
+    def text(self, text: str) -> str:
+        return self._text.sub(REDACTED, text)
+
+    def body(self, body: bytes) -> bytes:
+        return self._bytes.sub(REDACTED.encode(), body)
+
+    def headers(self, headers: Mapping[str, str]) -> Mapping[str, str]:
+        """``headers`` itself when no value holds the secret (the usual case), else a copy."""
+        if not any(self._text.search(value) for value in headers.values()):
+            return headers
+        return CIMultiDict((name, self.text(value)) for name, value in headers.items())
+
+
+_USERINFO = re.compile(r"^(?P<head>[^/@]*//|).*@")
+
+
+def shown_url(url: str, redactor: Redactor | None = None) -> str:
+    """A URL as a message may show it: whatever precedes its last ``@`` after the scheme (a
+    user name and password) becomes ``***``, and the token, if given, is masked too."""
+    if "@" in url:
+        head = _USERINFO.match(url)
+        if head is not None:  # pragma: no branch (the pattern matches any text with an @)
+            url = f"{head['head']}{REDACTED}{url[head.end() - 1 :]}"
+    return url if redactor is None else redactor.text(url)
+
+
+def check_base_url(base_url: object, redactor: Redactor | None = None) -> URL:
+    """Validate the base URL: https, or http to a loopback host only (the token travels in it).
+
+    Messages show the URL with any user name and password (and the token) masked."""
     if not isinstance(base_url, str | URL):
         raise InvalidRequestError(f"base_url must be a str, got {type(base_url).__name__}")
+    shown = shown_url(str(base_url).strip(), redactor)
     try:
         url = URL(str(base_url).strip())
     except (ValueError, TypeError) as exc:
-        raise InvalidRequestError(f"base_url {str(base_url)!r} is not a URL: {exc}") from None
+        problem = str(exc) if redactor is None else redactor.text(str(exc))
+        raise InvalidRequestError(f"base_url {shown!r} is not a URL: {problem}") from None
     if url.scheme not in {"http", "https"} or not url.host:
         raise InvalidRequestError(
-            f"base_url {str(base_url)!r} must be an absolute http(s) URL, e.g. {DEFAULT_BASE_URL!r}"
+            f"base_url {shown!r} must be an absolute http(s) URL, e.g. {DEFAULT_BASE_URL!r}"
         )
     if url.user is not None or url.password is not None:
-        raise InvalidRequestError("base_url must not contain a user name or password")
+        raise InvalidRequestError(
+            f"base_url {shown!r} must not contain a user name or password: the API token is "
+            "the only credential (api_token= / AUTOCALLS_API_TOKEN)"
+        )
     if url.query_string or url.fragment:
         raise InvalidRequestError("base_url must not contain a query string or a fragment")
     if url.scheme == "http" and not is_loopback(url.host):
@@ -124,12 +201,12 @@ def check_base_url(base_url: object) -> URL:
     root = f"{url.origin()}{path.removesuffix('/' + ENDPOINT)}"
     if path.endswith("/" + ENDPOINT):
         raise InvalidRequestError(
-            f"base_url {str(base_url)!r} is the whole endpoint; pass the API's root, {root!r}, "
+            f"base_url {shown!r} is the whole endpoint; pass the API's root, {root!r}, "
             f"e.g. {DEFAULT_BASE_URL!r} (the SDK adds /{ENDPOINT})"
         )
     if url.host == URL(DEFAULT_BASE_URL).host and path != URL(DEFAULT_BASE_URL).path:
         raise InvalidRequestError(
-            f"base_url {str(base_url)!r} is not the Autocalls API: it is at {DEFAULT_BASE_URL!r}"
+            f"base_url {shown!r} is not the Autocalls API: it is at {DEFAULT_BASE_URL!r}"
         )
     return url.with_path(path)
 

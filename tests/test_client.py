@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -425,10 +426,64 @@ async def test_close_fails_waiters_and_lets_in_flight_calls_finish(
     assert isinstance(results[0], Reply)
     assert all(isinstance(r, sdk.ClientClosedError) for r in results[1:])
     assert len(server.requests) == 1
+    # Every call that raised an SDK error counts in errors, those ended by close() too.
+    assert client.stats.replies == 1 and client.stats.errors == 3
     with pytest.raises(sdk.ClientClosedError):
         await ask(client)
+    assert client.stats.errors == 4
     await client.close()  # idempotent
     assert client.closed and client.stats.waiting == 0
+
+
+async def test_stats_errors_counts_every_call_that_raised_an_sdk_error(
+    server: MockAutocalls, make_client: Make
+) -> None:
+    """Refused input, max_wait and 404s count; a call its caller cancelled does not."""
+    client = make_client(server.base_url, rate_limit=RateLimit(1, 10.0))
+    await ask(client)
+    with pytest.raises(sdk.InvalidRequestError):
+        await ask(client, message=" ")
+    with pytest.raises(sdk.InvalidRequestError):
+        await client.generate_reply(
+            assistant_id=123, customer_identifier="c", message="m", max_wait=-1
+        )
+    with pytest.raises(sdk.RateLimitTimeout):
+        await ask(client, max_wait=0.1)
+    assert client.stats.errors == 3
+    waiting = asyncio.create_task(ask(client, customer_identifier="other"))
+    await asyncio.sleep(0.1)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert client.stats.errors == 3 and client.stats.replies == 1
+
+
+async def test_close_from_another_event_loop_changes_nothing(server: MockAutocalls) -> None:
+    """close() awaited in another loop than the client's, which still runs in its thread: a
+    clear RuntimeError, and the client stays open, usable and closable from its own loop."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def in_its_loop(coroutine: Any) -> Any:
+        return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, loop))
+
+    try:
+        client = AsyncAutocalls("t", base_url=server.base_url, rate_limit=None)
+        await in_its_loop(ask(client))
+        with pytest.raises(RuntimeError, match="another event loop") as caught:
+            await client.close()
+        assert "run_coroutine_threadsafe(client.close()" in str(caught.value)
+        assert not client.closed
+        assert (await in_its_loop(ask(client, message="still open"))).reply
+        await in_its_loop(client.close())
+        assert client.closed and client._transport._own is None  # its session closed
+        with pytest.raises(sdk.ClientClosedError):
+            await in_its_loop(ask(client))
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
 
 
 async def test_caller_session_is_used_and_not_closed(

@@ -20,6 +20,7 @@ from autocalls_async import (
     InvalidRequestError,
     LocalRateLimiter,
     RateLimit,
+    RedisConversationStore,
 )
 from autocalls_async.bulk import BulkRunner
 from autocalls_async.testing import MockAutocalls
@@ -73,8 +74,10 @@ async def test_a_call_after_close_says_to_create_a_new_client(
         lambda: AsyncAutocalls("t", base_url="http://127.0.0.1:9/api", rate_limit=None),
         lambda: LocalRateLimiter(RateLimit(5, 1.0)),
         lambda: BulkRunner(AsyncAutocalls("t", base_url="http://127.0.0.1:9/api"), []),
+        lambda: MockAutocalls(),
+        lambda: RedisConversationStore("redis://127.0.0.1:9"),
     ],
-    ids=["AsyncAutocalls", "LocalRateLimiter", "BulkRunner"],
+    ids=["AsyncAutocalls", "LocalRateLimiter", "BulkRunner", "MockAutocalls", "Redis"],
 )
 def test_a_plain_with_says_to_use_async_with(make: Callable[[], object]) -> None:
     """Not Python's "does not support the context manager protocol": what to write instead."""

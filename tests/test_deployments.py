@@ -468,9 +468,42 @@ async def test_an_unusable_directory(
     async with AsyncAutocalls("unusable", base_url=open_server.base_url, rate_limit=RATE) as client:
         for n in range(3):
             await client.generate_reply(assistant_id=123, customer_identifier=f"u{n}", message="x")
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "cannot use" in warnings[0].getMessage()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "cannot use" in warnings[0]
+    # The calls were sent: the warning says what the limit now is and how to fix it.
+    assert "nothing was sent" not in warnings[0]
+    assert "with the limit 5/1s kept by this process only (LocalRateLimiter)" in warnings[0]
+    assert "set AUTOCALLS_LIMITER_DIR (or HostRateLimiter(path=...))" in warnings[0]
     check_arrivals([r.time for r in open_server.requests])
+
+
+async def test_the_cli_says_what_an_unusable_limiter_directory_means(
+    open_server: MockAutocalls, tmp_path: Path
+) -> None:
+    """AUTOCALLS_LIMITER_DIR=<a file>: the reply is sent, and the warning on stderr says the
+    limit is now this process's only and how to fix it, not "nothing was sent"."""
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOCALLS_")}
+    env.update(
+        AUTOCALLS_LIMITER_DIR=str(blocked),
+        AUTOCALLS_API_TOKEN="cli-unusable",
+        AUTOCALLS_BASE_URL=open_server.base_url,
+    )
+    child = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "autocalls_async", "reply", "--assistant-id", "123"),
+        *("--customer", "+14155550100", "Hi"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    async with asyncio.timeout(60):
+        out, err = await child.communicate()
+    text = err.decode()
+    assert child.returncode == 0, text
+    assert out.decode().strip() and len(open_server.requests) == 1
+    assert f"cannot use {blocked}" in text and "by this process only" in text, text
+    assert "set AUTOCALLS_LIMITER_DIR" in text and "nothing was sent" not in text
 
 
 async def test_a_directory_others_can_write_is_refused(tmp_path: Path) -> None:

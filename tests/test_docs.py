@@ -37,7 +37,8 @@ An unmarked ```python block that does not run fails its test; an unknown marker 
 does a marker with no fence after it. Other languages (console, text, json, toml) are not
 executed unless marked. Besides: README.md stays under 150 lines, and every relative link and
 image of README.md and the docs resolves to a file (anchors within the site are checked by
-``mkdocs build --strict``).
+``mkdocs build --strict``), and the client reference's "at a glance" blocks list the
+parameters of ``AsyncAutocalls()`` and ``generate_reply`` with their real defaults.
 """
 
 from __future__ import annotations
@@ -504,3 +505,52 @@ def test_the_reference_documents_every_public_name() -> None:
     assert not missing, f"not in docs/reference/: {missing}"
     for module in ("bulk", "identifiers", "testing", "testing.pytest_plugin"):
         assert f"::: autocalls_async.{module}\n" in reference, module
+
+
+_GLANCE_LINE = re.compile(r"^(?P<name>\w+)(?:=(?P<default>.*?))?,\s*(?:#.*)?$")
+
+
+def _glance(opening: str) -> list[tuple[str, str | None]]:
+    """(name, default as written) of each parameter in client.md's "at a glance" block that
+    starts with ``opening``."""
+    page = (ROOT / "docs/reference/client.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```text\n(.*?)```", page, re.S)
+    block = next(b for b in blocks if b.startswith(opening))
+    parameters = []
+    for line in block.splitlines()[1:]:
+        line = line.strip()
+        if line.startswith(")"):
+            break
+        if line in {"*,", ""} or line.startswith("#"):
+            continue
+        match = _GLANCE_LINE.match(line)
+        assert match is not None, f"not a parameter line: {line!r}"
+        parameters.append((match["name"], match["default"]))
+    return parameters
+
+
+@pytest.mark.parametrize(
+    ("opening", "method"),
+    [("AsyncAutocalls(", "__init__"), ("await client.generate_reply(", "generate_reply")],
+)
+def test_the_glance_tables_match_the_signatures(opening: str, method: str) -> None:
+    """client.md's "at a glance" blocks name every keyword of ``AsyncAutocalls.__init__`` and
+    ``generate_reply``, in order, with their real defaults (evaluated), so they cannot drift."""
+    import inspect
+
+    import autocalls_async
+    from autocalls_async._client import _UNSET
+
+    signature = inspect.signature(getattr(autocalls_async.AsyncAutocalls, method))
+    real = [p for p in signature.parameters.values() if p.name != "self"]
+    documented = _glance(opening)
+    assert [name for name, _ in documented] == [p.name for p in real]
+    names = vars(autocalls_async)
+    for (name, written), parameter in zip(documented, real, strict=True):
+        if parameter.default is inspect.Parameter.empty:
+            assert written is None, f"{name} is required, the table gives it a default"
+        elif parameter.default is _UNSET:  # "the client's": described, not a value
+            assert written is not None and written.startswith("<"), name
+        else:
+            assert written is not None, f"{name} has a default, the table shows none"
+            assert eval(written, dict(names)) == parameter.default, name  # noqa: S307

@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from autocalls_async import InvalidRequestError, LocalRateLimiter, RateLimit, RateLimitTimeout
-from autocalls_async._ratelimit import FifoGate
+from autocalls_async._ratelimit import FifoGate, Limiter
+from autocalls_async._stores import MemoryStore
 
 from .virtual_time import run_virtual
 
@@ -272,11 +273,72 @@ def test_one_token_one_rate_limit_per_process() -> None:
         key = fresh_key()
         async with LocalRateLimiter(RateLimit(5, 1.0)).slot(key) as slot:
             slot.sent()
-        with pytest.raises(InvalidRequestError, match="same rate_limit"):
+        with pytest.raises(InvalidRequestError) as caught:
             async with LocalRateLimiter(RateLimit(10, 1.0)).slot(key):
                 pass
+        assert "already limited to 5/1s by another live client" in str(caught.value)
+        assert "must use the same rate" in str(caught.value) and "got 10/1s" in str(caught.value)
+        assert "margin" not in str(caught.value).split("RateLimit(")[0]  # margins agree
+        assert str(caught.value).endswith("use its rate_limit, RateLimit(5, 1, margin=0.02).")
 
     run_virtual(scenario)
+
+
+def test_a_limit_with_another_margin_is_refused_naming_both_margins() -> None:
+    """The margin spaces every start: refused, and the message says it is the margin that
+    differs (it used to read "limited to 5/1s ... (got 5/1s)")."""
+
+    async def scenario() -> str:
+        key = fresh_key()
+        async with LocalRateLimiter(RateLimit(5, 1.0)).slot(key) as slot:
+            slot.sent()
+        with pytest.raises(InvalidRequestError) as caught:
+            async with LocalRateLimiter(RateLimit(5, 1.0, margin=0.1)).slot(key):
+                pass
+        return str(caught.value)
+
+    message = run_virtual(scenario)
+    assert "already limited to 5/1s with margin=0.02 by another live client" in message
+    assert "must use the same margin too" in message and "got 5/1s with margin=0.1" in message
+
+    async def both() -> str:
+        key = fresh_key()
+        async with LocalRateLimiter(RateLimit(5, 1.0)).slot(key) as slot:
+            slot.sent()
+        with pytest.raises(InvalidRequestError) as caught:
+            async with LocalRateLimiter(RateLimit(10, 1.0, margin=0.1)).slot(key):
+                pass
+        return str(caught.value)
+
+    message = run_virtual(both)
+    assert "the same rate and the same margin, got 10/1s with margin=0.1" in message
+
+
+def test_one_rate_written_two_ways_shares_the_token_and_keeps_both_guarantees() -> None:
+    """RateLimit(10, 2) beside RateLimit(5, 1) (same rate, same margin) is accepted, as
+    ``same_rate`` says: the schedule is the spacing alone, so the starts keep the rolling
+    window of each, 5 in any 1 s and 10 in any 2 s."""
+
+    async def scenario() -> list[float]:
+        loop = asyncio.get_running_loop()
+        store = MemoryStore(loop.time)
+        key = fresh_key()
+        limiters = [Limiter(store, RateLimit(5, 1.0)), Limiter(store, RateLimit(10, 2.0))]
+        starts: list[float] = []
+
+        async def one(limiter: Limiter) -> None:
+            async with limiter.slot(key) as slot:
+                starts.append(loop.time())
+                slot.sent()
+
+        await asyncio.gather(*(one(limiters[n % 2]) for n in range(24)))
+        return starts
+
+    starts = run_virtual(scenario)
+    assert len(starts) == 24
+    assert min(b - a for a, b in itertools.pairwise(starts)) >= 0.2 * 1.01 - EPS
+    for requests, period in ((5, 1.0), (10, 2.0)):
+        assert max(sum(s <= t < s + period for t in starts) for s in starts) <= requests
 
 
 def test_fifo_gate_hands_over_in_order_and_survives_cancellation_at_handover() -> None:

@@ -22,6 +22,7 @@ from typing import Any, Final, Self, TypedDict, Unpack
 import attrs
 from aiohttp import web
 
+from .._lifecycle import AsyncOnly
 from ._faults import Fault
 from ._laravel import (
     Throttle,
@@ -148,7 +149,7 @@ async def _read(request: web.Request) -> bytes | None:
         return None
 
 
-class MockAutocalls:
+class MockAutocalls(AsyncOnly):
     """A local, faithful emulator of the Autocalls "generate AI reply" service.
 
     See the package docstring for the behaviour; the attributes tests read are ``requests``
