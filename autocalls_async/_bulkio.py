@@ -466,7 +466,7 @@ class InputFile:
                 continue
             row += 1
             try:
-                data = json.loads(line)
+                data = json.loads(line, object_pairs_hook=_unique_keys)
             except ValueError as exc:
                 yield _bad(row, f"line {number} is not valid JSON ({exc})")
                 continue
@@ -474,6 +474,18 @@ class InputFile:
                 yield _bad(row, f"line {number} is not a JSON object")
                 continue
             yield BulkRequest.from_mapping(data, row, extra_as_variables=self.extra_as_variables)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object of the input, refused when a key appears twice: JSON parsers keep the
+    last value silently, and which message was meant is the writer's to say (a CSV column
+    named twice is refused too)."""
+    data = dict(pairs)
+    if len(data) < len(pairs):
+        keys = [key for key, _ in pairs]
+        twice = next(key for n, key in enumerate(keys) if key in keys[:n])
+        raise ValueError(f"the key {twice!r} appears twice; keep the one you mean")
+    return data
 
 
 @contextlib.contextmanager

@@ -292,6 +292,17 @@ def _count(text: str) -> int:
     return value
 
 
+def _mock_token(text: str) -> str:
+    """A token mock-server accepts: one the SDK and this CLI can send (printable ASCII, no
+    space), else every call would be a 401. Its own test token: it may be shown."""
+    if not text or any(not 0x21 <= ord(ch) <= 0x7E for ch in text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} cannot be sent as a token: the SDK and the CLI send printable ASCII "
+            "without spaces (a token copied from the Autocalls dashboard is)"
+        )
+    return text
+
+
 def _port(text: str) -> int:
     try:
         value = int(text)
@@ -652,6 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     mock.add_argument(
         "--token",
         action="append",
+        type=_mock_token,
         metavar="T",
         help="the only token(s) accepted; repeat for more (default: any non-empty token)",
     )
@@ -1774,7 +1786,7 @@ async def _mock_server(args: argparse.Namespace) -> int:
         assistant = min(server.assistants, default=123)
         print(
             "  In another shell:\n"
-            f"  export AUTOCALLS_BASE_URL={base_url} AUTOCALLS_API_TOKEN={token}\n"
+            f"  export AUTOCALLS_BASE_URL={base_url} AUTOCALLS_API_TOKEN={shlex.quote(token)}\n"
             f'  {PROG} reply --assistant-id {assistant} --customer +14155551234 "Hi"\n'
             f"  curl -X POST {base_url}/ai/generate-reply "
             '-H "Authorization: Bearer $AUTOCALLS_API_TOKEN" '

@@ -364,15 +364,23 @@ def test_jsonl_rows(tmp_path: Path) -> None:
         '{"id": "a", "assistant_id": 1, "customer_identifier": "+1", "message": "m"}\n'
         "\n"
         "{oops\n"
-        "[1, 2]\n",
+        "[1, 2]\n"
+        '{"assistant_id": 1, "customer_identifier": "+1", "message": "a", "message": "b"}\n'
+        '{"assistant_id": 1, "customer_identifier": "+1", "message": "m",'
+        ' "variables": {"k": 1, "k": 2}}\n',
     )
     source = InputFile(path)
     assert source.format == "jsonl"
     source.check()
     rows = list(source)
-    assert [row.id for row in rows] == ["a", 2, 3]
+    assert [row.id for row in rows] == ["a", 2, 3, 4, 5]
     assert rows[1].problem is not None and "line 3 is not valid JSON" in rows[1].problem
     assert rows[2].problem == "line 4 is not a JSON object"
+    # A key written twice: which value was meant is the writer's to say (as a CSV column
+    # named twice), at any depth; the row fails alone.
+    assert rows[3].problem is not None
+    assert "line 5 is not valid JSON (the key 'message' appears twice" in rows[3].problem
+    assert rows[4].problem is not None and "the key 'k' appears twice" in rows[4].problem
 
 
 @pytest.mark.parametrize(

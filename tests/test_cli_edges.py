@@ -430,19 +430,21 @@ async def stop(process: asyncio.subprocess.Process, signum: int) -> Run:
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-@pytest.mark.parametrize("tokens", [(), ("--token", "my-test-token")])
+@pytest.mark.parametrize("tokens", [(), ("--token", "my-test-token"), ("--token", "it's;$HOME|x")])
 async def test_mock_server_prints_commands_that_work(tokens: tuple[str, ...]) -> None:
-    """The printed export sets a token the server accepts; the printed curl line, run with
-    it, gets a reply, not a 401; so does the printed reply command."""
+    """The printed export sets a token the server accepts; the printed export and curl lines,
+    pasted into a shell, get a reply, not a 401 (a token with quotes, `;` or `$` included);
+    so does the printed reply command."""
     async with mock_server(*tokens) as (process, banner):
         env = exported(banner)
         assert env["AUTOCALLS_API_TOKEN"] == (tokens[1] if tokens else "test-token")
+        export = next(line.strip() for line in banner if line.strip().startswith("export "))
         curl = next(line.strip() for line in banner if line.strip().startswith("curl -X POST"))
         shell = await asyncio.create_subprocess_exec(
             "sh",
             "-c",
-            "curl -sS " + curl.removeprefix("curl "),
-            env={**env_for(), **env},
+            export + "\ncurl -sS " + curl.removeprefix("curl "),
+            env=env_for(),
             stdout=asyncio.subprocess.PIPE,
         )
         async with asyncio.timeout(30):
@@ -540,6 +542,16 @@ async def test_mock_server_port_in_use_suggests_another() -> None:
     assert result.code == 1
     assert f"cannot listen on 127.0.0.1:{taken.port}: the port is in use" in result.err
     assert f"--port {taken.port + 1}" in result.err and "--port 0 for a free one" in result.err
+
+
+@pytest.mark.parametrize("token", ["sp ace", "caf\u00e9", ""])
+async def test_mock_server_refuses_a_token_no_client_can_send(token: str) -> None:
+    """A token with a space or a non-ASCII character would make every call a 401 (the SDK
+    and the CLI refuse to send it): refused at once, exit 2, with the reason."""
+    result = await run("mock-server", "--port", "0", "--token", token, env=env_for())
+    assert result.code == 2
+    assert "cannot be sent as a token: the SDK and the CLI send printable ASCII" in result.err
+    assert "Traceback" not in result.err
 
 
 def test_listen_problems_name_the_cause() -> None:
