@@ -15,6 +15,7 @@ import contextlib
 import errno
 import ipaddress
 import json
+import logging
 import os
 import re
 import shlex
@@ -713,12 +714,34 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, usage errors: argparse has printed them
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     handler: Callable[[argparse.Namespace], int] = args.handler
+    warnings = _sdk_warnings_to_stderr()
     configure_from_env()  # every command, mock-server too: an unknown AUTOCALLS_LOG is said once
+    package = logging.getLogger("autocalls_async")
+    if warnings is not None and len(package.handlers) > 1:  # AUTOCALLS_LOG added its own
+        package.removeHandler(warnings)
     try:
         return handler(args)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        if warnings is not None:
+            package.removeHandler(warnings)
+
+
+def _sdk_warnings_to_stderr() -> logging.Handler | None:
+    """The SDK's WARNINGs (a limiter falling back, a server stating another limit) as the
+    CLI's other messages: one line on stderr prefixed with the command's name, instead of
+    Python's bare last-resort line. Only where nothing handles them already (a program that
+    calls main() with its own logging keeps it)."""
+    package = logging.getLogger("autocalls_async")
+    if package.handlers or logging.getLogger().handlers:
+        return None
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+    package.addHandler(handler)
+    return handler
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:

@@ -266,7 +266,8 @@ async def test_an_unknown_autocalls_log_is_said_once() -> None:
     assert result.code == 0, result.err
     assert result.out.startswith("Hi there!")
     assert result.err.splitlines() == [
-        "AUTOCALLS_LOG='verbose' is not a log level: use debug, info, warning, error (or unset "
+        "autocalls-async: AUTOCALLS_LOG='verbose' is not a log level: use debug, info, "
+        "warning, error (or unset "
         "it); no log handler was added"
     ]
     assert TOKEN not in result.err

@@ -504,6 +504,8 @@ async def test_the_cli_says_what_an_unusable_limiter_directory_means(
     assert out.decode().strip() and len(open_server.requests) == 1
     assert f"cannot use {blocked}" in text and "by this process only" in text, text
     assert "set AUTOCALLS_LIMITER_DIR" in text and "nothing was sent" not in text
+    # Said as the CLI says everything: one line, prefixed with the command's name.
+    assert text.startswith("autocalls-async: rate limiter (host)"), text
 
 
 async def test_a_directory_others_can_write_is_refused(tmp_path: Path) -> None:
