@@ -432,6 +432,26 @@ def test_what_hides_the_token_deeper_is_withheld() -> None:
     assert "12345678" not in repr(digits)
 
 
+@pytest.mark.parametrize(
+    "escape",
+    [
+        "%25{:02x}",  # URL-encoded twice
+        "&amp;#{:d};",  # an HTML entity, HTML-escaped
+        "&#37;{:02X}",  # URL encoding whose '%' is an HTML entity
+        "&percnt;{:02x}",
+        "\\u0025{:02x}",  # URL encoding whose '%' is a JSON escape
+        "%5Cu00{:02x}",  # a JSON escape whose '\\' is URL-encoded
+    ],
+)
+def test_every_character_escaped_twice_is_found(escape: str) -> None:
+    """Not one character as is: the shortcut for bodies that cannot hide the token must not
+    skip these (each has an escape that stands for a letter, a digit or an escape's start)."""
+    redactor = Redactor(PIPE_TOKEN)
+    hidden = "".join(escape.format(ord(char)) for char in PIPE_TOKEN)
+    assert redactor.body(f"Bearer {hidden}".encode()) == WITHHELD.encode()
+    assert redactor.text(f"Bearer {hidden}") == REDACTED
+
+
 def test_a_header_name_holding_the_token_is_masked() -> None:
     redactor = Redactor(PIPE_TOKEN)
     masked = redactor.headers({f"X-Echo-{PIPE_TOKEN}": "1", "X-Other": quote(PIPE_TOKEN)})
