@@ -52,6 +52,7 @@ from ._wire import (
     is_loopback,
     parse_reply,
     request_headers,
+    shown_url,
     stated_limit,
     stated_limit_text,
     trim,
@@ -155,6 +156,7 @@ class AsyncAutocalls(AsyncOnly):
         redactor = Redactor(token)  # and there, to mask it in whatever comes back
         base = base_url or os.environ.get("AUTOCALLS_BASE_URL") or DEFAULT_BASE_URL
         self.base_url = check_base_url(base, redactor)
+        self._shown_base_url = shown_url(self.base_url, redactor)  # for repr()
         if rate_limit is not None and not isinstance(rate_limit, RateLimit):
             raise InvalidRequestError(
                 f"rate_limit must be a RateLimit(requests, period) or None, got {rate_limit!r}"
@@ -244,7 +246,7 @@ class AsyncAutocalls(AsyncOnly):
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
-        return f"<AsyncAutocalls {self.base_url} token_id={self.token_id} {state}>"
+        return f"<AsyncAutocalls {self._shown_base_url} token_id={self.token_id} {state}>"
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -700,7 +702,7 @@ class AsyncAutocalls(AsyncOnly):
         status: int | str = "error"
         try:
             post = self._transport.post(request.body, gate)
-            status, headers, body = await http_request(self._transport.url, attempt, post)
+            status, headers, body = await http_request(self._transport.shown, attempt, post)
             if status == 429:
                 self.stats.rate_limited += 1
             stated = stated_limit_text(headers)
@@ -723,7 +725,7 @@ class AsyncAutocalls(AsyncOnly):
             if logger.isEnabledFor(logging.DEBUG):  # the hot path pays nothing when off
                 logger.debug(
                     "POST %s -> %s attempt=%d waited=%.3fs latency=%.3fs",
-                    self._transport.url.path,
+                    self._transport.shown.path,
                     status,
                     attempt,
                     waited,

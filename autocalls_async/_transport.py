@@ -21,7 +21,7 @@ from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
 
 from ._errors import APIConnectionError, APIResponseValidationError, APITimeoutError
-from ._wire import Redactor
+from ._wire import WITHHELD_MESSAGE, Redactor, shown_url
 
 __all__ = ["GrantExpiredError", "Response", "SendGate", "Transport"]
 
@@ -98,6 +98,8 @@ class Transport:
         redactor: Redactor | None = None,
     ) -> None:
         self.url = url
+        #: The URL as logs, messages and spans show it: the token masked if it is in it.
+        self.shown = URL(shown_url(url, redactor))
         #: Masks the token in every response's body and headers, and in failures' messages,
         #: before anything else sees them: the one place where the SDK reads what came back.
         self._redactor = redactor
@@ -137,6 +139,7 @@ class Transport:
     async def post(self, body: bytes, gate: SendGate = OPEN) -> Response:
         payload = _Body(body, gate)
         url = self.url
+        host = self.shown.host
         borrowed = self._borrowed
         try:
             if borrowed is None:
@@ -168,11 +171,11 @@ class Transport:
             raise
         except aiohttp.ConnectionTimeoutError as exc:
             raise APITimeoutError(
-                f"could not connect to {url.host} in time: {exc}", sent=False
+                f"could not connect to {host} in time: {exc}", sent=False
             ) from exc
         except TimeoutError as exc:
             raise APITimeoutError(
-                f"no complete response from {url.host} within {self.timeout.total}s",
+                f"no complete response from {host} within {self.timeout.total}s",
                 sent=payload.written,
             ) from exc
         except (aiohttp.ClientError, OSError) as exc:
@@ -182,7 +185,7 @@ class Transport:
                     "write that the grant ran out; nothing was sent",
                     sent=False,
                 ) from exc
-            message = f"request to {url.host} failed: {type(exc).__name__}: {exc}"
+            message = f"request to {host} failed: {type(exc).__name__}: {exc}"
             shown = self._text(message)
             # An exception of aiohttp that quotes what the server sent may hold the token:
             # then it is not chained (a traceback would print it).
@@ -197,7 +200,7 @@ class Transport:
                     give_back()
 
     def _text(self, text: str) -> str:
-        return text if self._redactor is None else self._redactor.text(text)
+        return text if self._redactor is None else self._redactor.text(text, WITHHELD_MESSAGE)
 
     def _body(self, body: bytes) -> bytes:
         return body if self._redactor is None else self._redactor.body(body)

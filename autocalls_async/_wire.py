@@ -7,17 +7,19 @@ without a server (see ``tests/samples/``).
 from __future__ import annotations
 
 import html
+import html.entities
 import json
 import math
 import platform
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
+from functools import partial
 from http import HTTPStatus
 from ipaddress import ip_address
+from itertools import chain
 from typing import Any, NoReturn
-from urllib.parse import quote
 
 import aiohttp
 import attrs
@@ -106,9 +108,137 @@ def is_loopback(host: str) -> bool:
 
 #: What a secret is replaced with in everything the SDK shows: messages, bodies, headers.
 REDACTED = "***"
+#: What a response body becomes when the token is in it in a form too mangled to mask in place.
+WITHHELD = "[response body withheld by autocalls-async: it contained the API token]"
+#: The same for the message of a connection failure (aiohttp's, quoting what the server sent).
+WITHHELD_MESSAGE = "[message withheld by autocalls-async: it contained the API token]"
 #: A token at least this long is masked wherever it appears; a shorter one (the service never
 #: issues one: a test's ``"t"``) only right after ``Bearer``, or every "t" would be masked.
 MIN_MASKED_ANYWHERE = 8
+#: What may stand between ``Bearer`` and a short token: whitespace, raw or escaped.
+_GAP = r"(?:\s|\+|%20|\\u0020|\\t|\\n|\\r|&#0*32;?|&#[xX]0*20;?|&nbsp;?)+"
+#: The JSON escapes that may spell a token's character: ``\u00XX`` (ASCII), ``\"``, ``\\``
+#: (``\/`` is replaced first, as a plain string: PHP writes it in every URL).
+_JSON_ESCAPE = re.compile(r'\\(?:u00([0-7][0-9a-fA-F])|(["\\]))')
+
+
+def _entity_names() -> dict[str, list[str]]:
+    """Character -> the HTML5 entity names that stand for it (``"sol;"`` for ``"/"``)."""
+    names: dict[str, list[str]] = {}
+    for name, char in html.entities.html5.items():
+        names.setdefault(char, []).append(name)
+    return names
+
+
+_NAMED = _entity_names()
+#: What a disguised token cannot do without: an escape that stands for a letter or a digit, or
+#: for what starts an escape (``\``, ``%``, ``&``, ``#``), so that one inside it may. A text
+#: with none of these, no NUL, and not the token's longest alphanumeric run as is, cannot
+#: decode into the token: ``_decodings`` is skipped (PHP's ``\/`` and ``\u00e9``, a ``&`` or
+#: a ``%`` in a sentence do not count).
+#: One regex each, so that each has a literal prefix (a fast scan, unlike a character class),
+#: and each only after a substring search finds its start.
+_ESCAPED_ALNUM = (
+    ("\\u00", r"\\u00[0-7]"),
+    ("%", r"%(?:2[3-6]|[3-7][0-9a-fA-F])"),
+    ("&", r"&(?:#|[aA][mM][pP]|num|percnt|bsol)"),
+)
+_MAY_DISGUISE = tuple((start, re.compile(pattern)) for start, pattern in _ESCAPED_ALNUM)
+_MAY_DISGUISE_BYTES = tuple(
+    (start.encode(), re.compile(pattern.encode())) for start, pattern in _ESCAPED_ALNUM
+)
+
+
+def _may_disguise(text: str) -> bool:
+    for start, pattern in _MAY_DISGUISE:
+        if start in text and pattern.search(text) is not None:
+            return True
+    return False
+
+
+def _may_disguise_bytes(body: bytes) -> bool:
+    for start, pattern in _MAY_DISGUISE_BYTES:
+        if start in body and pattern.search(body) is not None:
+            return True
+    return False
+
+
+_PERCENT = re.compile(r"%([0-9a-fA-F]{2})")
+
+
+def _any_case(hex_digits: str) -> str:
+    return "".join(f"[{c}{c.upper()}]" if c.isalpha() else c for c in hex_digits)
+
+
+def _char_pattern(char: str) -> str:
+    """A regex for one character of the token, as sent or as a server may have escaped it:
+    JSON (``\\/``, ``\\u002f``), HTML (``&#47;``, ``&#x2F;``, ``&sol;``), URL (``%2f``)."""
+    code = ord(char)
+    hexa = _any_case(f"{code:02x}")
+    forms = [
+        re.escape(char),
+        rf"\\u00{hexa}",
+        f"%{hexa}",
+        f"&#0*{code};?",
+        f"&#[xX]0*{hexa};?",
+        *(f"&{re.escape(name)}" for name in sorted(_NAMED.get(char, ()), key=len, reverse=True)),
+    ]
+    if char in '"\\/':
+        forms.append(re.escape("\\" + char))
+    return f"(?:{'|'.join(forms)})"
+
+
+def _unescape_json(match: re.Match[str]) -> str:
+    code = match.group(1)
+    return chr(int(code, 16)) if code is not None else match.group(2)
+
+
+def _json_unescaped(text: str) -> str:
+    text = text.replace("\\/", "/")
+    return _JSON_ESCAPE.sub(_unescape_json, text) if "\\" in text else text
+
+
+def _unescape_percent(match: re.Match[str]) -> str:
+    return chr(int(match.group(1), 16))  # byte by byte: the token is ASCII
+
+
+_DECODERS: tuple[tuple[str, Callable[[str], str]], ...] = (
+    ("\\", _json_unescaped),
+    ("&", html.unescape),
+    ("%", partial(_PERCENT.sub, _unescape_percent)),
+)
+
+
+def _decodings(text: str) -> Iterator[str]:
+    """``text`` as a reader might decode it: NULs dropped (UTF-16 read as bytes), then JSON
+    escapes, HTML entities and URL encoding undone in turn until none changes it (an escape
+    inside an escape), four rounds at most. Only for finding the token: nothing shows it."""
+    if "\x00" in text:
+        text = text.replace("\x00", "")
+        yield text
+    unchanged = 0
+    for step in range(4 * len(_DECODERS)):
+        trigger, decode = _DECODERS[step % len(_DECODERS)]
+        if trigger in text:
+            decoded = decode(text)
+            if decoded != text:
+                text = decoded
+                unchanged = 0
+                yield text
+                continue
+        unchanged += 1
+        if unchanged == len(_DECODERS):
+            return
+
+
+def _text_of(body: bytes) -> tuple[str, bool]:
+    """The body as text, and whether it was in UTF-16 or UTF-32 (found as ``json.loads`` finds
+    it: by its BOM or its NULs) rather than UTF-8."""
+    if b"\x00" in body:
+        encoding = json.detect_encoding(body)
+        if not encoding.startswith("utf-8"):
+            return body.decode(encoding, errors="replace"), True
+    return body.decode("utf-8", errors="replace"), False
 
 
 class Redactor:
@@ -118,50 +248,112 @@ class Redactor:
     credentials: Bearer ..."): the transport passes every response's body and headers through
     ``body`` and ``headers`` before anything reads them, so no message, body excerpt, header,
     log line or ``Reply.raw`` holds the token. The token is found as sent and as a server may
-    have escaped it (JSON, with PHP's ``\\/``, HTML, URL-encoded). ``repr()`` never shows it.
+    have escaped it, each character its own way (JSON ``\\u00XX`` and ``\\/``, HTML entities,
+    URL encoding in either case), in UTF-8, UTF-16 or UTF-32. What still shows it once decoded
+    (an escape inside an escape) fails closed: the JSON string holding it becomes ``***``, a
+    body that is not JSON becomes ``WITHHELD``. ``repr()`` never shows it.
+
+    Cheap when there is nothing to find: a body that has neither the token's longest
+    alphanumeric run as is, nor an escape that may stand for a letter or a digit (or start
+    another escape), nor a NUL, cannot hide it (a few substring searches, in C);
+    any other is decoded, as far as four rounds of JSON, HTML and URL decoding, and searched.
     """
 
-    __slots__ = ("_bytes", "_text")
+    __slots__ = ("_long", "_pattern", "_raw_run", "_replace", "_run", "_secret")
 
     def __init__(self, secret: str) -> None:
-        escaped = json.dumps(secret)[1:-1]
-        forms = {
-            secret,
-            escaped,
-            escaped.replace("/", "\\/"),
-            html.escape(secret),
-            quote(secret, safe=""),
-        }
-        alternatives = "|".join(re.escape(form) for form in sorted(forms, key=len, reverse=True))
-        if len(secret) >= MIN_MASKED_ANYWHERE:
-            pattern = f"(?:{alternatives})"
+        token = "".join(_char_pattern(char) for char in secret)
+        self._secret = secret
+        self._long = len(secret) >= MIN_MASKED_ANYWHERE
+        run = max(re.findall("[A-Za-z0-9]+", secret), key=len, default="")
+        #: The longest alphanumeric run, which encoders leave as is ("" is in any text).
+        self._run = run if len(run) >= 4 else ""
+        self._raw_run = self._run.encode()
+        if self._long:
+            pattern = f"(?:{token})"
+            self._replace = REDACTED
         else:
-            pattern = f"(?<=[Bb][Ee][Aa][Rr][Ee][Rr] )(?:{alternatives})(?![A-Za-z0-9])"
-        self._text = re.compile(pattern)
-        self._bytes = re.compile(pattern.encode())
+            bearer = "[Bb][Ee][Aa][Rr][Ee][Rr]"
+            pattern = f"({bearer}{_GAP})(?:{token})(?![A-Za-z0-9])"
+            self._replace = rf"\g<1>{REDACTED}"
+        self._pattern = re.compile(pattern)
 
     def __repr__(self) -> str:
         return "<Redactor ***>"
 
-    def text(self, text: str) -> str:
-        return self._text.sub(REDACTED, text)
+    def _shows(self, text: str) -> bool:
+        return self._secret in text if self._long else self._pattern.search(text) is not None
+
+    def _reveals(self, text: str) -> bool:
+        """Whether ``text`` shows the token, as is or to a reader who decodes it."""
+        if self._long and "\x00" not in text and self._run not in text and not _may_disguise(text):
+            return False
+        return self._shows(text) or any(self._shows(form) for form in _decodings(text))
+
+    def _mask(self, text: str) -> str:
+        return self._pattern.sub(self._replace, text)
+
+    def text(self, text: str, withheld: str = REDACTED) -> str:
+        """``text`` with the token masked; ``withheld`` instead if it hides the token deeper."""
+        if not self._reveals(text):
+            return text
+        text = self._mask(text)
+        return withheld if self._reveals(text) else text
 
     def body(self, body: bytes) -> bytes:
-        return self._bytes.sub(REDACTED.encode(), body)
+        """The body with the token masked: the same bytes when it holds none (the usual case);
+        a body in UTF-16 or UTF-32 is handed on as UTF-8."""
+        if (  # the usual case, on the bytes: see _reveals
+            self._long
+            and b"\x00" not in body  # UTF-16 and UTF-32 have one in every ASCII character
+            and self._raw_run not in body  # part of the token: not there, nor is the token
+            and not _may_disguise_bytes(body)
+        ):
+            return body
+        text, transcoded = _text_of(body)
+        if not self._reveals(text):
+            return text.encode() if transcoded else body
+        text = self._mask(text)
+        if self._reveals(text):
+            text = self._deep_clean(text)
+        return text.encode("utf-8", errors="replace")
+
+    def _deep_clean(self, text: str) -> str:
+        """A JSON body with every string (and key) that still shows the token replaced by
+        ``***``, re-serialised; any other body, ``WITHHELD``."""
+        try:
+            cleaned = json.dumps(
+                self._walk(json.loads(text)), ensure_ascii=False, separators=(",", ":")
+            )
+        except (ValueError, RecursionError):
+            return WITHHELD
+        return WITHHELD if self._reveals(cleaned) else cleaned
+
+    def _walk(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, list):
+            return [self._walk(item) for item in value]
+        if isinstance(value, dict):
+            return {self.text(key): self._walk(item) for key, item in value.items()}
+        return value
 
     def headers(self, headers: Mapping[str, str]) -> Mapping[str, str]:
-        """``headers`` itself when no value holds the secret (the usual case), else a copy."""
-        if not any(self._text.search(value) for value in headers.values()):
+        """``headers`` itself when no name or value holds the secret (the usual case), else a
+        copy with it masked (a name or value that hides it deeper becomes ``***``)."""
+        if not self._reveals("\n".join(chain.from_iterable(headers.items()))):
             return headers
-        return CIMultiDict((name, self.text(value)) for name, value in headers.items())
+        return CIMultiDict((self.text(name), self.text(value)) for name, value in headers.items())
 
 
 _USERINFO = re.compile(r"^(?P<head>[^/@]*//|).*@")
 
 
-def shown_url(url: str, redactor: Redactor | None = None) -> str:
-    """A URL as a message may show it: whatever precedes its last ``@`` after the scheme (a
-    user name and password) becomes ``***``, and the token, if given, is masked too."""
+def shown_url(url: str | URL, redactor: Redactor | None = None) -> str:
+    """A URL as a message, a log line or a span may show it: whatever precedes its last ``@``
+    after the scheme (a user name and password) becomes ``***``, and the token, if given, is
+    masked too, raw or percent-encoded (yarl writes a ``|`` in a path as ``%7C``)."""
+    url = str(url)
     if "@" in url:
         head = _USERINFO.match(url)
         if head is not None:  # pragma: no branch (the pattern matches any text with an @)
@@ -194,11 +386,11 @@ def check_base_url(base_url: object, redactor: Redactor | None = None) -> URL:
         raise InvalidRequestError("base_url must not contain a query string or a fragment")
     if url.scheme == "http" and not is_loopback(url.host):
         raise InvalidRequestError(
-            f"refusing to send the API token in clear text to {url.host!r}: "
+            f"refusing to send the API token in clear text to {shown_url(url.host, redactor)!r}: "
             "use an https:// base_url (http:// is allowed for loopback hosts only)"
         )
     path = url.path.rstrip("/")
-    root = f"{url.origin()}{path.removesuffix('/' + ENDPOINT)}"
+    root = shown_url(f"{url.origin()}{path.removesuffix('/' + ENDPOINT)}", redactor)
     if path.endswith("/" + ENDPOINT):
         raise InvalidRequestError(
             f"base_url {shown!r} is the whole endpoint; pass the API's root, {root!r}, "

@@ -13,17 +13,19 @@ import html
 import json
 import logging
 import os
+import re
 import sys
 import traceback
 from collections.abc import AsyncIterator
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import pytest
 from aiohttp import web
 
 import autocalls_async as sdk
 from autocalls_async import AsyncAutocalls
-from autocalls_async._wire import REDACTED, Redactor, check_base_url, shown_url
+from autocalls_async import _telemetry as telemetry
+from autocalls_async._wire import REDACTED, WITHHELD, Redactor, check_base_url, shown_url
 
 TOKEN = "SECRET-tok/en+abc&123"  # a '/', a '+' and a '&': escaped differently by JSON, HTML, URLs
 
@@ -50,6 +52,51 @@ async def _echo(request: web.Request) -> web.StreamResponse:
         return web.json_response(body)
     if mode == "invalid":  # a 200 that is not a reply, echoing the token URL-encoded
         return web.json_response({"success": True, "debug": quote(token, safe="")})
+    if mode == "u00":  # an encoder that escapes every character as \u00XX
+        text = "".join(f"\\u{ord(char):04x}" for char in auth)
+        raw = '{"message":"Invalid credentials: ' + text + '"}'
+        return web.Response(text=raw, status=401, content_type="application/json")
+    if mode == "gson":  # Gson's HTML-safe default: & = ' < > as \u0026 ..., upper-case hex here
+        text = "".join(f"\\u{ord(char):04X}" if char in "&='<>" else char for char in auth)
+        raw = '{"message":"Invalid credentials: ' + text + '"}'
+        return web.Response(text=raw, status=401, content_type="application/json")
+    if mode in ("utf16", "utf16le", "utf32"):  # json.loads reads them all, BOM or not
+        encoding = {"utf16": "utf-16", "utf16le": "utf-16-le", "utf32": "utf-32"}[mode]
+        data = json.dumps({"message": f"Invalid credentials: {auth}"}).encode(encoding)
+        return web.Response(body=data, status=401, content_type="application/json")
+    if mode == "html16":  # an HTML page in UTF-16: bytes-level masking sees \x00 between chars
+        page = f"<html><head><title>Bad auth {html.escape(auth)}</title></head></html>"
+        return web.Response(body=page.encode("utf-16"), status=502, content_type="text/html")
+    if mode == "entities":  # numeric HTML entities, hex and decimal
+        shown = auth.replace("&", "&#38;").replace("/", "&#x2F;").replace("+", "&#43;")
+        page = f"<html><head><title>Bad auth {shown}</title></head></html>"
+        return web.Response(text=page, status=502, content_type="text/html")
+    if mode == "pct":  # lower-case URL encoding; urllib's default quote, which keeps '/'
+        lower = "".join(char if char.isalnum() else f"%{ord(char):02x}" for char in token)
+        return web.Response(text=f"token={lower} or {quote(token)}", status=400)
+    if mode == "u00-ok":  # a 200 reply whose text holds the token as \u00XX escapes
+        text = "".join(f"\\u{ord(char):04x}" for char in token)
+        raw = (
+            '{"success":true,"conversation_id":"c","customer_identifier":"c",'
+            f'"reply":"you sent {text}","function_calls":[],"ai_disabled":false}}'
+        )
+        return web.Response(text=raw, content_type="application/json")
+    if mode == "utf16-ok":
+        reply = {"success": True, "conversation_id": "c", "reply": f"you sent {auth}"}
+        return web.Response(
+            body=json.dumps(reply).encode("utf-16"), content_type="application/json"
+        )
+    if mode == "twice":  # percent-encoded twice: no single form matches; the string goes
+        twice = quote(quote(token, safe=""), safe="")
+        body = {"message": f"Invalid credentials: Bearer {twice}", "hint": "check the token"}
+        return web.json_response(body, status=401)
+    if mode == "twice-text":  # the same in a body that is not JSON: it is withheld
+        twice = quote(quote(token, safe=""), safe="")
+        return web.Response(text=f"Invalid credentials: Bearer {twice}", status=401)
+    if mode == "header-name":  # the token in a header's name (only tchars in that token)
+        return web.json_response(
+            {"message": "Unauthenticated."}, status=401, headers={f"X-Echo-{token}": "1"}
+        )
     if mode == "header":  # the token echoed in a response header only
         return web.json_response(
             {"message": "Unauthenticated."}, status=401, headers={"X-Debug-Auth": auth}
@@ -70,6 +117,7 @@ async def echo() -> AsyncIterator[str]:
     """The base URL of a server whose every answer echoes the token: ``{base}/{mode}``."""
     app = web.Application()
     app.router.add_post("/{mode}/api/ai/generate-reply", _echo)
+    app.router.add_post("/gw/{key}/{mode}/api/ai/generate-reply", _echo)  # a token in the path
     runner = web.AppRunner(app, shutdown_timeout=0.1)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -123,6 +171,82 @@ async def test_an_echoed_token_is_masked_everywhere(
         assert exc.errors == {"authorization": [f"Bearer {REDACTED} is not valid"]}
 
 
+#: A Sanctum-style token: its '|' is a valid header-name character, and yarl writes it '%7C'.
+PIPE_TOKEN = "123|k3J9xQpL2mN8vB4cR7tY1wZ5aS6dF0gH"
+
+
+def _decoded(text: str) -> str:
+    """What a reader gets from ``text`` by undoing every escape, twice over."""
+    for _ in range(2):
+        text = re.sub(
+            r"\\u([0-9a-fA-F]{4})", lambda m: chr(int(m[1], 16)), text.replace("\x00", "")
+        )
+        text = unquote(html.unescape(text.replace("\\/", "/")))
+    return text
+
+
+def _reveals(text: str, token: str = TOKEN) -> bool:
+    return _shows_token(text) or token in text or token in _decoded(text)
+
+
+@pytest.mark.parametrize(
+    ("mode", "token", "error", "shown"),
+    [
+        ("u00", TOKEN, sdk.AuthenticationError, f"Invalid credentials: Bearer {REDACTED}"),
+        ("gson", TOKEN, sdk.AuthenticationError, f"Invalid credentials: Bearer {REDACTED}"),
+        ("utf16", TOKEN, sdk.AuthenticationError, f"Invalid credentials: Bearer {REDACTED}"),
+        ("utf16le", PIPE_TOKEN, sdk.AuthenticationError, f"Invalid credentials: Bearer {REDACTED}"),
+        ("utf32", TOKEN, sdk.AuthenticationError, f"Invalid credentials: Bearer {REDACTED}"),
+        ("html16", PIPE_TOKEN, sdk.InternalServerError, f"(Bad auth Bearer {REDACTED})"),
+        ("entities", TOKEN, sdk.InternalServerError, f"(Bad auth Bearer {REDACTED})"),
+        ("pct", TOKEN, sdk.APIError, f"(token={REDACTED} or {REDACTED})"),
+        ("twice", TOKEN, sdk.AuthenticationError, f"HTTP 401: {REDACTED}"),
+        ("twice-text", TOKEN, sdk.AuthenticationError, "(" + WITHHELD + ")"),
+        ("header-name", PIPE_TOKEN, sdk.AuthenticationError, "Unauthenticated."),
+    ],
+)
+async def test_a_disguised_token_is_masked_everywhere(
+    echo: str,
+    mode: str,
+    token: str,
+    error: type[sdk.APIError],
+    shown: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Escaped character by character (JSON \\u00XX, HTML entities, URL encoding in either
+    case), in UTF-16 or UTF-32, or in a header's name: found and masked; escaped twice over,
+    the string (JSON) or the body (anything else) that holds it is withheld."""
+    caplog.set_level(logging.DEBUG, logger="autocalls_async")
+    async with AsyncAutocalls(token, base_url=f"{echo}/{mode}/api", rate_limit=None) as client:
+        with pytest.raises(error) as caught:
+            await client.generate_reply(assistant_id=1, customer_identifier="c", message="m")
+    exc = caught.value
+    surfaces = {
+        "str": str(exc),
+        "repr": repr(exc),
+        "traceback": "".join(traceback.format_exception(exc)),
+        "message": exc.message,
+        "body": json.dumps(exc.body, ensure_ascii=False),
+        "headers": json.dumps(list(exc.headers.items())),
+        "log": caplog.text,
+    }
+    assert not {where for where, text in surfaces.items() if _reveals(text, token)}
+    assert shown in str(exc), str(exc)
+    if mode == "twice":  # the other fields of the JSON body are kept
+        assert exc.body == {"message": REDACTED, "hint": "check the token"}
+    if mode == "header-name":
+        assert f"X-Echo-{REDACTED}" in exc.headers or REDACTED in exc.headers
+
+
+@pytest.mark.parametrize("mode", ["u00-ok", "utf16-ok"])
+async def test_a_reply_that_echoes_a_disguised_token_keeps_it_masked(echo: str, mode: str) -> None:
+    async with AsyncAutocalls(TOKEN, base_url=f"{echo}/{mode}/api", rate_limit=None) as client:
+        reply = await client.generate_reply(assistant_id=1, customer_identifier="c", message="m")
+    assert reply.reply.startswith("you sent ") and reply.reply.endswith(REDACTED)
+    assert not _reveals(reply.reply) and not _reveals(repr(reply))
+    assert not _reveals(json.dumps(dict(reply.raw), ensure_ascii=False))
+
+
 async def test_a_reply_that_echoes_the_token_keeps_it_masked(echo: str) -> None:
     async with AsyncAutocalls(TOKEN, base_url=f"{echo}/ok/api", rate_limit=None) as client:
         reply = await client.generate_reply(assistant_id=1, customer_identifier="c", message="m")
@@ -143,12 +267,13 @@ async def test_a_retried_echo_is_logged_masked(echo: str, caplog: pytest.LogCapt
     assert f"Bearer {REDACTED}" in caplog.text and not _shows_token(caplog.text)
 
 
-async def test_the_cli_never_prints_an_echoed_token(echo: str) -> None:
+@pytest.mark.parametrize("mode", ["401", "u00", "utf16"])
+async def test_the_cli_never_prints_an_echoed_token(echo: str, mode: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOCALLS_")}
     env.update(
         AUTOCALLS_LIMITER_DIR=os.environ["AUTOCALLS_LIMITER_DIR"],
         AUTOCALLS_API_TOKEN=TOKEN,
-        AUTOCALLS_BASE_URL=f"{echo}/401/api",
+        AUTOCALLS_BASE_URL=f"{echo}/{mode}/api",
         AUTOCALLS_LOG="debug",
     )
     process = await asyncio.create_subprocess_exec(
@@ -171,7 +296,68 @@ async def test_the_cli_never_prints_an_echoed_token(echo: str) -> None:
         out, err = await process.communicate()
     assert process.returncode not in (0, None)
     assert "Invalid credentials: Bearer ***" in err.decode(), err.decode()
-    assert not _shows_token(out.decode() + err.decode())
+    assert not _reveals(out.decode() + err.decode())
+
+
+async def test_a_token_in_the_base_urls_path_is_masked_in_repr_logs_and_spans(
+    echo: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gateway that routes on the token (user error, but the docs promise masking): yarl
+    writes its '|' as '%7C' in the URL, the path has it raw; neither shows."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter, reader = InMemorySpanExporter(), InMemoryMetricReader()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    meter_provider = MeterProvider(metric_readers=[reader])
+    telemetry.SIGNALS.use(tracer_provider, meter_provider)
+    caplog.set_level(logging.DEBUG, logger="autocalls_async")
+    base_url = f"{echo}/gw/{PIPE_TOKEN}/ok/api"
+    try:
+        async with AsyncAutocalls(PIPE_TOKEN, base_url=base_url, rate_limit=None) as client:
+            shown = repr(client)
+            await client.generate_reply(assistant_id=1, customer_identifier="c", message="m")
+        metrics = reader.get_metrics_data()
+    finally:
+        telemetry.SIGNALS.use()
+        tracer_provider.shutdown()
+        meter_provider.shutdown()
+    assert f"/gw/{REDACTED}/ok/api" in shown and not _reveals(shown, PIPE_TOKEN)
+    assert f"POST /gw/{REDACTED}/ok/api/ai/generate-reply -> 200" in caplog.text
+    assert not _reveals(caplog.text, PIPE_TOKEN)
+    (span,) = [s for s in exporter.get_finished_spans() if s.name == "POST"]
+    assert span.attributes is not None
+    assert span.attributes["url.full"] == f"{echo}/gw/{REDACTED}/ok/api/ai/generate-reply"
+    recorded = [dict(s.attributes or {}) for s in exporter.get_finished_spans()]
+    assert metrics is not None
+    recorded += [
+        dict(point.attributes or {})
+        for resource in metrics.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        for point in metric.data.data_points
+    ]
+    assert len(recorded) > 2
+    assert not [a for a in recorded if _reveals(json.dumps(a, default=str), PIPE_TOKEN)]
+
+
+def test_a_token_in_the_base_urls_path_is_masked_in_the_suggested_root() -> None:
+    with pytest.raises(sdk.InvalidRequestError) as caught:
+        AsyncAutocalls(
+            PIPE_TOKEN, base_url=f"https://gw.example/{PIPE_TOKEN}/api/ai/generate-reply"
+        )
+    assert f"pass the API's root, 'https://gw.example/{REDACTED}/api'" in str(caught.value)
+    assert not _reveals(str(caught.value), PIPE_TOKEN)
+    with pytest.raises(sdk.InvalidRequestError) as caught:  # percent-encoded, lower case
+        AsyncAutocalls(
+            PIPE_TOKEN,
+            base_url="https://gw.example/123%7ck3J9xQpL2mN8vB4cR7tY1wZ5aS6dF0gH/api/ai/generate-reply",
+        )
+    assert not _reveals(str(caught.value), PIPE_TOKEN) and REDACTED in str(caught.value)
 
 
 # -- the redactor itself, and base URLs -------------------------------------------------------
@@ -188,6 +374,90 @@ def test_every_escaped_form_of_the_token_is_masked() -> None:
     assert redactor.headers(headers) is headers  # nothing to mask: no copy
 
 
+@pytest.mark.parametrize(
+    "form",
+    [
+        re.sub("%..", lambda m: m[0].lower(), quote(TOKEN, safe="")),  # lower-case hex
+        quote(TOKEN),  # urllib's default keeps '/'
+        "".join(f"%{ord(char):02X}" for char in TOKEN),  # every character
+        "".join(f"\\u{ord(char):04x}" for char in TOKEN),  # JSON, every character
+        TOKEN.replace("&", "\\u0026"),  # Gson's HTML-safe escaping
+        TOKEN.replace("&", "\\u0026").replace("/", "\\/"),
+        TOKEN.replace("&", "&#38;").replace("/", "&#x2F;"),  # HTML numeric entities
+        TOKEN.replace("/", "&#47;").replace("+", "&#x002b;"),
+        TOKEN.replace("&", "&amp;").replace("/", "&sol;"),  # HTML5 named entities
+        TOKEN.replace("/", "%2f").replace("&", "&amp;").replace("+", "\\u002B"),  # mixed
+    ],
+)
+def test_every_character_may_be_escaped_its_own_way(form: str) -> None:
+    """Masked in place, so the rest of the text still says what happened."""
+    redactor = Redactor(TOKEN)
+    assert redactor.text(f"Bearer {form}.") == f"Bearer {REDACTED}."
+    assert redactor.body(f'{{"m":"Bearer {form}"}}'.encode()) == b'{"m":"Bearer ***"}'
+    assert redactor.body(f"<p>Bearer {form}</p>".encode("utf-16")) == b"<p>Bearer ***</p>"
+
+
+def test_a_body_without_the_token_keeps_its_bytes() -> None:
+    """Nothing is re-encoded when there is nothing to mask, escapes or not (the usual case)."""
+    redactor = Redactor(TOKEN)
+    for body in (
+        b'{"success":true,"reply":"50% off & free: see https:\\/\\/x.example\\/a \\u00e9"}',
+        b"<html><title>Bad Gateway &amp; more</title></html>",
+        b"",
+        b"100%252525252525 sure",  # nested escapes, and no token: decoded four times at most
+    ):
+        assert redactor.body(body) is body
+    # a UTF-16 body without the token is handed on as UTF-8, which every reader reads
+    assert redactor.body('{"a":"b"}'.encode("utf-16")) == b'{"a":"b"}'
+
+
+def test_what_hides_the_token_deeper_is_withheld() -> None:
+    """Escaped twice over: the JSON string that holds it becomes ***, a body that is not JSON
+    is withheld, and so is a JSON body that would still show it (a number, here)."""
+    redactor = Redactor(TOKEN)
+    twice = quote(quote(TOKEN, safe=""), safe="")
+    body = json.dumps({"message": f"Bearer {twice}", "n": [1, None, {"k": "v"}]}).encode()
+    assert json.loads(redactor.body(body)) == {"message": REDACTED, "n": [1, None, {"k": "v"}]}
+    assert redactor.body(f"Bearer {twice}".encode()) == WITHHELD.encode()
+    assert redactor.text(f"Bearer {twice}") == REDACTED
+    assert redactor.text(f"Bearer {twice}", "[withheld]") == "[withheld]"
+    four = quote(quote(twice, safe=""), safe="")  # four layers still decode
+    assert redactor.body(four.encode()) == WITHHELD.encode()
+    nuls = "\x00".join(f"Bearer {TOKEN}").encode()  # NULs between the characters, not UTF-16
+    assert redactor.body(b"x" + nuls) == WITHHELD.encode()
+    digits = Redactor("12345678")  # a token the service never issues: only digits
+    spelled = "".join(f"%25{ord(char):02x}" for char in "12345678")  # percent-encoded twice
+    body = b'{"a":1.2345678e7,"b":"' + spelled.encode() + b'"}'
+    assert digits.body(body) == WITHHELD.encode()
+    assert "12345678" not in repr(digits)
+
+
+@pytest.mark.parametrize(
+    "escape",
+    [
+        "%25{:02x}",  # URL-encoded twice
+        "&amp;#{:d};",  # an HTML entity, HTML-escaped
+        "&#37;{:02X}",  # URL encoding whose '%' is an HTML entity
+        "&percnt;{:02x}",
+        "\\u0025{:02x}",  # URL encoding whose '%' is a JSON escape
+        "%5Cu00{:02x}",  # a JSON escape whose '\\' is URL-encoded
+    ],
+)
+def test_every_character_escaped_twice_is_found(escape: str) -> None:
+    """Not one character as is: the shortcut for bodies that cannot hide the token must not
+    skip these (each has an escape that stands for a letter, a digit or an escape's start)."""
+    redactor = Redactor(PIPE_TOKEN)
+    hidden = "".join(escape.format(ord(char)) for char in PIPE_TOKEN)
+    assert redactor.body(f"Bearer {hidden}".encode()) == WITHHELD.encode()
+    assert redactor.text(f"Bearer {hidden}") == REDACTED
+
+
+def test_a_header_name_holding_the_token_is_masked() -> None:
+    redactor = Redactor(PIPE_TOKEN)
+    masked = redactor.headers({f"X-Echo-{PIPE_TOKEN}": "1", "X-Other": quote(PIPE_TOKEN)})
+    assert dict(masked) == {f"X-Echo-{REDACTED}": "1", "X-Other": REDACTED}
+
+
 def test_a_short_token_is_masked_only_after_bearer() -> None:
     """A test's token "t" must not turn every "t" into "***"; after "Bearer " it is masked."""
     redactor = Redactor("t")
@@ -195,6 +465,11 @@ def test_a_short_token_is_masked_only_after_bearer() -> None:
         "Unauthenticated: bearer ***, Bearer ***."
     )
     assert redactor.text("Bearer token") == "Bearer token"
+    # two spaces, a tab, a line break, escaped whitespace: still right after Bearer
+    for gap in ("  ", "\t", "\n ", "%20", "\\t", "&#32;", "+"):
+        assert redactor.text(f"Bearer{gap}t.") == f"Bearer{gap}{REDACTED}.", gap
+    assert redactor.body(b'{"m":"Bearer\\tt"}') == b'{"m":"Bearer\\t***"}'
+    assert redactor.body("Bearer t".encode("utf-16")) == b"Bearer ***"
 
 
 @pytest.mark.parametrize(
