@@ -724,6 +724,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # stdout piped into `head` or a pager that closed: no traceback for the reader's
+        # choice; what is left to print goes nowhere (else Python's exit flush raises again).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
     finally:
         if warnings is not None:
             package.removeHandler(warnings)

@@ -14,7 +14,9 @@ import re
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -552,6 +554,32 @@ async def test_mock_server_refuses_a_token_no_client_can_send(token: str) -> Non
     assert result.code == 2
     assert "cannot be sent as a token: the SDK and the CLI send printable ASCII" in result.err
     assert "Traceback" not in result.err
+
+
+def test_mock_server_piped_into_head_stops_without_a_traceback() -> None:
+    """`mock-server | head -1`: the reader went away; SIGTERM stops the server, and its
+    summary, which has nowhere to go, ends no traceback on stderr."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "autocalls_async", "mock-server", "--port", "0", "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env_for(),
+    )
+    try:
+        assert server.stdout is not None and server.stderr is not None
+        assert server.stdout.readline().startswith(b"Autocalls emulator listening on")
+        server.stdout.close()  # as `head -1` does after its line
+        time.sleep(0.3)
+        server.send_signal(signal.SIGTERM)
+        err = server.stderr.read().decode()
+        assert server.wait(timeout=30) == 1
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        if server.stderr is not None:
+            server.stderr.close()
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
 
 
 def test_listen_problems_name_the_cause() -> None:
