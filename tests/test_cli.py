@@ -38,6 +38,8 @@ from autocalls_async._cli import main
 from autocalls_async.bulk import error_code
 from autocalls_async.testing import MockAutocalls
 
+from ._env import child_env
+
 TOKEN = "s3cret-token-never-printed"
 
 
@@ -102,15 +104,6 @@ class Run:
     code: int | None
     out: str
     err: str
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    """The CLI's environment: no AUTOCALLS_ variable of the caller's but this test's own
-    limiter directory (conftest), so that runs never share a token's schedule."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOCALLS_")}
-    env["AUTOCALLS_LIMITER_DIR"] = os.environ["AUTOCALLS_LIMITER_DIR"]
-    env.update(extra)
-    return env
 
 
 async def start_cli(*args: str, **env: str) -> asyncio.subprocess.Process:

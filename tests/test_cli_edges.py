@@ -33,6 +33,8 @@ from autocalls_async import (
 )
 from autocalls_async.testing import AccessRecord, Fault, MockAutocalls
 
+from ._env import child_env
+
 TOKEN = "edge-token-never-printed"
 SUMMARY = re.compile(
     r"(?P<state>Done|Interrupted) in \S+: (?P<total>\d+) rows?: (?P<answered>\d+) answered, "
@@ -51,8 +53,7 @@ class Run:
 def env_for(server: MockAutocalls | None = None, /, **extra: str) -> dict[str, str]:
     """The child's environment: this test's limiter directory (conftest) kept, the other
     AUTOCALLS_ variables dropped unless given."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOCALLS_")}
-    env["AUTOCALLS_LIMITER_DIR"] = os.environ["AUTOCALLS_LIMITER_DIR"]
+    env = child_env()
     if server is not None:
         env.update(AUTOCALLS_API_TOKEN=TOKEN, AUTOCALLS_BASE_URL=server.base_url)
     env.update(extra)

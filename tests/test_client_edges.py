@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
 import sys
 from collections.abc import Callable
@@ -25,6 +24,8 @@ from autocalls_async import (
 from autocalls_async.bulk import BulkRunner
 from autocalls_async.testing import MockAutocalls
 from autocalls_async.testing._server import MAX_BODY
+
+from ._env import child_env
 
 Make = Callable[..., AsyncAutocalls]
 MiB = 1024 * 1024
@@ -210,11 +211,7 @@ async def test_bulk_fails_only_the_row_that_is_too_big(
 
 
 def _cli_env(server: MockAutocalls) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOCALLS_")}
-    env["AUTOCALLS_API_TOKEN"] = "cli-token"
-    env["AUTOCALLS_BASE_URL"] = server.base_url
-    env["AUTOCALLS_LIMITER_DIR"] = os.environ["AUTOCALLS_LIMITER_DIR"]
-    return env
+    return child_env(AUTOCALLS_API_TOKEN="cli-token", AUTOCALLS_BASE_URL=server.base_url)
 
 
 async def _run(server: MockAutocalls, *args: str, stdin: bytes = b"") -> tuple[int, str, str]:

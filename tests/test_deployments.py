@@ -38,6 +38,7 @@ from autocalls_async import (
 )
 from autocalls_async.testing import Fault, MockAutocalls
 
+from ._env import child_env
 from .nginx_server import NginxLimiter, require_nginx
 from .redis_server import RedisServer, require_redis_server
 
@@ -484,8 +485,7 @@ async def test_the_cli_says_what_an_unusable_limiter_directory_means(
     limit is now this process's only and how to fix it, not "nothing was sent"."""
     blocked = tmp_path / "a-file"
     blocked.write_text("not a directory")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOCALLS_")}
-    env.update(
+    env = child_env(
         AUTOCALLS_LIMITER_DIR=str(blocked),
         AUTOCALLS_API_TOKEN="cli-unusable",
         AUTOCALLS_BASE_URL=open_server.base_url,

@@ -12,7 +12,6 @@ import asyncio
 import html
 import json
 import logging
-import os
 import re
 import sys
 import traceback
@@ -26,6 +25,8 @@ import autocalls_async as sdk
 from autocalls_async import AsyncAutocalls
 from autocalls_async import _telemetry as telemetry
 from autocalls_async._wire import REDACTED, WITHHELD, Redactor, check_base_url, shown_url
+
+from ._env import child_env
 
 TOKEN = "SECRET-tok/en+abc&123"  # a '/', a '+' and a '&': escaped differently by JSON, HTML, URLs
 
@@ -269,9 +270,7 @@ async def test_a_retried_echo_is_logged_masked(echo: str, caplog: pytest.LogCapt
 
 @pytest.mark.parametrize("mode", ["401", "u00", "utf16"])
 async def test_the_cli_never_prints_an_echoed_token(echo: str, mode: str) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOCALLS_")}
-    env.update(
-        AUTOCALLS_LIMITER_DIR=os.environ["AUTOCALLS_LIMITER_DIR"],
+    env = child_env(
         AUTOCALLS_API_TOKEN=TOKEN,
         AUTOCALLS_BASE_URL=f"{echo}/{mode}/api",
         AUTOCALLS_LOG="debug",
