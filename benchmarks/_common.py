@@ -226,3 +226,29 @@ def rate_rows(
     errors = sorted({e for r in runs for e in r["errors"]})
     if errors:
         result.notes.append(f"{case}: failures were {', '.join(errors)}")
+
+
+async def burst_report(client: Any, first: int, calls: int, start_at: float) -> dict[str, Any]:
+    """A child process's share of a multi-process run: at the wall-clock ``start_at`` (every
+    child the same), ``calls`` concurrent calls, one customer each, numbered from ``first``;
+    what failed and the 429s the client saw."""
+    import asyncio
+    import time
+
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    results = await asyncio.gather(
+        *(
+            client.generate_reply(
+                assistant_id=123, customer_identifier=f"+1{index:010d}", message="Hi"
+            )
+            for index in range(first, first + calls)
+        ),
+        return_exceptions=True,
+    )
+    failed = [r for r in results if isinstance(r, BaseException)]
+    return {
+        "ok": len(results) - len(failed),
+        "failed": len(failed),
+        "errors": sorted({type(e).__name__ for e in failed}),
+        "rate_limited": client.stats.rate_limited,
+    }

@@ -28,7 +28,7 @@ from typing import Any
 
 from autocalls_async.testing import MockAutocalls, token_hash
 
-from ._common import ROOT, BenchResult, Config, rate_rows
+from ._common import ROOT, BenchResult, Config, burst_report, rate_rows
 from .rate import _max_in_window
 
 NAME = "distributed"
@@ -109,23 +109,7 @@ async def _child(
         RedisRateLimiter(redis_url, rate_limit=limit) as limiter,
         AsyncAutocalls(token, base_url=base_url, limiter=limiter) as client,
     ):
-        await asyncio.sleep(max(0.0, start_at - time.time()))
-        results = await asyncio.gather(
-            *(
-                client.generate_reply(
-                    assistant_id=123, customer_identifier=f"+1{index:010d}", message="Hi"
-                )
-                for index in range(first, first + calls)
-            ),
-            return_exceptions=True,
-        )
-        failed = [r for r in results if isinstance(r, BaseException)]
-        return {
-            "ok": len(results) - len(failed),
-            "failed": len(failed),
-            "errors": sorted({type(e).__name__ for e in failed}),
-            "rate_limited": client.stats.rate_limited,
-        }
+        return await burst_report(client, first, calls, start_at)
 
 
 async def _one_run(
