@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import hashlib
 import logging
 import math
 import os
@@ -32,6 +31,7 @@ from ._errors import (
     RateLimitError,
     RateLimitTimeout,
 )
+from ._identity import limiter_key, token_id
 from ._lifecycle import AsyncOnly
 from ._log import configure_from_env, logger
 from ._models import Conversation, Priority, RateLimit, Reply
@@ -150,8 +150,9 @@ class AsyncAutocalls(AsyncOnly):
         token = check_token(
             api_token if api_token is not None else os.environ.get("AUTOCALLS_API_TOKEN")
         )
-        #: A stable, non-reversible name for the token: limiter keys and logs use it.
-        self.token_id = hashlib.sha256(token.encode()).hexdigest()[:16]
+        #: The token's name for limiters: the same on every host, shown nowhere.
+        self._limiter_key = limiter_key(token)
+        self._token_id: str | None = None
         headers = request_headers(token)  # the token is kept there, inside aiohttp,
         redactor = Redactor(token)  # and there, to mask it in whatever comes back
         base = base_url or os.environ.get("AUTOCALLS_BASE_URL") or DEFAULT_BASE_URL
@@ -243,6 +244,14 @@ class AsyncAutocalls(AsyncOnly):
         self._waiting: set[asyncio.Task[Any]] = set()
         self._interrupted: set[asyncio.Task[Any]] = set()
         self._drained: asyncio.Event | None = None
+
+    @property
+    def token_id(self) -> str:
+        """A stable name for the token in logs and ``repr()``: a keyed hash that cannot be used
+        to check a guess of the token without this user's host store (see ``_identity``)."""
+        if self._token_id is None:
+            self._token_id = token_id(self._limiter_key)
+        return self._token_id
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -579,7 +588,7 @@ class AsyncAutocalls(AsyncOnly):
             seconds,
             extra={"autocalls_token_id": self.token_id, "autocalls_retry_after": seconds},
         )
-        await self._limiter.pause(self.token_id, seconds)
+        await self._limiter.pause(self._limiter_key, seconds)
 
     async def _server_states(self, text: str, headers: Mapping[str, str]) -> None:
         """The server stated its limit, for the first time or a new one: expose it; adopt
@@ -600,7 +609,7 @@ class AsyncAutocalls(AsyncOnly):
         extra = {"autocalls_token_id": self.token_id, "autocalls_server_limit": str(stated)}
         if self._follows_server and isinstance(limiter, Limiter):
             try:
-                other = await limiter.adopt(self.token_id, stated)
+                other = await limiter.adopt(self._limiter_key, stated)
             except (InvalidRequestError, LimiterUnavailableError) as exc:
                 self._stated = None  # try again on the next response
                 logger.warning(
@@ -668,7 +677,7 @@ class AsyncAutocalls(AsyncOnly):
                 reply = await self._send(request, task, attempt, 0.0, _Billed(OPEN, ticket))
             else:
                 async with limiter_slot(
-                    self._limiter, self.token_id, deadline=deadline, priority=priority
+                    self._limiter, self._limiter_key, deadline=deadline, priority=priority
                 ) as slot:
                     waited = loop.time() - waited_from
                     self.stats.limiter_wait += waited

@@ -38,11 +38,13 @@ from typing import Any, Protocol, Self, TypeVar, runtime_checkable
 
 from . import _schedule as schedule
 from ._errors import InvalidRequestError, LimiterUnavailableError, RateLimitTimeout
+from ._hoststore import boot_id, forget_schedule, note_schedule
+from ._identity import token_id
 from ._lifecycle import AsyncOnly
 from ._log import logger
 from ._models import Priority, RateLimit
-from ._schedule import Lane, RateConflict, Rules
-from ._stores import NOTHING_SENT, PROCESS_STORE, FileStore, MemoryStore, Store
+from ._schedule import MAX_LEASE, Lane, RateConflict, Rules
+from ._stores import NOTHING_SENT, PROCESS_STORE, HostStore, MemoryStore, Store
 
 __all__ = [
     "FifoGate",
@@ -66,6 +68,13 @@ _POLL_MIN = 0.004  # the holder reports within a couple of ms; polling faster on
 #: How long a store's round trip may take past a caller's deadline before RateLimitTimeout.
 _ROUND_TRIP_GRACE = 0.1
 _POLL_MAX = 0.05
+#: How long a limiter's note of where it keeps a token's schedule stands unless renewed.
+_NOTE_TTL = 120.0
+_NOTED_MAX = 50_000
+#: The stores this process said were unavailable, until one of their limiters works again.
+_DOWN: set[str] = set()
+#: (token, one place, another place): warned once per process.
+_WARNED: set[tuple[str, str, str]] = set()
 
 
 @runtime_checkable
@@ -239,13 +248,26 @@ class _Queue:
 class _Front:
     """One limiter's presence in one event loop: its id in the store and its queues."""
 
-    __slots__ = ("answered_at", "loop", "offset", "queues", "tickets", "used", "where", "who")
+    __slots__ = (
+        "answered_at",
+        "loop",
+        "noted",
+        "offset",
+        "queues",
+        "tickets",
+        "used",
+        "where",
+        "who",
+    )
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         host = socket.gethostname()
         self.loop = loop
-        self.who = f"{host}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        # host:pid:pid namespace:boot:random. The pid is probed only by processes of the same
+        # host, kernel and pid namespace: elsewhere the same number is another process.
+        self.who = f"{host}:{os.getpid()}:{_PID_NAMESPACE}:{_BOOT}:{uuid.uuid4().hex[:12]}"
         self.where = f"pid {os.getpid()} on {host}"
+        self.noted: dict[str, float] = {}  # key -> when its schedule's place was last noted
         self.queues: dict[str, _Queue] = {}
         self.tickets = itertools.count(1)
         self.used: set[str] = set()  # keys registered in the store, to unregister on close
@@ -414,8 +436,14 @@ class Limiter(AsyncOnly):
     ) -> None:
         if not isinstance(rate_limit, RateLimit):
             raise TypeError(f"rate_limit must be a RateLimit(requests, period), got {rate_limit!r}")
-        if isinstance(lease, bool) or not isinstance(lease, int | float) or not lease > 0.3:
-            raise ValueError(f"lease must be a number of seconds > 0.3, got {lease!r}")
+        if (
+            isinstance(lease, bool)
+            or not isinstance(lease, int | float)
+            or not 0.3 < lease <= MAX_LEASE
+        ):
+            raise ValueError(
+                f"lease must be a number of seconds > 0.3 and <= {MAX_LEASE:g}, got {lease!r}"
+            )
         if (
             isinstance(background_share, bool)
             or not isinstance(background_share, int)
@@ -466,6 +494,9 @@ class Limiter(AsyncOnly):
                         functools.partial(schedule.unregister, rules=self.rules, who=front.who),
                     )
             front.used.clear()
+            if front.noted:
+                forget_schedule(list(front.noted), front.who)
+                front.noted.clear()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.store.aclose()
@@ -494,7 +525,9 @@ class Limiter(AsyncOnly):
         )
 
     def _outage(self, exc: LimiterUnavailableError) -> None:
-        if self._down is None:
+        # Said once per process and store, however many limiters use it (a client each).
+        if self._down is None and self.place not in _DOWN:
+            _DOWN.add(self.place)
             if self.fallback is None:  # the call fails with exc: nothing was sent
                 logger.warning(
                     "rate limiter (%s) unavailable: %s",
@@ -518,6 +551,9 @@ class Limiter(AsyncOnly):
     def _recovered(self) -> None:
         if self._down is not None:
             self._down = None
+            if self.place not in _DOWN:
+                return
+            _DOWN.discard(self.place)
             logger.info(
                 "rate limiter (%s) available again",
                 self.kind,
@@ -544,12 +580,50 @@ class Limiter(AsyncOnly):
         except RateConflict as conflict:
             raise InvalidRequestError(_conflict(conflict, self.rate_limit)) from None
         front.used.add(key)
+        self._note(front, key)
         if seen:
             # The store read its clock about halfway through the round trip: waits it answers
             # count from there, not from when the answer arrived.
             front.answered_at = (asked + loop.time()) / 2
             front.offset = seen[-1] - front.answered_at
         return result  # type: ignore[return-value]
+
+    @property
+    def place(self) -> str:
+        """Where this limiter keeps its schedules, as warnings name it."""
+        return str(getattr(self.store, "place", f"a {self.kind} store"))
+
+    def _note(self, front: _Front, key: str) -> None:
+        """Say where this limiter keeps ``key``'s schedule, in this user's host store, and warn
+        once when another live limiter of this host keeps the same token's elsewhere: two
+        schedules, each keeping the limit alone, together exceed it."""
+        now = front.loop.time()
+        last = front.noted.get(key)
+        if last is not None and now - last < _NOTE_TTL / 2:
+            return
+        if len(front.noted) > _NOTED_MAX:
+            front.noted.clear()  # renewed as each token is used again
+        front.noted[key] = now
+        mine = self.place
+        for other, theirs in note_schedule(key, front.who, mine, _NOTE_TTL):
+            if theirs == mine or not _alive(other) or (key, mine, theirs) in _WARNED:
+                continue
+            _WARNED.add((key, mine, theirs))
+            _WARNED.add((key, theirs, mine))
+            pid = other.split(":")[1] if other.count(":") == 4 else "?"
+            logger.warning(
+                "two rate-limit schedules for one API token (token_id=%s): %s keeps it in %s, "
+                "and pid %s keeps it in %s. Each keeps the limit alone, so together they may "
+                "exceed it. Give every client of a token one limiter: the default (the host "
+                "store) in every process of this host, or Redis everywhere "
+                "(AUTOCALLS_REDIS_URL, --redis-url)",
+                token_id(key),
+                front.where,
+                mine,
+                pid,
+                theirs,
+                extra={"autocalls_token_id": token_id(key)},
+            )
 
     def _timeout(self, wait: float | None, ahead: int = 0) -> RateLimitTimeout:
         detail = ""
@@ -831,6 +905,18 @@ class Limiter(AsyncOnly):
 
 
 _HOST = socket.gethostname()
+_BOOT = (boot_id() or "")[:8]
+
+
+def _namespace() -> str:
+    try:
+        link = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+    return "".join(c for c in link if c.isdigit())
+
+
+_PID_NAMESPACE = _namespace()
 
 
 def _grace(deadline: float | None, loop: asyncio.AbstractEventLoop) -> float | None:
@@ -847,10 +933,12 @@ def _forget_the_dead(state: schedule.TokenState) -> None:
 
 
 def _alive(who: str) -> bool:
-    host, _, rest = who.partition(":")
-    pid_text = rest.partition(":")[0]
-    if host != _HOST or not pid_text.isdigit():
-        return True  # another host's: it expires on its own
+    parts = who.split(":")
+    if len(parts) != 5:
+        return True  # not ours to judge: it expires on its own
+    host, pid_text, namespace, boot, _ = parts
+    if (host, namespace, boot) != (_HOST, _PID_NAMESPACE, _BOOT) or not pid_text.isdigit():
+        return True  # another host's, kernel's or pid namespace's: it expires on its own
     pid = int(pid_text)
     if pid == os.getpid():
         return True
@@ -890,12 +978,16 @@ class LocalRateLimiter(Limiter):
 class HostRateLimiter(Limiter):
     """The limit kept by every process of this OS user on this host: the default limiter.
 
-    ``uvicorn --workers 4``, threads, several event loops, cron jobs and back-to-back command
-    lines share one schedule per token through a small file per token in ``path`` (default:
-    ``default_host_directory()``), locked with ``flock``; no server to run. Containers share it
-    only through a shared volume (give its path). A ``path`` that cannot be used is a
-    ``LimiterUnavailableError`` at the first call, unless ``fallback`` names a limiter to use
-    meanwhile (the default client falls back to ``LocalRateLimiter``, with a warning).
+    ``uvicorn --workers 4``, threads, several event loops, cron jobs, systemd services and
+    back-to-back command lines share one schedule per token through one SQLite database in
+    ``path`` (default: ``default_host_directory()``, the same for every process of the user
+    whatever its environment); no server to run. ``group`` shares it between OS users: a
+    directory of that group, mode 2770 (``chgrp G DIR && chmod 2770 DIR``), whose members all
+    pass the same ``path`` and ``group``. Containers share it only through a shared volume on
+    a local file system (give its path); machines share a token through Redis. A ``path`` that
+    cannot be used is a ``LimiterUnavailableError`` at the first call, unless ``fallback``
+    names a limiter to use meanwhile (the default client falls back to ``LocalRateLimiter``,
+    with a warning).
     """
 
     def __init__(
@@ -903,13 +995,19 @@ class HostRateLimiter(Limiter):
         path: str | os.PathLike[str] | None = None,
         *,
         rate_limit: RateLimit = DEFAULT_RATE_LIMIT,
+        group: str | int | None = None,
         lease: float = DEFAULT_LEASE,
         background_share: int = 5,
         fallback: RateLimiter | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
+        if group is not None and path is None:
+            raise ValueError(
+                "group= shares a directory between OS users: give its path too "
+                "(HostRateLimiter(path, group=...)); the default directory is one user's"
+            )
         super().__init__(
-            FileStore(path, clock=clock),
+            HostStore(path, clock=clock, group=group),
             rate_limit,
             lease=lease,
             background_share=background_share,
@@ -918,9 +1016,9 @@ class HostRateLimiter(Limiter):
 
     @property
     def path(self) -> str:
-        """The directory holding the schedule's files."""
+        """The directory holding the schedule's database."""
         store = self.store
-        assert isinstance(store, FileStore)
+        assert isinstance(store, HostStore)
         return str(store.directory)
 
     def __repr__(self) -> str:
@@ -950,6 +1048,22 @@ def _conflict(conflict: RateConflict, mine: RateLimit) -> str:
     )
 
 
-def default_limiter(rate_limit: RateLimit) -> HostRateLimiter:
-    """What ``AsyncAutocalls(limiter=None)`` uses: host-wide, falling back to this process."""
+def default_limiter(rate_limit: RateLimit) -> Limiter:
+    """What ``AsyncAutocalls(limiter=None)`` uses: Redis when ``AUTOCALLS_REDIS_URL`` is set
+    (every host), else host-wide, falling back to this process with a warning."""
+    url = os.environ.get("AUTOCALLS_REDIS_URL")
+    if url:
+        return redis_limiter(url, rate_limit)
     return HostRateLimiter(rate_limit=rate_limit, fallback=LocalRateLimiter(rate_limit))
+
+
+def redis_limiter(url: str, rate_limit: RateLimit) -> Limiter:
+    """A ``RedisRateLimiter`` for ``url`` (``AUTOCALLS_REDIS_URL``, ``--redis-url``)."""
+    try:
+        from ._redis import RedisRateLimiter
+    except ImportError:
+        raise InvalidRequestError(
+            "AUTOCALLS_REDIS_URL (or --redis-url) asks for the Redis rate limiter, which needs "
+            "the redis extra: pip install 'autocalls-async[redis]'"
+        ) from None
+    return RedisRateLimiter(url, rate_limit=rate_limit)

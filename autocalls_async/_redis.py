@@ -124,6 +124,11 @@ class RedisStore:
         self._down_error: LimiterUnavailableError | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
+    @property
+    def place(self) -> str:
+        """Where the schedules are, as warnings name it."""
+        return f"Redis at {self.where} (prefix {self.prefix!r})"
+
     def redis_key(self, key: str) -> str:
         """The key name; the braces keep a token's keys on one Redis Cluster slot."""
         return f"{self.prefix}rl:{{{key}}}"

@@ -168,6 +168,8 @@ class TokenState:
     users: dict[str, list[Any]] = attrs.field(factory=dict)
     #: limiter -> [interactive lane, background lane, expiry]; a lane is [waiting, head, newest]
     queued: dict[str, list[Any]] = attrs.field(factory=dict)
+    #: The store could not read this token's state (never stored): one period of caution.
+    suspect: bool = False
 
     # ------------------------------------------------------------------ storage
 
@@ -197,8 +199,8 @@ class TokenState:
             scheduled=_in(data.get("scheduled")),
             granted=_in(data.get("granted")),
             streak=int(data.get("streak") or 0),
-            users={str(k): list(v) for k, v in (data.get("users") or {}).items()},
-            queued={str(k): list(v) for k, v in (data.get("queued") or {}).items()},
+            users={str(k): _user(v) for k, v in (data.get("users") or {}).items()},
+            queued={str(k): _queued(v) for k, v in (data.get("queued") or {}).items()},
         )
 
     def latest(self) -> float:
@@ -218,7 +220,31 @@ def _out(value: float) -> float | None:
 
 
 def _in(value: Any) -> float:
-    return _NEVER if value is None else float(value)
+    if value is None:
+        return _NEVER
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"not a time: {value!r}")
+    return number
+
+
+def _user(value: Any) -> list[Any]:
+    """A ``users`` entry as stored, checked: anything else is not a state of ours."""
+    requests, period, margin, where, expiry = value
+    _rate_of([requests, period, margin])
+    return [int(requests), float(period), float(margin), str(where), _in(expiry)]
+
+
+def _queued(value: Any) -> list[Any]:
+    interactive, background, expiry = value
+    lanes: list[Any] = []
+    for lane in (interactive, background):
+        if lane is None:
+            lanes.append(None)
+            continue
+        waiting, head, newest, after = lane
+        lanes.append([int(waiting), _in(head), _in(newest), _in(after)])
+    return [*lanes, _in(expiry)]
 
 
 def _rate_of(entry: list[Any]) -> RateLimit:
@@ -235,8 +261,39 @@ def _lane(entry: list[Any], lane: int) -> Lane | None:
 # ---------------------------------------------------------------------- operations
 
 
+#: The longest lease a limiter may ask for, and the longest pause a store keeps: the bounds
+#: of every time read from a store (a state a bug or another program wrote cannot stall a
+#: token for longer than this).
+MAX_LEASE = 600.0
+MAX_PAUSE = 3600.0
+
+
+def _bound(state: TokenState, now: float, rules: Rules) -> None:
+    """Bring every time of a state read from a store within what this schedule could have
+    written, so that nothing stored can stall or refuse a token for good. A state that could
+    not be read at all (``suspect``) waits one whole period (+ margin): nobody knows how many
+    starts that period already holds."""
+    rate = rules.rate_limit
+    window = rate.period * (1 + rate.margin)
+    if state.suspect:
+        state.due = max(state.due, now + window)
+        state.suspect = False
+    state.pause = min(state.pause, now + MAX_PAUSE)
+    state.lease = min(state.lease, now + MAX_LEASE)
+    state.last = min(state.last, now + MAX_LEASE)
+    state.due = min(state.due, max(now, state.pause) + MAX_LEASE + 2 * window)
+    state.streak = min(max(state.streak, 0), 1 << 16)
+    user_ttl = max(60.0, 2 * rate.period + MAX_LEASE)
+    for entry in state.users.values():
+        entry[-1] = min(float(entry[-1]), now + user_ttl)
+    horizon = max(now, state.due, state.pause) + MAX_LEASE + rules.interval + QUEUE_GRACE
+    for entry in state.queued.values():
+        entry[-1] = min(float(entry[-1]), horizon)
+
+
 def _settle(state: TokenState, now: float, rules: Rules) -> None:
     """Expire a lost grant (rule 4) and the entries of limiters that went away."""
+    _bound(state, now, rules)
     if state.holder is not None and now >= state.lease:
         state.last = max(state.last, state.lease)
         state.due = max(state.due, state.lease + rules.interval)

@@ -522,30 +522,22 @@ async def test_a_directory_others_can_write_is_refused(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------- found in review
 
 
-def token_file(token: str) -> Path:
-    import hashlib
-
-    name = hashlib.sha256(token.encode()).hexdigest()[:16]
-    return Path(os.environ["AUTOCALLS_LIMITER_DIR"]) / f"{name}.json"
-
-
 async def test_a_stalled_lock_holder_makes_others_wait_not_fall_back(
     strict: MockAutocalls, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A process holding the host file's lock for 2.5 s (stopped, stalled): the others wait for
+    """A process holding the host database's write lock for 2.5 s (stopped, stalled): the others wait for
     it (one WARNING) instead of falling back to a per-process limiter at the full rate."""
     caplog.set_level(logging.WARNING, logger="autocalls_async")
-    path = token_file("stalled")
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     holder = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
-        "import fcntl, os, sys, time\n"
-        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)\n"
-        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "import os, time\n"
+        "from autocalls_async._stores import HostStore\n"
+        "store = HostStore(os.environ['AUTOCALLS_LIMITER_DIR'])\n"
+        "store.try_update('k' * 64, lambda state, now: None)\n"
+        "store._db.connection.execute('BEGIN IMMEDIATE')\n"
         "print('locked', flush=True)\n"
         "time.sleep(2.5)\n",
-        str(path),
         stdout=asyncio.subprocess.PIPE,
     )
     assert holder.stdout is not None

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from autocalls_async import AsyncAutocalls, Priority, RateLimit
 from autocalls_async._ratelimit import Limiter
 from autocalls_async._redis import RedisRateLimiter
-from autocalls_async._stores import FileStore, MemoryStore
+from autocalls_async._stores import HostStore, MemoryStore
 from autocalls_async.testing import MockAutocalls
 
 from .redis_server import RedisServer, require_redis_server
@@ -66,7 +66,7 @@ def test_an_interactive_call_that_gives_up_does_not_hold_the_others_back(
 
     async def scenario() -> list[float]:
         loop = asyncio.get_running_loop()
-        store = MemoryStore(loop.time) if kind == "memory" else FileStore(tmp_path, clock=loop.time)
+        store = MemoryStore(loop.time) if kind == "memory" else HostStore(tmp_path, clock=loop.time)
         web, bulk = Limiter(store, RATE), Limiter(store, RATE)
         starts: list[float] = []
 

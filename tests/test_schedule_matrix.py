@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sqlite3
 import tempfile
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from hypothesis import strategies as st
 
 from autocalls_async import Priority, RateLimit
 from autocalls_async._ratelimit import Limiter, _Grant
-from autocalls_async._stores import FileStore, MemoryStore
+from autocalls_async._stores import HostStore, MemoryStore
 
 from .virtual_time import run_virtual, stall
 
@@ -51,18 +52,19 @@ event = st.tuples(
 )
 
 
-def make_store(kind: str, directory: Path) -> MemoryStore | FileStore:
+def make_store(kind: str, directory: Path) -> MemoryStore | HostStore:
     clock = asyncio.get_running_loop().time
-    return MemoryStore(clock) if kind == "memory" else FileStore(directory, clock=clock)
+    return MemoryStore(clock) if kind == "memory" else HostStore(directory, clock=clock)
 
 
-def flush(store: MemoryStore | FileStore, directory: Path) -> None:
-    """The store loses its state (a Redis FLUSHALL or restart; the host file removed)."""
+def flush(store: MemoryStore | HostStore, directory: Path) -> None:
+    """The store loses its state (a Redis FLUSHALL or restart; the host database emptied)."""
     if isinstance(store, MemoryStore):
         store._states.clear()
     else:
-        for path in directory.glob("*.json"):
-            path.write_bytes(b"")
+        with sqlite3.connect(directory / "limiter.db", isolation_level=None) as connection:
+            connection.execute("DELETE FROM tokens")
+        connection.close()
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -156,6 +158,7 @@ def test_every_shape_keeps_every_promise(
                     loop.call_later(after, task.cancel)
             tasks += [asyncio.create_task(on_event(*e)) for e in events]
             results = await asyncio.gather(*tasks, return_exceptions=True)
+            await store.aclose()
             for result in results:
                 assert result is None or isinstance(result, asyncio.CancelledError), result
 

@@ -5,22 +5,16 @@ held by another process, or inherited across a fork."""
 from __future__ import annotations
 
 import asyncio
-import fcntl
-import json
 import logging
-import os
-import threading
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import pytest
 
 from autocalls_async import HostRateLimiter, LocalRateLimiter, RateLimit
-from autocalls_async import _stores as stores
 from autocalls_async._ratelimit import Limiter, _Grant
 from autocalls_async._schedule import TokenState
-from autocalls_async._stores import FileStore, MemoryStore
+from autocalls_async._stores import MemoryStore
 
 from .virtual_time import run_virtual, stall
 
@@ -172,68 +166,3 @@ def test_limiter_arguments_are_checked() -> None:
     host = HostRateLimiter("/some/where", rate_limit=RATE)
     assert host.path == "/some/where" and repr(host) == "<HostRateLimiter /some/where 5/1s>"
     assert host.kind == "host"
-
-
-# ---------------------------------------------------------------------- the host file
-
-
-def test_a_corrupt_or_foreign_boot_file_starts_afresh(tmp_path: Path) -> None:
-    """An unreadable file, or one written before a reboot, is a fresh schedule (each process
-    still keeps its own last start); a big stale file is truncated when rewritten."""
-    store = FileStore(tmp_path, clock=lambda: 100.0)
-    path = tmp_path / f"{KEY}.json"
-
-    def due() -> float:
-        return store.try_update(KEY, lambda state, now: state.due)[1]  # type: ignore[return-value]
-
-    store.try_update(KEY, lambda state, now: setattr(state, "due", 150.0))
-    assert due() == 150.0
-    for garbage in (b"{not json", b'{"boot": null, "state": {"due": "x"}}', b"[]"):
-        path.write_bytes(garbage)
-        assert due() == -float("inf")
-    store.try_update(KEY, lambda state, now: setattr(state, "due", 150.0))
-    data = json.loads(path.read_text())
-    path.write_text(json.dumps({**data, "boot": "another-boot", "state": {"due": 150.0}}))
-    assert due() == -float("inf")
-    path.write_text(json.dumps({"boot": data["boot"], "state": {"due": 1e9}}))  # a clock reset
-    assert due() == -float("inf")
-    path.write_bytes(b" " * 100_000)
-    store.try_update(KEY, lambda state, now: setattr(state, "due", 150.0))
-    assert path.stat().st_size < 1000
-
-
-def test_a_busy_lock_is_waited_for_and_a_forked_child_reopens(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Another descriptor holds the lock: try_update says so without blocking; update() waits,
-    warns once, and goes on when it is released. After a fork the child opens its own files."""
-    caplog.set_level(logging.WARNING, logger="autocalls_async")
-    monkeypatch.setattr(stores, "LOCK_TIMEOUT", 0.05)
-    store = FileStore(tmp_path, clock=None)
-    assert store.try_update(KEY, lambda state, now: None) == (True, None)
-    other = os.open(tmp_path / f"{KEY}.json", os.O_RDWR)
-    fcntl.flock(other, fcntl.LOCK_EX)
-    assert store.try_update(KEY, lambda state, now: None) == (False, None)
-    threading.Timer(0.2, lambda: fcntl.flock(other, fcntl.LOCK_UN)).start()
-
-    async def wait() -> Any:
-        return await store.update(KEY, lambda state, now: "done")
-
-    assert asyncio.run(wait()) == "done"
-    os.close(other)
-    assert "locked for over" in caplog.text
-    before = store._files[KEY]
-    store._pid = -1  # as if this were a forked child
-    assert store.try_update(KEY, lambda state, now: "child") == (True, "child")
-    assert store._files[KEY] != before
-    os.close(before)
-    asyncio.run(store.aclose())
-    assert not store._files
-
-
-def test_many_tokens_keep_a_bounded_number_of_open_files(tmp_path: Path) -> None:
-    store = FileStore(tmp_path, clock=None)
-    for n in range(stores._OPEN_FILES + 10):
-        store.try_update(f"token{n}", lambda state, now: None)
-    assert len(store._files) == stores._OPEN_FILES
-    asyncio.run(store.aclose())

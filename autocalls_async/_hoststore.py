@@ -1,0 +1,919 @@
+"""The host store: every process of this OS user (or of one group) on the host, in one SQLite
+database.
+
+SQLite carries what a home-made file format had to get right by hand: one writer at a time
+(``BEGIN IMMEDIATE``), atomic commits (a full disk or a crash leaves the last committed state,
+never half of one), one file and a handful of descriptors per process whatever the number of
+tokens, rows deleted when idle. What stays ours is the schedule (``_schedule``) and the rules
+of *where* the database is and *who* may use it:
+
+* **One place per user.** ``AUTOCALLS_LIMITER_DIR`` if set; otherwise
+  ``/dev/shm/autocalls-async-<uid>`` (``/tmp`` where there is no ``/dev/shm``). Nothing else
+  from the environment: not ``XDG_RUNTIME_DIR``, ``TMPDIR`` or ``HOME``, and a private ``/tmp``
+  (systemd's ``PrivateTmp=``) does not hide it. A name another user took first in that shared
+  directory is passed over, in a fixed order, so every process of the user still finds one
+  and the same directory.
+* **Safe from other users.** The directory and the database are opened without following links
+  and checked with ``fstat`` (type, owner, mode, link count) before anything is written: mode
+  0700/0600, or, shared by a group on purpose (``HostRateLimiter(path, group=...)``), owned by
+  that group and closed to others. Tokens are stored under a keyed hash (HMAC) whose random key
+  lives in the database.
+* **One kernel.** A database on a network or shared file system (NFS, SMB, FUSE, 9p, virtiofs,
+  ...) is refused: each machine would keep a schedule of its own, and SQLite's locks do not
+  hold there; so is a store written by another running kernel (another ``boot_id``). Use Redis
+  to share a token between machines.
+* **One clock.** The store's clock is the host's monotonic clock, read through the process's
+  time namespace (``/proc/self/timens_offsets``), so a restored or namespaced process agrees
+  with the others.
+* **Never a silent second schedule.** A state that cannot be read costs one period of caution
+  (``TokenState.suspect``) and a WARNING, never a fresh start; a database that cannot be used is
+  a ``LimiterUnavailableError`` (the default client logs it and falls back, loudly); a database
+  deleted under a running process (a tmp cleaner, logind's ``RemoveIPC``) is noticed and joined
+  again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import errno
+import grp
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import sqlite3
+import stat
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+from ._errors import LimiterUnavailableError
+from ._log import logger
+from ._schedule import RateConflict, TokenState
+
+__all__ = [
+    "DB_NAME",
+    "DIRECTORY_HINT",
+    "NOTHING_SENT",
+    "HostStore",
+    "boot_id",
+    "default_host_directory",
+    "host_clock",
+    "note_schedule",
+    "forget_schedule",
+    "user_secret",
+]
+
+T = TypeVar("T")
+Update = Callable[[TokenState, float], T]
+
+DB_NAME = "limiter.db"
+#: Past this many seconds of a busy database, a WARNING says so (a stopped process?).
+LOCK_TIMEOUT = 2.0
+#: Names tried, in this order, in the shared directory before giving up (others took them).
+_CANDIDATES = 8
+_SCHEMA = 1
+_SWEEP_EVERY = 30.0  # seconds between deletions of idle rows
+_GROUP_PATIENCE = 2.0  # seconds a group member waits for another's new file to get its mode
+_MAX_STATE = 1 << 20  # a row larger than this is not a state of ours: read with caution
+#: How every message of a store that failed ends: the call failed before anything was sent.
+NOTHING_SENT = "; nothing was sent"
+#: What the host limiter's directory must be, and how to choose another.
+DIRECTORY_HINT = (
+    "set AUTOCALLS_LIMITER_DIR (or HostRateLimiter(path=...)) to a directory of your own: "
+    "one that exists or can be created, owned by you and not writable by group or others "
+    "(it is created with mode 0700), on a local file system"
+)
+#: File systems whose files other machines may share (or whose locks SQLite cannot trust).
+SHARED_FILE_SYSTEMS = frozenset(
+    {
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "9p",
+        "virtiofs",
+        "ceph",
+        "glusterfs",
+        "lustre",
+        "gpfs",
+        "afs",
+        "ocfs2",
+        "gfs2",
+        "beegfs",
+        "davfs",
+        "sshfs",
+    }
+)
+
+
+# ---------------------------------------------------------------------- the host's facts
+
+
+def boot_id() -> str | None:
+    """This kernel's boot id: another one writing the same store is another machine."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _timens_offset() -> float:
+    """How far this process's monotonic clock is ahead of the host's (a time namespace)."""
+    try:
+        text = Path("/proc/self/timens_offsets").read_text()
+    except OSError:
+        return 0.0
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] in ("monotonic", "1"):
+            return int(parts[1]) + int(parts[2]) / 1e9
+    return 0.0
+
+
+def host_clock() -> Callable[[], float]:
+    """The host's monotonic clock, as every process of the host reads it."""
+    offset = _timens_offset()
+    if not offset:
+        return time.monotonic
+    return lambda: time.monotonic() - offset
+
+
+def _boot_started() -> float:
+    """When this kernel booted, on the wall clock."""
+    try:
+        return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return time.time() - time.monotonic()
+
+
+def _file_system(device: int) -> str | None:
+    """The type of the mounted file system that ``device`` (``st_dev``) belongs to."""
+    wanted = f"{os.major(device)}:{os.minor(device)}"
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 4 and fields[2] == wanted and "-" in fields:
+            after = fields[fields.index("-") + 1 :]
+            return after[0] if after else None
+    return None
+
+
+def _shared(fs_type: str | None) -> bool:
+    if fs_type is None:
+        return False
+    return fs_type in SHARED_FILE_SYSTEMS or fs_type.startswith("fuse")
+
+
+def default_host_directory() -> Path:
+    """Where ``HostRateLimiter`` keeps its database when no ``path`` is given.
+
+    ``$AUTOCALLS_LIMITER_DIR`` if set, else ``/dev/shm/autocalls-async-<uid>`` (``/tmp`` on
+    systems without ``/dev/shm``). If another user took that name first, the next free one of
+    ``autocalls-async-<uid>.1`` ... ``.7`` is used, the same one by every process of the user.
+    """
+    explicit = os.environ.get("AUTOCALLS_LIMITER_DIR")
+    if explicit:
+        return Path(explicit)
+    return _shared_base() / f"autocalls-async-{os.getuid()}"
+
+
+def _shared_base() -> Path:
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() else Path("/tmp")
+
+
+# ---------------------------------------------------------------------- opening safely
+
+
+class _Refused(Exception):
+    """The directory or database may not be used: the message says why."""
+
+
+def _check_directory(info: os.stat_result, path: Path, group: int | None) -> None:
+    if not stat.S_ISDIR(info.st_mode):
+        raise _Refused(f"{path} is not a directory")
+    if group is None:
+        if info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise _Refused(
+                f"the host rate limiter's directory {path} belongs to another user or is "
+                "writable by others"
+            )
+    else:
+        if info.st_gid != group or info.st_mode & (stat.S_IWOTH | stat.S_IROTH | stat.S_IXOTH):
+            raise _Refused(
+                f"the host rate limiter's shared directory {path} must belong to group "
+                f"{_group_name(group)} and be closed to others (mode 2770: "
+                f"chgrp {_group_name(group)} {path} && chmod 2770 {path}); it has group "
+                f"{_group_name(info.st_gid)} and mode {stat.filemode(info.st_mode)}"
+            )
+
+
+def _check_file_system(directory: Path, device: int) -> None:
+    fs_type = _file_system(device)
+    if _shared(fs_type):
+        raise _Refused(
+            f"{directory} is on a {fs_type} file system, which other machines may share and "
+            "where SQLite's locks do not hold: each machine would keep its own schedule. Use a "
+            "local directory, or RedisRateLimiter (AUTOCALLS_REDIS_URL) to share a token "
+            "between machines"
+        )
+
+
+def _check_file(info: os.stat_result, path: Path, group: int | None) -> None:
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        raise _Refused(f"{path} is not a regular file with one link")
+    if group is None:
+        if info.st_uid != os.getuid() or info.st_mode & 0o077:
+            raise _Refused(f"{path} belongs to another user or is open to group or others")
+    elif info.st_gid != group or info.st_mode & 0o007:
+        raise _Refused(f"{path} must belong to group {_group_name(group)}, closed to others")
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def _resolve_group(group: str | int | None) -> int | None:
+    if group is None:
+        return None
+    if isinstance(group, bool) or not isinstance(group, str | int):
+        raise TypeError(f"group must be a group name or id, got {group!r}")
+    if isinstance(group, int):
+        gid = group
+    else:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ValueError(f"no such group: {group!r}") from None
+    if gid != os.getegid() and gid not in os.getgroups() and os.geteuid() != 0:
+        raise ValueError(
+            f"this process is not a member of group {_group_name(gid)}: add the user to it "
+            "(usermod -aG) and start a new session"
+        )
+    return gid
+
+
+_NOFOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_directory(path: Path, group: int | None, *, create: bool) -> int:
+    """A descriptor of ``path``, created if needed, checked; never through a link."""
+    parent = path.parent
+    if create:
+        try:
+            parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _Refused(f"cannot create {parent} ({exc.strerror or exc})") from exc
+        try:
+            os.mkdir(path, 0o2770 if group is not None else 0o700)
+            if group is not None:
+                os.chown(path, -1, group)
+                os.chmod(path, 0o2770)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise _Refused(f"cannot create {path} ({exc.strerror or exc})") from exc
+    try:
+        fd = os.open(path, _NOFOLLOW_DIR)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise _Refused(f"{path} is a link or not a directory") from exc
+        raise _Refused(f"cannot open {path} ({exc.strerror or exc})") from exc
+    try:
+        _check_directory(os.fstat(fd), path, group)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _claim_default(base: Path) -> tuple[Path, int]:
+    """The user's directory in the shared ``base``: the first name of ours, else a new one.
+
+    In a sticky, world-writable directory (``/dev/shm``, ``/tmp``) another user can take a name
+    first but cannot remove or replace ours: every process of the user scans the same names in
+    the same order and uses the first that is ours, so they all meet in one directory.
+    """
+    uid = os.getuid()
+    try:
+        base_info = os.stat(base)
+    except OSError as exc:
+        raise _Refused(f"cannot use {base} ({exc.strerror or exc})") from exc
+    if base_info.st_mode & stat.S_IWOTH and not base_info.st_mode & stat.S_ISVTX:
+        raise _Refused(f"{base} is writable by everyone and not sticky: others could replace it")
+    names = [f"autocalls-async-{uid}"] + [
+        f"autocalls-async-{uid}.{n}" for n in range(1, _CANDIDATES)
+    ]
+    taken: list[str] = []
+    for _ in range(4):  # a name taken by someone else between our look and our mkdir
+        free: Path | None = None
+        taken = []
+        for name in names:
+            path = base / name
+            try:
+                fd = os.open(path, _NOFOLLOW_DIR)
+            except FileNotFoundError:
+                free = free or path
+                continue
+            except OSError:
+                taken.append(name)  # a link, a file, or a directory we may not open
+                continue
+            info = os.fstat(fd)
+            if info.st_uid == uid:
+                try:
+                    _check_directory(info, path, None)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                if name != names[0]:
+                    _say_taken_once(base / names[0])
+                return path, fd
+            os.close(fd)
+            taken.append(name)
+        if free is None:
+            break
+        try:
+            os.mkdir(free, 0o700)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise _Refused(f"cannot create {free} ({exc.strerror or exc})") from exc
+    raise _Refused(
+        f"every name for this user's limiter directory in {base} is taken by another user "
+        f"({', '.join(taken)})"
+    )
+
+
+_said_taken: set[Path] = set()
+
+
+def _say_taken_once(path: Path) -> None:
+    if path not in _said_taken:
+        _said_taken.add(path)
+        logger.warning(
+            "the host rate limiter's usual directory %s belongs to another user; every process "
+            "of this user uses the next free name instead (ask an administrator to remove it)",
+            path,
+        )
+
+
+# ---------------------------------------------------------------------- one database per process
+
+
+class _Database:
+    """One open database, shared by every store of this process that uses its directory."""
+
+    def __init__(self, directory: Path, group: int | None, *, default: bool) -> None:
+        self.requested = directory
+        self.group = group
+        self.lock = threading.Lock()
+        self.pid = os.getpid()
+        self.users = 0
+        self.boot = boot_id() or ""
+        self.next_sweep = 0.0
+        self.warned_rows = False
+        self.registry_key: _Key = (str(directory), group, default)
+        dir_fd = -1
+        guard = -1
+        try:
+            if default:
+                self.directory, dir_fd = _claim_default(directory.parent)
+            else:
+                self.directory = directory
+                dir_fd = _open_directory(directory, group, create=True)
+            info = os.fstat(dir_fd)
+            _check_file_system(self.directory, info.st_dev)
+            mode = 0o660 if group is not None else 0o600
+            # In a group's directory another member may have just created a file and not yet
+            # given it the group's mode: a refusal for permission is tried again, briefly.
+            patience = time.monotonic() + (_GROUP_PATIENCE if group is not None else 0.0)
+            while True:
+                try:
+                    guard = os.open(
+                        DB_NAME,
+                        os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                        mode,
+                        dir_fd=dir_fd,
+                    )
+                    break
+                except PermissionError as exc:
+                    if time.monotonic() < patience:
+                        time.sleep(0.005)
+                        continue
+                    raise _Refused(
+                        f"cannot open {self.directory / DB_NAME} ({exc.strerror or exc})"
+                    ) from exc
+                except OSError as exc:
+                    raise _Refused(
+                        f"cannot open {self.directory / DB_NAME} ({exc.strerror or exc})"
+                    ) from exc
+            file_info = os.fstat(guard)
+            if file_info.st_size == 0 and file_info.st_uid == os.getuid():
+                # New (or never written): exactly our mode and group, whatever the umask.
+                if group is not None and file_info.st_gid != group:
+                    os.fchown(guard, -1, group)
+                os.fchmod(guard, mode)
+                file_info = os.fstat(guard)
+            _check_file(file_info, self.directory / DB_NAME, group)
+            self.inode = (file_info.st_dev, file_info.st_ino)
+            self.guard = guard
+            while True:
+                try:
+                    self.connection = self._connect()
+                    break
+                except sqlite3.OperationalError as exc:
+                    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+                    if code != sqlite3.SQLITE_CANTOPEN or time.monotonic() >= patience:
+                        raise
+                    time.sleep(0.005)  # a member's new -wal or -shm file, not yet 0660
+        except BaseException:
+            if guard >= 0:
+                os.close(guard)
+            raise
+        finally:
+            if dir_fd >= 0:
+                os.close(dir_fd)
+
+    def _connect(self) -> sqlite3.Connection:
+        path = quote(str(self.directory / DB_NAME))
+        connection = sqlite3.connect(
+            f"file:{path}?mode=rw",
+            uri=True,
+            timeout=0,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        try:
+            connection.execute("PRAGMA busy_timeout=0")
+            self._initialise(connection)
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    def _initialise(self, connection: sqlite3.Connection) -> None:
+        deadline = time.monotonic() + 5.0
+        while True:
+            try:
+                mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                break
+            except sqlite3.OperationalError as exc:
+                if not _busy(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.002)
+        if str(mode).lower() != "wal":
+            raise _Refused(f"{self.directory} does not support SQLite's WAL mode ({mode})")
+        # A crash of the process never loses a commit; only a power loss may lose the last
+        # ones, and the store lives on a tmpfs by default, which a power loss empties anyway.
+        connection.execute("PRAGMA synchronous=NORMAL")
+        while True:
+            try:
+                connection.execute("BEGIN IMMEDIATE")
+                break
+            except sqlite3.OperationalError as exc:
+                if not _busy(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.002)
+        try:
+            self._check_version(connection.execute("PRAGMA user_version").fetchone()[0])
+            for statement in _TABLES:
+                connection.execute(statement)
+            connection.execute(f"PRAGMA user_version={_SCHEMA}")
+            connection.execute(
+                "INSERT OR IGNORE INTO meta VALUES('key', ?)", (secrets.token_hex(32),)
+            )
+            self.key = bytes.fromhex(
+                connection.execute("SELECT value FROM meta WHERE name='key'").fetchone()[0]
+            )
+            self._check_boots(connection)
+            connection.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                connection.execute("ROLLBACK")
+            raise
+
+    def _check_version(self, version: int) -> None:
+        if version not in (0, _SCHEMA):
+            raise _Refused(
+                f"{self.directory / DB_NAME} was written by another version of autocalls-async "
+                f"(schema {version}); give this one another directory"
+            )
+
+    def _check_boots(self, connection: sqlite3.Connection) -> None:
+        """Refuse a store that another running kernel writes (a volume two machines share)."""
+        now = time.time()
+        started = _boot_started()
+        for other, seen in connection.execute(
+            "SELECT boot, seen FROM boots WHERE boot != ?", (self.boot,)
+        ).fetchall():
+            if float(seen) > started + 1.0:
+                raise _Refused(_two_kernels(self.directory, str(other)))
+            connection.execute("DELETE FROM boots WHERE boot = ?", (other,))
+        connection.execute("INSERT OR REPLACE INTO boots VALUES(?, ?)", (self.boot, now))
+
+    def name(self, key: str) -> str:
+        return hmac.new(self.key, key.encode(), hashlib.sha256).hexdigest()[:32]
+
+    def deleted(self) -> bool:
+        """True once the database file was deleted or replaced under this process."""
+        try:
+            info = os.stat(self.directory / DB_NAME, follow_symlinks=False)
+        except OSError:
+            return True
+        return (info.st_dev, info.st_ino) != self.inode or os.fstat(self.guard).st_nlink == 0
+
+    def close(self) -> None:
+        if os.getpid() != self.pid:
+            return  # a forked child never closes its parent's connection (SQLite forbids it)
+        with contextlib.suppress(sqlite3.Error):
+            self.connection.close()
+        with contextlib.suppress(OSError):
+            os.close(self.guard)
+
+
+def _parse_state(raw: Any) -> TokenState:
+    if not isinstance(raw, str) or len(raw) > _MAX_STATE:
+        raise TypeError("not a state")
+    data = json.loads(raw)
+    if not isinstance(data, dict):
+        raise TypeError("not a state")
+    return TokenState.from_json(data)
+
+
+def _two_kernels(directory: Path, other: str) -> str:
+    return (
+        f"{directory} is also written by another running kernel (boot id {other[:8]}...): a "
+        "volume shared between machines or virtual machines. Each would keep its own "
+        "schedule; use RedisRateLimiter (AUTOCALLS_REDIS_URL) to share a token between "
+        "machines, or give each machine a directory of its own"
+    )
+
+
+_TABLES = (
+    "CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    # One row per token in use: its schedule (``TokenState`` as JSON), the boot it was written
+    # in, when (wall clock, to tell a reboot from another machine) and until when it matters.
+    "CREATE TABLE IF NOT EXISTS tokens(name TEXT PRIMARY KEY, boot TEXT NOT NULL, "
+    "written REAL NOT NULL, expires REAL NOT NULL, state TEXT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS tokens_expires ON tokens(expires)",
+    # Which limiters keep which token's schedule where: two places for one token are said.
+    "CREATE TABLE IF NOT EXISTS schedules(name TEXT NOT NULL, who TEXT NOT NULL, "
+    "place TEXT NOT NULL, boot TEXT NOT NULL, expires REAL NOT NULL, PRIMARY KEY(name, who))",
+    "CREATE TABLE IF NOT EXISTS boots(boot TEXT PRIMARY KEY, seen REAL NOT NULL)",
+)
+
+
+def _busy(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    text = str(exc)  # pragma: no cover - Python < 3.11
+    return "locked" in text or "busy" in text
+
+
+_Key = tuple[str, int | None, bool]
+#: Every database open in this process: in use by a store, or idle (kept open for the next).
+_DATABASES: dict[_Key, _Database] = {}
+_IDLE: OrderedDict[_Key, None] = OrderedDict()
+_IDLE_MAX = 4  # idle databases kept open: a few descriptors, however many come and go
+_REGISTRY_LOCK = threading.Lock()
+_ABANDONED: list[_Database] = []  # a forked child's copies of its parent's: never closed
+
+
+def _acquire(requested: Path, group: int | None, *, default: bool) -> _Database:
+    key = (str(requested), group, default)
+    with _REGISTRY_LOCK:
+        db = _DATABASES.get(key)
+        if db is not None and db.deleted():
+            del _DATABASES[key]
+            _IDLE.pop(key, None)
+            if db.users <= 0:
+                db.close()
+            db = None  # its stores release it, and the last one closes it
+        if db is None:
+            db = _Database(requested, group, default=default)
+            db.registry_key = key
+            _DATABASES[key] = db
+        _IDLE.pop(key, None)
+        db.users += 1
+        return db
+
+
+def _release(db: _Database) -> None:
+    with _REGISTRY_LOCK:
+        if db.pid != os.getpid():
+            return
+        db.users -= 1
+        if db.users > 0:
+            return
+        if _DATABASES.get(db.registry_key) is not db:
+            db.close()  # retired: its file was deleted
+            return
+        _IDLE[db.registry_key] = None
+        while len(_IDLE) > _IDLE_MAX:
+            old, _ = _IDLE.popitem(last=False)
+            _DATABASES.pop(old).close()
+
+
+def _after_fork() -> None:
+    """A forked child must not use its parent's connections (SQLite forbids it): it opens its
+    own, and keeps the copies, unclosed, for the parent's sake."""
+    global _REGISTRY_LOCK
+    _REGISTRY_LOCK = threading.Lock()
+    _ABANDONED.extend(_DATABASES.values())
+    _DATABASES.clear()
+    _IDLE.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+@atexit.register
+def _close_all() -> None:
+    with _REGISTRY_LOCK:
+        for db in list(_DATABASES.values()):
+            db.close()
+        _DATABASES.clear()
+        _IDLE.clear()
+
+
+# ---------------------------------------------------------------------- the store
+
+
+class HostStore:
+    """Every process of this OS user on the host (or of one group): one SQLite database.
+
+    The database is opened at the first operation, once per process and directory, whatever
+    the number of stores, clients and tokens: a handful of descriptors in all.
+    """
+
+    kind = "host"
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str] | None = None,
+        *,
+        clock: Callable[[], float] | None = None,
+        group: str | int | None = None,
+    ) -> None:
+        self._default = directory is None and not os.environ.get("AUTOCALLS_LIMITER_DIR")
+        self.requested = Path(directory) if directory is not None else default_host_directory()
+        self.group = _resolve_group(group)
+        self.clock = clock or host_clock()
+        self._db: _Database | None = None
+
+    def __repr__(self) -> str:
+        return f"<HostStore {self.directory}>"
+
+    @property
+    def directory(self) -> Path:
+        """The directory in use (after the first operation), else the one asked for."""
+        return self._db.directory if self._db is not None else self.requested
+
+    @property
+    def place(self) -> str:
+        return f"the host store in {self.directory}"
+
+    def _unavailable(self, what: str, hint: str = DIRECTORY_HINT) -> LimiterUnavailableError:
+        return LimiterUnavailableError(
+            f"the host rate limiter cannot use {self.requested} ({what}); {hint}{NOTHING_SENT}"
+        )
+
+    def _open(self) -> _Database:
+        db = self._db
+        if db is not None:
+            if db.pid == os.getpid() and not db.deleted():
+                return db
+            self._db = None
+            _release(db)
+        try:
+            db = _acquire(self.requested, self.group, default=self._default)
+        except _Refused as exc:
+            raise LimiterUnavailableError(
+                f"the host rate limiter cannot use {self.requested}: {exc}; "
+                f"{DIRECTORY_HINT}{NOTHING_SENT}"
+            ) from None
+        except sqlite3.Error as exc:
+            raise self._unavailable(f"opening its database: {exc}") from None
+        except OSError as exc:
+            raise self._unavailable(exc.strerror or str(exc)) from None
+        self._db = db
+        return db
+
+    # ------------------------------------------------------------------ updates
+
+    def try_update(self, key: str, update: Update[T]) -> tuple[bool, T | None]:
+        db = self._open()
+        if not db.lock.acquire(blocking=False):
+            return False, None
+        try:
+            return self._transact(db, key, update)
+        finally:
+            db.lock.release()
+
+    async def update(self, key: str, update: Update[T]) -> T:
+        """Wait for the database as long as it takes: a process holding it is alive (SQLite's
+        locks die with their process), so sending without it would break the limit. Callers
+        bound the wait with their ``max_wait``."""
+        delay = 0.0002
+        warn_at = time.monotonic() + LOCK_TIMEOUT
+        while True:
+            done, result = self.try_update(key, update)
+            if done:
+                return result  # type: ignore[return-value]
+            if warn_at and time.monotonic() > warn_at:
+                warn_at = 0.0
+                logger.warning(
+                    "the host rate limiter's database in %s has been locked for over %gs by "
+                    "another process (stopped, or stalled?); waiting for it",
+                    self.directory,
+                    LOCK_TIMEOUT,
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.01)
+
+    def _transact(self, db: _Database, key: str, update: Update[T]) -> tuple[bool, T | None]:
+        connection = db.connection
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if _busy(exc):
+                return False, None
+            raise self._failed(exc) from None
+        except sqlite3.Error as exc:
+            raise self._failed(exc) from None
+        try:
+            name = db.name(key)
+            row = connection.execute(
+                "SELECT boot, written, state FROM tokens WHERE name = ?", (name,)
+            ).fetchone()
+            now = self.clock()
+            state, raw = self._decode(db, row)
+            refused: RateConflict | None = None
+            try:
+                result = update(state, now)
+            except RateConflict as conflict:
+                # Raised once the state was settled (bounded, expired): keep that, so that
+                # what expires is gone for the next caller too, then refuse.
+                refused = conflict
+            if state.holder is None and state.latest() <= now:
+                if row is not None:
+                    connection.execute("DELETE FROM tokens WHERE name = ?", (name,))
+            else:
+                data = json.dumps(state.to_json(), separators=(",", ":"))
+                if data != raw:
+                    connection.execute(
+                        "INSERT OR REPLACE INTO tokens VALUES(?, ?, ?, ?, ?)",
+                        (name, db.boot, time.time(), state.latest(), data),
+                    )
+            if now >= db.next_sweep:
+                db.next_sweep = now + _SWEEP_EVERY
+                connection.execute(
+                    "DELETE FROM tokens WHERE expires <= ? OR boot != ?", (now, db.boot)
+                )
+                connection.execute(
+                    "DELETE FROM schedules WHERE expires <= ? OR boot != ?", (now, db.boot)
+                )
+                connection.execute(
+                    "INSERT OR REPLACE INTO boots VALUES(?, ?)", (db.boot, time.time())
+                )
+            connection.execute("COMMIT")
+            if refused is not None:
+                raise refused  # noqa: TRY301 (committed: not to be rolled back below)
+        except RateConflict:
+            raise
+        except BaseException as exc:
+            with contextlib.suppress(sqlite3.Error):
+                connection.execute("ROLLBACK")
+            if isinstance(exc, _Refused):
+                raise LimiterUnavailableError(f"{exc}{NOTHING_SENT}") from None
+            if isinstance(exc, sqlite3.Error):
+                raise self._failed(exc) from None
+            raise
+        return True, result
+
+    def _failed(self, exc: sqlite3.Error) -> LimiterUnavailableError:
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+        if code == sqlite3.SQLITE_FULL:
+            return self._unavailable(
+                "its file system is full: the schedule is intact, but cannot be updated",
+                f"free some space on the file system of {self.directory}",
+            )
+        if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+            what = f"its database is damaged ({exc}); remove {self.directory} to start afresh"
+        elif code == sqlite3.SQLITE_READONLY:
+            what = "its database is read-only"
+        else:
+            what = f"its database failed: {exc}"
+        return self._unavailable(what)
+
+    def _decode(self, db: _Database, row: Any) -> tuple[TokenState, str | None]:
+        if row is None:
+            return TokenState(), None
+        boot, written, raw = row
+        if boot != db.boot:
+            if float(written) > _boot_started() + 1.0:
+                raise _Refused(_two_kernels(db.directory, str(boot)))
+            return TokenState(), None  # written before a reboot: its clock means nothing now
+        try:
+            return _parse_state(raw), raw
+        except (ValueError, TypeError, KeyError, IndexError, RecursionError):
+            if not db.warned_rows:
+                db.warned_rows = True
+                logger.warning(
+                    "the host rate limiter's state for a token in %s could not be read; "
+                    "waiting one period before that token's next start, to be safe",
+                    db.directory,
+                )
+            return TokenState(suspect=True), None
+
+    async def aclose(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            _release(db)
+
+
+# ---------------------------------------------------------------------- who uses which schedule
+
+
+@contextlib.contextmanager
+def _default_database() -> Iterator[_Database | None]:
+    store = HostStore()
+    try:
+        db = store._open()
+    except LimiterUnavailableError:
+        yield None
+        return
+    try:
+        yield db
+    finally:
+        store._db = None
+        _release(db)
+
+
+def user_secret() -> bytes | None:
+    """The random key of this user's default store, for keyed token ids; None if unusable."""
+    with _default_database() as db:
+        return None if db is None else db.key
+
+
+def note_schedule(key: str, who: str, place: str, ttl: float) -> list[tuple[str, str]]:
+    """Record in this user's default store that ``who`` keeps token ``key``'s schedule at
+    ``place``; return the others (who, place) that keep it on this host and are not expired.
+    Best effort: a store that cannot be used, or is busy, answers nothing."""
+    with _default_database() as db:
+        if db is None or not db.lock.acquire(blocking=False):
+            return []
+        try:
+            connection = db.connection
+            try:
+                connection.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error:
+                return []  # busy: asked again at the next note
+            try:
+                name = db.name(key)
+                now = host_clock()()
+                connection.execute(
+                    "INSERT OR REPLACE INTO schedules VALUES(?, ?, ?, ?, ?)",
+                    (name, who, place, db.boot, now + ttl),
+                )
+                rows = connection.execute(
+                    "SELECT who, place FROM schedules WHERE name = ? AND expires > ? "
+                    "AND boot = ? AND who != ?",
+                    (name, now, db.boot, who),
+                ).fetchall()
+                connection.execute("COMMIT")
+            except sqlite3.Error:
+                with contextlib.suppress(sqlite3.Error):
+                    connection.execute("ROLLBACK")
+                return []
+        finally:
+            db.lock.release()
+    return [(str(other), str(where)) for other, where in rows]
+
+
+def forget_schedule(keys: Iterable[str], who: str) -> None:
+    """``who`` no longer keeps these tokens' schedules (its limiter closed)."""
+    with _default_database() as db:
+        if db is None:
+            return
+        with db.lock, contextlib.suppress(sqlite3.Error):
+            for key in keys:
+                db.connection.execute(
+                    "DELETE FROM schedules WHERE name = ? AND who = ?", (db.name(key), who)
+                )

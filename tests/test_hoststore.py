@@ -1,0 +1,953 @@
+"""The host store (issue 18): one schedule per user whatever the environment, disk, kernel or
+neighbours. Each test is a shape that split or reset the schedule of the old per-token JSON
+files, with real processes, namespaces, users and a full file system, judged by the server's
+own timestamps (the emulator's strict rolling window) where the shape is about sending.
+
+Rates are scaled (5 per second) so that each runs in seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import json
+import logging
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from autocalls_async import (
+    AsyncAutocalls,
+    HostRateLimiter,
+    InvalidRequestError,
+    LimiterUnavailableError,
+    LocalRateLimiter,
+    RateLimit,
+)
+from autocalls_async import _hoststore as hoststore
+from autocalls_async._identity import limiter_key
+from autocalls_async._schedule import MAX_PAUSE, TokenState
+from autocalls_async._stores import HostStore
+from autocalls_async.testing import MockAutocalls
+
+from ._env import child_env
+from .hosts import require_namespaces, require_users
+
+pytestmark = pytest.mark.slow
+RATE = RateLimit(5, 1.0)
+JITTER = 0.003
+KEY = "k" * 64
+
+
+@pytest.fixture
+async def strict() -> AsyncIterator[MockAutocalls]:
+    async with MockAutocalls(rate_limit=(5, 1.0), assistants=(123,)) as server:
+        yield server
+
+
+def check_arrivals(times: list[float], rate: RateLimit = RATE) -> None:
+    times = sorted(times)
+    for first, last in zip(times, times[rate.requests :], strict=False):
+        assert last - first >= rate.period - JITTER, (first, last)
+    spacing = rate.period / rate.requests
+    for a, b in itertools.pairwise(times):
+        assert b - a >= spacing - JITTER, (a, b)
+
+
+def default_env(**extra: str) -> dict[str, str]:
+    """A child's environment without AUTOCALLS_LIMITER_DIR: the real default location."""
+    env = child_env(**extra)
+    env.pop("AUTOCALLS_LIMITER_DIR")
+    return env
+
+
+# A process of a deployment: N concurrent calls on one token once told to go. It drops to
+# another OS user (after its imports: the interpreter lives in a directory only root may read)
+# when asked, as a service that starts as root and drops its privileges does.
+CHILD = r"""
+import asyncio, json, os, sys
+import aiohttp, sqlite3
+from autocalls_async import AsyncAutocalls, HostRateLimiter, RateLimit, LocalRateLimiter
+import autocalls_async._hoststore, autocalls_async._identity, autocalls_async._redis
+
+spec = json.loads(sys.argv[1])
+
+async def main():
+    rate = RateLimit(*spec.get("rate", [5, 1.0]))
+    limiter = None
+    if spec.get("path"):
+        limiter = HostRateLimiter(spec["path"], rate_limit=rate, group=spec.get("group"))
+    elif spec.get("local"):
+        limiter = LocalRateLimiter(rate)
+    async with AsyncAutocalls(spec["token"], base_url=spec["base_url"], rate_limit=rate,
+                              limiter=limiter, max_retries=0) as client:
+        print("ready", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+
+        async def one(i):
+            try:
+                await client.generate_reply(
+                    assistant_id=123, customer_identifier=f"{spec['name']}-{i}", message="Hi")
+                return "ok"
+            except Exception as exc:
+                return f"{type(exc).__name__}: {exc}"
+
+        results = await asyncio.gather(*(one(i) for i in range(spec["calls"])))
+        where = getattr(client._limiter, "path", None)
+        print(json.dumps({"results": results, "path": where, "pid": os.getpid(),
+                          "uid": os.getuid()}), flush=True)
+        if spec.get("hold"):
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    if limiter is not None:
+        await limiter.aclose()
+
+if "uid" in spec:
+    os.setgroups(spec.get("groups", []))
+    os.setgid(spec["gid"])
+    os.setuid(spec["uid"])
+asyncio.run(main())
+"""
+
+
+class Child:
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.result: dict[str, Any] | None = None
+
+    async def ready(self) -> None:
+        assert self.process.stdout is not None
+        line = await asyncio.wait_for(self.process.stdout.readline(), 60)
+        if line.strip() != b"ready":
+            err = b""
+            if self.process.stderr is not None:
+                err = await asyncio.wait_for(self.process.stderr.read(), 30)
+            raise AssertionError((line, err.decode(errors="replace")))
+
+    def go(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(b"go\n")
+
+    async def answer(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        line = await asyncio.wait_for(self.process.stdout.readline(), 90)
+        if not line:
+            err = await self.stderr()
+            raise AssertionError(err)
+        self.result = json.loads(line)
+        return self.result
+
+    async def stderr(self) -> str:
+        assert self.process.stderr is not None
+        return (await asyncio.wait_for(self.process.stderr.read(), 30)).decode(errors="replace")
+
+    async def finish(self) -> str:
+        if self.process.stdin is not None and not self.process.stdin.is_closing():
+            self.process.stdin.write(b"done\n")
+            self.process.stdin.close()
+        out, err = await asyncio.wait_for(self.process.communicate(), 60)
+        assert self.process.returncode == 0, err.decode(errors="replace")
+        return err.decode(errors="replace")
+
+
+async def spawn(
+    spec: dict[str, Any], env: dict[str, str], wrapper: list[str] | None = None
+) -> Child:
+    argv = [*(wrapper or []), sys.executable, "-c", CHILD, json.dumps(spec)]
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    return Child(process)
+
+
+async def run_together(
+    specs: list[tuple[dict[str, Any], dict[str, str], list[str] | None]],
+) -> list[dict[str, Any]]:
+    children = [await spawn(spec, env, wrapper) for spec, env, wrapper in specs]
+    try:
+        for child in children:
+            await child.ready()
+        for child in children:
+            child.go()
+        answers = [await child.answer() for child in children]
+        for child in children:
+            await child.finish()
+    finally:
+        for child in children:
+            if child.process.returncode is None:
+                child.process.kill()
+                await child.process.wait()
+    return answers
+
+
+def new_token() -> str:
+    return f"host-{uuid.uuid4().hex}"
+
+
+# ---------------------------------------------------------------------- one place per user
+
+
+async def test_processes_of_one_user_share_whatever_their_environment(
+    strict: MockAutocalls, tmp_path: Path
+) -> None:
+    """Four processes of one user with the default limiter and different environments: a login
+    shell (XDG_RUNTIME_DIR, HOME), a cron job (neither), TMPDIR=/var/tmp, and a systemd unit
+    with PrivateTmp= (a private /tmp in its own mount namespace). One schedule: 0 x 429."""
+    unshare = require_namespaces("--mount")
+    runtime = tmp_path / "run-user"
+    runtime.mkdir(mode=0o700)
+    token = new_token()
+    base = {"token": token, "base_url": strict.base_url, "calls": 5}
+    private_tmp = [unshare, "--mount", "--fork", "sh", "-c", 'mount -t tmpfs tmpfs /tmp && "$@"']
+    private_tmp.append("sh")
+    answers = await run_together(
+        [
+            (
+                {**base, "name": "shell"},
+                default_env(XDG_RUNTIME_DIR=str(runtime), HOME="/root"),
+                None,
+            ),
+            (
+                {**base, "name": "cron"},
+                {k: v for k, v in default_env().items() if k not in ("XDG_RUNTIME_DIR", "HOME")},
+                None,
+            ),
+            ({**base, "name": "tmpdir"}, default_env(TMPDIR="/var/tmp", HOME="/nonexistent"), None),
+            ({**base, "name": "private"}, default_env(), private_tmp),
+        ]
+    )
+    for answer in answers:
+        assert answer["results"] == ["ok"] * 5, answer
+    assert len({answer["path"] for answer in answers}) == 1, answers
+    assert answers[0]["path"].startswith(str(hoststore._shared_base())), answers
+    assert strict.count(status=429) == 0
+    check_arrivals([record.time for record in strict.requests])
+
+
+def test_the_default_place_depends_only_on_the_uid(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AUTOCALLS_LIMITER_DIR")
+    expected = hoststore._shared_base() / f"autocalls-async-{os.getuid()}"
+    for name, value in (("XDG_RUNTIME_DIR", "/run/user/0"), ("TMPDIR", "/var/tmp"), ("HOME", "/x")):
+        monkeypatch.setenv(name, value)
+        assert hoststore.default_host_directory() == expected
+    monkeypatch.setenv("AUTOCALLS_LIMITER_DIR", "/some/where")
+    assert hoststore.default_host_directory() == Path("/some/where")
+
+
+# ---------------------------------------------------------------------- safe from other users
+
+
+def test_a_name_another_user_took_is_passed_over_the_same_way_by_every_process(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another user created the user's directory first, or a link there: the next free name is
+    used, by every process alike (a later removal of the squatter's changes nothing), and the
+    link's target is never touched."""
+    caplog.set_level(logging.WARNING, logger="autocalls_async")
+    (users, _), uid = require_users(), os.getuid()
+    other = users[0]
+    base = tmp_path / "shm"
+    base.mkdir()
+    base.chmod(0o1777)
+    squatted = base / f"autocalls-async-{uid}"
+    squatted.mkdir()
+    os.chown(squatted, other.uid, other.gid)
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (base / f"autocalls-async-{uid}.1").symlink_to(victim)
+    path, fd = hoststore._claim_default(base)
+    os.close(fd)
+    assert path == base / f"autocalls-async-{uid}.2"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o700
+    assert "belongs to another user" in caplog.text
+    squatted.rmdir()  # the squatter leaves: processes started later still meet the others
+    again, fd = hoststore._claim_default(base)
+    os.close(fd)
+    assert again == path
+    assert victim.read_text() == "precious"
+
+
+def test_every_name_taken_is_a_clear_error(tmp_path: Path) -> None:
+    (users, _), uid = require_users(), os.getuid()
+    base = tmp_path / "shm"
+    base.mkdir()
+    base.chmod(0o1777)
+    for n in range(hoststore._CANDIDATES):
+        name = f"autocalls-async-{uid}" + (f".{n}" if n else "")
+        (base / name).mkdir()
+        os.chown(base / name, users[0].uid, users[0].gid)
+    with pytest.raises(hoststore._Refused, match="taken by another user"):
+        hoststore._claim_default(base)
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    loose.chmod(0o777)  # writable by all and not sticky: others could replace ours
+    with pytest.raises(hoststore._Refused, match="not sticky"):
+        hoststore._claim_default(loose)
+
+
+async def test_links_and_foreign_files_are_never_followed_or_written(tmp_path: Path) -> None:
+    """A link in place of the directory or of the database, a database another user owns, or
+    one open to others: refused before anything is written; the link's target is untouched."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    linked_dir = tmp_path / "linked"
+    linked_dir.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    store = HostStore(linked_dir)
+    with pytest.raises(LimiterUnavailableError, match="link or not a directory"):
+        store.try_update(KEY, lambda state, now: None)
+    planted = tmp_path / "planted"
+    planted.mkdir(mode=0o700)
+    (planted / hoststore.DB_NAME).symlink_to(victim)
+    with pytest.raises(LimiterUnavailableError, match="cannot open"):
+        HostStore(planted).try_update(KEY, lambda state, now: None)
+    assert victim.read_text() == "precious"
+    open_db = tmp_path / "open"
+    open_db.mkdir(mode=0o700)
+    (open_db / hoststore.DB_NAME).write_bytes(b"x")
+    (open_db / hoststore.DB_NAME).chmod(0o644)
+    with pytest.raises(LimiterUnavailableError, match="open to group or others"):
+        HostStore(open_db).try_update(KEY, lambda state, now: None)
+    hard = tmp_path / "hard"
+    hard.mkdir(mode=0o700)
+    os.link(victim, hard / hoststore.DB_NAME)
+    victim.chmod(0o600)
+    with pytest.raises(LimiterUnavailableError, match="one link"):
+        HostStore(hard).try_update(KEY, lambda state, now: None)
+    assert victim.read_text() == "precious"
+
+
+async def test_the_database_is_private_and_names_are_keyed(tmp_path: Path) -> None:
+    """Mode 0700 and 0600 whatever the umask; tokens are stored under an HMAC whose random
+    key is in the database: nothing stored lets anyone check a guess of the token."""
+    token = "secret-token-value-for-a-test-1234567890"
+    old = os.umask(0o000)
+    try:
+        async with (
+            HostRateLimiter(tmp_path / "store", rate_limit=RATE) as limiter,
+            limiter.slot(limiter_key(token)) as slot,
+        ):
+            slot.sent()
+    finally:
+        os.umask(old)
+    directory = tmp_path / "store"
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert stat.S_IMODE((directory / hoststore.DB_NAME).stat().st_mode) == 0o600
+    with sqlite3.connect(directory / hoststore.DB_NAME) as connection:
+        names = [row[0] for row in connection.execute("SELECT name FROM tokens")]
+        key = connection.execute("SELECT value FROM meta WHERE name='key'").fetchone()[0]
+    connection.close()
+    plain = hashlib.sha256(token.encode()).hexdigest()
+    assert names and all(plain[:16] not in name and limiter_key(token) != name for name in names)
+    assert len(bytes.fromhex(key)) == 32
+
+
+def test_token_ids_are_keyed_and_the_same_in_every_process(tmp_path: Path) -> None:
+    """token_id in logs and repr: not the token's plain SHA-256; equal across processes of the
+    user (one key in the store), different for another store's key."""
+    token = "a-token-for-ids-0123456789"
+    client = AsyncAutocalls(token, base_url="http://127.0.0.1:9/api")
+    here = client.token_id
+    asyncio.run(client.close())
+    assert here not in hashlib.sha256(token.encode()).hexdigest()
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from autocalls_async import AsyncAutocalls as A; "
+            "print(A(sys.argv[1], base_url='http://127.0.0.1:9/api').token_id)",
+            token,
+        ],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        check=True,
+        timeout=60,
+    )
+    assert out.stdout.strip() == here
+    other = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from autocalls_async import AsyncAutocalls as A; "
+            "print(A(sys.argv[1], base_url='http://127.0.0.1:9/api').token_id)",
+            token,
+        ],
+        capture_output=True,
+        text=True,
+        env=child_env(AUTOCALLS_LIMITER_DIR=str(tmp_path)),
+        check=True,
+        timeout=60,
+    )
+    assert other.stdout.strip() != here
+
+
+# ---------------------------------------------------------------------- never a silent second schedule
+
+
+def test_an_unreadable_state_costs_one_period_of_caution(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Garbage, a wrong shape, non-finite times: a WARNING and one period before the token's
+    next start, never a fresh schedule."""
+    caplog.set_level(logging.WARNING, logger="autocalls_async")
+    clock = [100.0]
+    store = HostStore(tmp_path, clock=lambda: clock[0])
+    rules = __import__("autocalls_async._schedule", fromlist=["Rules"]).Rules.of(RATE, lease=1.0)
+    from autocalls_async import _schedule as schedule
+
+    def due() -> float:
+        def read(state: TokenState, now: float) -> float:
+            schedule.pause(state, now, rules, seconds=0.0)  # settles: applies the caution
+            return state.due
+
+        done, value = store.try_update(KEY, read)
+        assert done
+        return value  # type: ignore[return-value]
+
+    store.try_update(KEY, lambda state, now: setattr(state, "due", 100.5))
+    assert due() == 100.5
+    database = tmp_path / hoststore.DB_NAME
+    for garbage in (
+        "{not json",
+        '{"due": "x"}',
+        "[]",
+        '{"due": Infinity}',
+        '{"users": {"a": [1]}}',
+        '{"queued": {"a": [[1, 2], null, 3]}}',
+        "1" * 2_000_000,
+    ):
+        with sqlite3.connect(database, isolation_level=None) as connection:
+            connection.execute("UPDATE tokens SET state = ?", (garbage,))
+        connection.close()
+        clock[0] += 0.01
+        assert due() == pytest.approx(clock[0] + RATE.period * (1 + RATE.margin)), garbage
+        store.try_update(KEY, lambda state, now: setattr(state, "due", now + 0.5))
+    warnings = [r for r in caplog.records if "could not be read" in r.getMessage()]
+    assert len(warnings) == 1
+    asyncio.run(store.aclose())
+
+
+def test_forged_times_cannot_stall_a_token_for_good(tmp_path: Path) -> None:
+    """A state someone wrote with times far ahead (pause, due, a queue report, a user with
+    another rate): each is bounded by what this schedule could have written."""
+    from autocalls_async import _schedule as schedule
+
+    clock = [1000.0]
+    store = HostStore(tmp_path, clock=lambda: clock[0])
+    rules = schedule.Rules.of(RATE, lease=1.0)
+    far = 1e12
+    forged = {
+        "due": far,
+        "pause": far,
+        "last": far,
+        "holder": "x",
+        "lease": far,
+        "users": {"ghost:1:2:3:4": [1, 9.0, 0.02, "nowhere", far]},
+        "queued": {"ghost:1:2:3:4": [[100, 0.0, 0.0, 0.0], None, far]},
+    }
+    store.try_update(KEY, lambda state, now: setattr(state, "due", now + 1))
+    with sqlite3.connect(tmp_path / hoststore.DB_NAME, isolation_level=None) as connection:
+        connection.execute("UPDATE tokens SET state = ?", (json.dumps(forged),))
+    connection.close()
+
+    def ask(state: TokenState, now: float) -> schedule.Grant:
+        return schedule.grant(
+            state,
+            now,
+            rules,
+            who="me",
+            where="here",
+            ticket="t",
+            lanes=(schedule.Lane(1, now, now, now), None),
+        )
+
+    with pytest.raises(schedule.RateConflict):
+        store.try_update(KEY, ask)  # the forged user stands until its bounded expiry...
+    horizon = MAX_PAUSE + 2 * schedule.MAX_LEASE + 2 * RATE.period * 1.02 + 3 * 60 + 10
+    clock[0] += horizon
+    done, answer = store.try_update(KEY, ask)
+    assert done and answer is not None and answer.granted, answer  # ...and then it is gone
+    asyncio.run(store.aclose())
+
+
+def test_a_store_written_by_another_running_kernel_is_refused(tmp_path: Path) -> None:
+    """A volume two machines share: a row or a boot record from another boot id written since
+    this kernel booted is refused, naming Redis; one from before this boot (a reboot) is not."""
+    store = HostStore(tmp_path)
+    store.try_update(KEY, lambda state, now: setattr(state, "due", now + 30))
+    database = tmp_path / hoststore.DB_NAME
+    with sqlite3.connect(database, isolation_level=None) as connection:
+        connection.execute("UPDATE tokens SET boot = 'before-a-reboot', written = 0")
+    connection.close()
+    done, due = store.try_update(KEY, lambda state, now: state.due)
+    assert done and due == -float("inf")  # a reboot: its monotonic times mean nothing now
+    store.try_update(KEY, lambda state, now: setattr(state, "due", now + 30))
+    with sqlite3.connect(database, isolation_level=None) as connection:
+        connection.execute(
+            "UPDATE tokens SET boot = 'another-machine', written = ?", (__import__("time").time(),)
+        )
+    connection.close()
+    with pytest.raises(LimiterUnavailableError, match="another running kernel"):
+        store.try_update(KEY, lambda state, now: None)
+    asyncio.run(store.aclose())
+
+
+def test_a_second_kernel_on_one_volume_is_refused(tmp_path: Path) -> None:
+    """A process that sees another boot id (its own /proc/sys/kernel/random/boot_id, bound in
+    a mount namespace, as a second machine or VM would have) opens a store this kernel uses:
+    refused, with the fix."""
+    unshare = require_namespaces("--mount")
+    directory = tmp_path / "volume"
+    store = HostStore(directory)
+    store.try_update(KEY, lambda state, now: setattr(state, "due", now + 30))
+    fake = tmp_path / "boot_id"
+    fake.write_text(str(uuid.uuid4()) + "\n")
+    program = (
+        "import sys; from autocalls_async._stores import HostStore\n"
+        "from autocalls_async import LimiterUnavailableError\n"
+        "try:\n    HostStore(sys.argv[1]).try_update('k' * 64, lambda s, n: None)\n"
+        "except LimiterUnavailableError as exc:\n    print(exc)\n"
+    )
+    result = subprocess.run(
+        [
+            unshare,
+            "--mount",
+            "--fork",
+            "sh",
+            "-c",
+            'mount --bind "$1" /proc/sys/kernel/random/boot_id && exec "$2" -c "$3" "$4"',
+            "sh",
+            str(fake),
+            sys.executable,
+            program,
+            str(directory),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env(),
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "another running kernel" in result.stdout and "RedisRateLimiter" in result.stdout
+    asyncio.run(store.aclose())
+
+
+def test_shared_file_systems_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file system is read from /proc/self/mountinfo by device number. No NFS server can
+    run here: the real mount's type is checked, and the refusal through the list of types."""
+    info = os.stat(tmp_path)
+    fs_type = hoststore._file_system(info.st_dev)
+    assert fs_type is not None and not hoststore._shared(fs_type)
+    for kind in ("nfs4", "cifs", "9p", "virtiofs", "fuse.sshfs", "fuse"):
+        assert hoststore._shared(kind)
+    monkeypatch.setattr(hoststore, "SHARED_FILE_SYSTEMS", frozenset({fs_type}))
+    with pytest.raises(LimiterUnavailableError, match=f"on a {fs_type} file system.*Redis"):
+        HostStore(tmp_path / "nfs").try_update(KEY, lambda state, now: None)
+
+
+async def test_a_deleted_database_is_noticed_and_joined_again(tmp_path: Path) -> None:
+    """logind's RemoveIPC or a tmp cleaner removes the directory under a running process:
+    it opens the new database the next process creates, instead of keeping the old one."""
+    import shutil
+
+    directory = tmp_path / "store"
+    veteran = HostStore(directory)
+    veteran.try_update(KEY, lambda state, now: setattr(state, "due", now + 30))
+    shutil.rmtree(directory)
+    newcomer = HostStore(directory)
+    newcomer.try_update(KEY, lambda state, now: setattr(state, "due", now + 60))
+    done, due = veteran.try_update(KEY, lambda state, now: state.due)
+    done2, due2 = newcomer.try_update(KEY, lambda state, now: state.due)
+    assert done and done2 and due == due2
+    await veteran.aclose()
+    await newcomer.aclose()
+
+
+async def test_two_schedules_for_one_token_are_said(
+    strict: MockAutocalls, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """The default client and a LocalRateLimiter on one token, in one process and across
+    processes: a WARNING naming both places, in each process."""
+    caplog.set_level(logging.WARNING, logger="autocalls_async")
+    token = new_token()
+    async with (
+        AsyncAutocalls(token, base_url=strict.base_url, rate_limit=RATE) as default,
+        AsyncAutocalls(token, base_url=strict.base_url, limiter=LocalRateLimiter(RATE)) as local,
+    ):
+        await default.generate_reply(assistant_id=123, customer_identifier="a", message="x")
+        await local.generate_reply(assistant_id=123, customer_identifier="b", message="x")
+    said = [r.getMessage() for r in caplog.records if "two rate-limit schedules" in r.getMessage()]
+    assert len(said) == 1, said
+    assert "LocalRateLimiter" in said[0] or "process" in said[0]
+    assert "host store" in said[0] and default.token_id in said[0]
+    caplog.clear()
+    # Across processes: a LocalRateLimiter in a child, the default client here.
+    token = new_token()
+    child = await spawn(
+        {
+            "token": token,
+            "base_url": strict.base_url,
+            "calls": 1,
+            "name": "c",
+            "local": True,
+            "hold": True,
+        },
+        child_env(AUTOCALLS_LOG="WARNING"),
+    )
+    await child.ready()
+    child.go()
+    await child.answer()
+    async with AsyncAutocalls(token, base_url=strict.base_url, rate_limit=RATE) as client:
+        await client.generate_reply(assistant_id=123, customer_identifier="p", message="x")
+    await child.finish()
+    said = [r.getMessage() for r in caplog.records if "two rate-limit schedules" in r.getMessage()]
+    assert len(said) == 1 and f"pid {child.process.pid}" in said[0], said
+
+
+async def test_autocalls_redis_url_makes_the_default_redis(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from autocalls_async._ratelimit import default_limiter
+
+    monkeypatch.setenv("AUTOCALLS_REDIS_URL", "redis://127.0.0.1:1/0")
+    limiter = default_limiter(RATE)
+    assert limiter.kind == "redis"
+    await limiter.aclose()
+    client = AsyncAutocalls("t", base_url="http://127.0.0.1:9/api", rate_limit=RATE)
+    assert client._limiter is not None and client._limiter.kind == "redis"  # type: ignore[attr-defined]
+    await client.close()
+
+
+# ---------------------------------------------------------------------- kernels' namespaces
+
+
+async def test_a_process_in_a_time_namespace_keeps_one_schedule(
+    strict: MockAutocalls, tmp_path: Path
+) -> None:
+    """A process whose monotonic clock is offset (a time namespace, as after a CRIU restore)
+    shares the schedule with one that is not: the store reads the host's clock in both."""
+    unshare = require_namespaces("--time")
+    token = new_token()
+    base = {"token": token, "base_url": strict.base_url, "calls": 6}
+    answers = await run_together(
+        [
+            ({**base, "name": "plain"}, child_env(), None),
+            (
+                {**base, "name": "restored"},
+                child_env(),
+                [unshare, "--time", "--monotonic", "100000", "--fork"],
+            ),
+        ]
+    )
+    for answer in answers:
+        assert answer["results"] == ["ok"] * 6, answer
+    assert strict.count(status=429) == 0
+    check_arrivals([record.time for record in strict.requests])
+
+
+async def test_a_live_process_in_another_pid_namespace_is_not_taken_for_dead(
+    strict: MockAutocalls,
+) -> None:
+    """A process in another pid namespace (a container with --network host: the same host
+    name) uses the token at 5/1s; a process here asks for 10/1s. Its registration is not probed
+    with a pid of the wrong namespace (and deleted): the rate conflict is seen and refused."""
+    unshare = require_namespaces("--pid", "--mount-proc")
+    token = new_token()
+    # Its pid in its namespace is 400001: a number no process of the host's namespace has.
+    wrapper = [
+        unshare,
+        "--pid",
+        "--mount-proc",
+        "--fork",
+        "sh",
+        "-c",
+        'echo 400000 > /proc/sys/kernel/ns_last_pid; "$@"',
+        "sh",
+    ]
+    child = await spawn(
+        {"token": token, "base_url": strict.base_url, "calls": 1, "name": "ns", "hold": True},
+        child_env(),
+        wrapper,
+    )
+    await child.ready()
+    child.go()
+    answer = await child.answer()
+    assert answer["pid"] == 400001 and answer["results"] == ["ok"]
+    async with AsyncAutocalls(
+        token, base_url=strict.base_url, rate_limit=RateLimit(10, 1.0)
+    ) as client:
+        with pytest.raises(InvalidRequestError, match="already limited to 5/1s"):
+            await client.generate_reply(assistant_id=123, customer_identifier="h", message="x")
+    await child.finish()
+
+
+# ---------------------------------------------------------------------- two OS users, one token
+
+
+@pytest.fixture
+def outside() -> Iterator[Path]:
+    """A directory other users can reach (pytest's own are closed to them)."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="autocalls-test-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+async def test_two_os_users_share_one_token_through_a_group_directory(
+    strict: MockAutocalls, outside: Path
+) -> None:
+    """A web app as one user and a cron job as another, one token: HostRateLimiter(path,
+    group=...) on a directory of their group, mode 2770. One schedule: 0 x 429."""
+    (users, gid) = require_users()
+    shared = outside / "shared"
+    shared.mkdir()
+    os.chown(shared, 0, gid)
+    shared.chmod(0o2770)
+    token = new_token()
+    base = {
+        "token": token,
+        "base_url": strict.base_url,
+        "calls": 5,
+        "path": str(shared),
+        "group": gid,
+    }
+    specs = [
+        (
+            {**base, "name": user.name, "uid": user.uid, "gid": user.gid, "groups": [gid]},
+            child_env(),
+            None,
+        )
+        for user in users[:2]
+    ]
+    answers = await run_together(specs)
+    for answer in answers:
+        assert answer["results"] == ["ok"] * 5, answer
+    assert {answer["uid"] for answer in answers} == {users[0].uid, users[1].uid}
+    assert strict.count(status=429) == 0
+    check_arrivals([record.time for record in strict.requests])
+    database = shared / hoststore.DB_NAME
+    info = database.stat()
+    assert info.st_gid == gid and stat.S_IMODE(info.st_mode) == 0o660
+    # A user outside the group is refused by the kernel, with a clear error, nothing sent.
+    outsider = {**base, "name": "outsider", "uid": users[2].uid, "gid": users[2].gid, "calls": 1}
+    child = await spawn(outsider, child_env())
+    out, err = await asyncio.wait_for(child.process.communicate(), 60)
+    assert child.process.returncode != 0
+    assert "not a member of group" in err.decode(), err.decode()
+
+
+async def test_a_group_directory_open_to_others_is_refused(tmp_path: Path) -> None:
+    (_, gid) = require_users()
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chown(shared, 0, gid)
+    shared.chmod(0o2775)
+    async with HostRateLimiter(shared, rate_limit=RATE, group=gid) as limiter:
+        with pytest.raises(LimiterUnavailableError, match="closed to others.*chmod 2770"):
+            async with limiter.slot(KEY):
+                pytest.fail("must not be granted")
+    with pytest.raises(ValueError, match="give its path"):
+        HostRateLimiter(rate_limit=RATE, group=gid)
+    with pytest.raises(ValueError, match="no such group"):
+        HostRateLimiter(shared, rate_limit=RATE, group="no-such-group-here")
+
+
+# ---------------------------------------------------------------------- a full disk
+
+
+FULL_DISK = r"""
+import asyncio, json, os, sys, threading, time
+from autocalls_async import AsyncAutocalls, HostRateLimiter, LimiterUnavailableError, RateLimit
+from autocalls_async._stores import HostStore
+
+directory, base_url, token = sys.argv[1:4]
+store = HostStore(directory)
+store.try_update("k" * 64, lambda state, now: setattr(state, "due", now + 1000.0))
+before = store.try_update("k" * 64, lambda state, now: state.due)[1]
+# Fill the file system, then add tokens until a write fails for want of space.
+filler = os.open(os.path.join(directory, "..", "filler"), os.O_WRONLY | os.O_CREAT, 0o600)
+try:
+    while True:
+        os.write(filler, b"x" * 512)
+except OSError:
+    pass
+failed = None
+for n in range(100000):
+    try:
+        store.try_update(f"{n:064d}", lambda state, now: setattr(state, "due", now + 1000.0))
+    except LimiterUnavailableError as exc:
+        failed = str(exc)
+        break
+after = store.try_update("k" * 64, lambda state, now: state.due)[1]
+# 30 limiter instances in a thread pool, asyncio.run per call, while the disk is full.
+results = []
+def one(n):
+    async def call():
+        async with AsyncAutocalls(token, base_url=base_url, rate_limit=RateLimit(5, 1.0)) as c:
+            await c.generate_reply(assistant_id=123, customer_identifier=f"t{n}", message="x")
+    try:
+        asyncio.run(call())
+        results.append("ok")
+    except Exception as exc:
+        results.append(f"{type(exc).__name__}: {exc}")
+threads = [threading.Thread(target=one, args=(n,)) for n in range(12)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(json.dumps({"failed": failed, "before": before, "after": after, "results": results}))
+"""
+
+
+async def test_a_full_disk_keeps_the_schedule_and_never_resets_it(
+    strict: MockAutocalls, tmp_path: Path
+) -> None:
+    """A 1 MiB tmpfs filled to the last byte: a write that needs space fails as a whole with
+    a clear error (the committed schedule is intact, never reset), and clients sharing the
+    token in a thread pool keep the limit (one WARNING: they go on in this process)."""
+    unshare = require_namespaces("--mount")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    directory = mount / "store"
+    process = await asyncio.create_subprocess_exec(
+        unshare,
+        "--mount",
+        "--fork",
+        "sh",
+        "-c",
+        'mount -t tmpfs -o size=1m tmpfs "$1" && export AUTOCALLS_LIMITER_DIR="$2" && shift 2 && exec "$@"',
+        "sh",
+        str(mount),
+        str(directory),
+        sys.executable,
+        "-c",
+        FULL_DISK,
+        str(directory),
+        strict.base_url,
+        new_token(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=child_env(),
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 120)
+    stderr = err.decode()
+    assert process.returncode == 0, stderr
+    answer = json.loads(out)
+    assert answer["failed"] and "full" in answer["failed"], answer
+    assert answer["before"] == answer["after"]
+    assert answer["results"] == ["ok"] * 12, answer
+    assert strict.count(status=429) == 0
+    check_arrivals([record.time for record in strict.requests])
+    # Said once, not once per client: what it means and what to do.
+    assert stderr.count("rate limiter (host) unavailable") == 1, stderr
+    assert "file system is full" in stderr and "free some space" in stderr
+
+
+# ---------------------------------------------------------------------- resources
+
+
+def test_descriptors_stay_bounded_with_many_tokens_clients_and_limiters(tmp_path: Path) -> None:
+    """10,000 tokens and 300 limiters never closed: a handful of descriptors for the store,
+    and rows deleted once idle."""
+    program = r"""
+import asyncio, gc, os, sys
+from autocalls_async import HostRateLimiter, RateLimit
+from autocalls_async._stores import HostStore
+
+def fds():
+    return len(os.listdir("/proc/self/fd"))
+
+async def main():
+    start = fds()
+    limiters = []
+    for n in range(300):
+        limiter = HostRateLimiter(rate_limit=RateLimit(5, 1.0))
+        async with limiter.slot(f"{n:064d}") as slot:
+            slot.sent()
+        limiters.append(limiter)  # never closed
+    del limiters
+    gc.collect()
+    after_limiters = fds()
+    store = HostStore(clock=None)
+    for n in range(10_000):
+        store.try_update(f"{n:064x}", lambda state, now: setattr(state, "due", now + 0.2))
+    peak = fds()
+    await asyncio.sleep(0.3)
+    store._db.next_sweep = 0.0
+    store.try_update("f" * 64, lambda state, now: None)
+    rows = store._db.connection.execute("SELECT count(*) FROM tokens").fetchone()[0]
+    print(start, after_limiters, peak, rows)
+
+asyncio.run(main())
+"""
+    result = subprocess.run(
+        ["sh", "-c", 'ulimit -n 256 && exec "$@"', "sh", sys.executable, "-c", program],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=child_env(),
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    start, after_limiters, peak, rows = map(int, result.stdout.split())
+    assert after_limiters - start <= 6, result.stdout
+    assert peak - start <= 6, result.stdout
+    assert rows == 300, result.stdout  # the unclosed limiters' registrations (60 s), no token
+    assert "WARNING" not in result.stderr, result.stderr
+
+
+def test_a_busy_database_is_waited_for_and_a_forked_child_opens_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another process holds the write lock: try_update says so without blocking; update()
+    waits, warns once, and goes on when it is released. A forked child opens its own
+    connection (SQLite forbids using a parent's)."""
+    caplog.set_level(logging.WARNING, logger="autocalls_async")
+    monkeypatch.setattr(hoststore, "LOCK_TIMEOUT", 0.05)
+    store = HostStore(tmp_path, clock=None)
+    assert store.try_update(KEY, lambda state, now: None) == (True, None)
+    other = sqlite3.connect(
+        tmp_path / hoststore.DB_NAME, isolation_level=None, check_same_thread=False
+    )
+    other.execute("BEGIN IMMEDIATE")
+    assert store.try_update(KEY, lambda state, now: None) == (False, None)
+    threading.Timer(0.2, lambda: other.execute("COMMIT")).start()
+
+    async def wait() -> Any:
+        return await store.update(KEY, lambda state, now: "done")
+
+    assert asyncio.run(wait()) == "done"
+    other.close()
+    assert "locked for over" in caplog.text
+    parent_db = store._db
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            done, value = store.try_update(KEY, lambda state, now: "child")
+            ok = done and value == "child" and store._db is not parent_db
+            os.write(write, b"ok" if ok else b"no")
+        finally:
+            os._exit(0)
+    os.close(write)
+    assert os.read(read, 2) == b"ok"
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert store.try_update(KEY, lambda state, now: "parent") == (True, "parent")
+    asyncio.run(store.aclose())
