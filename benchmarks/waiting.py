@@ -51,7 +51,9 @@ def _customer(index: int) -> str:
 
 
 async def _queue(client: AsyncAutocalls, calls: int, *, served: int) -> asyncio.Future[list[Any]]:
-    """Start ``calls`` gathered calls; return once ``served`` replies came and the rest wait."""
+    """Start ``calls`` gathered calls; return once ``served`` replies came and the rest wait
+    (or were served too: on a loaded machine queueing them can take longer than a slot)."""
+    before = client.stats.replies
     gathered = asyncio.gather(
         *(
             client.generate_reply(
@@ -61,9 +63,10 @@ async def _queue(client: AsyncAutocalls, calls: int, *, served: int) -> asyncio.
         ),
         return_exceptions=True,
     )
-    waiting = calls - (served - client.stats.replies)
     # The client has no "all queued" event to wait on: its counters are polled instead.
-    while client.stats.replies < served or client.stats.waiting < waiting:
+    while (replied := client.stats.replies - before) < served or (
+        client.stats.waiting + replied < calls
+    ):
         if gathered.done():  # something went wrong: surface it
             raise RuntimeError(f"the calls finished early: {gathered.result()[:3]!r}")
         await asyncio.sleep(0.02)
@@ -132,7 +135,7 @@ async def _measure(calls: int, rate_limit: RateLimit, idle_s: float) -> Waiting:
         )
         first, following = server.requests[0].time, server.requests[-1].time
         next_late_s = max(0.0, following - (first + rate_limit.interval))
-        if server.replies_served != 2:
+        if server.replies_served < 2:
             raise RuntimeError(f"expected 2 replies, the server served {server.replies_served}")
     return Waiting(
         calls,
