@@ -394,6 +394,14 @@ def _client_options(parser: argparse.ArgumentParser, *, default_rate: str) -> No
         "--base-url", help="API base URL (default: $AUTOCALLS_BASE_URL or the real service)"
     )
     group.add_argument(
+        "--redis-url",
+        default=os.environ.get("AUTOCALLS_REDIS_URL") or None,
+        metavar="URL",
+        help="keep the token's limit in Redis, shared with every process and host that uses "
+        "this URL (a web app on Redis): default $AUTOCALLS_REDIS_URL, else the host store "
+        "(every process of your user on this machine); needs the redis extra",
+    )
+    group.add_argument(
         "--rate-limit",
         type=_rate_limit,
         default=_rate_limit(default_rate),
@@ -756,8 +764,23 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 # --------------------------------------------------------------------------- reply
 
 
+def _redis_problem(url: str | None) -> str | None:
+    if url is None:
+        return None
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        return (
+            "--redis-url (or AUTOCALLS_REDIS_URL) needs the redis extra: "
+            "pip install 'autocalls-async[redis]'"
+        )
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        return f"--redis-url must start with redis://, rediss:// or unix://, got {url[:40]!r}"
+    return None
+
+
 def _reply_command(args: argparse.Namespace) -> int:
-    problem = token_problem(args.token)
+    problem = token_problem(args.token) or _redis_problem(args.redis_url)
     if problem is not None:
         return _usage_error(problem)
     message = sys.stdin.read() if args.message == "-" else args.message
@@ -869,7 +892,11 @@ class TellingLimiter:
 
 
 async def _reply(args: argparse.Namespace, message: str, variables: dict[str, Any] | None) -> int:
-    limiter = None if args.rate_limit is None else TellingLimiter(default_limiter(args.rate_limit))
+    limiter = (
+        None
+        if args.rate_limit is None
+        else TellingLimiter(default_limiter(args.rate_limit, redis_url=args.redis_url))
+    )
     try:
         async with AsyncAutocalls(
             args.token,
@@ -962,10 +989,19 @@ class StartClock:
 
 
 def bulk_client(
-    token: str | None, base_url: str | None, rate_limit: RateLimit | None, **options: Any
+    token: str | None,
+    base_url: str | None,
+    rate_limit: RateLimit | None,
+    *,
+    redis_url: str | None = None,
+    **options: Any,
 ) -> tuple[AsyncAutocalls, StartClock | None]:
     """A client for bulk runs: few cached conversations, starts timed when rate limited."""
-    clock = None if rate_limit is None else StartClock(default_limiter(rate_limit))
+    clock = (
+        None
+        if rate_limit is None
+        else StartClock(default_limiter(rate_limit, redis_url=redis_url))
+    )
     client = AsyncAutocalls(
         token,
         base_url=base_url,
@@ -1491,7 +1527,11 @@ def _bulk_command(args: argparse.Namespace) -> int:
         return _usage_error("--out must not be the input file")
     if args.dry_run:
         return _dry_run_command(args)
-    problem = token_problem(args.token) or input_problem(args.input, args.out)
+    problem = (
+        token_problem(args.token)
+        or input_problem(args.input, args.out)
+        or _redis_problem(args.redis_url)
+    )
     if problem is not None:
         return _usage_error(problem)
     try:
@@ -1499,6 +1539,7 @@ def _bulk_command(args: argparse.Namespace) -> int:
             args.token,
             args.base_url,
             args.rate_limit,
+            redis_url=args.redis_url,
             max_retries=args.max_retries,
             timeout=args.timeout,
             max_request_bytes=args.max_request_bytes,

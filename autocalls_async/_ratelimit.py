@@ -1048,10 +1048,11 @@ def _conflict(conflict: RateConflict, mine: RateLimit) -> str:
     )
 
 
-def default_limiter(rate_limit: RateLimit) -> Limiter:
-    """What ``AsyncAutocalls(limiter=None)`` uses: Redis when ``AUTOCALLS_REDIS_URL`` is set
-    (every host), else host-wide, falling back to this process with a warning."""
-    url = os.environ.get("AUTOCALLS_REDIS_URL")
+def default_limiter(rate_limit: RateLimit, *, redis_url: str | None = None) -> Limiter:
+    """What ``AsyncAutocalls(limiter=None)`` uses: Redis when ``redis_url`` or
+    ``AUTOCALLS_REDIS_URL`` is set (every host), else host-wide, falling back to this process
+    with a warning."""
+    url = redis_url or os.environ.get("AUTOCALLS_REDIS_URL")
     if url:
         return redis_limiter(url, rate_limit)
     return HostRateLimiter(rate_limit=rate_limit, fallback=LocalRateLimiter(rate_limit))
