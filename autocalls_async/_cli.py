@@ -998,9 +998,7 @@ def bulk_client(
 ) -> tuple[AsyncAutocalls, StartClock | None]:
     """A client for bulk runs: few cached conversations, starts timed when rate limited."""
     clock = (
-        None
-        if rate_limit is None
-        else StartClock(default_limiter(rate_limit, redis_url=redis_url))
+        None if rate_limit is None else StartClock(default_limiter(rate_limit, redis_url=redis_url))
     )
     client = AsyncAutocalls(
         token,

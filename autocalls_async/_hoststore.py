@@ -81,6 +81,7 @@ LOCK_TIMEOUT = 2.0
 _CANDIDATES = 8
 _SCHEMA = 1
 _SWEEP_EVERY = 30.0  # seconds between deletions of idle rows
+_NAMES_KEPT = 100_000  # token -> row name, remembered (about 200 B each)
 _GROUP_PATIENCE = 2.0  # seconds a group member waits for another's new file to get its mode
 _MAX_STATE = 1 << 20  # a row larger than this is not a state of ours: read with caution
 #: How every message of a store that failed ends: the call failed before anything was sent.
@@ -388,6 +389,7 @@ class _Database:
         self.next_sweep = 0.0
         self.warned_rows = False
         self.registry_key: _Key = (str(directory), group, default)
+        self.names: dict[str, str] = {}
         dir_fd = -1
         guard = -1
         try:
@@ -431,7 +433,7 @@ class _Database:
                 file_info = os.fstat(guard)
             _check_file(file_info, self.directory / DB_NAME, group)
             self.inode = (file_info.st_dev, file_info.st_ino)
-            self.guard = guard
+            self.path = str(self.directory / DB_NAME)
             while True:
                 try:
                     self.connection = self._connect()
@@ -441,11 +443,9 @@ class _Database:
                     if code != sqlite3.SQLITE_CANTOPEN or time.monotonic() >= patience:
                         raise
                     time.sleep(0.005)  # a member's new -wal or -shm file, not yet 0660
-        except BaseException:
-            if guard >= 0:
-                os.close(guard)
-            raise
         finally:
+            if guard >= 0:
+                os.close(guard)  # checked and opened: SQLite holds its own descriptors
             if dir_fd >= 0:
                 os.close(dir_fd)
 
@@ -527,23 +527,30 @@ class _Database:
         connection.execute("INSERT OR REPLACE INTO boots VALUES(?, ?)", (self.boot, now))
 
     def name(self, key: str) -> str:
-        return hmac.new(self.key, key.encode(), hashlib.sha256).hexdigest()[:32]
+        """The token's row: a keyed hash, remembered for the tokens in use."""
+        name = self.names.get(key)
+        if name is None:
+            if len(self.names) >= _NAMES_KEPT:
+                self.names.clear()
+            name = self.names[key] = hmac.new(self.key, key.encode(), hashlib.sha256).hexdigest()[
+                :32
+            ]
+        return name
 
     def deleted(self) -> bool:
-        """True once the database file was deleted or replaced under this process."""
+        """True once the database file was deleted or replaced under this process: one
+        ``stat`` of its path (the path gone, or another file there)."""
         try:
-            info = os.stat(self.directory / DB_NAME, follow_symlinks=False)
+            info = os.stat(self.path, follow_symlinks=False)
         except OSError:
             return True
-        return (info.st_dev, info.st_ino) != self.inode or os.fstat(self.guard).st_nlink == 0
+        return info.st_ino != self.inode[1] or info.st_dev != self.inode[0]
 
     def close(self) -> None:
         if os.getpid() != self.pid:
             return  # a forked child never closes its parent's connection (SQLite forbids it)
         with contextlib.suppress(sqlite3.Error):
             self.connection.close()
-        with contextlib.suppress(OSError):
-            os.close(self.guard)
 
 
 def _parse_state(raw: Any) -> TokenState:

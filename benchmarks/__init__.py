@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "3 processes: host store and Redis, strict and no-burst",
     ),
     "lanes": ("benchmarks.lanes", "a web app and a bulk job on one token, lanes on and off"),
+    "hoststore": ("benchmarks.hoststore", "the host store: SQLite against hardened files"),
 }
 
 

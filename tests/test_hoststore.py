@@ -951,3 +951,72 @@ def test_a_busy_database_is_waited_for_and_a_forked_child_opens_its_own(
     os.waitpid(pid, 0)
     assert store.try_update(KEY, lambda state, now: "parent") == (True, "parent")
     asyncio.run(store.aclose())
+
+
+# ---------------------------------------------------------------------- Redis by configuration
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[Any]:
+    from .redis_server import RedisServer, require_redis_server
+
+    server = RedisServer(require_redis_server()).start()
+    yield server
+    server.stop()
+
+
+async def test_a_redis_process_beside_the_host_store_is_said(
+    strict: MockAutocalls, redis_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Redis app and a default client on one token, on one host: a WARNING naming both."""
+    from autocalls_async import RedisRateLimiter
+
+    caplog.set_level(logging.WARNING, logger="autocalls_async")
+    token = new_token()
+    async with (
+        RedisRateLimiter(redis_server.url, rate_limit=RATE, prefix="said:") as limiter,
+        AsyncAutocalls(token, base_url=strict.base_url, limiter=limiter) as on_redis,
+        AsyncAutocalls(token, base_url=strict.base_url, rate_limit=RATE) as on_host,
+    ):
+        await on_redis.generate_reply(assistant_id=123, customer_identifier="r", message="x")
+        await on_host.generate_reply(assistant_id=123, customer_identifier="h", message="x")
+    said = [r.getMessage() for r in caplog.records if "two rate-limit schedules" in r.getMessage()]
+    assert len(said) == 1 and "Redis at" in said[0] and "host store" in said[0], said
+
+
+async def test_redis_url_on_the_command_line_and_in_the_environment(
+    strict: MockAutocalls, redis_server: Any
+) -> None:
+    """`reply --redis-url` and AUTOCALLS_REDIS_URL keep the token's schedule in that Redis;
+    a URL that is not Redis's is a usage error before anything is sent."""
+    import redis.asyncio as redis_asyncio
+
+    inspector = redis_asyncio.Redis.from_url(redis_server.url)
+    try:
+        await inspector.flushall()
+        for how in ("flag", "env"):
+            extra = {"AUTOCALLS_REDIS_URL": redis_server.url} if how == "env" else {}
+            flag = ["--redis-url", redis_server.url] if how == "flag" else []
+            child = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "autocalls_async", "reply", *flag,
+                "--assistant-id", "123", "--customer", f"+1415555{len(how)}", "Hi",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                env=child_env(AUTOCALLS_API_TOKEN=new_token(),
+                              AUTOCALLS_BASE_URL=strict.base_url, **extra),
+            )  # fmt: skip
+            out, err = await asyncio.wait_for(child.communicate(), 60)
+            assert child.returncode == 0, err.decode()
+            keys = [key.decode() for key in await inspector.keys("*")]
+            assert any(key.startswith("autocalls:rl:") for key in keys), keys
+            await inspector.flushall()
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "autocalls_async", "reply", "--redis-url", "http://x",
+            "--assistant-id", "123", "--customer", "+14155550000", "Hi",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env=child_env(AUTOCALLS_API_TOKEN="t-usage", AUTOCALLS_BASE_URL=strict.base_url),
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(child.communicate(), 60)
+        assert child.returncode == 2 and "--redis-url must start with redis://" in err.decode()
+        assert len(strict.requests) == 2
+    finally:
+        await inspector.aclose()

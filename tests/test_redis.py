@@ -444,7 +444,7 @@ async def test_client_on_redis_keeps_a_strict_server_happy(
         assert_rolling([r.time for r in server.requests], RateLimit(5, 0.5, margin=0))
         server.inject(Fault.rate_limited(retry_after=1))
         await client.generate_reply(assistant_id=123, customer_identifier="c0", message="Again")
-        key = limiter.redis_key(client.token_id)
+        key = limiter.redis_key(client._limiter_key)
         assert client.stats.rate_limited == 1
         assert json.loads(await inspector.get(key))["pause"] is not None
         assert "tok-client" not in key

@@ -80,8 +80,8 @@ class AccessRecord:
     method: str
     path: str
     status: int | None  #: None: the connection was dropped (a ``Fault.drop``)
-    #: The first 8 hex digits of the token's SHA-256 (the SDK's ``token_id`` starts with
-    #: them), or None without a bearer token.
+    #: The first 8 hex digits of the token's SHA-256, to tell the emulator's tokens apart in
+    #: its log (the SDK's ``token_id`` is a keyed hash: they differ), or None without one.
     token_id: str | None
     latency: float  #: seconds from arrival to the response
 
