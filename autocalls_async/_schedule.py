@@ -231,10 +231,10 @@ def _in(value: Any) -> float:
 def _user(value: Any) -> list[Any]:
     """A ``users`` entry as stored, checked: anything else is not a state of ours."""
     requests, period, margin, where, expiry = value
-    entry = [int(requests), _in(period), _in(margin), str(where), _in(expiry)]
-    if entry[0] < 1 or entry[1] <= 0 or not 0 <= entry[2] < 1:
+    count, seconds, share = int(requests), _in(period), _in(margin)
+    if count < 1 or seconds <= 0 or not 0 <= share < 1:
         raise ValueError(f"not a rate: {value!r}")
-    return entry
+    return [count, seconds, share, str(where), _in(expiry)]
 
 
 def _queued(value: Any) -> list[Any]:
