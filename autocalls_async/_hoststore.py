@@ -467,6 +467,9 @@ class _Database:
         return connection
 
     def _initialise(self, connection: sqlite3.Connection) -> None:
+        if self._ready(connection):
+            return
+        # A new database (or one of an older schema): made ready once, under the write lock.
         deadline = time.monotonic() + 5.0
         while True:
             try:
@@ -506,6 +509,33 @@ class _Database:
             with contextlib.suppress(sqlite3.Error):
                 connection.execute("ROLLBACK")
             raise
+
+    def _ready(self, connection: sqlite3.Connection) -> bool:
+        """True when the database is ready for us, found by reading alone: a process that holds
+        the write lock (or is stopped holding it) never blocks another one's start."""
+        try:
+            if str(connection.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                return False
+            version = connection.execute("PRAGMA user_version").fetchone()[0]
+            if version != _SCHEMA:
+                self._check_version(version)
+                return False
+            row = connection.execute("SELECT value FROM meta WHERE name='key'").fetchone()
+            if row is None:
+                return False
+            self.key = bytes.fromhex(row[0])
+            started = _boot_started()
+            for other, seen in connection.execute(
+                "SELECT boot, seen FROM boots WHERE boot != ?", (self.boot,)
+            ):
+                if float(seen) > started + 1.0:
+                    raise _Refused(_two_kernels(self.directory, str(other)))
+        except sqlite3.OperationalError as exc:
+            if _busy(exc) or "no such table" in str(exc):
+                return False
+            raise
+        connection.execute("PRAGMA synchronous=NORMAL")
+        return True
 
     def _check_version(self, version: int) -> None:
         if version not in (0, _SCHEMA):

@@ -72,7 +72,7 @@ _POLL_MAX = 0.05
 _NOTE_TTL = 120.0
 _NOTED_MAX = 50_000
 #: The stores this process said were unavailable, until one of their limiters works again.
-_DOWN: set[str] = set()
+_DOWN: set[tuple[str, bool]] = set()
 #: (token, one place, another place): warned once per process.
 _WARNED: set[tuple[str, str, str]] = set()
 
@@ -526,8 +526,9 @@ class Limiter(AsyncOnly):
 
     def _outage(self, exc: LimiterUnavailableError) -> None:
         # Said once per process and store, however many limiters use it (a client each).
-        if self._down is None and self.place not in _DOWN:
-            _DOWN.add(self.place)
+        said = (self.place, self.fallback is not None)
+        if self._down is None and said not in _DOWN:
+            _DOWN.add(said)
             if self.fallback is None:  # the call fails with exc: nothing was sent
                 logger.warning(
                     "rate limiter (%s) unavailable: %s",
@@ -551,9 +552,10 @@ class Limiter(AsyncOnly):
     def _recovered(self) -> None:
         if self._down is not None:
             self._down = None
-            if self.place not in _DOWN:
+            said = (self.place, self.fallback is not None)
+            if said not in _DOWN:
                 return
-            _DOWN.discard(self.place)
+            _DOWN.discard(said)
             logger.info(
                 "rate limiter (%s) available again",
                 self.kind,
@@ -597,6 +599,8 @@ class Limiter(AsyncOnly):
         """Say where this limiter keeps ``key``'s schedule, in this user's host store, and warn
         once when another live limiter of this host keeps the same token's elsewhere: two
         schedules, each keeping the limit alone, together exceed it."""
+        if self.store.kind == "process" and self.store is not PROCESS_STORE:
+            return  # a store of its own (a test's clock): its own schedule, by design
         now = front.loop.time()
         last = front.noted.get(key)
         if last is not None and now - last < _NOTE_TTL / 2:
