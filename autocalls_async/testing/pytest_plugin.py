@@ -45,8 +45,8 @@ never wait. When the emulator has one (the marker's `rate_limit`), the client ke
 the SDK does in production: starts spaced `period / requests` apart, in a private
 `LocalRateLimiter` (never the host-wide limiter store's schedules, so tests cannot slow each
 other or the machine's other processes down). Under `rate_limit=(5, 60)` two calls are 12 s
-apart: give the marker a scaled limit such as `(5, 0.5)`. Retries back off 10 to 50 ms (a `Retry-After`
-the emulator sends is still honoured). Both fixtures run in the test's own event loop
+apart: give the marker a scaled limit such as `(5, 0.5)`. Retries back off 10 to 50 ms (a
+`Retry-After` the emulator sends is still honoured). Both fixtures run in the test's own event loop
 (`loop_scope="function"`, pytest-asyncio's default), whatever the project's
 `asyncio_default_fixture_loop_scope`; tests that use them run in that loop too (not
 `@pytest.mark.asyncio(loop_scope="session")`). For other client options, build your own
