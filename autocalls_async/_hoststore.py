@@ -481,9 +481,7 @@ class _Database:
                 time.sleep(0.002)
         if str(mode).lower() != "wal":
             raise _Refused(f"{self.directory} does not support SQLite's WAL mode ({mode})")
-        # A crash of the process never loses a commit; only a power loss may lose the last
-        # ones, and the store lives on a tmpfs by default, which a power loss empties anyway.
-        connection.execute("PRAGMA synchronous=NORMAL")
+        _tune(connection)
         while True:
             try:
                 connection.execute("BEGIN IMMEDIATE")
@@ -534,7 +532,7 @@ class _Database:
             if _busy(exc) or "no such table" in str(exc):
                 return False
             raise
-        connection.execute("PRAGMA synchronous=NORMAL")
+        _tune(connection)
         return True
 
     def _check_version(self, version: int) -> None:
@@ -581,6 +579,14 @@ class _Database:
             return  # a forked child never closes its parent's connection (SQLite forbids it)
         with contextlib.suppress(sqlite3.Error):
             self.connection.close()
+
+
+def _tune(connection: sqlite3.Connection) -> None:
+    # A crash of the process never loses a commit; only a power loss may lose the last ones,
+    # and the store lives on a tmpfs by default, which a power loss empties anyway.
+    connection.execute("PRAGMA synchronous=NORMAL")
+    # The write-ahead log is cut back to 1 MiB after each checkpoint: /dev/shm is memory.
+    connection.execute("PRAGMA journal_size_limit=1048576")
 
 
 def _parse_state(raw: Any) -> TokenState:
