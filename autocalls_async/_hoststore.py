@@ -82,6 +82,7 @@ _CANDIDATES = 8
 _SCHEMA = 1
 _SWEEP_EVERY = 30.0  # seconds between deletions of idle rows
 _NAMES_KEPT = 100_000  # token -> row name, remembered (about 200 B each)
+_STATES_KEPT = 10_000  # the decoded states of the tokens used last
 _GROUP_PATIENCE = 2.0  # seconds a group member waits for another's new file to get its mode
 _MAX_STATE = 1 << 20  # a row larger than this is not a state of ours: read with caution
 #: How every message of a store that failed ends: the call failed before anything was sent.
@@ -390,6 +391,7 @@ class _Database:
         self.warned_rows = False
         self.registry_key: _Key = (str(directory), group, default)
         self.names: dict[str, str] = {}
+        self.states: dict[str, tuple[str, TokenState]] = {}  # name -> (row, decoded)
         dir_fd = -1
         guard = -1
         try:
@@ -564,6 +566,16 @@ class _Database:
                 :32
             ]
         return name
+
+    def remember(self, name: str, data: str | None, state: TokenState) -> None:
+        """Keep the state just committed, decoded: the next operation on the token reuses it
+        when the row still holds exactly what was written (most often, nobody else wrote)."""
+        if data is None:
+            self.states.pop(name, None)
+            return
+        if len(self.states) >= _STATES_KEPT:
+            self.states.clear()
+        self.states[name] = (data, state)
 
     def deleted(self) -> bool:
         """True once the database file was deleted or replaced under this process: one
@@ -806,7 +818,7 @@ class HostStore:
                 "SELECT boot, written, state FROM tokens WHERE name = ?", (name,)
             ).fetchone()
             now = self.clock()
-            state, raw = self._decode(db, row)
+            state, raw = self._decode(db, name, row)
             refused: RateConflict | None = None
             try:
                 result = update(state, now)
@@ -814,6 +826,7 @@ class HostStore:
                 # Raised once the state was settled (bounded, expired): keep that, so that
                 # what expires is gone for the next caller too, then refuse.
                 refused = conflict
+            data: str | None = None
             if state.holder is None and state.latest() <= now:
                 if row is not None:
                     connection.execute("DELETE FROM tokens WHERE name = ?", (name,))
@@ -836,11 +849,13 @@ class HostStore:
                     "INSERT OR REPLACE INTO boots VALUES(?, ?)", (db.boot, time.time())
                 )
             connection.execute("COMMIT")
+            db.remember(name, data, state)
             if refused is not None:
                 raise refused  # noqa: TRY301 (committed: not to be rolled back below)
         except RateConflict:
             raise
         except BaseException as exc:
+            db.states.pop(name, None)
             with contextlib.suppress(sqlite3.Error):
                 connection.execute("ROLLBACK")
             if isinstance(exc, _Refused):
@@ -865,7 +880,7 @@ class HostStore:
             what = f"its database failed: {exc}"
         return self._unavailable(what)
 
-    def _decode(self, db: _Database, row: Any) -> tuple[TokenState, str | None]:
+    def _decode(self, db: _Database, name: str, row: Any) -> tuple[TokenState, str | None]:
         if row is None:
             return TokenState(), None
         boot, written, raw = row
@@ -873,6 +888,9 @@ class HostStore:
             if float(written) > _boot_started() + 1.0:
                 raise _Refused(_two_kernels(db.directory, str(boot)))
             return TokenState(), None  # written before a reboot: its clock means nothing now
+        kept = db.states.get(name)
+        if kept is not None and kept[0] == raw:
+            return kept[1], raw  # what this process last wrote or read, nobody wrote since
         try:
             return _parse_state(raw), raw
         except (ValueError, TypeError, KeyError, IndexError, RecursionError):

@@ -61,7 +61,7 @@ def flush(store: MemoryStore | HostStore, directory: Path) -> None:
     """The store loses its state (a Redis FLUSHALL or restart; the host database emptied)."""
     if isinstance(store, MemoryStore):
         store._states.clear()
-    else:
+    elif (directory / "limiter.db").exists():  # else nothing was stored yet
         with sqlite3.connect(directory / "limiter.db", isolation_level=None) as connection:
             connection.execute("DELETE FROM tokens")
         connection.close()
