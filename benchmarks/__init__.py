@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "3 processes: host store and Redis, strict and no-burst",
     ),
     "lanes": ("benchmarks.lanes", "a web app and a bulk job on one token, lanes on and off"),
+    "redaction": ("benchmarks.redaction", "what masking the token costs per response"),
 }
 
 
