@@ -50,6 +50,10 @@ DEFAULT_BASE_URL = "https://app.autocalls.ai/api"
 MAX_CUSTOMER_IDENTIFIER = 255
 MAX_ASSISTANT_ID = 2**63 - 1  # the service stores it in a signed BIGINT
 MAX_JSON_DEPTH = 64
+#: The integers a variable may hold: PHP, behind the service, reads a JSON integer outside the
+#: signed 64-bit range as an approximate float (and Python will not even write one of more
+#: than 4,300 digits).
+MIN_JSON_INT, MAX_JSON_INT = -(2**63), 2**63 - 1
 #: nginx's default ``client_max_body_size``: a bigger body would travel only to get a 413.
 DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024
 EXCERPT = 200
@@ -623,15 +627,27 @@ def _json_value(value: object, path: str, depth: int = 0) -> Any:
         _refuse(f"{path} is nested more than {MAX_JSON_DEPTH} levels deep")
     if value is None or isinstance(value, bool):
         return value
+    # A subclass of int, float or str (an IntEnum, a StrEnum, your own) is sent as the data it
+    # holds, read by the base type's own method: never through its __int__, __float__, __str__
+    # or __repr__, which may say something else.
     if isinstance(value, int):
-        return int(value)  # an IntEnum or int subclass is sent as its number
+        number = int.__index__(value)
+        if not MIN_JSON_INT <= number <= MAX_JSON_INT:
+            _refuse(
+                f"{path} is an integer of {number.bit_length()} bits, outside the signed 64-bit "
+                "range in which the service reads integers (it would become an approximate "
+                "float, or not encode at all): send it as a string"
+            )
+        return number
     if isinstance(value, float):
-        if not math.isfinite(value):
-            _refuse(f"{path} is {value!r}, which JSON cannot represent; use null or a number")
-        return float(value)
+        real = float.__float__(value)
+        if not math.isfinite(real):
+            _refuse(f"{path} is {real!r}, which JSON cannot represent; use null or a number")
+        return real
     if isinstance(value, str):
-        _check_text(path, value)
-        return str(value)
+        text = str.__str__(value)
+        _check_text(path, text)
+        return text
     if isinstance(value, list | tuple):
         return [
             _json_value(item, f"{path}[{index}]", depth + 1) for index, item in enumerate(value)
@@ -645,8 +661,9 @@ def _json_value(value: object, path: str, depth: int = 0) -> Any:
         for key, item in items:
             if not isinstance(key, str):
                 _refuse(f"{path} has a key {key!r} of type {type(key).__name__}; keys must be str")
-            _check_text(f"{path} key {key!r}", key)
-            plain[str(key)] = _json_value(item, f"{path}[{key!r}]", depth + 1)
+            name = str.__str__(key)  # as a value: the string data, whatever the subclass says
+            _check_text(f"{path} key {name!r}", name)
+            plain[name] = _json_value(item, f"{path}[{name!r}]", depth + 1)
         return plain
     _refuse(
         f"{path} is a {type(value).__name__}, which is not JSON: use str, int, float, bool, "
@@ -682,6 +699,7 @@ def build_request(
             f"assistant_id must be an int, got {type(assistant_id).__name__} {assistant_id!r}"
             + (" (convert it with int(...))" if isinstance(assistant_id, str | float) else "")
         )
+    assistant_id = int.__index__(assistant_id)  # an int subclass: its value (see _json_value)
     if not 0 < assistant_id <= MAX_ASSISTANT_ID:
         _refuse(f"assistant_id must be a positive id, got {assistant_id}")
     if not isinstance(customer_identifier, str):
@@ -689,6 +707,7 @@ def build_request(
             "customer_identifier must be a str (an E.164 phone number, an e-mail, a CRM id), "
             f"got {type(customer_identifier).__name__}"
         )
+    customer_identifier = str.__str__(customer_identifier)  # a str subclass: its data
     if not trim(customer_identifier):
         _refuse("customer_identifier is empty")
     if len(customer_identifier) > MAX_CUSTOMER_IDENTIFIER:
@@ -699,6 +718,7 @@ def build_request(
     _check_text("customer_identifier", customer_identifier)
     if not isinstance(message, str):
         _refuse(f"message must be a str, got {type(message).__name__}")
+    message = str.__str__(message)
     if not trim(message):
         _refuse("message is empty (the service trims whitespace and then requires text)")
     _check_text("message", message)
