@@ -64,6 +64,12 @@ class _Body(aiohttp.BytesPayload):
         self.written = False
         self.lease_lost = False
 
+    def __deepcopy__(self, memo: dict[int, object]) -> aiohttp.BytesPayload:
+        # A recorder of requests (aioresponses deep-copies every call's arguments) gets the
+        # body's bytes, not the live rate-limit grant: copying that would copy its event
+        # loop, whose half-made copy then fails in __del__ (an unraisable error).
+        return aiohttp.BytesPayload(self._value, content_type="application/json")
+
     async def write(self, writer: AbstractStreamWriter) -> None:
         await self.write_with_length(writer, None)
 
