@@ -240,11 +240,11 @@ async def test_a_malformed_response_leaves_nothing(
     raw_server: Callable[[str], str], mode: str
 ) -> None:
     error = await _caught(raw_server(mode))
-    assert isinstance(error, sdk.APIConnectionError)
-    assert error.__cause__ is None and error.__context__ is None
     assert not leaks(error)
-    # What aiohttp said stays readable: its type's name, and its text with the token masked.
-    assert "Error" in str(error), str(error)
+    assert error.__cause__ is None and error.__context__ is None
+    if isinstance(error, sdk.APIConnectionError):  # aiohttp 3.12 accepts some of these
+        # What aiohttp said stays readable: its type's name, its text with the token masked.
+        assert "Error" in str(error), str(error)
 
 
 @pytest.mark.parametrize(
