@@ -45,7 +45,7 @@ def read_token_file(path: str) -> str:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise TokenInputError(f"--token-file {path!r} is not a regular file")
-        if os.name == "posix":
+        if os.name == "posix":  # pragma: no branch (Windows has no such modes)
             if info.st_uid != os.getuid():
                 raise TokenInputError(
                     f"--token-file {path!r} belongs to another user; refusing to read a token "

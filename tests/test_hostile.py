@@ -234,6 +234,7 @@ _ENCODERS: dict[str, Callable[[bytes], bytes]] = {
     "deflate-raw": lambda data: _deflate(data, raw=True),
     "gzip, gzip": lambda data: gzip.compress(gzip.compress(data, 9), 9),
     "deflate, gzip": lambda data: gzip.compress(_deflate(data), 9),
+    "identity, gzip, identity": lambda data: gzip.compress(data, 9),
 }
 
 
@@ -319,6 +320,7 @@ async def test_only_what_can_be_bounded_is_asked_for(hostile: Start) -> None:
         ("br", b"\x1b\xff\xff\x00" * 64, "Content-Encoding 'br', which was not asked for"),
         ("zstd", b"\x28\xb5\x2f\xfd" * 64, "Content-Encoding 'zstd', which was not asked for"),
         ("gzip, gzip, gzip, gzip", b"x", "4 layers of Content-Encoding"),
+        ("x" * 30, b"x", r"Content-Encoding '\?'"),  # a name not worth quoting
         ("gzip", b"not gzip at all", "not valid gzip data"),
         ("gzip", gzip.compress(json.dumps(GOOD).encode())[:-12], "gzip body was cut short"),
         ("deflate", _deflate(json.dumps(GOOD).encode())[:-6], "deflate body was cut short"),
@@ -332,6 +334,12 @@ async def test_an_encoding_that_is_not_decoded_is_refused(
         await call(server)
     assert caught.value.status == 200
     assert server.hits == 1
+
+
+async def test_bytes_after_a_deflate_stream_are_ignored(hostile: Start) -> None:
+    """As browsers and aiohttp do: what follows the end of the stream is not the body."""
+    body = _deflate(json.dumps(GOOD).encode()) + b"trailing garbage"
+    assert (await call(await hostile(_bounded_server("deflate", body, chunked=True)))).reply == "ok"
 
 
 async def test_several_gzip_members_are_one_body(hostile: Start) -> None:

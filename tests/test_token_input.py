@@ -223,3 +223,17 @@ async def test_the_token_typed_on_a_terminal_is_not_echoed(server: MockAutocalls
     assert process.returncode == 0, seen
     assert TOKEN.encode() not in seen  # not echoed
     assert server.conversation(123, "+1555").messages == ["Hi"]
+
+
+async def test_a_token_file_of_another_user_is_refused(
+    server: MockAutocalls, tmp_path: Path
+) -> None:
+    """Even private to its owner: another user could change it (or read it)."""
+    path = token_file(tmp_path, 0o600)
+    if os.getuid() == 0:
+        os.chown(path, 65534, 65534)  # nobody
+    else:
+        path = Path("/etc/passwd")  # root's
+    code, out, err = await cli(server, *REPLY, "--token-file", str(path), "Hi")
+    assert code == 2 and "belongs to another user" in err, err
+    assert server.requests == []
