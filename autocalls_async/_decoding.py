@@ -1,12 +1,14 @@
 """Content-Encoding, decoded by the SDK itself, with every byte it makes counted.
 
-aiohttp's own decoding (``auto_decompress=True``) inflates what arrives in one piece: before
-3.14 a 1 MB gzip body of zeros became 1 GiB in memory before the SDK could count it. The
-transport therefore asks aiohttp for the bytes as sent (``auto_decompress=False``) and decodes
-them here, a layer at a time, asking zlib for at most one byte more than the room left under
-the cap: no layer ever holds more than ``max_response_size`` (plus a little for an inner
-layer's own framing), whatever the compression ratio, the number of layers, or the gzip
-members. Pure code, no I/O: the transport feeds it the chunks it reads.
+aiohttp's own decoding (``auto_decompress=True``) hands on whole what it inflates, and
+``response.read()`` reads it all: a 1 MB gzip body of zeros became 1 GiB in memory before the
+SDK could count it. The transport therefore asks aiohttp for the bytes as sent
+(``auto_decompress=False``) and decodes them here, a layer at a time, asking zlib for at most
+64 KiB at a time and never more than one byte past the room left under the cap: a layer never
+makes more than ``max_response_size`` (plus a little for an inner layer's own framing), and
+memory holds the decoded body and a piece per layer, whatever the compression ratio, the
+number of layers, or the gzip members. Pure code, no I/O: the transport feeds it the chunks
+it reads.
 
 Only what this module can bound is asked for (``Accept-Encoding: gzip, deflate``) and decoded;
 a body in another encoding (``br``, ``zstd``, ``compress``) is refused, not passed on raw.
@@ -15,6 +17,7 @@ a body in another encoding (``br``, ``zstd``, ``compress``) is refused, not pass
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterable, Iterator
 from typing import Final
 
 __all__ = ["ACCEPT_ENCODING", "BadEncodingError", "BodyDecoder", "TooLargeError"]
@@ -25,6 +28,8 @@ ACCEPT_ENCODING: Final = "gzip, deflate"
 MAX_LAYERS: Final = 3
 #: gzip members in one body (RFC 1952 allows several); each costs a new decompressor.
 MAX_MEMBERS: Final = 64
+#: What one call to zlib may make: the pieces a layer hands on.
+STEP: Final = 64 * 1024
 _ALIASES: Final = {"x-gzip": "gzip", "gzip": "gzip", "deflate": "deflate"}
 
 
@@ -82,26 +87,32 @@ class _Inflater:
         # them apart by the first byte, as browsers and aiohttp do.
         return zlib.decompressobj(zlib.MAX_WBITS if first & 0x0F == 8 else -zlib.MAX_WBITS)
 
-    def feed(self, data: bytes) -> bytes:
-        parts: list[bytes] = []
-        while data:
-            if self._obj is None or (self._obj.eof and self._gzip):
-                self._obj = self._new(data[0])
-            elif self._obj.eof:  # bytes after the end of a deflate stream: ignored
-                break
-            room = self.limit - self.made
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """The decoded bytes of ``data``, in pieces of at most ``STEP`` bytes."""
+        while True:
+            obj = self._obj
+            if obj is None or obj.eof:
+                if not data or (obj is not None and not self._gzip):
+                    return  # all used; or bytes after the end of a deflate stream: ignored
+                obj = self._obj = self._new(data[0])
+            step = min(self.limit - self.made + 1, STEP)
             try:
-                out = self._obj.decompress(data, room + 1)
+                out = obj.decompress(data, step)
             except zlib.error:
                 kind = "gzip" if self._gzip else "deflate"
                 raise BadEncodingError(f"the body is not valid {kind} data") from None
             self.made += len(out)
             if self.made > self.limit:
                 raise TooLargeError
-            parts.append(out)
-            # Within the room, zlib consumed all of ``data``, or stopped at a member's end.
-            data = self._obj.unused_data if self._obj.eof else b""
-        return b"".join(parts)
+            if out:
+                yield out
+            data = obj.unused_data if obj.eof else obj.unconsumed_tail
+            if not obj.eof and not data and len(out) < step:
+                return  # all of the input used, and no output pending
+
+    def feed_all(self, pieces: Iterable[bytes]) -> Iterator[bytes]:
+        for piece in pieces:
+            yield from self.feed(piece)
 
     def finish(self) -> None:
         if self._obj is not None and not self._obj.eof:
@@ -130,10 +141,13 @@ class BodyDecoder:
     def identity(self) -> bool:
         return not self._stages
 
-    def feed(self, chunk: bytes) -> bytes:
+    def feed(self, chunk: bytes) -> Iterator[bytes]:
+        """The decoded bytes of ``chunk``, in pieces: a piece is handed on before the next is
+        made, so that memory holds the cap and a piece per layer, never a layer whole."""
+        pieces: Iterable[bytes] = (chunk,)
         for stage in self._stages:
-            chunk = stage.feed(chunk)
-        return chunk
+            pieces = stage.feed_all(pieces)
+        return iter(pieces)
 
     def finish(self) -> None:
         for stage in self._stages:

@@ -256,7 +256,7 @@ class Transport:
         cap = self.max_response_size
         declared = response.content_length
         if declared is not None and declared > cap:
-            raise _Refused(self._too_large(f"declares {declared} bytes"))
+            raise _Refused(self._too_large(f"declares {declared} bytes, more than"))
         try:
             decoder = BodyDecoder(headers.get("Content-Encoding"), cap)  # a CIMultiDict
         except BadEncodingError as exc:
@@ -269,19 +269,23 @@ class Transport:
             async for chunk in response.content.iter_chunked(CHUNK):
                 size += len(chunk)
                 if size > cap:
-                    raise _Refused(self._too_large("kept going"))
-                body += chunk if decoder.identity else decoder.feed(chunk)
+                    raise _Refused(self._too_large("kept going, past"))
+                if decoder.identity:
+                    body += chunk
+                else:
+                    for piece in decoder.feed(chunk):
+                        body += piece
             decoder.finish()
         except TooLargeError:
-            raise _Refused(self._too_large("decompresses to more")) from None
+            raise _Refused(self._too_large("decompresses to more than")) from None
         except BadEncodingError as exc:
             raise _Refused(f"the response body could not be decoded: {exc}") from None
         return bytes(body)
 
     def _too_large(self, what: str) -> str:
         return (
-            f"the response body {what}, more than max_response_size={self.max_response_size} "
-            "bytes; it was not read further"
+            f"the response body {what} max_response_size={self.max_response_size} bytes; it "
+            "was not read further"
         )
 
 

@@ -279,7 +279,7 @@ async def test_a_compression_bomb_is_refused_at_the_cap(
     finally:
         tracemalloc.stop()
     assert "decompresses to more" in str(caught.value)
-    assert peak < 8 * CAP, f"peak {peak / CAP:.0f} MiB"
+    assert peak < 2 * CAP, f"peak {peak / CAP:.1f} MiB"  # the cap, and a piece per layer
     assert server.hits == 1
 
 
