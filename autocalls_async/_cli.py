@@ -58,6 +58,7 @@ from ._log import configure_from_env
 from ._models import Priority, RateLimit
 from ._ratelimit import Limiter, RateLimiter, Slot, default_limiter
 from ._retry import Decision, RetryPolicy
+from ._token_input import resolve_token
 from ._version import __version__
 from ._wire import DEFAULT_BASE_URL, DEFAULT_MAX_REQUEST_BYTES, RAISE_LIMIT_HINT, check_token
 from .bulk import DEFAULT_CONCURRENCY, BulkRequest, BulkResult, BulkRunner, error_code
@@ -101,7 +102,8 @@ exit codes:
 
 ENVIRONMENT_HELP: Final = """\
 environment:
-  AUTOCALLS_API_TOKEN  the API token (preferred over --token, which shows in `ps`)
+  AUTOCALLS_API_TOKEN  the API token (preferred over --token, which shows in `ps`; or
+                       --token-file PATH, or --token - to read it from stdin)
   AUTOCALLS_BASE_URL   the API's base URL (default https://app.autocalls.ai/api)
   AUTOCALLS_LOG        debug|info: log the SDK's requests and retries to stderr
 """
@@ -387,8 +389,13 @@ def _client_options(parser: argparse.ArgumentParser, *, default_rate: str) -> No
     group = parser.add_argument_group("connection")
     group.add_argument(
         "--token",
-        help="API token (default: $AUTOCALLS_API_TOKEN; prefer the variable, --token shows "
-        "in `ps`)",
+        help="API token, or '-' to read it from stdin (default: $AUTOCALLS_API_TOKEN; a token "
+        "given here shows in `ps` to every local user: prefer the variable or --token-file)",
+    )
+    group.add_argument(
+        "--token-file",
+        metavar="PATH",
+        help="read the API token from PATH, a file only you can read (chmod 600)",
     )
     group.add_argument(
         "--base-url", help="API base URL (default: $AUTOCALLS_BASE_URL or the real service)"
@@ -722,6 +729,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, usage errors: argparse has printed them
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     handler: Callable[[argparse.Namespace], int] = args.handler
+    problem = resolve_token(args)  # --token-file, --token -
+    if problem is not None:
+        return _usage_error(problem)
     warnings = _sdk_warnings_to_stderr()
     configure_from_env()  # every command, mock-server too: an unknown AUTOCALLS_LOG is said once
     package = logging.getLogger("autocalls_async")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 import math
 import os
@@ -15,7 +16,7 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Concatenate, ParamSpec, Self
 
 import aiohttp
 import attrs
@@ -105,6 +106,29 @@ def _check_seconds(name: str, value: object, *, allow_none: bool = True) -> floa
     return float(value)
 
 
+_P = ParamSpec("_P")
+
+
+def _refused_without_frames(
+    init: Callable[Concatenate[AsyncAutocalls, _P], None],
+) -> Callable[Concatenate[AsyncAutocalls, _P], None]:
+    """The constructor, whose refusals (``InvalidRequestError``) carry no traceback into it:
+    its frame holds the token and the headers made from it, which an error reporter that
+    records frames' local variables would show. The message says what to fix."""
+
+    @functools.wraps(init)
+    def construct(self: AsyncAutocalls, /, *args: _P.args, **kwargs: _P.kwargs) -> None:
+        try:
+            init(self, *args, **kwargs)
+        except InvalidRequestError as error:
+            del args, kwargs  # api_token among them
+            error.__traceback__ = None
+            error.__context__ = None  # what check_base_url hid (``from None``), with its frames
+            raise
+
+    return construct
+
+
 class AsyncAutocalls(AsyncOnly):
     """An async client for ``POST /ai/generate-reply``; share one per process and event loop.
 
@@ -118,6 +142,7 @@ class AsyncAutocalls(AsyncOnly):
     talk to accepts more; None removes the check.
     """
 
+    @_refused_without_frames
     def __init__(
         self,
         api_token: str | None = None,

@@ -52,7 +52,25 @@ __all__ = [
 
 
 class AutocallsError(Exception):
-    """Base class of every error this SDK raises."""
+    """Base class of every error this SDK raises.
+
+    Every one pickles to an equal error (same type, ``args``, message and attributes:
+    ``status``, ``error_code``, ``sent``, ``retry_after``, ...), whatever its constructor
+    takes: a worker of a ``ProcessPoolExecutor``, multiprocessing or Celery can raise it.
+    ``__cause__``, ``__context__`` and the traceback are not pickled (as for any exception).
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exception's own reduce calls cls(*args): wrong for a keyword-only constructor
+        # (``sent=``, ``status=``) or one whose arguments are not the message.
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
+
+
+def _rebuild(cls: type[AutocallsError], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 class InvalidRequestError(AutocallsError, ValueError):
@@ -125,18 +143,6 @@ class APIError(AutocallsError):
     def _describe(self) -> str:
         code = f" {self.error_code}" if self.error_code else ""
         return f"HTTP {self.status}{code}: {self.message}"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Keyword-only constructor: teach pickle (multiprocessing, Celery) to rebuild it.
-        return (_rebuild, (type(self), self.message, self.__dict__))
-
-
-def _rebuild(cls: type[APIError], message: str, state: dict[str, Any]) -> APIError:
-    error = cls.__new__(cls)
-    Exception.__init__(error, message)
-    error.__dict__.update(state)
-    error.args = (error._describe(),)
-    return error
 
 
 class AuthenticationError(APIError):

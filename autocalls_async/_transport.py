@@ -20,6 +20,7 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
 
+from ._decoding import ACCEPT_ENCODING, BadEncodingError, BodyDecoder, TooLargeError
 from ._errors import APIConnectionError, APIResponseValidationError, APITimeoutError
 from ._wire import WITHHELD_MESSAGE, Redactor, shown_url
 
@@ -63,6 +64,12 @@ class _Body(aiohttp.BytesPayload):
         self.written = False
         self.lease_lost = False
 
+    def __deepcopy__(self, memo: dict[int, object]) -> aiohttp.BytesPayload:
+        # A recorder of requests (aioresponses deep-copies every call's arguments) gets the
+        # body's bytes, not the live rate-limit grant: copying that would copy its event
+        # loop, whose half-made copy then fails in __del__ (an unraisable error).
+        return aiohttp.BytesPayload(self._value, content_type="application/json")
+
     async def write(self, writer: AbstractStreamWriter) -> None:
         await self.write_with_length(writer, None)
 
@@ -104,6 +111,9 @@ class Transport:
         #: before anything else sees them: the one place where the SDK reads what came back.
         self._redactor = redactor
         self._headers = dict(headers)
+        # Only what _decoding can decode within the cap (aiohttp would add br and zstd
+        # when their libraries are installed).
+        self._headers["Accept-Encoding"] = ACCEPT_ENCODING
         self._borrowed = session
         self._trust_env = trust_env
         self._own: aiohttp.ClientSession | None = None
@@ -137,24 +147,50 @@ class Transport:
             await own.close()
 
     async def post(self, body: bytes, gate: SendGate = OPEN) -> Response:
+        """Send ``body``; the response, or raise ``APIConnectionError`` or
+        ``APIResponseValidationError``.
+
+        The error is raised here, from a frame that holds no aiohttp object, and outside any
+        ``except`` block: it has no ``__cause__`` nor ``__context__``, and its traceback starts
+        here. aiohttp's exceptions keep the request's headers, and so the token
+        (``ClientResponseError.request_info``), and an error reporter serialises the whole
+        chain and every frame's locals: the SDK's error keeps only the type name of aiohttp's
+        and its text, redacted."""
         payload = _Body(body, gate)
-        url = self.url
+        try:
+            outcome = await self._exchange(payload)
+        finally:
+            if not payload.written:
+                give_back = getattr(payload.gate, "give_back", None)
+                if give_back is not None:
+                    give_back()
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async def _exchange(
+        self, payload: _Body
+    ) -> Response | APIConnectionError | APIResponseValidationError:
+        """The response, or the SDK error to raise (returned, not raised: see ``post``)."""
         host = self.shown.host
         borrowed = self._borrowed
         try:
             if borrowed is None:
                 request = self._own_session().post(
-                    url,
+                    self.url,
                     data=payload,
                     allow_redirects=False,
                     proxy=self._proxy,
                     proxy_auth=self._proxy_auth,
+                    auto_decompress=False,  # decoded by _decoding, within the cap
                 )
             else:
                 if borrowed.closed:
-                    raise APIConnectionError("the aiohttp session you passed is closed", sent=False)
+                    return APIConnectionError(
+                        "the aiohttp session you passed is closed", sent=False
+                    )
                 request = borrowed.post(
-                    url,
+                    self.url,
                     data=payload,
                     headers=self._headers,
                     timeout=self.timeout,
@@ -162,42 +198,47 @@ class Transport:
                     # Whatever the caller's session says: every status is ours to read (a 429
                     # must pause the token, a 4xx is a typed error, not a connection failure).
                     raise_for_status=False,
+                    auto_decompress=False,
                 )
             async with request as response:
+                status = response.status
                 headers = self._headers_of(response)
-                body = await self._read(response, headers)
-                return response.status, headers, self._body(body)
-        except APIResponseValidationError:
-            raise
+                try:
+                    body = await self._read(response, headers)
+                except _Refused as refused:
+                    return APIResponseValidationError(
+                        refused.message, status=status, headers=headers
+                    )
+                return status, headers, self._body(body)
         except aiohttp.ConnectionTimeoutError as exc:
-            raise APITimeoutError(
-                f"could not connect to {host} in time: {exc}", sent=False
-            ) from exc
-        except TimeoutError as exc:
-            raise APITimeoutError(
+            return APITimeoutError(
+                f"could not connect to {host} in time: {self._cause(exc)}", sent=False
+            )
+        except TimeoutError:
+            return APITimeoutError(
                 f"no complete response from {host} within {self.timeout.total}s",
                 sent=payload.written,
-            ) from exc
+            )
         except (aiohttp.ClientError, OSError) as exc:
             if payload.lease_lost:
-                raise GrantExpiredError(
+                return GrantExpiredError(
                     "the event loop was busy so long between the rate-limit grant and the "
                     "write that the grant ran out; nothing was sent",
                     sent=False,
-                ) from exc
-            message = f"request to {host} failed: {type(exc).__name__}: {exc}"
-            shown = self._text(message)
-            # An exception of aiohttp that quotes what the server sent may hold the token:
-            # then it is not chained (a traceback would print it).
-            raise APIConnectionError(shown, sent=payload.written) from (
-                exc if shown == message else None
+                )
+            return APIConnectionError(
+                f"request to {host} failed: {self._cause(exc)}", sent=payload.written
             )
-        finally:
-            if not payload.written:
-                gate = payload.gate
-                give_back = getattr(gate, "give_back", None)
-                if give_back is not None:
-                    give_back()
+
+    def _cause(self, exc: BaseException) -> str:
+        """aiohttp's exception as text: its type's name and its message, the token masked
+        (a ``ClientResponseError`` quotes the bad line the server sent)."""
+        if isinstance(exc, aiohttp.ClientResponseError):
+            # Its str() names the request's URL, which the SDK shows its own way.
+            text = f"{exc.status}, message={exc.message!r}"
+        else:
+            text = str(exc)
+        return self._text(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
 
     def _text(self, text: str) -> str:
         return text if self._redactor is None else self._redactor.text(text, WITHHELD_MESSAGE)
@@ -210,27 +251,47 @@ class Transport:
         return headers if self._redactor is None else self._redactor.headers(headers)
 
     async def _read(self, response: aiohttp.ClientResponse, headers: Mapping[str, str]) -> bytes:
+        """The body, decoded, read in chunks: never more than ``max_response_size`` bytes
+        arrive or are made by decompression (``_decoding``), whatever the headers say."""
         cap = self.max_response_size
         declared = response.content_length
-        if declared is not None:
-            if declared > cap:
-                raise self._too_large(response, headers, f"declares {declared} bytes")
-            return await response.read()  # aiohttp stops at the declared length
-        chunks: list[bytes] = []
+        if declared is not None and declared > cap:
+            raise _Refused(self._too_large(f"declares {declared} bytes, more than"))
+        try:
+            decoder = BodyDecoder(headers.get("Content-Encoding"), cap)  # a CIMultiDict
+        except BadEncodingError as exc:
+            raise _Refused(f"{exc}; it was not read") from None
+        # One buffer, not a list of the pieces: a server that sends its body a byte at a time
+        # would make each piece a Python object of 33 bytes more than its one.
+        body = bytearray()
         size = 0
-        async for chunk in response.content.iter_chunked(CHUNK):
-            size += len(chunk)
-            if size > cap:
-                raise self._too_large(response, headers, "kept going")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        try:
+            async for chunk in response.content.iter_chunked(CHUNK):
+                size += len(chunk)
+                if size > cap:
+                    raise _Refused(self._too_large("kept going, past"))
+                if decoder.identity:
+                    body += chunk
+                else:
+                    for piece in decoder.feed(chunk):
+                        body += piece
+            decoder.finish()
+        except TooLargeError:
+            raise _Refused(self._too_large("decompresses to more than")) from None
+        except BadEncodingError as exc:
+            raise _Refused(f"the response body could not be decoded: {exc}") from None
+        return bytes(body)
 
-    def _too_large(
-        self, response: aiohttp.ClientResponse, headers: Mapping[str, str], what: str
-    ) -> APIResponseValidationError:
-        return APIResponseValidationError(
-            f"the response body {what}, more than max_response_size={self.max_response_size} "
-            "bytes; it was not read",
-            status=response.status,
-            headers=headers,
+    def _too_large(self, what: str) -> str:
+        return (
+            f"the response body {what} max_response_size={self.max_response_size} bytes; it "
+            "was not read further"
         )
+
+
+class _Refused(Exception):
+    """A body the transport will not hand on; ``message`` says why (no aiohttp object)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message

@@ -6,6 +6,7 @@ without a server (see ``tests/samples/``).
 
 from __future__ import annotations
 
+import base64
 import html
 import html.entities
 import json
@@ -49,6 +50,10 @@ DEFAULT_BASE_URL = "https://app.autocalls.ai/api"
 MAX_CUSTOMER_IDENTIFIER = 255
 MAX_ASSISTANT_ID = 2**63 - 1  # the service stores it in a signed BIGINT
 MAX_JSON_DEPTH = 64
+#: The integers a variable may hold: PHP, behind the service, reads a JSON integer outside the
+#: signed 64-bit range as an approximate float (and Python will not even write one of more
+#: than 4,300 digits).
+MIN_JSON_INT, MAX_JSON_INT = -(2**63), 2**63 - 1
 #: nginx's default ``client_max_body_size``: a bigger body would travel only to get a 413.
 DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024
 EXCERPT = 200
@@ -241,6 +246,130 @@ def _text_of(body: bytes) -> tuple[str, bool]:
     return body.decode("utf-8", errors="replace"), False
 
 
+#: A run of this many characters of the token (or of its reverse) is masked wherever it
+#: appears, whatever surrounds it: a prefix, a suffix, the token less a few characters.
+MIN_RUN = 16
+#: A text that echoes the token more often than this is withheld whole, not masked echo by
+#: echo: no server does it but to make the SDK work (a 10 MiB body of 16-character runs took
+#: 14 s of the event loop).
+MAX_ECHOES = 1000
+
+
+def _base64_cores(secret: bytes) -> list[str]:
+    """The base64 characters that depend on ``secret`` alone, wherever it sits in the encoded
+    data (three alignments), in the standard and the URL-safe alphabets."""
+    cores = []
+    for shift in range(3):
+        encoded = base64.b64encode(b"\0" * shift + secret).decode()
+        core = encoded[4 if shift else 0 : 4 * ((shift + len(secret)) // 3)]
+        cores += [core, core.replace("+", "-").replace("/", "_")]
+    return cores
+
+
+_BASE64_EDGE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/-_")
+
+
+def _forms(secret: str) -> list[_Runs]:
+    """The secret's forms masked by their long runs, each with the length of a run that is
+    masked: 16 characters of the token, as is or reversed, or their base64 or hex."""
+    raw = secret.encode()
+    forms = [(secret, MIN_RUN, False), (secret[::-1], MIN_RUN, False)]
+    forms += [(core, 22, True) for core in _base64_cores(raw)]  # 16 bytes: 21.3 characters
+    forms += [(raw.hex(), 2 * MIN_RUN, False), (raw.hex().upper(), 2 * MIN_RUN, False)]
+    found: dict[str, _Runs] = {}
+    for form, run, base64_edges in forms:
+        if form and form not in found:
+            found[form] = _Runs(form, min(run, len(form)), base64_edges=base64_edges)
+    return list(found.values())
+
+
+def _base64_edges(text: str, left: int, right: int) -> tuple[int, int]:
+    for _ in range(4):
+        if left > 0 and text[left - 1] in _BASE64_EDGE:
+            left -= 1
+    for _ in range(4):
+        if right < len(text) and text[right] in _BASE64_EDGE:
+            right += 1
+    while right < len(text) and text[right] == "=" and right - left < 10_000:
+        right += 1
+    return left, right
+
+
+class _Runs:
+    """Finds every run of at least ``run`` characters of ``form`` in a text: each such run
+    holds one of the form's aligned blocks of ``(run + 1) // 2`` characters whole, found by a
+    substring search and then grown both ways as far as the text and the form agree."""
+
+    __slots__ = ("base64_edges", "blocks", "form", "run")
+
+    def __init__(self, form: str, run: int, *, base64_edges: bool = False) -> None:
+        self.form = form
+        self.run = run
+        #: A base64 run also takes the characters of the groups it starts and ends in (they
+        #: hold a few bits of the token) and the padding.
+        self.base64_edges = base64_edges
+        size = max((run + 1) // 2, 1)
+        self.blocks = [
+            (start, form[start : start + size]) for start in range(0, len(form) - size + 1, size)
+        ]
+
+    def spans(self, text: str) -> Iterator[tuple[int, int]]:
+        form = self.form
+        for start, block in self.blocks:
+            at = text.find(block)
+            while at >= 0:
+                left, right = at, at + len(block)
+                i, j = start, start + len(block)
+                while left > 0 and i > 0 and text[left - 1] == form[i - 1]:
+                    left, i = left - 1, i - 1
+                while right < len(text) and j < len(form) and text[right] == form[j]:
+                    right, j = right + 1, j + 1
+                if right - left >= self.run:
+                    if self.base64_edges:
+                        left, right = _base64_edges(text, left, right)
+                    yield left, right
+                    at = text.find(block, max(right, at + 1))  # not the same run again
+                else:
+                    at = text.find(block, at + 1)
+
+
+class _Gate:
+    """Tells cheaply whether a text may hold a long run of one of a family of forms.
+
+    Such a run is made of the forms' characters only and holds one of their blocks whole: the
+    text's runs of those characters, as long as the shortest run masked, are found in C
+    (``bytes.translate`` and substring searches; a reply has none, or its UUID), and only they
+    are searched for the blocks, with one regex."""
+
+    __slots__ = ("anchors", "blocks", "needle", "table")
+
+    def __init__(self, family: list[_Runs]) -> None:
+        alphabet = {char for runs in family for char in runs.form}
+        self.table = bytes(ord("x") if chr(code) in alphabet else 32 for code in range(256))
+        self.needle = b"x" * min(runs.run for runs in family)
+        self.blocks = sorted({block.encode() for runs in family for _, block in runs.blocks})
+        self.anchors = re.compile(b"|".join(re.escape(block) for block in self.blocks))
+
+    def holds_a_run(self, data: bytes) -> bool:
+        gated = data.translate(self.table)
+        needle = self.needle
+        at = gated.find(needle)
+        if at < 0:
+            return False
+        runs: list[bytes] = []
+        while at >= 0:  # ``at`` starts a run: the leftmost match of the needle
+            if len(runs) == 64:  # a body of many runs: one C search per block, in the whole
+                return any(block in data for block in self.blocks)
+            end = gated.find(b" ", at + len(needle))
+            end = len(gated) if end < 0 else end
+            runs.append(data[at:end])
+            at = gated.find(needle, end)
+        joined = b" ".join(runs)
+        if len(joined) > 4096:  # a long run (random base64): one C search per block is faster
+            return any(block in joined for block in self.blocks)
+        return self.anchors.search(joined) is not None
+
+
 class Redactor:
     """Masks a secret (the API token) in what a server sent back, as ``***``.
 
@@ -249,17 +378,29 @@ class Redactor:
     ``body`` and ``headers`` before anything reads them, so no message, body excerpt, header,
     log line or ``Reply.raw`` holds the token. The token is found as sent and as a server may
     have escaped it, each character its own way (JSON ``\\u00XX`` and ``\\/``, HTML entities,
-    URL encoding in either case), in UTF-8, UTF-16 or UTF-32. What still shows it once decoded
-    (an escape inside an escape) fails closed: the JSON string holding it becomes ``***``, a
-    body that is not JSON becomes ``WITHHELD``. ``repr()`` never shows it.
+    URL encoding in either case), in UTF-8, UTF-16 or UTF-32; and so is any run of 16 of its
+    characters (a prefix, a suffix, the token less its last few characters), as is or reversed,
+    and the base64 and hex of such a run (so of ``Bearer <token>`` too). What still shows it
+    once decoded (an escape inside an escape) fails closed: the JSON string holding it becomes
+    ``***``, a body that is not JSON becomes ``WITHHELD``. ``repr()`` never shows it.
 
-    Cheap when there is nothing to find: a body that has neither the token's longest
-    alphanumeric run as is, nor an escape that may stand for a letter or a digit (or start
-    another escape), nor a NUL, cannot hide it (a few substring searches, in C);
-    any other is decoded, as far as four rounds of JSON, HTML and URL decoding, and searched.
+    Cheap when there is nothing to find: a body that has none of the blocks a long run must
+    hold whole (a few dozen substring searches, in C), not the token's longest alphanumeric
+    run, no escape that may stand for a letter or a digit (or start another escape), and no
+    NUL, cannot hide it; any other is decoded, as far as four rounds of JSON, HTML and URL
+    decoding, and searched.
     """
 
-    __slots__ = ("_long", "_pattern", "_raw_run", "_replace", "_run", "_secret")
+    __slots__ = (
+        "_gates",
+        "_long",
+        "_pattern",
+        "_raw_run",
+        "_replace",
+        "_run",
+        "_runs",
+        "_secret",
+    )
 
     def __init__(self, secret: str) -> None:
         token = "".join(_char_pattern(char) for char in secret)
@@ -269,6 +410,15 @@ class Redactor:
         #: The longest alphanumeric run, which encoders leave as is ("" is in any text).
         self._run = run if len(run) >= 4 else ""
         self._raw_run = self._run.encode()
+        self._runs = _forms(secret) if self._long else []
+        #: Where to look for the forms' blocks: see ``_Gate``. URL-safe base64 apart, since
+        #: its '-' would make every UUID a candidate for the others.
+        urlsafe = [runs for runs in self._runs if set(runs.form) & set("-_") - set(secret)]
+        self._gates = tuple(
+            _Gate(family)
+            for family in ([runs for runs in self._runs if runs not in urlsafe], urlsafe)
+            if family
+        )
         if self._long:
             pattern = f"(?:{token})"
             self._replace = REDACTED
@@ -282,41 +432,82 @@ class Redactor:
         return "<Redactor ***>"
 
     def _shows(self, text: str) -> bool:
-        return self._secret in text if self._long else self._pattern.search(text) is not None
+        if not self._long:
+            return self._pattern.search(text) is not None
+        return self._secret in text or any(
+            next(runs.spans(text), None) is not None for runs in self._runs
+        )
+
+    def _clean(self, text: str) -> bool:
+        """True when ``text`` cannot show the token nor a long run of it (the usual case)."""
+        return (
+            self._long
+            and "\x00" not in text
+            and self._run not in text
+            and not _may_disguise(text)
+            and not self._holds_a_run(text.encode("utf-8", errors="replace"))
+        )
+
+    def _holds_a_run(self, data: bytes) -> bool:
+        return any(gate.holds_a_run(data) for gate in self._gates)
 
     def _reveals(self, text: str) -> bool:
         """Whether ``text`` shows the token, as is or to a reader who decodes it."""
-        if self._long and "\x00" not in text and self._run not in text and not _may_disguise(text):
+        if self._clean(text):
             return False
         return self._shows(text) or any(self._shows(form) for form in _decodings(text))
 
-    def _mask(self, text: str) -> str:
-        return self._pattern.sub(self._replace, text)
+    def _mask(self, text: str) -> str | None:
+        """``text`` with every form of the token masked in place; None when it echoes the
+        token more than ``MAX_ECHOES`` times (a hostile body: withheld whole, and the work
+        stays bounded)."""
+        text = self._pattern.sub(self._replace, text)
+        spans: list[tuple[int, int]] = []
+        for runs in self._runs:
+            for span in runs.spans(text):
+                spans.append(span)
+                if len(spans) > MAX_ECHOES:
+                    return None
+        merged: list[list[int]] = []
+        for left, right in sorted(spans):
+            if merged and left <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], right)
+            else:
+                merged.append([left, right])
+        parts, end = [], 0
+        for left, right in merged:
+            parts += [text[end:left], REDACTED]
+            end = right
+        parts.append(text[end:])
+        return "".join(parts)
 
     def text(self, text: str, withheld: str = REDACTED) -> str:
         """``text`` with the token masked; ``withheld`` instead if it hides the token deeper."""
         if not self._reveals(text):
             return text
-        text = self._mask(text)
-        return withheld if self._reveals(text) else text
+        masked = self._mask(text)
+        return withheld if masked is None or self._reveals(masked) else masked
 
     def body(self, body: bytes) -> bytes:
         """The body with the token masked: the same bytes when it holds none (the usual case);
         a body in UTF-16 or UTF-32 is handed on as UTF-8."""
-        if (  # the usual case, on the bytes: see _reveals
+        if (  # the usual case, on the bytes: see _clean
             self._long
             and b"\x00" not in body  # UTF-16 and UTF-32 have one in every ASCII character
             and self._raw_run not in body  # part of the token: not there, nor is the token
             and not _may_disguise_bytes(body)
+            and not self._holds_a_run(body)
         ):
             return body
         text, transcoded = _text_of(body)
         if not self._reveals(text):
             return text.encode() if transcoded else body
-        text = self._mask(text)
-        if self._reveals(text):
-            text = self._deep_clean(text)
-        return text.encode("utf-8", errors="replace")
+        masked = self._mask(text)
+        if masked is None:
+            return WITHHELD.encode()
+        if self._reveals(masked):
+            masked = self._deep_clean(masked)
+        return masked.encode("utf-8", errors="replace")
 
     def _deep_clean(self, text: str) -> str:
         """A JSON body with every string (and key) that still shows the token replaced by
@@ -458,15 +649,27 @@ def _json_value(value: object, path: str, depth: int = 0) -> Any:
         _refuse(f"{path} is nested more than {MAX_JSON_DEPTH} levels deep")
     if value is None or isinstance(value, bool):
         return value
+    # A subclass of int, float or str (an IntEnum, a StrEnum, your own) is sent as the data it
+    # holds, read by the base type's own method: never through its __int__, __float__, __str__
+    # or __repr__, which may say something else.
     if isinstance(value, int):
-        return int(value)  # an IntEnum or int subclass is sent as its number
+        number = int.__index__(value)
+        if not MIN_JSON_INT <= number <= MAX_JSON_INT:
+            _refuse(
+                f"{path} is an integer of {number.bit_length()} bits, outside the signed 64-bit "
+                "range in which the service reads integers (it would become an approximate "
+                "float, or not encode at all): send it as a string"
+            )
+        return number
     if isinstance(value, float):
-        if not math.isfinite(value):
-            _refuse(f"{path} is {value!r}, which JSON cannot represent; use null or a number")
-        return float(value)
+        real = float.__float__(value)
+        if not math.isfinite(real):
+            _refuse(f"{path} is {real!r}, which JSON cannot represent; use null or a number")
+        return real
     if isinstance(value, str):
-        _check_text(path, value)
-        return str(value)
+        text = str.__str__(value)
+        _check_text(path, text)
+        return text
     if isinstance(value, list | tuple):
         return [
             _json_value(item, f"{path}[{index}]", depth + 1) for index, item in enumerate(value)
@@ -480,8 +683,9 @@ def _json_value(value: object, path: str, depth: int = 0) -> Any:
         for key, item in items:
             if not isinstance(key, str):
                 _refuse(f"{path} has a key {key!r} of type {type(key).__name__}; keys must be str")
-            _check_text(f"{path} key {key!r}", key)
-            plain[str(key)] = _json_value(item, f"{path}[{key!r}]", depth + 1)
+            name = str.__str__(key)  # as a value: the string data, whatever the subclass says
+            _check_text(f"{path} key {name!r}", name)
+            plain[name] = _json_value(item, f"{path}[{name!r}]", depth + 1)
         return plain
     _refuse(
         f"{path} is a {type(value).__name__}, which is not JSON: use str, int, float, bool, "
@@ -517,6 +721,7 @@ def build_request(
             f"assistant_id must be an int, got {type(assistant_id).__name__} {assistant_id!r}"
             + (" (convert it with int(...))" if isinstance(assistant_id, str | float) else "")
         )
+    assistant_id = int.__index__(assistant_id)  # an int subclass: its value (see _json_value)
     if not 0 < assistant_id <= MAX_ASSISTANT_ID:
         _refuse(f"assistant_id must be a positive id, got {assistant_id}")
     if not isinstance(customer_identifier, str):
@@ -524,6 +729,7 @@ def build_request(
             "customer_identifier must be a str (an E.164 phone number, an e-mail, a CRM id), "
             f"got {type(customer_identifier).__name__}"
         )
+    customer_identifier = str.__str__(customer_identifier)  # a str subclass: its data
     if not trim(customer_identifier):
         _refuse("customer_identifier is empty")
     if len(customer_identifier) > MAX_CUSTOMER_IDENTIFIER:
@@ -534,6 +740,7 @@ def build_request(
     _check_text("customer_identifier", customer_identifier)
     if not isinstance(message, str):
         _refuse(f"message must be a str, got {type(message).__name__}")
+    message = str.__str__(message)
     if not trim(message):
         _refuse("message is empty (the service trims whitespace and then requires text)")
     _check_text("message", message)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import tracemalloc
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -203,3 +206,147 @@ async def test_redirect_is_never_followed(hostile: Start) -> None:
 
 async def _json(data: object) -> web.Response:
     return web.json_response(data)
+
+
+# -- compression bombs: the cap counts decoded bytes ------------------------------------------
+
+#: The cap in these tests, and how much a bomb decodes to: 64 times the cap.
+CAP = 1024 * 1024
+BOMB = 64 * CAP
+
+
+def _padded_reply(size: int) -> bytes:
+    """A valid reply padded with JSON whitespace to ``size`` bytes: a client that decodes it
+    whole gets a Reply, so the bomb must be refused, not merely fail to parse."""
+    reply = json.dumps(GOOD).encode()
+    return reply[:-1] + b" " * (size - len(reply)) + b"}"
+
+
+def _deflate(data: bytes, *, raw: bool = False) -> bytes:
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS if raw else zlib.MAX_WBITS)
+    return compressor.compress(data) + compressor.flush()
+
+
+_ENCODERS: dict[str, Callable[[bytes], bytes]] = {
+    "gzip": lambda data: gzip.compress(data, 9),
+    "x-gzip": lambda data: gzip.compress(data, 9),
+    "deflate": _deflate,
+    "deflate-raw": lambda data: _deflate(data, raw=True),
+    "gzip, gzip": lambda data: gzip.compress(gzip.compress(data, 9), 9),
+    "deflate, gzip": lambda data: gzip.compress(_deflate(data), 9),
+    "identity, gzip, identity": lambda data: gzip.compress(data, 9),
+}
+
+
+def _encoded(encoding: str, data: bytes) -> tuple[str, bytes]:
+    return encoding.replace("deflate-raw", "deflate"), _ENCODERS[encoding](data)
+
+
+def _bounded_server(encoding: str, body: bytes, *, chunked: bool) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        headers = {"Content-Encoding": encoding, "Content-Type": "application/json"}
+        if not chunked:
+            return web.Response(body=body, headers=headers)
+        response = web.StreamResponse(headers=headers)
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        try:
+            for start in range(0, len(body), 4096):
+                await response.write(body[start : start + 4096])
+        except (ConnectionResetError, RuntimeError):
+            pass
+        return response
+
+    return handler
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize("encoding", list(_ENCODERS))
+async def test_a_compression_bomb_is_refused_at_the_cap(
+    hostile: Start, encoding: str, chunked: bool
+) -> None:
+    """1 MiB cap, a body that decodes to 64 MiB (a few KiB on the wire, under the cap, with a
+    Content-Length or chunked), in every encoding the SDK accepts and nested: refused, and the
+    memory used stays near the cap, not the decoded size."""
+    header, body = _encoded(encoding, _padded_reply(BOMB))
+    assert len(body) < CAP // 4
+    server = await hostile(_bounded_server(header, body, chunked=chunked))
+    tracemalloc.start()
+    try:
+        with pytest.raises(sdk.APIResponseValidationError, match="max_response_size") as caught:
+            await call(server, max_response_size=CAP)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert "decompresses to more" in str(caught.value)
+    assert peak < 2 * CAP, f"peak {peak / CAP:.1f} MiB"  # the cap, and a piece per layer
+    assert server.hits == 1
+
+
+@pytest.mark.parametrize("encoding", list(_ENCODERS))
+async def test_an_honest_compressed_reply_is_decoded(hostile: Start, encoding: str) -> None:
+    """The same encodings, a reply just under the cap once decoded: it is a Reply."""
+    header, body = _encoded(encoding, _padded_reply(CAP))
+    server = await hostile(_bounded_server(header, body, chunked=False))
+    assert (await call(server, max_response_size=CAP)).reply == "ok"
+
+
+async def test_the_bomb_is_refused_on_a_callers_session_too(hostile: Start) -> None:
+    """``session=``: a caller's session decodes by default (auto_decompress=True); the SDK
+    asks for the raw bytes per request all the same."""
+    header, body = _encoded("gzip", _padded_reply(BOMB))
+    server = await hostile(_bounded_server(header, body, chunked=False))
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(sdk.APIResponseValidationError, match="decompresses to more"):
+            await call(server, max_response_size=CAP, session=session)
+
+
+async def test_only_what_can_be_bounded_is_asked_for(hostile: Start) -> None:
+    seen: list[str | None] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Accept-Encoding"))
+        return web.json_response(GOOD)
+
+    await call(await hostile(record))
+    assert seen == ["gzip, deflate"]
+
+
+@pytest.mark.parametrize(
+    ("encoding", "body", "message"),
+    [
+        # aiohttp decodes br and zstd when their libraries are installed, without a bound
+        # before 3.14: the SDK never asks for them, and refuses them unread.
+        ("br", b"\x1b\xff\xff\x00" * 64, "Content-Encoding 'br', which was not asked for"),
+        ("zstd", b"\x28\xb5\x2f\xfd" * 64, "Content-Encoding 'zstd', which was not asked for"),
+        ("gzip, gzip, gzip, gzip", b"x", "4 layers of Content-Encoding"),
+        ("x" * 30, b"x", r"Content-Encoding '\?'"),  # a name not worth quoting
+        ("gzip", b"not gzip at all", "not valid gzip data"),
+        ("gzip", gzip.compress(json.dumps(GOOD).encode())[:-12], "gzip body was cut short"),
+        ("deflate", _deflate(json.dumps(GOOD).encode())[:-6], "deflate body was cut short"),
+    ],
+)
+async def test_an_encoding_that_is_not_decoded_is_refused(
+    hostile: Start, encoding: str, body: bytes, message: str
+) -> None:
+    server = await hostile(_bounded_server(encoding, body, chunked=False))
+    with pytest.raises(sdk.APIResponseValidationError, match=message) as caught:
+        await call(server)
+    assert caught.value.status == 200
+    assert server.hits == 1
+
+
+async def test_bytes_after_a_deflate_stream_are_ignored(hostile: Start) -> None:
+    """As browsers and aiohttp do: what follows the end of the stream is not the body."""
+    body = _deflate(json.dumps(GOOD).encode()) + b"trailing garbage"
+    assert (await call(await hostile(_bounded_server("deflate", body, chunked=True)))).reply == "ok"
+
+
+async def test_several_gzip_members_are_one_body(hostile: Start) -> None:
+    """RFC 1952 allows a gzip body of several members; they are decoded in turn."""
+    data = json.dumps(GOOD).encode()
+    body = gzip.compress(data[:10]) + gzip.compress(data[10:])
+    assert (await call(await hostile(_bounded_server("gzip", body, chunked=True)))).reply == "ok"
+    many = b"".join(gzip.compress(data[i : i + 1]) for i in range(len(data)))
+    with pytest.raises(sdk.APIResponseValidationError, match="more than 64 members"):
+        await call(await hostile(_bounded_server("gzip", many, chunked=False)))

@@ -9,17 +9,20 @@ the traceback, ``.message``, ``.body``, ``.headers``, the DEBUG log, nor the CLI
 from __future__ import annotations
 
 import asyncio
+import base64
 import html
 import json
 import logging
 import re
 import sys
 import traceback
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from urllib.parse import quote, unquote
 
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import autocalls_async as sdk
 from autocalls_async import AsyncAutocalls
@@ -113,12 +116,67 @@ async def _echo(request: web.Request) -> web.StreamResponse:
     return web.json_response(reply)
 
 
+#: A 40-character token, as the service issues them.
+LONG_TOKEN = "42|Zt8Qm2Lx9Vb4Nc7Rf1Hj6Kp3Ws5Yd0Ga8Ue2Io"
+
+
+def _b64(data: str, *, urlsafe: bool = False) -> str:
+    raw = data.encode()
+    return (
+        base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        if urlsafe
+        else base64.b64encode(raw).decode()
+    )
+
+
+#: Partial, reversed and encoded echoes of the Authorization header (name -> what is echoed,
+#: from the token): each reached str(exc), .body and the CLI's stderr before.
+ECHOES: dict[str, Callable[[str], str]] = {
+    "prefix-16": lambda token: token[:16],
+    "suffix-16": lambda token: token[-16:],
+    "less-last-3": lambda token: token[:-3],
+    "middle-20": lambda token: token[10:30],
+    "reversed": lambda token: token[::-1],
+    "base64": lambda token: _b64(token),
+    "base64-bearer": lambda token: _b64(f"Bearer {token}"),
+    "base64-authorization": lambda token: _b64(f"Authorization: Bearer {token}"),
+    "base64url-bearer": lambda token: _b64(f"Bearer {token}", urlsafe=True),
+    "base64-less-last-3": lambda token: _b64(token[:-3]),
+    "hex": lambda token: token.encode().hex(),
+    "hex-upper-bearer": lambda token: f"Bearer {token}".encode().hex().upper(),
+    "hex-less-last-3": lambda token: token[:-3].encode().hex(),
+}
+
+
+async def _echo_form(request: web.Request) -> web.StreamResponse:
+    token = request.headers["Authorization"].removeprefix("Bearer ")
+    echoed = ECHOES[request.match_info["form"]](token)
+    return web.json_response(
+        {"message": f"Invalid credentials: {echoed}.", "token": echoed},
+        status=401,
+        headers={"X-Echo": echoed},
+    )
+
+
+def _leaked(text: str, token: str = LONG_TOKEN) -> list[str]:
+    """The echoes of ``token`` whose first or last 16 characters ``text`` shows (not the
+    first of an encoded ``Bearer``, which is not the token's)."""
+    found = []
+    for name, echo in ECHOES.items():
+        echoed = echo(token)
+        ends = [echoed[-16:]] + ([] if "bearer" in name or "auth" in name else [echoed[:16]])
+        if any(end in text for end in ends):
+            found.append(name)
+    return found
+
+
 @pytest.fixture
 async def echo() -> AsyncIterator[str]:
     """The base URL of a server whose every answer echoes the token: ``{base}/{mode}``."""
     app = web.Application()
     app.router.add_post("/{mode}/api/ai/generate-reply", _echo)
     app.router.add_post("/gw/{key}/{mode}/api/ai/generate-reply", _echo)  # a token in the path
+    app.router.add_post("/forms/{form}/api/ai/generate-reply", _echo_form)
     runner = web.AppRunner(app, shutdown_timeout=0.1)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -524,3 +582,164 @@ async def test_a_malformed_response_quoting_the_token_is_masked() -> None:
     text = "".join(traceback.format_exception(caught.value))
     assert f"x{REDACTED}" in str(caught.value) and not _shows_token(text)
     assert caught.value.__cause__ is None
+
+
+# -- partial, reversed and encoded echoes -----------------------------------------------------
+
+
+@pytest.mark.parametrize("form", list(ECHOES))
+async def test_a_partial_or_encoded_echo_is_masked_everywhere(
+    echo: str, form: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="autocalls_async")
+    base_url = f"{echo}/forms/{form}/api"
+    async with AsyncAutocalls(LONG_TOKEN, base_url=base_url, rate_limit=None) as client:
+        with pytest.raises(sdk.AuthenticationError) as caught:
+            await client.generate_reply(assistant_id=1, customer_identifier="c", message="m")
+    exc = caught.value
+    surfaces = {
+        "str": str(exc),
+        "repr": repr(exc),
+        "traceback": "".join(traceback.format_exception(exc)),
+        "body": json.dumps(exc.body),
+        "headers": json.dumps(dict(exc.headers)),
+        "log": caplog.text,
+    }
+    assert not {where: _leaked(text) for where, text in surfaces.items() if _leaked(text)}
+    # masked in place (what encodes "Bearer " or "Authorization: " may stay)
+    assert re.search(r"Invalid credentials: [A-Za-z0-9]*\*\*\*\.", str(exc)), str(exc)
+    assert exc.body["token"].endswith(REDACTED) and exc.headers["X-Echo"].endswith(REDACTED)
+
+
+@pytest.mark.parametrize("form", ["less-last-3", "base64-bearer", "hex"])
+async def test_the_cli_never_prints_a_partial_or_encoded_echo(echo: str, form: str) -> None:
+    env = child_env(AUTOCALLS_API_TOKEN=LONG_TOKEN, AUTOCALLS_BASE_URL=f"{echo}/forms/{form}/api")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "autocalls_async",
+        "reply",
+        "--assistant-id",
+        "1",
+        "--customer",
+        "c",
+        "--rate-limit",
+        "none",
+        "Hi",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    async with asyncio.timeout(60):
+        out, err = await process.communicate()
+    assert process.returncode not in (0, None)
+    assert re.search(r"Invalid credentials: [A-Za-z0-9]*\*\*\*", err.decode()), err.decode()
+    assert not _leaked(out.decode() + err.decode())
+
+
+def test_long_runs_are_masked_and_short_ones_kept() -> None:
+    """16 characters of the token, or more, anywhere and as many times as they appear, are
+    masked; 15 are not (they cannot be told from chance, and cannot rebuild the token); the
+    rest of the text is kept."""
+    redactor = Redactor(LONG_TOKEN)
+    for start in range(len(LONG_TOKEN) - 15):
+        run = LONG_TOKEN[start : start + 16]
+        assert redactor.text(f"<{run}> and <{run}>") == f"<{REDACTED}> and <{REDACTED}>", run
+    assert redactor.text(f"a {LONG_TOKEN[:15]} b") == f"a {LONG_TOKEN[:15]} b"
+    # two runs side by side, overlapping forms: one mask each, nothing left between
+    assert redactor.text(LONG_TOKEN[:20] + LONG_TOKEN[::-1][:20]) == REDACTED
+    body = json.dumps({"m": f"key {LONG_TOKEN[4:]}", "other": "kept"}).encode()
+    assert json.loads(redactor.body(body)) == {"m": f"key {REDACTED}", "other": "kept"}
+    assert redactor.headers({"X": LONG_TOKEN[-20:]}) == {"X": REDACTED}
+
+
+@pytest.mark.parametrize("shift", ["", "x", "xy", "Authorization: Bearer "])
+def test_base64_and_hex_are_masked_at_any_offset(shift: str) -> None:
+    """base64 depends on where the token starts in the encoded data (three alignments), in
+    the standard and the URL-safe alphabets, padded or not; hex in either case."""
+    redactor = Redactor(LONG_TOKEN)
+    data = f"{shift}{LONG_TOKEN}"
+    for encoded in (
+        _b64(data),
+        _b64(data, urlsafe=True),
+        data.encode().hex(),
+        data.encode().hex().upper(),
+    ):
+        shown = redactor.text(f"echo: {encoded}!")
+        assert shown.startswith("echo: ") and shown.endswith("!") and REDACTED in shown
+        assert not _leaked(shown) and encoded[-30:] not in shown
+
+
+def test_a_body_that_only_looks_like_base64_keeps_its_bytes() -> None:
+    redactor = Redactor(LONG_TOKEN)
+    other = Redactor("99|" + "A" * 37)
+    body = json.dumps(
+        {"reply": "ok", "id": base64.b64encode(bytes(range(60))).decode(), "hex": "ab" * 40}
+    ).encode()
+    assert redactor.body(body) is body and other.body(body) is body
+
+
+_TOKEN_CHARS = st.characters(min_codepoint=0x21, max_codepoint=0x7E)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    token=st.text(_TOKEN_CHARS, min_size=20, max_size=60),
+    before=st.text(max_size=40),
+    after=st.text(max_size=40),
+    data=st.data(),
+)
+def test_the_quick_check_never_skips_a_long_run(
+    token: str, before: str, after: str, data: st.DataObject
+) -> None:
+    """Whatever the token (any printable ASCII, '-', '_', '+', '/' included) and whatever
+    surrounds it: a run of 16 of its characters, as is or reversed, or the base64 (either
+    alphabet, any offset) or hex of the token, never survives ``text`` nor ``body``."""
+    start = data.draw(st.integers(0, len(token) - 16))
+    end = data.draw(st.integers(start + 16, len(token)))
+    shift = data.draw(st.text(max_size=2))
+    run = token[start:end]
+    encoded = f"{shift}{token}".encode()
+    forms = {
+        "run": run,
+        "reversed": run[::-1],
+        "base64": base64.b64encode(encoded).decode(),
+        "base64url": base64.urlsafe_b64encode(encoded).decode(),
+        "hex": encoded.hex(),
+        "HEX": encoded.hex().upper(),
+    }
+    name = data.draw(st.sampled_from(sorted(forms)))
+    text = f"{before}{forms[name]}{after}"
+    redactor = Redactor(token)
+    # what must not survive: 16 characters of the token, or 22 of its encoded form's middle
+    probe = run[:16] if name in ("run", "reversed") else forms[name][-40:-18]
+    probe = probe[::-1] if name == "reversed" else probe
+    for shown in (redactor.text(text), redactor.body(text.encode()).decode(errors="replace")):
+        assert probe not in shown or probe in before + after, (name, shown)
+
+
+async def test_a_body_of_many_partial_echoes_is_withheld_quickly() -> None:
+    """A hostile 10 MiB body of 16-character runs of the token (600,000 echoes) took 14 s of
+    the event loop to mask echo by echo: past 1,000 echoes it is withheld whole."""
+    body = (LONG_TOKEN[:16] + " ").encode() * (10 * 1024 * 1024 // 17)
+
+    async def flood(_: web.Request) -> web.Response:
+        return web.Response(body=body, status=500)
+
+    app = web.Application()
+    app.router.add_post("/api/ai/generate-reply", flood)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    base_url = f"http://127.0.0.1:{runner.addresses[0][1]}/api"
+    loop = asyncio.get_running_loop()
+    try:
+        async with AsyncAutocalls(LONG_TOKEN, base_url=base_url, rate_limit=None) as client:
+            began = loop.time()
+            with pytest.raises(sdk.InternalServerError) as caught:
+                await client.generate_reply(assistant_id=1, customer_identifier="c", message="m")
+            took = loop.time() - began
+    finally:
+        await runner.cleanup()
+    assert WITHHELD in str(caught.value) and not _leaked(str(caught.value))
+    assert took < 5.0, f"{took:.1f}s"

@@ -502,3 +502,89 @@ def test_a_mapping_that_cannot_be_encoded_is_an_invalid_request() -> None:
     for variables, words in cases:
         with pytest.raises(InvalidRequestError, match=words.replace("[", r"\[")):
             build_request(123, "+1", "m", variables)
+
+
+# -- values that cannot be encoded, and subclasses (issue 22, item 5) -------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [10**5000, -(10**5000), 2**63, -(2**63) - 1, [1, {"deep": 10**30}]],
+    ids=["10**5000", "-10**5000", "2**63", "-2**63-1", "nested 10**30"],
+)
+def test_an_integer_the_service_cannot_read_is_an_invalid_request(value: object) -> None:
+    """10**5000 made json.dumps raise a bare ValueError; anything outside the signed 64-bit
+    range would reach PHP as an approximate float. Refused before sending, with the fix."""
+    with pytest.raises(InvalidRequestError, match="64-bit range .* send it as a string"):
+        build_request(123, "+1", "m", {"n": value})
+
+
+def test_the_64_bit_range_itself_is_sent() -> None:
+    variables = {"max": 2**63 - 1, "min": -(2**63)}
+    body = json.loads(build_request(123, "+1", "m", variables).body)
+    assert body["variables"] == variables
+
+
+def test_subclasses_are_sent_as_the_data_they_hold() -> None:
+    """The one rule: a subclass of str, int or float is sent as its string, integer or float
+    data, whatever its __str__, __int__, __index__, __float__, __repr__, __eq__ or __hash__
+    say; in variables (values and keys) and in the call's own arguments."""
+    import enum
+
+    class Shouty(str):
+        def __str__(self) -> str:
+            return "SHOUTED"
+
+        def __repr__(self) -> str:
+            return "Shouty()"
+
+        def __eq__(self, other: object) -> bool:
+            return True
+
+        def __hash__(self) -> int:
+            return 0
+
+    class Lying(int):
+        def __int__(self) -> int:
+            return -1
+
+        def __index__(self) -> int:
+            return -2
+
+        def __str__(self) -> str:
+            return "lie"
+
+    class Odd(float):
+        def __float__(self) -> float:
+            return -1.0
+
+        def __repr__(self) -> str:
+            return "nan"
+
+    class Colour(enum.StrEnum):
+        RED = "red"
+
+    class Level(enum.IntEnum):
+        GOLD = 3
+
+    request = build_request(
+        Lying(123),
+        Shouty("+14155551234"),
+        Shouty("hello"),
+        {
+            Shouty("key"): Shouty("value"),
+            "n": Lying(7),
+            "x": Odd(1.5),
+            "c": Colour.RED,
+            "l": Level.GOLD,
+        },
+    )
+    body = json.loads(request.body)
+    assert body == {
+        "assistant_id": 123,
+        "customer_identifier": "+14155551234",
+        "message": "hello",
+        "variables": {"key": "value", "n": 7, "x": 1.5, "c": "red", "l": 3},
+    }
+    assert request.conversation_key == (123, "+14155551234")
+    assert type(request.conversation_key[1]) is str and type(request.assistant_id) is int
