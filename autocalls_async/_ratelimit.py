@@ -168,6 +168,7 @@ class _Queue:
         "next_free",
         "own_next",
         "own_pause",
+        "peeking",
         "stale",
         "waiting",
         "wake",
@@ -184,6 +185,9 @@ class _Queue:
         self.own_pause = -float("inf")  # loop clock: this process's own 429 pause
         self.next_free = -float("inf")  # loop clock: the next grant, as last seen
         self.stale = False  # a waiter gave up: the store may still count it as waiting
+        #: per lane, the store's answer to a newcomer's ``max_wait`` check, while one is asked:
+        #: every newcomer meanwhile shares it (1,000 callers, one round trip)
+        self.peeking: list[asyncio.Task[schedule.Peek] | None] = [None, None]
 
     def total(self) -> int:
         return self.waiting[0] + self.waiting[1]
@@ -531,25 +535,50 @@ class Limiter(AsyncOnly):
         loop = front.loop
         asked = loop.time()
         seen: list[float] = []
-
-        def step(state: schedule.TokenState, now: float) -> T:
-            seen.append(now)
-            _forget_the_dead(state)
-            return operation(state, now)
-
+        step = self._step(operation, seen)
         try:
             done, result = self.store.try_update(key, step)
             if not done:
                 result = await self.store.update(key, step)
         except RateConflict as conflict:
             raise InvalidRequestError(_conflict(conflict, self.rate_limit)) from None
+        self._answered(front, key, asked, seen)
+        return result  # type: ignore[return-value]
+
+    def _try_apply(
+        self, front: _Front, key: str, operation: Callable[[schedule.TokenState, float], T]
+    ) -> tuple[bool, T | None]:
+        """``_apply`` when the store answers without waiting: (True, result), else (False,
+        None) and nothing was done."""
+        asked = front.loop.time()
+        seen: list[float] = []
+        try:
+            done, result = self.store.try_update(key, self._step(operation, seen))
+        except RateConflict as conflict:
+            raise InvalidRequestError(_conflict(conflict, self.rate_limit)) from None
+        if done:
+            self._answered(front, key, asked, seen)
+        return done, result
+
+    @staticmethod
+    def _step(
+        operation: Callable[[schedule.TokenState, float], T], seen: list[float]
+    ) -> Callable[[schedule.TokenState, float], T]:
+        def step(state: schedule.TokenState, now: float) -> T:
+            seen.append(now)
+            _forget_the_dead(state)
+            return operation(state, now)
+
+        return step
+
+    @staticmethod
+    def _answered(front: _Front, key: str, asked: float, seen: list[float]) -> None:
         front.used.add(key)
         if seen:
             # The store read its clock about halfway through the round trip: waits it answers
             # count from there, not from when the answer arrived.
-            front.answered_at = (asked + loop.time()) / 2
+            front.answered_at = (asked + front.loop.time()) / 2
             front.offset = seen[-1] - front.answered_at
-        return result  # type: ignore[return-value]
 
     def _timeout(self, wait: float | None, ahead: int = 0) -> RateLimitTimeout:
         detail = ""
@@ -741,11 +770,7 @@ class Limiter(AsyncOnly):
         """Refuse at once when the shared schedule already says the wait is longer."""
         loop = front.loop
         now = loop.time()
-        seen = await self._apply(
-            front,
-            key,
-            functools.partial(schedule.peek, rules=self.rules, who=front.who, lane=lane),
-        )
+        seen = await self._peek(front, queue, key, lane)
         # A grant already made is counted by the store: it spaces the next one.
         local = queue.waiting[0] if lane == 0 else queue.total()
         ahead = seen.ahead + local
@@ -753,6 +778,27 @@ class Limiter(AsyncOnly):
         wait = free + ahead * self.rules.min_gap
         if wait > 0 and now + wait > deadline:
             raise self._timeout(wait, ahead)
+
+    async def _peek(self, front: _Front, queue: _Queue, key: str, lane: int) -> schedule.Peek:
+        """What the store says to a newcomer of ``lane``: one question in flight per queue and
+        lane, whose answer every newcomer that arrives meanwhile shares (it is a prediction)."""
+        task = queue.peeking[lane]
+        if task is None:
+            operation = functools.partial(schedule.peek, rules=self.rules, who=front.who, lane=lane)
+            done, seen = self._try_apply(front, key, operation)
+            if done:
+                return seen  # type: ignore[return-value]
+            task = queue.peeking[lane] = self._spawn(self._apply(front, key, operation))
+
+            def forget(task: asyncio.Task[schedule.Peek]) -> None:
+                if queue.peeking[lane] is task:
+                    queue.peeking[lane] = None
+                if not task.cancelled():
+                    task.exception()  # retrieved: whoever awaited it has seen it
+
+            task.add_done_callback(forget)
+        # Shielded: a newcomer that gives up must not cancel the answer the others wait for.
+        return await asyncio.shield(task)
 
     async def _dispatch(self, front: _Front, queue: _Queue, key: str) -> None:
         """Ask for grants while callers wait; hand each to the caller the store chose."""
