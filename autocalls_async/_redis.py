@@ -30,15 +30,17 @@ import functools
 import hashlib
 import json
 import math
+import random
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import MaxConnectionsError, RedisError
 
 from ._errors import LimiterUnavailableError
 from ._lifecycle import AsyncClosing
@@ -50,12 +52,19 @@ from ._schedule import TokenState
 __all__ = ["RedisConversationStore", "RedisRateLimiter", "RedisStore"]
 
 T = TypeVar("T")
+#: A standalone Redis or a Redis Cluster (one script always touches one key: one slot).
+AnyRedis: TypeAlias = "Redis | RedisCluster"
 DEFAULT_RATE_LIMIT = RateLimit(5, 60.0)
+#: Store operations in flight at once, per limiter (or conversation store) and event loop: the
+#: connections it needs. More callers wait for one of these, within their own ``max_wait``.
+DEFAULT_MAX_CONNECTIONS = 8
 #: Keys live this long after the last moment they constrain anything.
 _EXPIRY_SLACK_MS = 1_000
-#: Compare-and-set attempts before contention counts as an outage (never seen in practice:
-#: each attempt loses only to a write made between our read and our write).
-_CAS_ATTEMPTS = 50
+#: Seconds of compare-and-set lost to other writers before it counts as an outage. Each loss
+#: means another writer made progress, and polls do not write: never seen in practice.
+_CONTENDED_FOR = 30.0
+#: URL schemes of a Redis Cluster (any node's address; the client finds the others).
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 
 def _script(name: str) -> str:
@@ -79,14 +88,32 @@ def redact_url(url: str) -> str:
         return "<redis url>"
 
 
-def _connect(url: str | Redis, timeout: float) -> tuple[Redis, bool, str]:
+def _connect(
+    url: str | AnyRedis, timeout: float, max_connections: int
+) -> tuple[AnyRedis, bool, str]:
     """(client, whether we own it, where it points, password hidden)."""
     if isinstance(url, Redis):
         kwargs = url.connection_pool.connection_kwargs
         where = f"redis://{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
         return url, False, where
+    if isinstance(url, RedisCluster):
+        nodes = url.get_nodes()
+        first = f"{nodes[0].host}:{nodes[0].port}" if nodes else "?"
+        return url, False, f"redis+cluster://{first}"
     if not isinstance(url, str):
-        raise TypeError(f"url must be a redis:// URL or a redis.asyncio.Redis, not {url!r}")
+        raise TypeError(
+            "url must be a redis:// or redis+cluster:// URL, a redis.asyncio.Redis or a "
+            f"redis.asyncio.cluster.RedisCluster, not {url!r}"
+        )
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() in CLUSTER_SCHEMES:
+        cluster = RedisCluster.from_url(
+            f"{CLUSTER_SCHEMES[scheme.lower()]}://{rest}",
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            max_connections=max_connections,
+        )
+        return cluster, True, redact_url(url)
     client = Redis.from_url(
         url,
         socket_timeout=timeout,
@@ -94,8 +121,47 @@ def _connect(url: str | Redis, timeout: float) -> tuple[Redis, bool, str]:
         # One quick retry covers a pooled connection that went stale (a Redis restart); more
         # would only delay the clear error users need.
         retry=Retry(NoBackoff(), 1),
+        # Never more than our gate lets through at once: the pool never refuses one of ours.
+        max_connections=max_connections,
     )
     return client, True, redact_url(url)
+
+
+def _check_max_connections(value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"max_connections must be an int >= 1, got {value!r}")
+    return value
+
+
+class _Gate:
+    """At most ``size`` Redis operations in flight, first come first served; the others wait
+    here, bounded only by their caller's deadline (never by the Redis timeout: a busy gate is
+    not an outage). A borrowed client whose pool is busy with its owner's own commands
+    (``MaxConnectionsError``) is waited for the same way."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._semaphore = asyncio.Semaphore(size)
+
+    async def run(
+        self,
+        operation: Callable[[], Awaitable[T]],
+        bound: float,
+        check: Callable[[], None] = lambda: None,
+    ) -> T:
+        """``operation`` through the gate; ``bound`` (seconds) limits the operation, not the wait.
+        ``check`` runs once through, before the operation (it may raise: an outage met while
+        waiting)."""
+        pause = 0.002
+        async with self._semaphore:
+            check()
+            while True:
+                try:
+                    async with asyncio.timeout(bound):
+                        return await operation()
+                except MaxConnectionsError:
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 0.05)
 
 
 def _check_timeout(timeout: float) -> float:
@@ -114,15 +180,25 @@ class RedisStore:
 
     kind = "redis"
 
-    def __init__(self, url: str | Redis, *, prefix: str, timeout: float) -> None:
+    def __init__(
+        self,
+        url: str | AnyRedis,
+        *,
+        prefix: str,
+        timeout: float,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    ) -> None:
         self.prefix = prefix
         self.timeout = _check_timeout(timeout)
-        self.redis, self.owned, self.where = _connect(url, self.timeout)
+        self.max_connections = _check_max_connections(max_connections)
+        self.redis, self.owned, self.where = _connect(url, self.timeout, self.max_connections)
         self._read = self.redis.register_script(_script("read.lua"))
         self._cas = self.redis.register_script(_script("cas.lua"))
+        self._gate = _Gate(self.max_connections)
         self._down_until = -math.inf
         self._down_error: LimiterUnavailableError | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._checked = False  # Redis's eviction policy, read once
 
     def redis_key(self, key: str) -> str:
         """The key name; the braces keep a token's keys on one Redis Cluster slot."""
@@ -146,11 +222,15 @@ class RedisStore:
                 "this RedisRateLimiter was first used in another event loop; its connections "
                 "belong to one loop: create one limiter per event loop"
             )
+        if not self._checked:
+            self._checked = True
+            await check_eviction(self.redis, self.where, self.timeout)
         name = self.redis_key(key)
-        for _ in range(_CAS_ATTEMPTS):
-            seconds, micros, raw = await self._call(
-                "reading the schedule", functools.partial(self._read, [name])
-            )
+        reply = await self._call("reading the schedule", functools.partial(self._read, [name]))
+        started = loop.time()
+        lost = 0
+        while True:
+            seconds, micros, raw = reply
             now = int(seconds) + int(micros) / 1_000_000
             text = raw.decode() if isinstance(raw, bytes) else (raw or "")
             state = _decode(text)
@@ -161,27 +241,41 @@ class RedisStore:
             else:
                 new = json.dumps(state.to_json(), separators=(",", ":"))
             if new == text:
-                return result
+                return result  # nothing changed (a poll): nothing to write
             ttl = max(1, math.ceil((latest - now) * 1000)) + _EXPIRY_SLACK_MS if new else 0
-            written = await self._call(
+            answer = await self._call(
                 "updating the schedule", functools.partial(self._cas, [name], [text, new, ttl])
             )
-            if int(written):
-                return result
-        raise LimiterUnavailableError(
-            f"the Redis rate limiter at {self.where} is too contended: {_CAS_ATTEMPTS} "
-            "attempts to update the schedule lost to other writers; nothing was sent"
-        )
+            if not isinstance(answer, list):
+                return result  # written (by this attempt, or by one whose answer was lost)
+            # Another process wrote first: the script read its value and the clock for us.
+            reply = answer
+            lost += 1
+            if loop.time() - started > _CONTENDED_FOR:
+                raise LimiterUnavailableError(
+                    f"the Redis rate limiter at {self.where} is too contended: every attempt "
+                    f"to update the schedule for {_CONTENDED_FOR:g}s lost to other writers; "
+                    "nothing was sent"
+                )
+            if lost >= 3:
+                # Writers in lockstep: step out of it at random, then read afresh.
+                await asyncio.sleep(random.uniform(0.0, min(0.05, 0.001 * 2**lost)))
+                reply = await self._call(
+                    "reading the schedule", functools.partial(self._read, [name])
+                )
 
     async def _call(self, what: str, operation: Callable[[], Awaitable[Any]]) -> Any:
-        """Run one Redis operation; any failure becomes ``LimiterUnavailableError``."""
+        """Run one Redis operation; any failure becomes ``LimiterUnavailableError``.
+
+        At most ``max_connections`` run at once; the others wait for their turn (their
+        caller's deadline bounds that wait); the timeout bounds the operation itself.
+        """
         loop = asyncio.get_running_loop()
         if loop.time() < self._down_until and self._down_error is not None:
             raise LimiterUnavailableError(str(self._down_error))
         try:
             # The socket timeouts bound each attempt; this bounds the attempts together.
-            async with asyncio.timeout(self.timeout * 2 + 0.5):
-                return await operation()
+            return await self._gate.run(operation, self.timeout * 2 + 0.5, self._down)
         except (RedisError, OSError) as exc:
             error = LimiterUnavailableError(
                 f"the Redis rate limiter at {self.where} is unavailable while {what} "
@@ -191,6 +285,50 @@ class RedisStore:
             # for its own timeout.
             self._down_until, self._down_error = loop.time() + self.timeout, error
             raise error from exc
+
+    def _down(self) -> None:
+        """Raise at once during an outage another operation just met."""
+        if self._down_error is not None and asyncio.get_running_loop().time() < self._down_until:
+            raise LimiterUnavailableError(str(self._down_error))
+
+
+async def check_eviction(redis: AnyRedis, where: str, seconds: float) -> str | None:
+    """Read Redis's eviction policy once; WARN when eviction can drop the limiter's keys.
+
+    Returns the warning (None when there is nothing to say). A Redis that may evict
+    (``maxmemory`` set and a policy other than ``noeviction``) drops keys under memory
+    pressure: the limiter's keys carry a TTL (they expire once idle), so the ``volatile-*``
+    policies may evict them as well as the ``allkeys-*`` ones. An evicted schedule is a flush:
+    other processes' recent starts are forgotten, and the API may answer 429.
+    """
+    try:
+        async with asyncio.timeout(seconds * 2 + 0.5):
+            info: Any = await redis.info("memory")
+    except (RedisError, OSError) as exc:  # INFO refused (an ACL), or Redis is down: the
+        logger.debug("Redis rate limiter: cannot read INFO memory: %s", _short(exc))
+        return None  # calls will say so
+    nodes = (
+        [info] if "maxmemory_policy" in info else [v for v in info.values() if isinstance(v, dict)]
+    )
+    risky = sorted(
+        {
+            (str(node.get("maxmemory_policy")), int(node.get("maxmemory") or 0))
+            for node in nodes
+            if node.get("maxmemory_policy") not in (None, "noeviction")
+            and int(node.get("maxmemory") or 0) != 0
+        }
+    )
+    if not risky:
+        return None
+    policy, maxmemory = risky[0]
+    message = (
+        f"the Redis at {where} may evict the rate limiter's keys (maxmemory-policy {policy}, "
+        f"maxmemory {maxmemory} bytes): its keys carry a TTL, so volatile-* policies evict them "
+        "too, and an evicted schedule forgets other processes' recent starts (the API may then "
+        "answer 429). Use a Redis with maxmemory-policy noeviction for the limiter"
+    )
+    logger.warning("%s", message)
+    return message
 
 
 def _decode(text: str) -> TokenState:
@@ -213,16 +351,23 @@ class RedisRateLimiter(Limiter):
     limiter.aclose()``. Every process sharing a token must use the same ``rate_limit`` (a
     different one is refused while another live limiter uses the token).
 
-    ``url`` is a ``redis://`` / ``rediss://`` / ``unix://`` URL (or a ``redis.asyncio.Redis``
-    of yours, used and never closed). ``timeout`` bounds each Redis attempt; past it (or when
-    Redis refuses the connection) a call raises ``LimiterUnavailableError`` and sends nothing,
-    unless ``fallback`` names a limiter to use meanwhile (give it this process's share of the
-    limit: a per-process limiter at the full rate would multiply it by the process count).
+    ``url`` is a ``redis://`` / ``rediss://`` / ``unix://`` URL, a Redis Cluster's
+    ``redis+cluster://`` / ``rediss+cluster://`` URL (any node), or a ``redis.asyncio.Redis``
+    or ``redis.asyncio.cluster.RedisCluster`` of yours (used and never closed). ``timeout``
+    bounds each Redis attempt; past it (or when Redis refuses the connection) a call raises
+    ``LimiterUnavailableError`` and sends nothing, unless ``fallback`` names a limiter to use
+    meanwhile (give it this process's share of the limit: a per-process limiter at the full
+    rate would multiply it by the process count).
+
+    ``max_connections`` bounds the Redis operations in flight at once (and so the connections
+    used), whatever the number of tokens and waiting calls: callers beyond it wait for their
+    turn, within their ``max_wait``, and never fail for it. The first operation reads Redis's
+    eviction policy and logs a WARNING when eviction can drop the limiter's keys.
     """
 
     def __init__(
         self,
-        url: str | Redis,
+        url: str | AnyRedis,
         *,
         rate_limit: RateLimit = DEFAULT_RATE_LIMIT,
         prefix: str = "autocalls:",
@@ -230,10 +375,13 @@ class RedisRateLimiter(Limiter):
         fallback: RateLimiter | None = None,
         lease: float = DEFAULT_LEASE,
         background_share: int = 5,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         if not isinstance(rate_limit, RateLimit):
             raise TypeError(f"rate_limit must be a RateLimit(requests, period), got {rate_limit!r}")
-        self.redis_store = RedisStore(url, prefix=prefix, timeout=timeout)
+        self.redis_store = RedisStore(
+            url, prefix=prefix, timeout=timeout, max_connections=max_connections
+        )
         super().__init__(
             self.redis_store,
             rate_limit,
@@ -269,21 +417,26 @@ class RedisConversationStore(AsyncClosing):
     bounds the memory used. Keys hold a hash of the customer identifier (phone numbers and
     e-mail addresses stay out of key names and ``KEYS``/``SCAN`` output). The cache is best
     effort: a Redis failure is logged and reads as a miss, and a write that fails never turns a
-    reply the service already processed into an error.
+    reply the service already processed into an error. ``url`` is as for ``RedisRateLimiter``
+    (a Redis Cluster too); at most ``max_connections`` reads and writes run at once, the
+    others wait for their turn.
     """
 
     def __init__(
         self,
-        url: str | Redis,
+        url: str | AnyRedis,
         *,
         ttl: float = 30 * 24 * 3600.0,
         prefix: str = "autocalls:",
         timeout: float = 1.0,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         self.ttl = _check_timeout(ttl)
         self.prefix = prefix
         self.timeout = _check_timeout(timeout)
-        self._redis, self._owned, self._where = _connect(url, self.timeout)
+        self.max_connections = _check_max_connections(max_connections)
+        self._redis, self._owned, self._where = _connect(url, self.timeout, self.max_connections)
+        self._gate = _Gate(self.max_connections)
 
     def __repr__(self) -> str:
         return f"<RedisConversationStore {self._where} ttl={self.ttl:g}s prefix={self.prefix!r}>"
@@ -301,8 +454,9 @@ class RedisConversationStore(AsyncClosing):
         """The conversation any worker last stored, or None (also when Redis fails)."""
         key = self.redis_key(assistant_id, customer_identifier)
         try:
-            async with asyncio.timeout(self.timeout * 2 + 0.5):
-                raw: Any = await self._redis.get(key)
+            raw: Any = await self._gate.run(
+                functools.partial(self._redis.get, key), self.timeout * 2 + 0.5
+            )
         except (RedisError, OSError, TimeoutError) as exc:
             logger.warning("conversation store at %s: read failed: %s", self._where, _short(exc))
             return None
@@ -341,7 +495,9 @@ class RedisConversationStore(AsyncClosing):
             separators=(",", ":"),
         )
         try:
-            async with asyncio.timeout(self.timeout * 2 + 0.5):
-                await self._redis.set(key, value, px=max(1, round(self.ttl * 1000)))
+            await self._gate.run(
+                functools.partial(self._redis.set, key, value, px=max(1, round(self.ttl * 1000))),
+                self.timeout * 2 + 0.5,
+            )
         except (RedisError, OSError, TimeoutError) as exc:
             logger.warning("conversation store at %s: write failed: %s", self._where, _short(exc))
