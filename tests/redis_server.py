@@ -52,8 +52,9 @@ def _ping(port: int, timeout: float = 0.5) -> bool:
 class RedisServer:
     """One ``redis-server`` process; ``url`` once started; ``stop()`` / ``kill()`` end it."""
 
-    def __init__(self, binary: str) -> None:
+    def __init__(self, binary: str, *args: str) -> None:
         self.binary = binary
+        self.args = args  #: more configuration, e.g. ("--maxmemory-policy", "allkeys-lru")
         self.port = 0
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self.process: subprocess.Popen[bytes] | None = None
@@ -98,6 +99,7 @@ class RedisServer:
                 str(log),
                 "--daemonize",
                 "no",
+                *self.args,
             ],  # fmt: skip
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
