@@ -303,7 +303,10 @@ async def check_eviction(redis: AnyRedis, where: str, seconds: float) -> str | N
     """
     try:
         async with asyncio.timeout(seconds * 2 + 0.5):
-            info: Any = await redis.info("memory")
+            if isinstance(redis, RedisCluster):  # every node's own: one may evict
+                info: Any = await redis.info("memory", target_nodes=RedisCluster.ALL_NODES)
+            else:
+                info = await redis.info("memory")
     except (RedisError, OSError) as exc:  # INFO refused (an ACL), or Redis is down: the
         logger.debug("Redis rate limiter: cannot read INFO memory: %s", _short(exc))
         return None  # calls will say so
