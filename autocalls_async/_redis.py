@@ -194,11 +194,14 @@ class RedisStore:
         self.redis, self.owned, self.where = _connect(url, self.timeout, self.max_connections)
         self._read = self.redis.register_script(_script("read.lua"))
         self._cas = self.redis.register_script(_script("cas.lua"))
+        self._report = self.redis.register_script(_script("report.lua"))
         self._gate = _Gate(self.max_connections)
         self._down_until = -math.inf
         self._down_error: LimiterUnavailableError | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._checked = False  # Redis's eviction policy, read once
+        #: operations so far: reads, writes (compare-and-set that wrote), lost (that did not)
+        self.counts = {"reads": 0, "writes": 0, "lost": 0}
 
     def redis_key(self, key: str) -> str:
         """The key name; the braces keep a token's keys on one Redis Cluster slot."""
@@ -226,28 +229,50 @@ class RedisStore:
             self._checked = True
             await check_eviction(self.redis, self.where, self.timeout)
         name = self.redis_key(key)
+        counts = self.counts
+        counts["reads"] += 1
         reply = await self._call("reading the schedule", functools.partial(self._read, [name]))
         started = loop.time()
         lost = 0
         while True:
             seconds, micros, raw = reply
             now = int(seconds) + int(micros) / 1_000_000
-            text = raw.decode() if isinstance(raw, bytes) else (raw or "")
-            state = _decode(text)
+            fields = _fields(raw)
+            text = fields.pop("s", "")
+            state = _decode(text, fields)
             result = update(state, now)
             latest = state.latest()
+            data = state.to_json()
+            queued: dict[str, Any] = data.pop("queued")
             if state.holder is None and latest <= now:
                 new = ""  # nothing left to remember
             else:
-                new = json.dumps(state.to_json(), separators=(",", ":"))
-            if new == text:
+                new = json.dumps(data, separators=(",", ":"))
+            reports: list[str] = []  # the queue reports that changed: field, value ('' deletes)
+            for who, entry in queued.items():
+                value = json.dumps(entry, separators=(",", ":"))
+                if fields.get(f"q:{who}") != value:
+                    reports += [f"q:{who}", value]
+            for field in fields:
+                if field[2:] not in queued:
+                    reports += [field, ""]
+            if new == text and not reports:
                 return result  # nothing changed (a poll): nothing to write
-            ttl = max(1, math.ceil((latest - now) * 1000)) + _EXPIRY_SLACK_MS if new else 0
-            answer = await self._call(
-                "updating the schedule", functools.partial(self._cas, [name], [text, new, ttl])
-            )
+            ttl = max(1, math.ceil((latest - now) * 1000)) + _EXPIRY_SLACK_MS
+            if new == text:
+                # Only queue reports changed: written as they are, never compared.
+                answer = await self._call(
+                    "reporting the queue", functools.partial(self._report, [name], [ttl, *reports])
+                )
+            else:
+                answer = await self._call(
+                    "updating the schedule",
+                    functools.partial(self._cas, [name], [text, new, ttl, *reports]),
+                )
             if not isinstance(answer, list):
+                counts["writes"] += 1
                 return result  # written (by this attempt, or by one whose answer was lost)
+            counts["lost"] += 1
             # Another process wrote first: the script read its value and the clock for us.
             reply = answer
             lost += 1
@@ -260,6 +285,7 @@ class RedisStore:
             if lost >= 3:
                 # Writers in lockstep: step out of it at random, then read afresh.
                 await asyncio.sleep(random.uniform(0.0, min(0.05, 0.001 * 2**lost)))
+                counts["reads"] += 1
                 reply = await self._call(
                     "reading the schedule", functools.partial(self._read, [name])
                 )
@@ -334,11 +360,22 @@ async def check_eviction(redis: AnyRedis, where: str, seconds: float) -> str | N
     return message
 
 
-def _decode(text: str) -> TokenState:
-    if not text:
-        return TokenState()
+def _fields(raw: Any) -> dict[str, str]:
+    """A hash as HGETALL returns it through a script (a flat list), as text."""
+    items = [item.decode() if isinstance(item, bytes) else str(item) for item in raw or ()]
+    return dict(zip(items[::2], items[1::2], strict=True))
+
+
+def _decode(text: str, reports: dict[str, str]) -> TokenState:
+    """The state (field ``s``) with every limiter's queue report (fields ``q:<limiter>``)."""
     try:
-        return TokenState.from_json(json.loads(text))
+        data = json.loads(text) if text else {}
+        data["queued"] = {
+            field[2:]: json.loads(value)
+            for field, value in reports.items()
+            if field.startswith("q:")
+        }
+        return TokenState.from_json(data)
     except (ValueError, TypeError, KeyError, IndexError):
         logger.warning("Redis rate limiter: an unreadable schedule was started afresh")
         return TokenState()

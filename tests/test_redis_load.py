@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -355,3 +356,30 @@ async def test_an_outage_met_while_waiting_for_a_connection_fails_at_once(
         elapsed = loop.time() - started
     assert all(isinstance(r, LimiterUnavailableError) for r in results), results
     assert elapsed < 2.0
+
+
+async def test_a_schedule_an_earlier_version_wrote_is_kept_and_converted(
+    redis_server: RedisServer, prefix: str, inspector: Redis
+) -> None:
+    """A key left by an earlier version (a JSON string, not a hash) is read as the schedule,
+    its due time kept, and converted at the first write."""
+    loop = asyncio.get_running_loop()
+    async with RedisRateLimiter(
+        redis_server.url, rate_limit=RateLimit(10, 1.0), prefix=prefix
+    ) as limiter:
+        key = limiter.redis_key("tok")
+        seconds, micros = await inspector.time()
+        due = int(seconds) + int(micros) / 1e6 + 0.5
+        state = {"due": due, "last": due - 0.05, "holder": None}
+        await inspector.set(key, json.dumps(state), px=5000)
+        started = loop.time()
+        async with limiter.slot("tok") as slot:
+            waited = loop.time() - started
+            slot.sent()
+        assert await inspector.type(key) == b"hash"
+        # Again from an empty one.
+        await inspector.set(key, json.dumps({"due": None}), px=5000)
+        async with limiter.slot("tok") as slot:
+            slot.sent()
+        assert await inspector.type(key) == b"hash"
+    assert waited >= 0.5 - 0.05
