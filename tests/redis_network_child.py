@@ -51,7 +51,7 @@ async def main(
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*tasks, return_exceptions=True)
-        counts = limiter.redis_store.counts
+        counts = getattr(limiter.redis_store, "counts", {})
     report = {"index": index, "answered": answered, "errors": dict(errors), "redis": counts}
     print(json.dumps(report), flush=True)
 
