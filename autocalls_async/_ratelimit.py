@@ -42,7 +42,7 @@ from ._lifecycle import AsyncOnly
 from ._log import logger
 from ._models import Priority, RateLimit
 from ._schedule import Lane, RateConflict, Rules
-from ._stores import NOTHING_SENT, PROCESS_STORE, FileStore, MemoryStore, Store
+from ._stores import NOTHING_SENT, PROCESS_STORE, URGENT, FileStore, MemoryStore, Store
 
 __all__ = [
     "FifoGate",
@@ -348,6 +348,7 @@ class _Grant:
             self._report = self._limiter._spawn(self._report_later(operation))
 
     async def _report_later(self, operation: Callable[[schedule.TokenState, float], None]) -> None:
+        URGENT.set(True)  # this task's own context: it frees the token for every waiter
         try:
             await self._limiter.store.update(self._key, operation)
         except Exception as exc:  # the lease then runs out: counted as a start at its end
@@ -381,6 +382,7 @@ class _Grant:
     async def _renew_later(
         self, operation: Callable[[schedule.TokenState, float], bool], asked: float
     ) -> None:
+        URGENT.set(True)
         try:
             kept = await self._limiter.store.update(self._key, operation)
         except Exception as exc:
@@ -684,7 +686,8 @@ class Limiter(AsyncOnly):
         loop = front.loop
         queue = front.queue(key)
         lane = int(priority)
-        if deadline is not None:
+        direct = queue.quiet() and max(queue.own_next, queue.own_pause) <= loop.time()
+        if deadline is not None and not direct:
             try:
                 async with asyncio.timeout_at(_grace(deadline, loop)):
                     await self._check_deadline(front, queue, key, deadline, lane)
@@ -695,14 +698,19 @@ class Limiter(AsyncOnly):
         now = loop.time()
         arrival = now + front.offset
         asked = False
-        if queue.quiet() and max(queue.own_next, queue.own_pause) <= now:
+        if direct and queue.quiet():
             asked = True
             # Nobody waits here: ask directly; no task is needed when the store answers now.
+            # With a deadline, the same store operation first checks that the wait fits it.
             ticket = f"{front.who}#{next(front.tickets)}"
             queue.asking = True
             try:
                 async with asyncio.timeout_at(_grace(deadline, loop)):
-                    answer = await self._ask(front, key, ticket, _alone(lane, arrival))
+                    answer = await self._ask(
+                        front, key, ticket, _alone(lane, arrival), deadline=deadline, lane=lane
+                    )
+            except RateLimitTimeout:
+                raise  # with its detail
             except TimeoutError:
                 raise self._timeout(None) from None
             finally:
@@ -748,21 +756,47 @@ class Limiter(AsyncOnly):
             raise
 
     async def _ask(
-        self, front: _Front, key: str, ticket: str, lanes: tuple[Lane | None, Lane | None]
+        self,
+        front: _Front,
+        key: str,
+        ticket: str,
+        lanes: tuple[Lane | None, Lane | None],
+        *,
+        deadline: float | None = None,
+        lane: int = 0,
     ) -> schedule.Grant:
-        """Ask the store for the grant ``ticket``, reporting this queue's lanes."""
-        return await self._apply(
-            front,
-            key,
-            functools.partial(
-                schedule.grant,
-                rules=self.rules,
-                who=front.who,
-                where=front.where,
-                ticket=ticket,
-                lanes=lanes,
-            ),
+        """Ask the store for the grant ``ticket``, reporting this queue's lanes.
+
+        With a ``deadline`` (a newcomer to a quiet queue), the same operation first predicts
+        the wait as ``_check_deadline`` does, and raises ``RateLimitTimeout`` instead of asking
+        when it is longer: one round trip, not two.
+        """
+        ask = functools.partial(
+            schedule.grant,
+            rules=self.rules,
+            who=front.who,
+            where=front.where,
+            ticket=ticket,
+            lanes=lanes,
         )
+        if deadline is None:
+            return await self._apply(front, key, ask)
+        rules = self.rules
+        asked = front.loop.time()
+
+        def peek_then_ask(
+            state: schedule.TokenState, now: float
+        ) -> tuple[schedule.Peek, schedule.Grant | None]:
+            seen = schedule.peek(state, now, rules, who=front.who, lane=lane)
+            wait = seen.free_in + seen.ahead * rules.min_gap
+            if wait > 0 and asked + wait > deadline:
+                return seen, None
+            return seen, ask(state, now)
+
+        seen, answer = await self._apply(front, key, peek_then_ask)
+        if answer is None:
+            raise self._timeout(seen.free_in + seen.ahead * rules.min_gap, seen.ahead)
+        return answer
 
     async def _check_deadline(
         self, front: _Front, queue: _Queue, key: str, deadline: float, lane: int

@@ -31,7 +31,9 @@ import hashlib
 import json
 import math
 import random
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any, TypeAlias, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -40,7 +42,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import MaxConnectionsError, RedisError
+from redis.exceptions import MaxConnectionsError, RedisError, ResponseError
 
 from ._errors import LimiterUnavailableError
 from ._lifecycle import AsyncClosing
@@ -48,6 +50,7 @@ from ._log import logger
 from ._models import Conversation, RateLimit
 from ._ratelimit import DEFAULT_LEASE, Limiter, RateLimiter
 from ._schedule import TokenState
+from ._stores import URGENT
 
 __all__ = ["RedisConversationStore", "RedisRateLimiter", "RedisStore"]
 
@@ -134,34 +137,73 @@ def _check_max_connections(value: int) -> int:
 
 
 class _Gate:
-    """At most ``size`` Redis operations in flight, first come first served; the others wait
-    here, bounded only by their caller's deadline (never by the Redis timeout: a busy gate is
-    not an outage). A borrowed client whose pool is busy with its owner's own commands
+    """At most ``size`` Redis operations in flight; the others wait here, bounded only by their
+    caller's deadline (never by the Redis timeout: a busy gate is not an outage). Urgent ones
+    (``URGENT``: a grant's report, which frees the token for every waiter) go first, the others
+    first come first served. A borrowed client whose pool is busy with its owner's own commands
     (``MaxConnectionsError``) is waited for the same way."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._semaphore = asyncio.Semaphore(size)
+        self._free = size
+        self._waiting: tuple[deque[asyncio.Future[None]], deque[asyncio.Future[None]]] = (
+            deque(),
+            deque(),
+        )
 
-    async def run(
-        self,
-        operation: Callable[[], Awaitable[T]],
-        bound: float,
-        check: Callable[[], None] = lambda: None,
-    ) -> T:
-        """``operation`` through the gate; ``bound`` (seconds) limits the operation, not the wait.
-        ``check`` runs once through, before the operation (it may raise: an outage met while
-        waiting)."""
-        pause = 0.002
-        async with self._semaphore:
-            check()
-            while True:
-                try:
-                    async with asyncio.timeout(bound):
-                        return await operation()
-                except MaxConnectionsError:
-                    await asyncio.sleep(pause)
-                    pause = min(pause * 2, 0.05)
+    async def _acquire(self) -> None:
+        urgent, normal = self._waiting
+        for waiters in self._waiting:
+            while waiters and waiters[0].done():
+                waiters.popleft()  # gave up while waiting
+        if self._free > 0 and not urgent and not normal:
+            self._free -= 1
+            return
+        future = asyncio.get_running_loop().create_future()
+        (urgent if URGENT.get() else normal).append(future)
+        try:
+            await future  # the slot is handed over with the result
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self._release()  # handed to us as we were cancelled: pass it on
+            raise
+
+    def _release(self) -> None:
+        for waiters in self._waiting:
+            while waiters:
+                future = waiters.popleft()
+                if not future.done():
+                    future.set_result(None)
+                    return
+        self._free += 1
+
+    @asynccontextmanager
+    async def held(self) -> AsyncIterator[None]:
+        """One of the ``size`` places, for as long as the block runs."""
+        await self._acquire()
+        try:
+            yield
+        finally:
+            self._release()
+
+    async def run(self, operation: Callable[[], Awaitable[T]], bound: float) -> T:
+        """``operation`` through the gate; ``bound`` (seconds) limits the operation, not the
+        wait for a place."""
+        async with self.held():
+            return await attempt(operation, bound)
+
+
+async def attempt(operation: Callable[[], Awaitable[T]], bound: float) -> T:
+    """``operation`` within ``bound`` seconds; a pool that is full of its owner's own commands
+    (``MaxConnectionsError``) is waited for, not failed."""
+    pause = 0.002
+    while True:
+        try:
+            async with asyncio.timeout(bound):
+                return await operation()
+        except MaxConnectionsError:
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
 
 def _check_timeout(timeout: float) -> float:
@@ -225,9 +267,27 @@ class RedisStore:
                 "this RedisRateLimiter was first used in another event loop; its connections "
                 "belong to one loop: create one limiter per event loop"
             )
-        if not self._checked:
-            self._checked = True
-            await check_eviction(self.redis, self.where, self.timeout)
+        # One place at the gate for the whole update (its read, compare-and-set and retries):
+        # an update under way never queues again behind newcomers.
+        async with self._gate.held():
+            if not self._checked:
+                self._checked = True
+                try:
+                    await self._call(
+                        "reading its eviction policy",
+                        functools.partial(check_eviction, self.redis, self.where),
+                    )
+                except LimiterUnavailableError:
+                    self._checked = False  # again once Redis answers
+                    raise
+            return await self._update(loop, key, update)
+
+    async def _update(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        key: str,
+        update: Callable[[TokenState, float], T],
+    ) -> T:
         name = self.redis_key(key)
         counts = self.counts
         counts["reads"] += 1
@@ -301,7 +361,7 @@ class RedisStore:
             raise LimiterUnavailableError(str(self._down_error))
         try:
             # The socket timeouts bound each attempt; this bounds the attempts together.
-            return await self._gate.run(operation, self.timeout * 2 + 0.5, self._down)
+            return await attempt(operation, self.timeout * 2 + 0.5)
         except (RedisError, OSError) as exc:
             error = LimiterUnavailableError(
                 f"the Redis rate limiter at {self.where} is unavailable while {what} "
@@ -312,30 +372,25 @@ class RedisStore:
             self._down_until, self._down_error = loop.time() + self.timeout, error
             raise error from exc
 
-    def _down(self) -> None:
-        """Raise at once during an outage another operation just met."""
-        if self._down_error is not None and asyncio.get_running_loop().time() < self._down_until:
-            raise LimiterUnavailableError(str(self._down_error))
 
+async def check_eviction(redis: AnyRedis, where: str) -> str | None:
+    """Read Redis's eviction policy; WARN when eviction can drop the limiter's keys.
 
-async def check_eviction(redis: AnyRedis, where: str, seconds: float) -> str | None:
-    """Read Redis's eviction policy once; WARN when eviction can drop the limiter's keys.
-
-    Returns the warning (None when there is nothing to say). A Redis that may evict
-    (``maxmemory`` set and a policy other than ``noeviction``) drops keys under memory
-    pressure: the limiter's keys carry a TTL (they expire once idle), so the ``volatile-*``
-    policies may evict them as well as the ``allkeys-*`` ones. An evicted schedule is a flush:
-    other processes' recent starts are forgotten, and the API may answer 429.
+    Returns the warning (None when there is nothing to say, or when ``INFO`` is refused: an
+    ACL). A Redis that may evict (``maxmemory`` set and a policy other than ``noeviction``)
+    drops keys under memory pressure: the limiter's keys carry a TTL (they expire once idle), so
+    the ``volatile-*`` policies may evict them as well as the ``allkeys-*`` ones. An evicted
+    schedule is a flush: other processes' recent starts are forgotten, and the API may answer
+    429. Other Redis errors are raised.
     """
     try:
-        async with asyncio.timeout(seconds * 2 + 0.5):
-            if isinstance(redis, RedisCluster):  # every node's own: one may evict
-                info: Any = await redis.info("memory", target_nodes=RedisCluster.ALL_NODES)
-            else:
-                info = await redis.info("memory")
-    except (RedisError, OSError) as exc:  # INFO refused (an ACL), or Redis is down: the
+        if isinstance(redis, RedisCluster):  # every node's own: one may evict
+            info: Any = await redis.info("memory", target_nodes=RedisCluster.ALL_NODES)
+        else:
+            info = await redis.info("memory")
+    except ResponseError as exc:  # refused (NOPERM): nothing to check
         logger.debug("Redis rate limiter: cannot read INFO memory: %s", _short(exc))
-        return None  # calls will say so
+        return None
     nodes = (
         [info] if "maxmemory_policy" in info else [v for v in info.values() if isinstance(v, dict)]
     )

@@ -26,6 +26,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -33,10 +34,14 @@ from ._errors import LimiterUnavailableError
 from ._log import logger
 from ._schedule import TokenState
 
-__all__ = ["FileStore", "MemoryStore", "Store", "default_host_directory"]
+__all__ = ["URGENT", "FileStore", "MemoryStore", "Store", "default_host_directory"]
 
 T = TypeVar("T")
 Update = Callable[[TokenState, float], T]
+
+#: True while a grant's report (sent, given back, renewed) is being made: a store that queues
+#: its operations serves these first, since each frees the token for every waiter.
+URGENT: ContextVar[bool] = ContextVar("autocalls_store_urgent", default=False)
 
 #: Past this many seconds of a busy host lock, a WARNING says so (a stopped process?).
 LOCK_TIMEOUT = 2.0

@@ -137,12 +137,12 @@ async def test_eviction_policy_is_read_from_every_node(cluster: RedisCluster) ->
     """INFO on a cluster answers per node: each is checked; one that may evict is named."""
     client = ClusterClient.from_url(cluster.url.replace("redis+cluster", "redis"))
     try:
-        assert await check_eviction(client, "cluster", 1.0) is None
+        assert await check_eviction(client, "cluster") is None
         node = client.get_nodes()[1]
         await client.config_set("maxmemory", "64mb", target_nodes=node)
         await client.config_set("maxmemory-policy", "volatile-lru", target_nodes=node)
         try:
-            warning = await check_eviction(client, "cluster", 1.0)
+            warning = await check_eviction(client, "cluster")
             assert warning is not None and "volatile-lru" in warning
         finally:
             await client.config_set("maxmemory", "0", target_nodes=node)
