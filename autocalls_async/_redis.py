@@ -2,12 +2,21 @@
 conversation cache every worker sees. Needs the ``redis`` extra (redis-py's asyncio client).
 
 The limiter is the same algorithm as the local and host ones (``_schedule``: the rules and why
-they keep the limit are written there), kept in one Redis key per token: a small JSON state,
-read together with Redis's ``TIME`` (``lua/read.lua``) and written back only if nobody wrote it
-meanwhile (``lua/cas.lua``, compare and set; a lost race reads again). Every process and host
-therefore applies one schedule, on one clock (Redis's; client clocks disagree). Each operation
-costs two round trips; a slot costs one grant and one report, and waiting costs nothing but a
-poll when another process's grant is outstanding.
+they keep the limit are written there), kept in one Redis key per token, a hash: field ``s``
+holds a small JSON state, read together with Redis's ``TIME`` (``lua/read.lua``) and written
+back only if nobody changed it meanwhile (``lua/cas.lua``, compare and set; a lost race answers
+the new state at once, and a retry whose first write had committed sees its own value); fields
+``q:<limiter>`` hold each limiter's report of its queue, written without comparison
+(``lua/report.lua``), so that reports never make a grant or a start lose. Every process and
+host therefore applies one schedule, on one clock (Redis's; client clocks disagree). An
+operation costs one round trip when it changes nothing (a poll) and two when it writes; a slot
+costs one grant and one report. Every script touches that one key, whose hash tag keeps it on
+one slot of a Redis Cluster.
+
+At most ``max_connections`` operations run at once per limiter, whatever the number of tokens
+and waiting calls; the others wait for their turn (a grant's reports first), bounded by their
+caller's ``max_wait`` and never failed for it. The first operation reads Redis's eviction
+policy and warns when eviction can reach the limiter's keys.
 
 A Redis restart or ``FLUSHALL`` loses the schedule: other processes' recent starts are
 forgotten (each process still keeps its own last start and pause, so none starts sooner than

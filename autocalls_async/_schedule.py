@@ -34,6 +34,13 @@ The rules
    process; to the background lane only when no interactive call waits, or when background
    work has waited through ``share - 1`` interactive grants in a row (its minimum share).
    Order decides only *who* gets a grant, never *when*: it cannot affect the guarantee below.
+   A report (or a limiter's registration) that still says the same and stands for at least
+   half its grace more is kept as it is: asking again (a poll) changes nothing, so a store
+   writes nothing. A store may also keep reports beside the state and write them without
+   comparing (Redis does): a grant decided on a report one round trip old is still made only
+   when due.
+7. **Retries are recognised.** Asking again for a grant with the ticket that already holds it
+   (an answer lost after the store committed) is answered "granted", to the same lane.
 
 Why ``requests + 1`` starts cannot happen within ``period``
 -----------------------------------------------------------
