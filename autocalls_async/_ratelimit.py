@@ -44,7 +44,7 @@ from ._lifecycle import AsyncOnly
 from ._log import logger
 from ._models import Priority, RateLimit
 from ._schedule import MAX_LEASE, Lane, RateConflict, Rules
-from ._stores import NOTHING_SENT, PROCESS_STORE, HostStore, MemoryStore, Store
+from ._stores import NOTHING_SENT, PROCESS_STORE, URGENT, HostStore, MemoryStore, Store
 
 __all__ = [
     "FifoGate",
@@ -177,6 +177,7 @@ class _Queue:
         "next_free",
         "own_next",
         "own_pause",
+        "peeking",
         "stale",
         "waiting",
         "wake",
@@ -193,6 +194,9 @@ class _Queue:
         self.own_pause = -float("inf")  # loop clock: this process's own 429 pause
         self.next_free = -float("inf")  # loop clock: the next grant, as last seen
         self.stale = False  # a waiter gave up: the store may still count it as waiting
+        #: per lane, the store's answer to a newcomer's ``max_wait`` check, while one is asked:
+        #: every newcomer meanwhile shares it (1,000 callers, one round trip)
+        self.peeking: list[asyncio.Task[schedule.Peek] | None] = [None, None]
 
     def total(self) -> int:
         return self.waiting[0] + self.waiting[1]
@@ -366,6 +370,7 @@ class _Grant:
             self._report = self._limiter._spawn(self._report_later(operation))
 
     async def _report_later(self, operation: Callable[[schedule.TokenState, float], None]) -> None:
+        URGENT.set(True)  # this task's own context: it frees the token for every waiter
         try:
             await self._limiter.store.update(self._key, operation)
         except Exception as exc:  # the lease then runs out: counted as a start at its end
@@ -399,6 +404,7 @@ class _Grant:
     async def _renew_later(
         self, operation: Callable[[schedule.TokenState, float], bool], asked: float
     ) -> None:
+        URGENT.set(True)
         try:
             kept = await self._limiter.store.update(self._key, operation)
         except Exception as exc:
@@ -569,26 +575,50 @@ class Limiter(AsyncOnly):
         loop = front.loop
         asked = loop.time()
         seen: list[float] = []
-
-        def step(state: schedule.TokenState, now: float) -> T:
-            seen.append(now)
-            _forget_the_dead(state)
-            return operation(state, now)
-
+        step = self._step(operation, seen)
         try:
             done, result = self.store.try_update(key, step)
             if not done:
                 result = await self.store.update(key, step)
         except RateConflict as conflict:
             raise InvalidRequestError(_conflict(conflict, self.rate_limit)) from None
+        self._answered(front, key, asked, seen)
+        return result  # type: ignore[return-value]
+
+    def _try_apply(
+        self, front: _Front, key: str, operation: Callable[[schedule.TokenState, float], T]
+    ) -> tuple[bool, T | None]:
+        """``_apply`` when the store answers without waiting: (True, result), else (False,
+        None) and nothing was done."""
+        asked = front.loop.time()
+        seen: list[float] = []
+        try:
+            done, result = self.store.try_update(key, self._step(operation, seen))
+        except RateConflict as conflict:
+            raise InvalidRequestError(_conflict(conflict, self.rate_limit)) from None
+        if done:
+            self._answered(front, key, asked, seen)
+        return done, result
+
+    @staticmethod
+    def _step(
+        operation: Callable[[schedule.TokenState, float], T], seen: list[float]
+    ) -> Callable[[schedule.TokenState, float], T]:
+        def step(state: schedule.TokenState, now: float) -> T:
+            seen.append(now)
+            _forget_the_dead(state)
+            return operation(state, now)
+
+        return step
+
+    def _answered(self, front: _Front, key: str, asked: float, seen: list[float]) -> None:
         front.used.add(key)
         self._note(front, key)
         if seen:
             # The store read its clock about halfway through the round trip: waits it answers
             # count from there, not from when the answer arrived.
-            front.answered_at = (asked + loop.time()) / 2
+            front.answered_at = (asked + front.loop.time()) / 2
             front.offset = seen[-1] - front.answered_at
-        return result  # type: ignore[return-value]
 
     @property
     def place(self) -> str:
@@ -733,7 +763,8 @@ class Limiter(AsyncOnly):
         loop = front.loop
         queue = front.queue(key)
         lane = int(priority)
-        if deadline is not None:
+        direct = queue.quiet() and max(queue.own_next, queue.own_pause) <= loop.time()
+        if deadline is not None and not direct:
             try:
                 async with asyncio.timeout_at(_grace(deadline, loop)):
                     await self._check_deadline(front, queue, key, deadline, lane)
@@ -744,14 +775,19 @@ class Limiter(AsyncOnly):
         now = loop.time()
         arrival = now + front.offset
         asked = False
-        if queue.quiet() and max(queue.own_next, queue.own_pause) <= now:
+        if direct and queue.quiet():
             asked = True
             # Nobody waits here: ask directly; no task is needed when the store answers now.
+            # With a deadline, the same store operation first checks that the wait fits it.
             ticket = f"{front.who}#{next(front.tickets)}"
             queue.asking = True
             try:
                 async with asyncio.timeout_at(_grace(deadline, loop)):
-                    answer = await self._ask(front, key, ticket, _alone(lane, arrival))
+                    answer = await self._ask(
+                        front, key, ticket, _alone(lane, arrival), deadline=deadline, lane=lane
+                    )
+            except RateLimitTimeout:
+                raise  # with its detail
             except TimeoutError:
                 raise self._timeout(None) from None
             finally:
@@ -797,21 +833,47 @@ class Limiter(AsyncOnly):
             raise
 
     async def _ask(
-        self, front: _Front, key: str, ticket: str, lanes: tuple[Lane | None, Lane | None]
+        self,
+        front: _Front,
+        key: str,
+        ticket: str,
+        lanes: tuple[Lane | None, Lane | None],
+        *,
+        deadline: float | None = None,
+        lane: int = 0,
     ) -> schedule.Grant:
-        """Ask the store for the grant ``ticket``, reporting this queue's lanes."""
-        return await self._apply(
-            front,
-            key,
-            functools.partial(
-                schedule.grant,
-                rules=self.rules,
-                who=front.who,
-                where=front.where,
-                ticket=ticket,
-                lanes=lanes,
-            ),
+        """Ask the store for the grant ``ticket``, reporting this queue's lanes.
+
+        With a ``deadline`` (a newcomer to a quiet queue), the same operation first predicts
+        the wait as ``_check_deadline`` does, and raises ``RateLimitTimeout`` instead of asking
+        when it is longer: one round trip, not two.
+        """
+        ask = functools.partial(
+            schedule.grant,
+            rules=self.rules,
+            who=front.who,
+            where=front.where,
+            ticket=ticket,
+            lanes=lanes,
         )
+        if deadline is None:
+            return await self._apply(front, key, ask)
+        rules = self.rules
+        asked = front.loop.time()
+
+        def peek_then_ask(
+            state: schedule.TokenState, now: float
+        ) -> tuple[schedule.Peek, schedule.Grant | None]:
+            seen = schedule.peek(state, now, rules, who=front.who, lane=lane)
+            wait = seen.free_in + seen.ahead * rules.min_gap
+            if wait > 0 and asked + wait > deadline:
+                return seen, None
+            return seen, ask(state, now)
+
+        seen, answer = await self._apply(front, key, peek_then_ask)
+        if answer is None:
+            raise self._timeout(seen.free_in + seen.ahead * rules.min_gap, seen.ahead)
+        return answer
 
     async def _check_deadline(
         self, front: _Front, queue: _Queue, key: str, deadline: float, lane: int
@@ -819,11 +881,7 @@ class Limiter(AsyncOnly):
         """Refuse at once when the shared schedule already says the wait is longer."""
         loop = front.loop
         now = loop.time()
-        seen = await self._apply(
-            front,
-            key,
-            functools.partial(schedule.peek, rules=self.rules, who=front.who, lane=lane),
-        )
+        seen = await self._peek(front, queue, key, lane)
         # A grant already made is counted by the store: it spaces the next one.
         local = queue.waiting[0] if lane == 0 else queue.total()
         ahead = seen.ahead + local
@@ -831,6 +889,27 @@ class Limiter(AsyncOnly):
         wait = free + ahead * self.rules.min_gap
         if wait > 0 and now + wait > deadline:
             raise self._timeout(wait, ahead)
+
+    async def _peek(self, front: _Front, queue: _Queue, key: str, lane: int) -> schedule.Peek:
+        """What the store says to a newcomer of ``lane``: one question in flight per queue and
+        lane, whose answer every newcomer that arrives meanwhile shares (it is a prediction)."""
+        task = queue.peeking[lane]
+        if task is None:
+            operation = functools.partial(schedule.peek, rules=self.rules, who=front.who, lane=lane)
+            done, seen = self._try_apply(front, key, operation)
+            if done:
+                return seen  # type: ignore[return-value]
+            task = queue.peeking[lane] = self._spawn(self._apply(front, key, operation))
+
+            def forget(task: asyncio.Task[schedule.Peek]) -> None:
+                if queue.peeking[lane] is task:
+                    queue.peeking[lane] = None
+                if not task.cancelled():
+                    task.exception()  # retrieved: whoever awaited it has seen it
+
+            task.add_done_callback(forget)
+        # Shielded: a newcomer that gives up must not cancel the answer the others wait for.
+        return await asyncio.shield(task)
 
     async def _dispatch(self, front: _Front, queue: _Queue, key: str) -> None:
         """Ask for grants while callers wait; hand each to the caller the store chose."""

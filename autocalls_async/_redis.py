@@ -2,12 +2,21 @@
 conversation cache every worker sees. Needs the ``redis`` extra (redis-py's asyncio client).
 
 The limiter is the same algorithm as the local and host ones (``_schedule``: the rules and why
-they keep the limit are written there), kept in one Redis key per token: a small JSON state,
-read together with Redis's ``TIME`` (``lua/read.lua``) and written back only if nobody wrote it
-meanwhile (``lua/cas.lua``, compare and set; a lost race reads again). Every process and host
-therefore applies one schedule, on one clock (Redis's; client clocks disagree). Each operation
-costs two round trips; a slot costs one grant and one report, and waiting costs nothing but a
-poll when another process's grant is outstanding.
+they keep the limit are written there), kept in one Redis key per token, a hash: field ``s``
+holds a small JSON state, read together with Redis's ``TIME`` (``lua/read.lua``) and written
+back only if nobody changed it meanwhile (``lua/cas.lua``, compare and set; a lost race answers
+the new state at once, and a retry whose first write had committed sees its own value); fields
+``q:<limiter>`` hold each limiter's report of its queue, written without comparison
+(``lua/report.lua``), so that reports never make a grant or a start lose. Every process and
+host therefore applies one schedule, on one clock (Redis's; client clocks disagree). An
+operation costs one round trip when it changes nothing (a poll) and two when it writes; a slot
+costs one grant and one report. Every script touches that one key, whose hash tag keeps it on
+one slot of a Redis Cluster.
+
+At most ``max_connections`` operations run at once per limiter, whatever the number of tokens
+and waiting calls; the others wait for their turn (a grant's reports first), bounded by their
+caller's ``max_wait`` and never failed for it. The first operation reads Redis's eviction
+policy and warns when eviction can reach the limiter's keys.
 
 A Redis restart or ``FLUSHALL`` loses the schedule: other processes' recent starts are
 forgotten (each process still keeps its own last start and pause, so none starts sooner than
@@ -30,15 +39,19 @@ import functools
 import hashlib
 import json
 import math
-from collections.abc import Awaitable, Callable
+import random
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import MaxConnectionsError, RedisError, ResponseError
 
 from ._errors import LimiterUnavailableError
 from ._lifecycle import AsyncClosing
@@ -46,16 +59,24 @@ from ._log import logger
 from ._models import Conversation, RateLimit
 from ._ratelimit import DEFAULT_LEASE, Limiter, RateLimiter
 from ._schedule import TokenState
+from ._stores import URGENT
 
 __all__ = ["RedisConversationStore", "RedisRateLimiter", "RedisStore"]
 
 T = TypeVar("T")
+#: A standalone Redis or a Redis Cluster (one script always touches one key: one slot).
+AnyRedis: TypeAlias = "Redis | RedisCluster"
 DEFAULT_RATE_LIMIT = RateLimit(5, 60.0)
+#: Store operations in flight at once, per limiter (or conversation store) and event loop: the
+#: connections it needs. More callers wait for one of these, within their own ``max_wait``.
+DEFAULT_MAX_CONNECTIONS = 8
 #: Keys live this long after the last moment they constrain anything.
 _EXPIRY_SLACK_MS = 1_000
-#: Compare-and-set attempts before contention counts as an outage (never seen in practice:
-#: each attempt loses only to a write made between our read and our write).
-_CAS_ATTEMPTS = 50
+#: Seconds of compare-and-set lost to other writers before it counts as an outage. Each loss
+#: means another writer made progress, and polls do not write: never seen in practice.
+_CONTENDED_FOR = 30.0
+#: URL schemes of a Redis Cluster (any node's address; the client finds the others).
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 
 def _script(name: str) -> str:
@@ -79,14 +100,32 @@ def redact_url(url: str) -> str:
         return "<redis url>"
 
 
-def _connect(url: str | Redis, timeout: float) -> tuple[Redis, bool, str]:
+def _connect(
+    url: str | AnyRedis, timeout: float, max_connections: int
+) -> tuple[AnyRedis, bool, str]:
     """(client, whether we own it, where it points, password hidden)."""
     if isinstance(url, Redis):
         kwargs = url.connection_pool.connection_kwargs
         where = f"redis://{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
         return url, False, where
+    if isinstance(url, RedisCluster):
+        nodes = url.get_nodes()
+        first = f"{nodes[0].host}:{nodes[0].port}" if nodes else "?"
+        return url, False, f"redis+cluster://{first}"
     if not isinstance(url, str):
-        raise TypeError(f"url must be a redis:// URL or a redis.asyncio.Redis, not {url!r}")
+        raise TypeError(
+            "url must be a redis:// or redis+cluster:// URL, a redis.asyncio.Redis or a "
+            f"redis.asyncio.cluster.RedisCluster, not {url!r}"
+        )
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() in CLUSTER_SCHEMES:
+        cluster = RedisCluster.from_url(
+            f"{CLUSTER_SCHEMES[scheme.lower()]}://{rest}",
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            max_connections=max_connections,
+        )
+        return cluster, True, redact_url(url)
     client = Redis.from_url(
         url,
         socket_timeout=timeout,
@@ -94,8 +133,86 @@ def _connect(url: str | Redis, timeout: float) -> tuple[Redis, bool, str]:
         # One quick retry covers a pooled connection that went stale (a Redis restart); more
         # would only delay the clear error users need.
         retry=Retry(NoBackoff(), 1),
+        # Never more than our gate lets through at once: the pool never refuses one of ours.
+        max_connections=max_connections,
     )
     return client, True, redact_url(url)
+
+
+def _check_max_connections(value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"max_connections must be an int >= 1, got {value!r}")
+    return value
+
+
+class _Gate:
+    """At most ``size`` Redis operations in flight; the others wait here, bounded only by their
+    caller's deadline (never by the Redis timeout: a busy gate is not an outage). Urgent ones
+    (``URGENT``: a grant's report, which frees the token for every waiter) go first, the others
+    first come first served. A borrowed client whose pool is busy with its owner's own commands
+    (``MaxConnectionsError``) is waited for the same way."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._free = size
+        self._waiting: tuple[deque[asyncio.Future[None]], deque[asyncio.Future[None]]] = (
+            deque(),
+            deque(),
+        )
+
+    async def _acquire(self) -> None:
+        urgent, normal = self._waiting
+        for waiters in self._waiting:
+            while waiters and waiters[0].done():
+                waiters.popleft()  # gave up while waiting
+        if self._free > 0 and not urgent and not normal:
+            self._free -= 1
+            return
+        future = asyncio.get_running_loop().create_future()
+        (urgent if URGENT.get() else normal).append(future)
+        try:
+            await future  # the slot is handed over with the result
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self._release()  # handed to us as we were cancelled: pass it on
+            raise
+
+    def _release(self) -> None:
+        for waiters in self._waiting:
+            while waiters:
+                future = waiters.popleft()
+                if not future.done():
+                    future.set_result(None)
+                    return
+        self._free += 1
+
+    @asynccontextmanager
+    async def held(self) -> AsyncIterator[None]:
+        """One of the ``size`` places, for as long as the block runs."""
+        await self._acquire()
+        try:
+            yield
+        finally:
+            self._release()
+
+    async def run(self, operation: Callable[[], Awaitable[T]], bound: float) -> T:
+        """``operation`` through the gate; ``bound`` (seconds) limits the operation, not the
+        wait for a place."""
+        async with self.held():
+            return await attempt(operation, bound)
+
+
+async def attempt(operation: Callable[[], Awaitable[T]], bound: float) -> T:
+    """``operation`` within ``bound`` seconds; a pool that is full of its owner's own commands
+    (``MaxConnectionsError``) is waited for, not failed."""
+    pause = 0.002
+    while True:
+        try:
+            async with asyncio.timeout(bound):
+                return await operation()
+        except MaxConnectionsError:
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
 
 def _check_timeout(timeout: float) -> float:
@@ -114,15 +231,28 @@ class RedisStore:
 
     kind = "redis"
 
-    def __init__(self, url: str | Redis, *, prefix: str, timeout: float) -> None:
+    def __init__(
+        self,
+        url: str | AnyRedis,
+        *,
+        prefix: str,
+        timeout: float,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    ) -> None:
         self.prefix = prefix
         self.timeout = _check_timeout(timeout)
-        self.redis, self.owned, self.where = _connect(url, self.timeout)
+        self.max_connections = _check_max_connections(max_connections)
+        self.redis, self.owned, self.where = _connect(url, self.timeout, self.max_connections)
         self._read = self.redis.register_script(_script("read.lua"))
         self._cas = self.redis.register_script(_script("cas.lua"))
+        self._report = self.redis.register_script(_script("report.lua"))
+        self._gate = _Gate(self.max_connections)
         self._down_until = -math.inf
         self._down_error: LimiterUnavailableError | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._checked = False  # Redis's eviction policy, read once
+        #: operations so far: reads, writes (compare-and-set that wrote), lost (that did not)
+        self.counts = {"reads": 0, "writes": 0, "lost": 0}
 
     @property
     def place(self) -> str:
@@ -151,42 +281,101 @@ class RedisStore:
                 "this RedisRateLimiter was first used in another event loop; its connections "
                 "belong to one loop: create one limiter per event loop"
             )
+        # One place at the gate for the whole update (its read, compare-and-set and retries):
+        # an update under way never queues again behind newcomers.
+        async with self._gate.held():
+            if not self._checked:
+                self._checked = True
+                try:
+                    await self._call(
+                        "reading its eviction policy",
+                        functools.partial(check_eviction, self.redis, self.where),
+                    )
+                except LimiterUnavailableError:
+                    self._checked = False  # again once Redis answers
+                    raise
+            return await self._update(loop, key, update)
+
+    async def _update(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        key: str,
+        update: Callable[[TokenState, float], T],
+    ) -> T:
         name = self.redis_key(key)
-        for _ in range(_CAS_ATTEMPTS):
-            seconds, micros, raw = await self._call(
-                "reading the schedule", functools.partial(self._read, [name])
-            )
+        counts = self.counts
+        counts["reads"] += 1
+        reply = await self._call("reading the schedule", functools.partial(self._read, [name]))
+        started = loop.time()
+        lost = 0
+        while True:
+            seconds, micros, raw = reply
             now = int(seconds) + int(micros) / 1_000_000
-            text = raw.decode() if isinstance(raw, bytes) else (raw or "")
-            state = _decode(text)
+            fields = _fields(raw)
+            text = fields.pop("s", "")
+            state = _decode(text, fields)
             result = update(state, now)
             latest = state.latest()
+            data = state.to_json()
+            queued: dict[str, Any] = data.pop("queued")
             if state.holder is None and latest <= now:
                 new = ""  # nothing left to remember
             else:
-                new = json.dumps(state.to_json(), separators=(",", ":"))
+                new = json.dumps(data, separators=(",", ":"))
+            reports: list[str] = []  # the queue reports that changed: field, value ('' deletes)
+            for who, entry in queued.items():
+                value = json.dumps(entry, separators=(",", ":"))
+                if fields.get(f"q:{who}") != value:
+                    reports += [f"q:{who}", value]
+            for field in fields:
+                if field[2:] not in queued:
+                    reports += [field, ""]
+            if new == text and not reports:
+                return result  # nothing changed (a poll): nothing to write
+            ttl = max(1, math.ceil((latest - now) * 1000)) + _EXPIRY_SLACK_MS
             if new == text:
-                return result
-            ttl = max(1, math.ceil((latest - now) * 1000)) + _EXPIRY_SLACK_MS if new else 0
-            written = await self._call(
-                "updating the schedule", functools.partial(self._cas, [name], [text, new, ttl])
-            )
-            if int(written):
-                return result
-        raise LimiterUnavailableError(
-            f"the Redis rate limiter at {self.where} is too contended: {_CAS_ATTEMPTS} "
-            "attempts to update the schedule lost to other writers; nothing was sent"
-        )
+                # Only queue reports changed: written as they are, never compared.
+                answer = await self._call(
+                    "reporting the queue", functools.partial(self._report, [name], [ttl, *reports])
+                )
+            else:
+                answer = await self._call(
+                    "updating the schedule",
+                    functools.partial(self._cas, [name], [text, new, ttl, *reports]),
+                )
+            if not isinstance(answer, list):
+                counts["writes"] += 1
+                return result  # written (by this attempt, or by one whose answer was lost)
+            counts["lost"] += 1
+            # Another process wrote first: the script read its value and the clock for us.
+            reply = answer
+            lost += 1
+            if loop.time() - started > _CONTENDED_FOR:
+                raise LimiterUnavailableError(
+                    f"the Redis rate limiter at {self.where} is too contended: every attempt "
+                    f"to update the schedule for {_CONTENDED_FOR:g}s lost to other writers; "
+                    "nothing was sent"
+                )
+            if lost >= 3:
+                # Writers in lockstep: step out of it at random, then read afresh.
+                await asyncio.sleep(random.uniform(0.0, min(0.05, 0.001 * 2**lost)))
+                counts["reads"] += 1
+                reply = await self._call(
+                    "reading the schedule", functools.partial(self._read, [name])
+                )
 
     async def _call(self, what: str, operation: Callable[[], Awaitable[Any]]) -> Any:
-        """Run one Redis operation; any failure becomes ``LimiterUnavailableError``."""
+        """Run one Redis operation; any failure becomes ``LimiterUnavailableError``.
+
+        At most ``max_connections`` run at once; the others wait for their turn (their
+        caller's deadline bounds that wait); the timeout bounds the operation itself.
+        """
         loop = asyncio.get_running_loop()
         if loop.time() < self._down_until and self._down_error is not None:
             raise LimiterUnavailableError(str(self._down_error))
         try:
             # The socket timeouts bound each attempt; this bounds the attempts together.
-            async with asyncio.timeout(self.timeout * 2 + 0.5):
-                return await operation()
+            return await attempt(operation, self.timeout * 2 + 0.5)
         except (RedisError, OSError) as exc:
             error = LimiterUnavailableError(
                 f"the Redis rate limiter at {self.where} is unavailable while {what} "
@@ -198,11 +387,64 @@ class RedisStore:
             raise error from exc
 
 
-def _decode(text: str) -> TokenState:
-    if not text:
-        return TokenState()
+async def check_eviction(redis: AnyRedis, where: str) -> str | None:
+    """Read Redis's eviction policy; WARN when eviction can drop the limiter's keys.
+
+    Returns the warning (None when there is nothing to say, or when ``INFO`` is refused: an
+    ACL). A Redis that may evict (``maxmemory`` set and a policy other than ``noeviction``)
+    drops keys under memory pressure: the limiter's keys carry a TTL (they expire once idle), so
+    the ``volatile-*`` policies may evict them as well as the ``allkeys-*`` ones. An evicted
+    schedule is a flush: other processes' recent starts are forgotten, and the API may answer
+    429. Other Redis errors are raised.
+    """
     try:
-        return TokenState.from_json(json.loads(text))
+        if isinstance(redis, RedisCluster):  # every node's own: one may evict
+            info: Any = await redis.info("memory", target_nodes=RedisCluster.ALL_NODES)
+        else:
+            info = await redis.info("memory")
+    except ResponseError as exc:  # refused (NOPERM): nothing to check
+        logger.debug("Redis rate limiter: cannot read INFO memory: %s", _short(exc))
+        return None
+    nodes = (
+        [info] if "maxmemory_policy" in info else [v for v in info.values() if isinstance(v, dict)]
+    )
+    risky = sorted(
+        {
+            (str(node.get("maxmemory_policy")), int(node.get("maxmemory") or 0))
+            for node in nodes
+            if node.get("maxmemory_policy") not in (None, "noeviction")
+            and int(node.get("maxmemory") or 0) != 0
+        }
+    )
+    if not risky:
+        return None
+    policy, maxmemory = risky[0]
+    message = (
+        f"the Redis at {where} may evict the rate limiter's keys (maxmemory-policy {policy}, "
+        f"maxmemory {maxmemory} bytes): its keys carry a TTL, so volatile-* policies evict them "
+        "too, and an evicted schedule forgets other processes' recent starts (the API may then "
+        "answer 429). Use a Redis with maxmemory-policy noeviction for the limiter"
+    )
+    logger.warning("%s", message)
+    return message
+
+
+def _fields(raw: Any) -> dict[str, str]:
+    """A hash as HGETALL returns it through a script (a flat list), as text."""
+    items = [item.decode() if isinstance(item, bytes) else str(item) for item in raw or ()]
+    return dict(zip(items[::2], items[1::2], strict=True))
+
+
+def _decode(text: str, reports: dict[str, str]) -> TokenState:
+    """The state (field ``s``) with every limiter's queue report (fields ``q:<limiter>``)."""
+    try:
+        data = json.loads(text) if text else {}
+        data["queued"] = {
+            field[2:]: json.loads(value)
+            for field, value in reports.items()
+            if field.startswith("q:")
+        }
+        return TokenState.from_json(data)
     except (ValueError, TypeError, KeyError, IndexError):
         logger.warning("Redis rate limiter: an unreadable schedule was started afresh")
         return TokenState()
@@ -218,16 +460,23 @@ class RedisRateLimiter(Limiter):
     limiter.aclose()``. Every process sharing a token must use the same ``rate_limit`` (a
     different one is refused while another live limiter uses the token).
 
-    ``url`` is a ``redis://`` / ``rediss://`` / ``unix://`` URL (or a ``redis.asyncio.Redis``
-    of yours, used and never closed). ``timeout`` bounds each Redis attempt; past it (or when
-    Redis refuses the connection) a call raises ``LimiterUnavailableError`` and sends nothing,
-    unless ``fallback`` names a limiter to use meanwhile (give it this process's share of the
-    limit: a per-process limiter at the full rate would multiply it by the process count).
+    ``url`` is a ``redis://`` / ``rediss://`` / ``unix://`` URL, a Redis Cluster's
+    ``redis+cluster://`` / ``rediss+cluster://`` URL (any node), or a ``redis.asyncio.Redis``
+    or ``redis.asyncio.cluster.RedisCluster`` of yours (used and never closed). ``timeout``
+    bounds each Redis attempt; past it (or when Redis refuses the connection) a call raises
+    ``LimiterUnavailableError`` and sends nothing, unless ``fallback`` names a limiter to use
+    meanwhile (give it this process's share of the limit: a per-process limiter at the full
+    rate would multiply it by the process count).
+
+    ``max_connections`` bounds the Redis operations in flight at once (and so the connections
+    used), whatever the number of tokens and waiting calls: callers beyond it wait for their
+    turn, within their ``max_wait``, and never fail for it. The first operation reads Redis's
+    eviction policy and logs a WARNING when eviction can drop the limiter's keys.
     """
 
     def __init__(
         self,
-        url: str | Redis,
+        url: str | AnyRedis,
         *,
         rate_limit: RateLimit = DEFAULT_RATE_LIMIT,
         prefix: str = "autocalls:",
@@ -235,10 +484,13 @@ class RedisRateLimiter(Limiter):
         fallback: RateLimiter | None = None,
         lease: float = DEFAULT_LEASE,
         background_share: int = 5,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         if not isinstance(rate_limit, RateLimit):
             raise TypeError(f"rate_limit must be a RateLimit(requests, period), got {rate_limit!r}")
-        self.redis_store = RedisStore(url, prefix=prefix, timeout=timeout)
+        self.redis_store = RedisStore(
+            url, prefix=prefix, timeout=timeout, max_connections=max_connections
+        )
         super().__init__(
             self.redis_store,
             rate_limit,
@@ -274,21 +526,26 @@ class RedisConversationStore(AsyncClosing):
     bounds the memory used. Keys hold a hash of the customer identifier (phone numbers and
     e-mail addresses stay out of key names and ``KEYS``/``SCAN`` output). The cache is best
     effort: a Redis failure is logged and reads as a miss, and a write that fails never turns a
-    reply the service already processed into an error.
+    reply the service already processed into an error. ``url`` is as for ``RedisRateLimiter``
+    (a Redis Cluster too); at most ``max_connections`` reads and writes run at once, the
+    others wait for their turn.
     """
 
     def __init__(
         self,
-        url: str | Redis,
+        url: str | AnyRedis,
         *,
         ttl: float = 30 * 24 * 3600.0,
         prefix: str = "autocalls:",
         timeout: float = 1.0,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         self.ttl = _check_timeout(ttl)
         self.prefix = prefix
         self.timeout = _check_timeout(timeout)
-        self._redis, self._owned, self._where = _connect(url, self.timeout)
+        self.max_connections = _check_max_connections(max_connections)
+        self._redis, self._owned, self._where = _connect(url, self.timeout, self.max_connections)
+        self._gate = _Gate(self.max_connections)
 
     def __repr__(self) -> str:
         return f"<RedisConversationStore {self._where} ttl={self.ttl:g}s prefix={self.prefix!r}>"
@@ -306,8 +563,9 @@ class RedisConversationStore(AsyncClosing):
         """The conversation any worker last stored, or None (also when Redis fails)."""
         key = self.redis_key(assistant_id, customer_identifier)
         try:
-            async with asyncio.timeout(self.timeout * 2 + 0.5):
-                raw: Any = await self._redis.get(key)
+            raw: Any = await self._gate.run(
+                functools.partial(self._redis.get, key), self.timeout * 2 + 0.5
+            )
         except (RedisError, OSError, TimeoutError) as exc:
             logger.warning("conversation store at %s: read failed: %s", self._where, _short(exc))
             return None
@@ -346,7 +604,9 @@ class RedisConversationStore(AsyncClosing):
             separators=(",", ":"),
         )
         try:
-            async with asyncio.timeout(self.timeout * 2 + 0.5):
-                await self._redis.set(key, value, px=max(1, round(self.ttl * 1000)))
+            await self._gate.run(
+                functools.partial(self._redis.set, key, value, px=max(1, round(self.ttl * 1000))),
+                self.timeout * 2 + 0.5,
+            )
         except (RedisError, OSError, TimeoutError) as exc:
             logger.warning("conversation store at %s: write failed: %s", self._where, _short(exc))

@@ -34,6 +34,13 @@ The rules
    process; to the background lane only when no interactive call waits, or when background
    work has waited through ``share - 1`` interactive grants in a row (its minimum share).
    Order decides only *who* gets a grant, never *when*: it cannot affect the guarantee below.
+   A report (or a limiter's registration) that still says the same and stands for at least
+   half its grace more is kept as it is: asking again (a poll) changes nothing, so a store
+   writes nothing. A store may also keep reports beside the state and write them without
+   comparing (Redis does): a grant decided on a report one round trip old is still made only
+   when due.
+7. **Retries are recognised.** Asking again for a grant with the ticket that already holds it
+   (an answer lost after the store committed) is answered "granted", to the same lane.
 
 Why ``requests + 1`` starts cannot happen within ``period``
 -----------------------------------------------------------
@@ -160,6 +167,7 @@ class TokenState:
     pause: float = _NEVER  #: the end of the last 429's Retry-After
     last: float = _NEVER  #: the last recorded start
     holder: str | None = None  #: the outstanding grant's ticket
+    holder_lane: int = INTERACTIVE  #: the lane the outstanding grant was made to
     lease: float = _NEVER  #: when the outstanding grant runs out
     scheduled: float = _NEVER  #: the due time the outstanding grant was made for
     granted: float = _NEVER  #: when the outstanding grant was made
@@ -179,6 +187,7 @@ class TokenState:
             "pause": _out(self.pause),
             "last": _out(self.last),
             "holder": self.holder,
+            "holder_lane": self.holder_lane,
             "lease": _out(self.lease),
             "scheduled": _out(self.scheduled),
             "granted": _out(self.granted),
@@ -195,6 +204,7 @@ class TokenState:
             pause=_in(data.get("pause")),
             last=_in(data.get("last")),
             holder=None if holder is None else str(holder),
+            holder_lane=int(data.get("holder_lane") or INTERACTIVE),
             lease=_in(data.get("lease")),
             scheduled=_in(data.get("scheduled")),
             granted=_in(data.get("granted")),
@@ -324,7 +334,20 @@ def _check_rate(state: TokenState, now: float, rules: Rules, who: str, where: st
     if changed or (not state.users and state.due > now):
         # Nobody else uses the token: the new rate spaces the next start from the last one.
         state.due = min(state.due, state.last + rules.interval)
-    state.users[who] = [mine.requests, mine.period, mine.margin, where, now + rules.user_ttl]
+    entry = [mine.requests, mine.period, mine.margin, where, now + rules.user_ttl]
+    if not _fresh(state.users.get(who), entry, now, rules.user_ttl / 2):
+        state.users[who] = entry
+
+
+def _fresh(old: list[Any] | None, new: list[Any], now: float, keep: float) -> bool:
+    """True when the entry stored (``old``) says what ``new`` says and stands at least ``keep``
+    seconds more: it is then kept as it is, so that asking again (a poll) writes nothing. Only
+    real changes are written; an expiry is renewed once half of its grace has passed."""
+    return (
+        old is not None
+        and old[:-1] == new[:-1]
+        and float(old[-1]) >= min(float(new[-1]), now + keep)
+    )
 
 
 @attrs.frozen
@@ -363,9 +386,12 @@ def grant(
     its queue (interactive, background) as it stands, the asker included.
     """
     _settle(state, now, rules)
+    if state.holder == ticket:
+        # Already ours: a retry of this grant whose write committed but whose answer was lost.
+        return Grant(True, lane=state.holder_lane)
     _check_rate(state, now, rules, who, where)
     earliest = max(state.due, state.pause)
-    _report(state, who, lanes, now + max(0.0, earliest - now) + QUEUE_GRACE)
+    _report(state, now, who, lanes, now + max(0.0, earliest - now) + QUEUE_GRACE)
     if state.holder is not None:
         return Grant(False, wait=max(earliest, state.lease) - now, held=True)
     if earliest > now:
@@ -378,6 +404,7 @@ def grant(
     if first is None or first[1] != who:
         return Grant(False, wait=0.0, behind=first is not None)
     state.holder = ticket
+    state.holder_lane = lane
     state.lease = now + rules.lease
     state.scheduled = earliest
     state.granted = now
@@ -386,12 +413,12 @@ def grant(
     served = left[lane]
     left[lane] = None if served is None else served.served()
     # The next head asks once this grant is reported and one gap has passed.
-    _report(state, who, (left[0], left[1]), now + rules.lease + rules.interval + QUEUE_GRACE)
+    _report(state, now, who, (left[0], left[1]), now + rules.lease + rules.interval + QUEUE_GRACE)
     return Grant(True, lane=lane)
 
 
 def _report(
-    state: TokenState, who: str, lanes: tuple[Lane | None, Lane | None], until: float
+    state: TokenState, now: float, who: str, lanes: tuple[Lane | None, Lane | None], until: float
 ) -> None:
     if not any(lane is not None and lane.waiting > 0 for lane in lanes):
         state.queued.pop(who, None)
@@ -403,7 +430,8 @@ def _report(
         for lane in lanes
     ]
     entry.append(until)
-    state.queued[who] = entry
+    if not _fresh(state.queued.get(who), entry, now, QUEUE_GRACE / 2):
+        state.queued[who] = entry
 
 
 def sent(

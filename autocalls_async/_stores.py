@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Protocol, TypeVar
 
 from ._hoststore import DIRECTORY_HINT, NOTHING_SENT, HostStore, default_host_directory
@@ -26,6 +27,7 @@ from ._schedule import TokenState
 __all__ = [
     "DIRECTORY_HINT",
     "NOTHING_SENT",
+    "URGENT",
     "HostStore",
     "MemoryStore",
     "Store",
@@ -34,6 +36,10 @@ __all__ = [
 
 T = TypeVar("T")
 Update = Callable[[TokenState, float], T]
+
+#: True while a grant's report (sent, given back, renewed) is being made: a store that queues
+#: its operations serves these first, since each frees the token for every waiter.
+URGENT: ContextVar[bool] = ContextVar("autocalls_store_urgent", default=False)
 
 
 class Store(Protocol):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["RedisServer", "require_redis_server"]
+__all__ = ["RedisCluster", "RedisServer", "require_redis_cluster", "require_redis_server"]
 
 
 def require_redis_server() -> str:
@@ -52,8 +52,9 @@ def _ping(port: int, timeout: float = 0.5) -> bool:
 class RedisServer:
     """One ``redis-server`` process; ``url`` once started; ``stop()`` / ``kill()`` end it."""
 
-    def __init__(self, binary: str) -> None:
+    def __init__(self, binary: str, *args: str) -> None:
         self.binary = binary
+        self.args = args  #: more configuration, e.g. ("--maxmemory-policy", "allkeys-lru")
         self.port = 0
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self.process: subprocess.Popen[bytes] | None = None
@@ -98,6 +99,7 @@ class RedisServer:
                 str(log),
                 "--daemonize",
                 "no",
+                *self.args,
             ],  # fmt: skip
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -134,3 +136,89 @@ class RedisServer:
         if self._dir is not None:
             self._dir.cleanup()
             self._dir = None
+
+
+class RedisCluster:
+    """Three ``redis-server --cluster-enabled yes`` nodes, joined by ``redis-cli --cluster
+    create`` (three primaries, no replicas): ``url`` is a ``redis+cluster://`` URL of one node."""
+
+    def __init__(self, binary: str, cli: str) -> None:
+        self.binary = binary
+        self.cli = cli
+        self.nodes: list[RedisServer] = []
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}/0"
+
+    def start(self, timeout: float = 30.0) -> RedisCluster:
+        try:
+            for _ in range(3):
+                node = RedisServer(
+                    self.binary,
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "5000",
+                    # Its own free port: the default (port + 10000) may be taken, or past 65535.
+                    "--cluster-port",
+                    str(_free_port()),
+                )
+                self.nodes.append(node.start())
+            created = subprocess.run(
+                [
+                    self.cli,
+                    "--cluster",
+                    "create",
+                    *(f"127.0.0.1:{node.port}" for node in self.nodes),
+                    "--cluster-yes",
+                ],
+                check=False,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+            if created.returncode:
+                raise RuntimeError(f"redis-cli --cluster create failed: {created.stdout[-2000:]}")
+            deadline = time.monotonic() + timeout
+            while not all(self._ok(node.port) for node in self.nodes):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the Redis cluster did not reach cluster_state:ok")
+                time.sleep(0.05)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _ok(self, port: int) -> bool:
+        answer = subprocess.run(
+            [self.cli, "-p", str(port), "cluster", "info"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+        return "cluster_state:ok" in answer.stdout
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        self.nodes.clear()
+
+
+def require_redis_cluster() -> tuple[str, str]:
+    """``redis-server`` and ``redis-cli`` (for ``--cluster create``), or skip (fail when
+    ``AUTOCALLS_REQUIRE_REDIS`` is set)."""
+    server = require_redis_server()
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        reason = (
+            "redis-cli is not installed (it comes with redis-server: apt-get install redis-tools)"
+        )
+        if os.environ.get("AUTOCALLS_REQUIRE_REDIS"):
+            pytest.fail(f"AUTOCALLS_REQUIRE_REDIS is set but {reason}")
+        pytest.skip(reason)
+    return server, cli

@@ -155,7 +155,7 @@ async def test_the_schedule_is_one_key_that_expires(
         await limiter.pause("tok", 0.2)
         key = limiter.redis_key("tok")
         assert key.startswith(prefix) and "{tok}" in key
-        state = json.loads(await inspector.get(key))
+        state = json.loads(await inspector.hget(key, "s"))
         assert state["due"] is not None and state["pause"] is not None
         assert "users" in state and state["holder"] is None
     # Closed: no user is left; the key lives until its times pass, then Redis drops it.
@@ -446,7 +446,7 @@ async def test_client_on_redis_keeps_a_strict_server_happy(
         await client.generate_reply(assistant_id=123, customer_identifier="c0", message="Again")
         key = limiter.redis_key(client._limiter_key)
         assert client.stats.rate_limited == 1
-        assert json.loads(await inspector.get(key))["pause"] is not None
+        assert json.loads(await inspector.hget(key, "s"))["pause"] is not None
         assert "tok-client" not in key
 
 
