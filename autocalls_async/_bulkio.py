@@ -1,8 +1,10 @@
 """Files of the bulk command: the input (CSV or JSONL) and the resumable JSONL output.
 
-The input is read twice: a first pass checks the whole file before anything is sent (it is
+The input is copied once into a private snapshot (``take_snapshot()``, see ``_snapshot``);
+every pass reads that copy: a first pass checks the whole file before anything is sent (it is
 text, it has the required columns, its ids are unique so that a resumed run is unambiguous)
-and counts rows; the run then streams it again, one row at a time. Neither pass keeps rows.
+and counts rows; the run then streams the same copy again, one row at a time. Neither pass
+keeps rows. A change to the input file during the run is never read (``changed()``).
 
 The output is append-only, one JSON line per finished row, flushed as it is written. A run
 killed mid-line leaves a truncated last line: it is ignored when read, and the next run starts
@@ -26,6 +28,7 @@ from typing import IO, Any, Final, Literal, NoReturn
 
 import attrs
 
+from ._snapshot import Snapshot, SnapshotError
 from .bulk import BulkRequest, BulkResult, RowId, error_code
 
 __all__ = ["Entry", "InputError", "InputFile", "Ledger", "ResultLog", "row_digest"]
@@ -203,6 +206,7 @@ class InputFile:
         delimiter: str | None = None,
     ) -> None:
         self.path = path
+        self._explicit_format = format
         self.format: Format = format or _guess_format(path)
         self.delimiter = delimiter or ("\t" if path.suffix.lower() == ".tsv" else ",")
         self.extra_as_variables = extra_as_variables
@@ -211,6 +215,31 @@ class InputFile:
         self.already_failed = 0  #: failed, certainly not processed: --retry-failed sends them
         self.uncertain = 0  #: may have been processed: only --retry-unsafe-failed sends them
         self.extra_columns: tuple[str, ...] = ()
+        self.snapshot: Snapshot | None = None
+
+    def take_snapshot(self) -> None:
+        """Copy the input once; from now on every pass reads the copy (``close()`` removes
+        it). Refuses (``InputError``) an input that cannot be read or keeps changing."""
+        if self.snapshot is None:
+            try:
+                self.snapshot = Snapshot.take(self.path)
+            except SnapshotError as exc:
+                raise InputError(str(exc)) from None
+            if self._explicit_format is None:  # sniffed again, from the copy itself
+                self.format = _guess_format(self.snapshot.path)
+
+    def changed(self) -> str | None:
+        """How the input file changed since its snapshot was taken (None: it did not)."""
+        return None if self.snapshot is None else self.snapshot.changed()
+
+    def close(self) -> None:
+        snapshot, self.snapshot = self.snapshot, None
+        if snapshot is not None:
+            snapshot.close()
+
+    @property
+    def _source(self) -> Path:
+        return self.path if self.snapshot is None else self.snapshot.path
 
     def keyed(self) -> Iterator[tuple[BulkRequest, str]]:
         """Each row with its identity: the digest of its content and its occurrence among the
@@ -333,7 +362,7 @@ class InputFile:
             raise InputError(f"cannot read {self.path}: {exc.strerror or exc}") from None
 
     def __iter__(self) -> Iterator[BulkRequest]:
-        with self.path.open(encoding="utf-8-sig", newline="") as file:
+        with self._source.open(encoding="utf-8-sig", newline="") as file:
             if self.format == "csv":
                 yield from self._csv_rows(file)
             else:

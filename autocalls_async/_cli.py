@@ -1224,6 +1224,8 @@ class Outcome:
     cut_off: int = 0
     #: The error that stopped the run (balance, 401, --max-replies), if one did.
     stopped_by: AutocallsError | None = None
+    #: How INPUT changed during the run (never read: the run sent its snapshot), if it did.
+    input_changed: str | None = None
 
     @property
     def exit_code(self) -> int:
@@ -1232,7 +1234,7 @@ class Outcome:
         if self.stopped_by is not None:
             return exit_code_for(self.stopped_by)
         failed = self.meter.failed or self.already_failed or self.uncertain
-        return EXIT_FAILED if failed else EXIT_OK
+        return EXIT_FAILED if failed or self.input_changed else EXIT_OK
 
 
 async def run_job(
@@ -1260,9 +1262,11 @@ async def run_job(
     log.open()
     try:
         ledger: Ledger = log.read()
+        source.take_snapshot()  # the one read of INPUT: every pass below reads this copy
         source.check(ledger, out=log.path, allow_foreign=allow_foreign)
     except BaseException:
         log.close()
+        source.close()
         raise
     retry_failed = retry_failed or retry_unsafe_failed
     already_failed = 0 if retry_failed else source.already_failed
@@ -1366,6 +1370,8 @@ async def run_job(
             loop.remove_signal_handler(signum)
         progress.close()
         log.close()
+        input_changed = source.changed()
+        source.close()
         if starts is not None:
             await starts.aclose()  # this run stops counting as a user of the token
     stopped_by = runner.stopped_by.error if runner.stopped_by is not None else None
@@ -1378,6 +1384,7 @@ async def run_job(
         stopped_by=stopped_by,
         total=source.rows,
         cut_off=cut_off,
+        input_changed=input_changed,
     )
 
 
@@ -1445,6 +1452,12 @@ def summary(outcome: Outcome, out: Path) -> list[str]:
             f"{plural(outcome.cut_off, 'row')} cut off in flight by the second Ctrl-C may have "
             "been processed: the next run reports them instead of sending them again "
             "(--retry-unsafe-failed sends them anyway)"
+        )
+    if outcome.input_changed is not None:
+        lines.append(
+            f"The input file changed during the run ({outcome.input_changed}): this run sent "
+            "the rows as they were when it started and never read the change. Run the same "
+            "command again to check and send the file as it is now."
         )
     if outcome.interrupted:
         lines.append("Run the same command again to send the rows left.")
@@ -1586,9 +1599,36 @@ def dry_run(
     by the key of the row as read, before ``normalize``, exactly as a run matches them.
     """
     from ._bulkio import Ledger
-    from .bulk import _check
 
     ledger: Ledger = log.peek()
+    source.take_snapshot()
+    try:
+        return _dry_run(
+            source,
+            ledger,
+            log,
+            retry_failed,
+            retry_unsafe_failed,
+            allow_foreign,
+            normalize,
+            max_request_bytes,
+        )
+    finally:
+        source.close()
+
+
+def _dry_run(
+    source: Any,
+    ledger: Any,
+    log: Any,
+    retry_failed: bool,
+    retry_unsafe_failed: bool,
+    allow_foreign: bool,
+    normalize: Any,
+    max_request_bytes: int | None,
+) -> DryRun:
+    from .bulk import _check
+
     source.check(ledger, out=log.path, allow_foreign=allow_foreign)
     retry_failed = retry_failed or retry_unsafe_failed
     found = DryRun(rows=source.rows)

@@ -37,15 +37,22 @@ inputs = st.lists(contents, min_size=1, max_size=8)
 
 
 class KilledLog(ResultLog):
-    """OUT, but the run is killed (its task cancelled) once ``kill_after`` lines are written."""
+    """OUT, but the run is killed (its task cancelled) once ``kill_after`` lines are written;
+    ``rewrite`` (a path and rows) rewrites the input in place after the first line (issue 21:
+    an export job or an editor saving during a run)."""
 
-    def __init__(self, path: Path, kill_after: int | None) -> None:
+    def __init__(
+        self, path: Path, kill_after: int | None, rewrite: dict[Path, list[Row]] | None = None
+    ) -> None:
         super().__init__(path)
         self.kill_after = kill_after
         self.task: asyncio.Task[Any] | None = None
+        self.rewrite = rewrite
 
     def _append(self, data: dict[str, Any]) -> None:
         super()._append(data)
+        if self.rewrite:
+            rewrite_in_place(*self.rewrite.popitem())
         if self.kill_after is not None:
             self.kill_after -= 1
             if self.kill_after <= 0 and self.task is not None:
@@ -59,6 +66,15 @@ def write_input(path: Path, rows: list[Row]) -> None:
         writer.writerows([123, customer, message] for customer, message in rows)
 
 
+def rewrite_in_place(path: Path, rows: list[Row]) -> None:
+    """``> in.csv``: the same file (inode), truncated and written again."""
+    with path.open("r+", newline="", encoding="utf-8") as file:
+        file.truncate(0)
+        writer = csv.writer(file)
+        writer.writerow(["assistant_id", "customer_identifier", "message"])
+        writer.writerows([123, customer, message] for customer, message in rows)
+
+
 async def one_run(
     server: MockAutocalls,
     source: Path,
@@ -66,10 +82,11 @@ async def one_run(
     *,
     kill_after: int | None = None,
     allow_foreign: bool = False,
+    rewrite: dict[Path, list[Row]] | None = None,
 ) -> Outcome | str:
     """A run of the bulk command: its outcome, or why it did not run or end."""
     client, _ = bulk_client(f"t-{uuid.uuid4().hex}", server.base_url, None)
-    log = KilledLog(out, kill_after)
+    log = KilledLog(out, kill_after, rewrite)
     log.task = asyncio.current_task()
     try:
         return await run_job(
@@ -108,6 +125,8 @@ steps = st.one_of(
     st.tuples(st.just("run"), st.none(), st.booleans()),
     st.tuples(st.just("edit"), edits),
     st.tuples(st.just("concurrent"), st.booleans()),
+    # The input is rewritten in place during a run (after its first line in OUT).
+    st.tuples(st.just("rewrite"), st.integers(1, 9), edits),
     # The account can pay for n more replies: a run stops at the first 402 (issue 14) and
     # leaves the rest, the refused row included, to a later run.
     st.tuples(st.just("balance"), st.integers(0, 3)),
@@ -146,6 +165,18 @@ async def scenario(
                 if isinstance(result, Outcome):
                     result = "stopped at a 402" if result.stopped_by is not None else "ended"
                 event(f"run: {result}")
+            elif step[0] == "rewrite":
+                rows = edit(rows, step[2])
+                most |= collections.Counter(rows)
+                pending = {source: rows}
+                result = await killed_run(server, source, out, kill_after=step[1], rewrite=pending)
+                if pending:  # the run wrote no line (nothing to send, or refused)
+                    write_input(source, rows)
+                killed |= result == "killed"
+                if isinstance(result, Outcome):
+                    assert (result.input_changed is None) == bool(pending), result
+                    result = "ended"
+                event(f"rewritten during a run: {result}")
             elif step[0] == "balance":
                 left = server.balance_remaining
                 server.balance = step[1] if left is None else server.balance + step[1] - left
