@@ -20,6 +20,7 @@ import itertools
 import json
 import os
 import re
+import shlex
 import stat
 from array import array
 from collections.abc import Iterator
@@ -31,13 +32,22 @@ import attrs
 from ._snapshot import Snapshot, SnapshotError
 from .bulk import BulkRequest, BulkResult, RowId, error_code
 
-__all__ = ["Entry", "InputError", "InputFile", "Ledger", "ResultLog", "row_digest"]
+__all__ = [
+    "Entry",
+    "InputError",
+    "InputFile",
+    "Ledger",
+    "OutWriteError",
+    "ResultLog",
+    "row_digest",
+]
 
 Format = Literal["csv", "jsonl"]
 
 REQUIRED: Final = ("assistant_id", "customer_identifier", "message")
 OPTIONAL: Final = ("id", "variables")
 _INTEGER: Final = re.compile(r"^\+?\d+$")
+_TOO_DEEP: Final = "its JSON is nested too deeply to be read"
 #: Integer ids below this are kept as bits (2 MB at most); larger ones in a plain set.
 _ROW_NUMBER_LIMIT: Final = 1 << 24
 #: The csv module refuses a field longer than ``csv.field_size_limit()`` (131,072 characters
@@ -90,7 +100,10 @@ def row_digest(request: BulkRequest) -> str:
         request.variables,
         request.problem,
     ]
-    text = json.dumps(content, sort_keys=True, separators=(",", ":"), default=repr)
+    try:
+        text = json.dumps(content, sort_keys=True, separators=(",", ":"), default=repr)
+    except RecursionError:  # nested deeper than json can write: the row fails, named
+        text = json.dumps([explicit, request.row, _TOO_DEEP])
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
@@ -477,6 +490,8 @@ class InputFile:
                 data["variables"] = json.loads(variables)
             except ValueError as exc:
                 problems.append(f"variables is not valid JSON ({exc})")
+            except RecursionError:
+                problems.append(_TOO_DEEP)
         if self.extra_as_variables and extra:
             merged = data.get("variables")
             data["variables"] = {**extra, **merged} if isinstance(merged, dict) else extra
@@ -498,6 +513,9 @@ class InputFile:
                 data = json.loads(line, object_pairs_hook=_unique_keys)
             except ValueError as exc:
                 yield _bad(row, f"line {number} is not valid JSON ({exc})")
+                continue
+            except RecursionError:
+                yield _bad(row, f"line {number}: {_TOO_DEEP}")
                 continue
             if not isinstance(data, dict):
                 yield _bad(row, f"line {number} is not a JSON object")
@@ -603,6 +621,21 @@ def _guess_format(path: Path) -> Format:
     return "jsonl" if start.startswith(b"{") else "csv"
 
 
+class OutWriteError(Exception):
+    """OUT could not be written (disk full, quota, I/O error): the run stops sending."""
+
+    def __init__(self, path: Path, error: OSError) -> None:
+        super().__init__(f"cannot write {path}: {error.strerror or error}")
+        self.error = error
+
+
+#: The line written after a line a crash cut short, so that a later run knows the cut line
+#: was seen and is not damage: ``{"id":null,"cut_line":N}``.
+_CUT_MARK: Final = "cut_line"
+_BOM: Final = b"\xef\xbb\xbf"
+_EXCERPT: Final = 60
+
+
 class ResultLog:
     """The bulk command's output: append-only JSONL, one flushed line per finished row, and a
     ``"sending"`` line just before a row's request leaves (so that a run killed while the
@@ -610,38 +643,86 @@ class ResultLog:
 
     ``open()`` locks OUT before anything reads it, and it stays locked until ``close()``: a
     second run on the same OUT is refused at once, and what ``read()`` finds is what no other
-    run can change meanwhile.
+    run can change meanwhile. The lock holds for the inode and for the path: a run also locks
+    ``.OUT.lock`` beside OUT, so that ``mv OUT OUT.old`` during a run does not let a second
+    run start a new OUT with the same name. OUT is created with mode 0600 (it holds customer
+    data).
+
+    A line that cannot be read is accepted as the last line only (a crash or a full disk cut
+    it short); the next run writes a ``cut_line`` mark after it. Anywhere else, such a line is
+    damage, and the run refuses, naming it: the row it recorded is unknown.
     """
 
     def __init__(self, path: Path, *, fsync: bool = False) -> None:
         self.path = path
         self.fsync = fsync
         self._file: IO[bytes] | None = None
+        self._path_lock: int | None = None
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_name(f".{self.path.name}.lock")
 
     def open(self) -> None:
         """Open for appending (creating OUT if needed), locked against a second run."""
-        fd = self._open_regular(os.O_RDWR | os.O_APPEND | os.O_CREAT, "write")
-        file = os.fdopen(fd, "ab")
-        self._lock(file, exclusive=True)
+        self._lock_path(exclusive=True, create=True)
+        try:
+            fd = self._open_regular(os.O_RDWR | os.O_APPEND | os.O_CREAT, "write")
+            file = os.fdopen(fd, "ab", buffering=0)
+            self._lock(file, exclusive=True)
+        except BaseException:
+            self._unlock_path()
+            raise
         self._file = file
 
     def peek(self) -> Ledger:
         """What earlier runs wrote, for a dry run: OUT is never created nor written (a missing
         OUT holds nothing), and it is read under a shared lock, so that no run writes it
         meanwhile; one that does makes the dry run refuse, as the run itself would be."""
+        self._lock_path(exclusive=False, create=False)
         try:
-            fd = self._open_regular(os.O_RDONLY, "read")
-        except FileNotFoundError:
-            return Ledger()
-        with os.fdopen(fd, "rb") as file:
-            self._lock(file, exclusive=False)
-            ledger, _ = self._parse(file)
-        return ledger
+            try:
+                fd = self._open_regular(os.O_RDONLY, "read")
+            except FileNotFoundError:
+                return Ledger()
+            with os.fdopen(fd, "rb") as file:
+                self._lock(file, exclusive=False)
+                ledger, _, _ = self._parse(file)
+            return ledger
+        finally:
+            self._unlock_path()
+
+    def _lock_path(self, *, exclusive: bool, create: bool) -> None:
+        """Lock ``.OUT.lock`` (the path's lock), or refuse: a run elsewhere holds it. Where it
+        cannot be created (a read-only directory), OUT's own lock is all there is."""
+        flags = os.O_RDWR | (os.O_CREAT if create else 0)
+        try:
+            fd = os.open(self.lock_path, flags | os.O_NOFOLLOW, 0o600)
+        except OSError:
+            return  # none yet (a dry run), or a directory we cannot write: inode lock only
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                self._busy()
+        self._path_lock = fd
+
+    def _unlock_path(self) -> None:
+        fd, self._path_lock = self._path_lock, None
+        if fd is not None:
+            os.close(fd)
+
+    def _busy(self) -> NoReturn:
+        raise InputError(
+            f"{self.path} is being written by another run (or read by a --dry-run); "
+            "wait for it to finish (or pass another --out)"
+        )
 
     def _open_regular(self, flags: int, action: str) -> int:
         try:
             # O_NONBLOCK: a FIFO must not block the open; it is then refused below.
-            fd = os.open(self.path, flags | os.O_NONBLOCK, 0o666)
+            fd = os.open(self.path, flags | os.O_NONBLOCK, 0o600)
         except OSError as exc:
             if isinstance(exc, FileNotFoundError) and not flags & os.O_CREAT:
                 raise  # peek(): no OUT yet
@@ -664,10 +745,7 @@ class ResultLog:
                 fcntl.flock(file.fileno(), mode | fcntl.LOCK_NB)
             except OSError:
                 file.close()
-                raise InputError(
-                    f"{self.path} is being written by another run (or read by a --dry-run); "
-                    "wait for it to finish (or pass another --out)"
-                ) from None
+                self._busy()
 
     def read(self) -> Ledger:
         """What earlier runs wrote, by row identity; refuses a file this command did not write.
@@ -685,36 +763,82 @@ class ResultLog:
         except OSError as exc:
             raise InputError(f"cannot read {self.path}: {exc.strerror or exc}") from None
         with file:
-            ledger, last = self._parse(file)
-        if last != b"\n" and self._file is not None:
-            self._file.write(b"\n")  # the last line was cut short by a crash
-            self._file.flush()
+            ledger, last, cut = self._parse(file)
+        if cut is not None and self._file is not None:
+            # The last line was cut short by a crash (or a full disk): start afresh on a new
+            # line, and mark the cut line as seen, so that it is never taken for damage.
+            try:
+                if last != b"\n":
+                    self._write(b"\n")
+                self._append({"id": None, _CUT_MARK: cut})
+            except OutWriteError as exc:
+                raise InputError(str(exc)) from None
         return ledger
 
-    def _parse(self, file: IO[bytes]) -> tuple[Ledger, bytes]:
-        """The ledger of ``file``, and its last byte (a newline unless a line was cut)."""
+    def _parse(self, file: IO[bytes]) -> tuple[Ledger, bytes, int | None]:
+        """The ledger of ``file``, its last byte (a newline unless a line was cut), and the
+        number of its last line if that line cannot be read (and is not marked as seen)."""
         ledger = Ledger()
         last = b"\n"
         seen_one = False
+        bad: tuple[int, bytes, str] | None = None  # an unreadable line, accepted if last
         file.seek(0)
         for number, line in enumerate(file, 1):
             last = line[-1:]
-            if not seen_one and line.strip():
+            if number == 1 and line.startswith(_BOM):
+                line = line[len(_BOM) :]  # an editor saved OUT with a byte-order mark
+            if not line.strip():
+                continue
+            if b"\x00" in line:
+                self._nuls(number, line)
+            if not seen_one:
                 if not line.lstrip().startswith(b'{"id"'):
                     self._not_ours(number)
                 seen_one = True
-            try:
-                data = json.loads(line)
-            except ValueError:
-                ledger.unreadable_lines += line.strip() != b""  # a line cut by a crash
+            data, problem = _decode(line)
+            if bad is not None:
+                if isinstance(data, dict) and data.get(_CUT_MARK) == bad[0]:
+                    bad = None
+                    ledger.unreadable_lines += 1
+                    continue
+                self._damaged(*bad)
+            if problem is not None:
+                bad = (number, line, problem)
                 continue
-            row_id = data.get("id") if isinstance(data, dict) else None
-            if isinstance(row_id, bool) or not isinstance(row_id, int | str):
-                ledger.unreadable_lines += 1
-                continue
+            assert isinstance(data, dict)
+            if _CUT_MARK in data:
+                continue  # a mark for a cut line seen by an earlier run
+            row_id = data["id"]
             key = data.get("key")
             ledger.note(key if isinstance(key, str) else None, row_id, data, number)
-        return ledger, last
+        if bad is not None:
+            ledger.unreadable_lines += 1
+        return ledger, last, None if bad is None else bad[0]
+
+    def _damaged(self, number: int, line: bytes, problem: str) -> NoReturn:
+        text = line.decode("utf-8", "replace").strip()
+        excerpt = text if len(text) <= _EXCERPT else text[: _EXCERPT - 1] + "…"
+        raise InputError(
+            f"{self.path}: line {number} cannot be read ({problem}): {excerpt!r}\n"
+            "  Only a run's last line may be cut short (by a crash or a full disk); this one "
+            "has lines after it, so OUT was damaged or edited, and the row that line recorded "
+            "is unknown: resuming could send it again. Nothing was sent.\n"
+            f"  See it with: sed -n '{number}p' {shlex.quote(str(self.path))}\n"
+            '  Restore the line from a backup; or, if it was a result line ("ok"), delete it: '
+            'the row\'s "sending" line then reports it as maybe processed, never sends it; '
+            "if it is not one of this command's lines, delete it."
+        )
+
+    def _nuls(self, number: int, line: bytes) -> NoReturn:
+        raise InputError(
+            f"{self.path}: line {number} holds {line.count(0)} NUL byte(s). This is what a "
+            "power loss or a machine crash leaves where written lines never reached the disk: "
+            "the lines lost may have recorded rows that were being sent, which resuming would "
+            "send again. Nothing was sent.\n"
+            "  Check the conversations of the rows sent at the end of the last run; then, to go "
+            f"on, remove the NUL bytes: tr -d '\\000' < {shlex.quote(str(self.path))} > "
+            "OUT.fixed, and run with --out OUT.fixed (--fsync prevents this)."
+        )
 
     def _not_ours(self, line: int) -> NoReturn:
         raise InputError(
@@ -724,10 +848,15 @@ class ResultLog:
         )
 
     def write(self, result: BulkResult, key: str | None = None) -> None:
+        self._write(self.line(result, key) + b"\n")
+
+    @staticmethod
+    def line(result: BulkResult, key: str | None = None) -> bytes:
+        """The result's line in OUT (without its newline)."""
         data = result.to_json()
         if key is not None:
             data = {"id": data.pop("id"), "ok": data.pop("ok"), "key": key, **data}
-        self._append(data)
+        return line_of(data)
 
     def write_sending(self, request: BulkRequest, key: str) -> None:
         """Record that the row's request is about to leave: until its result line, a later
@@ -744,20 +873,53 @@ class ResultLog:
         self._append(data)
 
     def _append(self, data: dict[str, Any]) -> None:
+        self._write(line_of(data) + b"\n")
+
+    def _write(self, data: bytes) -> None:
+        """Write all of ``data`` (unbuffered: nothing is left behind to be written again at
+        close), or raise ``OutWriteError``; a partial write leaves a cut last line."""
         assert self._file is not None, "open() first"
+        view = memoryview(data)
         try:
-            line = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
-        except UnicodeEncodeError:  # a lone surrogate in a bad row: escape rather than fail
-            line = json.dumps(data, separators=(",", ":")).encode()
-        self._file.write(line + b"\n")
-        self._file.flush()
-        if self.fsync:
-            os.fsync(self._file.fileno())
+            while view:
+                written = self._file.write(view)
+                view = view[written or 0 :]
+            if self.fsync:
+                os.fsync(self._file.fileno())
+        except OSError as exc:
+            raise OutWriteError(self.path, exc) from None
 
     def close(self) -> None:
         file, self._file = self._file, None
         if file is not None:
             file.close()
+        self._unlock_path()
+
+
+def line_of(data: dict[str, Any]) -> bytes:
+    """One JSON line of OUT (without its newline), as compact as it can be."""
+    try:
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:  # a lone surrogate in a bad row: escape rather than fail
+        return json.dumps(data, separators=(",", ":")).encode()
+
+
+def _decode(line: bytes) -> tuple[Any, str | None]:
+    """A line of OUT as data, or why it is not one of this command's lines."""
+    try:
+        data = json.loads(line)
+    except RecursionError:
+        return None, "nested too deeply to be read"
+    except ValueError as exc:
+        return None, f"not JSON: {str(exc).split(':')[0]}"
+    if not isinstance(data, dict):
+        return None, f"a JSON {type(data).__name__}, not an object"
+    if _CUT_MARK in data:
+        return data, None
+    row_id = data.get("id")
+    if isinstance(row_id, bool) or not isinstance(row_id, int | str):
+        return None, "no row id"
+    return data, None
 
 
 def _journal(request: BulkRequest, key: str, *, sending: bool) -> dict[str, Any]:

@@ -77,6 +77,7 @@ EXIT_RATE_LIMITED: Final = 6
 EXIT_NETWORK: Final = 7
 EXIT_SERVER: Final = 8
 EXIT_MAX_REPLIES: Final = 9  # bulk: --max-replies reached; the rest is left for a rerun
+EXIT_OUT_WRITE: Final = 10  # bulk: OUT could not be written (disk full); sending stopped
 EXIT_INTERRUPTED: Final = 130
 
 EXIT_CODES_HELP: Final = """\
@@ -96,6 +97,8 @@ exit codes:
   7    network: could not connect, or the request timed out
   8    5xx, or a reply that is not valid
   9    bulk: --max-replies reached (run it again to send the rest)
+  10   bulk: OUT could not be written (disk full, quota): sending stopped, results
+       that could not be written were printed on stderr as JSON lines
   130  interrupted (Ctrl-C / SIGTERM; bulk: run it again to resume)
 """
 
@@ -1226,9 +1229,32 @@ class Outcome:
     stopped_by: AutocallsError | None = None
     #: How INPUT changed during the run (never read: the run sent its snapshot), if it did.
     input_changed: str | None = None
+    #: OUT could not be written (disk full): the run stopped sending (an ``OutWriteError``).
+    write_error: Exception | None = None
+    unwritten: int = 0  #: results printed on stderr because OUT could not take them
+
+    def write_message(self, out: Path) -> str | None:
+        """The one message of a run stopped by OUT's write error (None: no error)."""
+        if self.write_error is None:
+            return None
+        left = self.meter.not_sent
+        return (
+            f"{PROG}: {self.write_error}: stopped sending. "
+            + (
+                f"{plural(self.unwritten, 'result')} that could not be written are printed "
+                "above on stderr as JSON lines: keep them (a rerun reports those rows as maybe "
+                "processed and does not send them again). "
+                if self.unwritten
+                else ""
+            )
+            + f"Free some space on the disk of {out}, then run the same command again to send "
+            f"the {plural(left, 'row')} left."
+        )
 
     @property
     def exit_code(self) -> int:
+        if self.write_error is not None:
+            return EXIT_OUT_WRITE
         if self.interrupted:
             return EXIT_INTERRUPTED
         if self.stopped_by is not None:
@@ -1257,7 +1283,7 @@ async def run_job(
     OUT is locked first, then read, then the input is checked against it: nothing is sent
     unless every line of OUT belongs to a row of the input (or ``allow_foreign``).
     """
-    from ._bulkio import Ledger
+    from ._bulkio import Ledger, OutWriteError, ResultLog
 
     log.open()
     try:
@@ -1287,9 +1313,40 @@ async def run_job(
             keys[request.row] = key
             yield request
 
+    write_error: OutWriteError | None = None
+    unwritten = 0  # results that OUT could not take, printed on stderr instead
+
+    def out_failed(error: OutWriteError) -> None:
+        nonlocal write_error
+        if write_error is None:
+            write_error = error
+            runner.stop()
+            progress.note(
+                f"{PROG}: {error}: stopped sending; calls in flight finish, and results that "
+                "cannot be written are printed here as JSON lines"
+            )
+
     def sending(request: BulkRequest) -> None:
-        log.write_sending(request, keys[request.row])
+        if write_error is None:
+            try:
+                log.write_sending(request, keys[request.row])
+            except OutWriteError as exc:
+                out_failed(exc)
+        if write_error is not None:  # no journal line, no send
+            raise ClientClosedError("not sent: OUT cannot be written")
         pending.add(request.row)
+
+    def record(result: BulkResult, key: str | None) -> None:
+        nonlocal unwritten
+        if write_error is None:
+            try:
+                log.write(result, key)
+                return
+            except OutWriteError as exc:
+                out_failed(exc)
+        unwritten += 1
+        sys.stderr.write(ResultLog.line(result, key).decode() + "\n")
+        sys.stderr.flush()
 
     meter = Meter(todo, rate_limit, client.stats, starts=starts)
     progress = make_progress(progress_mode, meter, description)
@@ -1347,10 +1404,13 @@ async def run_job(
                     # Certainly not processed, and the run stops: no result line, so a plain
                     # rerun sends it; a "sending" line written for it is withdrawn.
                     meter.not_sent += 1
-                    if journaled and key is not None:
-                        log.write_unsent(result, key)
+                    if journaled and key is not None and write_error is None:
+                        try:
+                            log.write_unsent(result, key)
+                        except OutWriteError as exc:
+                            out_failed(exc)  # its "sending" line stays: reported, not resent
                     continue
-                log.write(result, key)
+                record(result, key)
                 if result.ok:
                     meter.answered += 1
                 else:
@@ -1385,6 +1445,8 @@ async def run_job(
         total=source.rows,
         cut_off=cut_off,
         input_changed=input_changed,
+        write_error=write_error,
+        unwritten=unwritten,
     )
 
 
@@ -1547,6 +1609,9 @@ def _bulk_command(args: argparse.Namespace) -> int:
             await client.close()
             return _usage_error(str(exc))
         print_lines(summary(outcome, args.out))
+        message = outcome.write_message(args.out)
+        if message is not None:
+            print(message, file=sys.stderr)
         return outcome.exit_code
 
     return _run(job())

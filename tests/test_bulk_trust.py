@@ -8,6 +8,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import csv
+import json
+import os
+import stat
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +19,7 @@ from typing import Any
 import pytest
 
 from autocalls_async.testing import MockAutocalls
+from tests._env import child_env
 from tests.test_cli import TOKEN, Run, ThreadedServer, read_lines, run_cli, start_cli
 
 
@@ -128,3 +133,194 @@ def test_a_snapshot_of_a_file_that_keeps_changing_is_refused(tmp_path: Path) -> 
     finally:
         _snapshot.Snapshot._copy = staticmethod(real)  # type: ignore[method-assign]
     assert calls == 5
+
+
+# -- item 4: a damaged OUT --------------------------------------------------------------------
+
+
+def lines_of(out: Path) -> list[bytes]:
+    return out.read_bytes().splitlines(keepends=True)
+
+
+async def test_a_garbled_middle_line_is_refused_and_a_cut_last_line_is_accepted(
+    emulator: MockAutocalls, tmp_path: Path
+) -> None:
+    """F4: a garbled line in the middle of OUT was skipped, and its row sent again. It is now
+    refused, naming the line; a last line cut short by a crash is still accepted (once marked,
+    for good), and its row, whose "sending" line shows it may have been processed, is reported
+    rather than sent again."""
+    source, out = tmp_path / "in.csv", tmp_path / "out.jsonl"
+    write_rows(source, [("+1", "A"), ("+2", "B"), ("+3", "C")])
+    assert (await bulk(emulator, source, out)).code == 0
+    good = lines_of(out)
+    answer = next(n for n, line in enumerate(good) if b'"ok":true' in line)
+    damaged = list(good)
+    damaged[answer] = b'{"id":1,"ok":tru\xff garbled\n'
+    out.write_bytes(b"".join(damaged))
+    run = await bulk(emulator, source, out)
+    assert run.code == 2, run
+    assert f"line {answer + 1} cannot be read" in run.err
+    assert f"sed -n '{answer + 1}p'" in run.err and "Traceback" not in run.err
+    assert sum(processed(emulator).values()) == 3
+
+    # The last line cut short (a crash while writing a result): accepted, reported.
+    out.write_bytes(b"".join(good)[:-20])
+    run = await bulk(emulator, source, out)
+    assert run.code == 1, run
+    assert "1 row may have been processed by an earlier run" in run.out
+    assert json.loads(lines_of(out)[-1]) == {"id": None, "cut_line": len(good)}
+    run = await bulk(emulator, source, out)  # the cut line is now in the middle, marked
+    assert run.code == 1 and "1 row may have been processed" in run.out, run
+    assert max(processed(emulator).values()) == 1 and sum(processed(emulator).values()) == 3
+
+
+async def test_a_bom_is_read_through_and_nul_bytes_are_explained(
+    emulator: MockAutocalls, tmp_path: Path
+) -> None:
+    """F9: a byte-order mark (an editor saved OUT) or NUL bytes (a power loss) got "pass
+    another --out", which resends every row in flight. A BOM is read through; NULs are
+    explained, with the way on."""
+    source, out = tmp_path / "in.csv", tmp_path / "out.jsonl"
+    write_rows(source, [("+1", "A"), ("+2", "B")])
+    assert (await bulk(emulator, source, out)).code == 0
+    good = out.read_bytes()
+    out.write_bytes(b"\xef\xbb\xbf" + good)
+    run = await bulk(emulator, source, out)
+    assert run.code == 0 and "2 skipped" in run.out, run
+    out.write_bytes(b"\0" * 300 + good)
+    run = await bulk(emulator, source, out)
+    assert run.code == 2, run
+    assert "line 1 holds 300 NUL byte(s)" in run.err and "power loss" in run.err
+    assert "tr -d" in run.err and "pass another --out" not in run.err
+    assert sum(processed(emulator).values()) == 2
+
+
+async def test_a_deeply_nested_row_fails_alone_and_a_deep_out_line_is_refused(
+    emulator: MockAutocalls, tmp_path: Path
+) -> None:
+    """F10: deeply nested JSON in an input row, or in OUT, gave a RecursionError traceback.
+    The row now fails alone (INVALID_ROW); a line of OUT is refused, named."""
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    deep = '{"a":' * 100_000 + "1" + "}" * 100_000
+    source.write_text(
+        '{"assistant_id":123,"customer_identifier":"+1","message":"hi","variables":'
+        + deep
+        + "}\n"
+        + '{"assistant_id":123,"customer_identifier":"+2","message":"ok"}\n'
+    )
+    run = await bulk(emulator, source, out)
+    assert run.code == 1 and "Traceback" not in run.err, run
+    (failed,) = [line for line in read_lines(out) if not line["ok"]]
+    assert failed["error_code"] == "INVALID_ROW" and "nested too deeply" in failed["error"]
+    assert processed(emulator) == {("+2", "ok"): 1}
+    text = out.read_text().splitlines()
+    text.insert(1, '{"id":' + "[" * 100_000 + "]" * 100_000 + "}")
+    out.write_text("\n".join(text) + "\n")
+    run = await bulk(emulator, source, out)
+    assert run.code == 2 and "Traceback" not in run.err, run
+    assert "line 2 cannot be read (nested too deeply to be read)" in run.err
+
+
+async def test_out_is_created_private(emulator: MockAutocalls, tmp_path: Path) -> None:
+    """OUT holds customer data: created 0600 (it was 0644 under the usual umask)."""
+    source, out = tmp_path / "in.csv", tmp_path / "out.jsonl"
+    write_rows(source, [("+1", "A")])
+    old = os.umask(0o022)
+    try:
+        assert (await bulk(emulator, source, out)).code == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+
+
+@pytest.mark.slow
+async def test_moving_out_away_during_a_run_does_not_let_a_second_run_start(
+    emulator: MockAutocalls, tmp_path: Path
+) -> None:
+    """The lock was per inode: `mv out.jsonl out.old` during a run let a second run on
+    out.jsonl start afresh and send every row again. The path is locked too."""
+    source, out = tmp_path / "in.csv", tmp_path / "out.jsonl"
+    write_rows(source, [(f"+{n}", f"m{n}") for n in range(20)])
+    first = await start_cli(
+        "bulk",
+        str(source),
+        "--out",
+        str(out),
+        "--rate-limit",
+        "10/1",
+        "--progress",
+        "off",
+        **env_for(emulator),
+    )
+    await wait_for_lines(out, 1)
+    out.rename(tmp_path / "out.old")
+    second = await bulk(emulator, source, out)
+    assert second.code == 2 and "being written by another run" in second.err, second
+    async with asyncio.timeout(30):
+        await first.communicate()
+    assert first.returncode == 0
+    assert processed(emulator) == {(f"+{n}", f"m{n}"): 1 for n in range(20)}
+
+
+async def full_disk_run(server: MockAutocalls, source: Path, out: Path, blocks: int) -> Run:
+    """The bulk command with a file size limit (RLIMIT_FSIZE, `ulimit -f`, 512-byte blocks):
+    writes past it fail with EFBIG, as they would with ENOSPC on a full disk."""
+    command = [
+        sys.executable,
+        "-m",
+        "autocalls_async",
+        "bulk",
+        str(source),
+        "--out",
+        str(out),
+        "--rate-limit",
+        "none",
+        "--concurrency",
+        "3",
+        "--progress",
+        "off",
+    ]
+    script = f"ulimit -f {blocks}; trap '' XFSZ; exec \"$@\""
+    process = await asyncio.create_subprocess_exec(
+        "sh",
+        "-c",
+        script,
+        "sh",
+        *command,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=child_env(**env_for(server)),
+    )
+    async with asyncio.timeout(60):
+        stdout, stderr = await process.communicate()
+    return Run(process.returncode, stdout.decode(), stderr.decode())
+
+
+@pytest.mark.slow
+async def test_a_full_disk_stops_sending_and_keeps_every_reply(tmp_path: Path) -> None:
+    """F: disk full gave two stacked tracebacks, exit 1, and replies billed but lost. Now the
+    run stops sending, lets calls in flight finish, prints the replies it could not write on
+    stderr as JSON lines, and exits 10 with one message; a rerun (disk freed) sends the rest
+    and never a row twice."""
+    source, out = tmp_path / "in.csv", tmp_path / "out.jsonl"
+    rows = [(f"+1555{n:07d}", f"m{n}") for n in range(40)]
+    write_rows(source, rows)
+    with ThreadedServer(rate_limit=None, reply_delay=0.05) as server:
+        run = await full_disk_run(server, source, out, blocks=4)
+        assert run.code == 10, run
+        assert "Traceback" not in run.err, run.err
+        assert "File too large: stopped sending" in run.err
+        printed = [json.loads(line) for line in run.err.splitlines() if line.startswith("{")]
+        assert printed and all("ok" in line and "key" in line for line in printed)
+        written = [line for line in read_lines(out) if line.get("ok")]
+        answered = {line["key"] for line in written} | {
+            line["key"] for line in printed if line["ok"]
+        }
+        assert sum(processed(server).values()) == len(answered)  # every billed reply is kept
+        assert len(processed(server)) < len(rows)  # it stopped sending
+
+        rerun = await bulk(server, source, out)
+        assert rerun.code == 1, rerun  # the rows printed on stderr are reported, not resent
+        sent = processed(server)
+        assert max(sent.values()) == 1
+        assert len(sent) == len(rows)
