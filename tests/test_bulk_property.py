@@ -101,6 +101,8 @@ async def one_run(
         )
     except InputError as exc:
         await client.close()
+        if "cannot be read" in str(exc):
+            return "damaged"
         assert "being written by another run" in str(exc) or "not in in.csv" in str(exc), exc
         return "refused"
     except asyncio.CancelledError:
@@ -127,6 +129,9 @@ steps = st.one_of(
     st.tuples(st.just("concurrent"), st.booleans()),
     # The input is rewritten in place during a run (after its first line in OUT).
     st.tuples(st.just("rewrite"), st.integers(1, 9), edits),
+    # OUT damaged: its last line cut short (a crash while writing a result), or a line in the
+    # middle garbled (then a run must refuse, naming it; the line is restored afterwards).
+    st.tuples(st.just("damage"), st.sampled_from(["cut", "garble"]), st.integers(0, 20)),
     # The account can pay for n more replies: a run stops at the first 402 (issue 14) and
     # leaves the rest, the refused row included, to a later run.
     st.tuples(st.just("balance"), st.integers(0, 3)),
@@ -146,6 +151,27 @@ def edit(rows: list[Row], change: tuple[Any, ...]) -> list[Row]:
         index = change[1] % len(rows)
         rows[index] = (rows[index][0], rows[index][1] + change[2])
     return rows
+
+
+async def damage(server: MockAutocalls, source: Path, out: Path, kind: str, index: int) -> str:
+    """Damage OUT as a crash or an editor would; a garbled middle line must be refused."""
+    lines = out.read_bytes().splitlines(keepends=True)
+    if kind == "cut":
+        # Only a result line can be cut by a crash: a "sending" line is written before the
+        # request leaves, and a failed write stops the row from being sent.
+        if not lines or b'"ok":' not in lines[-1]:
+            return "nothing to cut"
+        out.write_bytes(b"".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
+        return "last line cut"
+    if len(lines) < 2:
+        return "nothing to garble"
+    number = index % (len(lines) - 1)  # any line but the last
+    original = out.read_bytes()
+    out.write_bytes(b"".join([*lines[:number], b'{"id":1,"ok":tr#garbled\n', *lines[number + 1 :]]))
+    result = await one_run(server, source, out)
+    assert result == "damaged", result
+    out.write_bytes(original)
+    return "middle line garbled: refused"
 
 
 async def scenario(
@@ -177,6 +203,10 @@ async def scenario(
                     assert (result.input_changed is None) == bool(pending), result
                     result = "ended"
                 event(f"rewritten during a run: {result}")
+            elif step[0] == "damage" and out.exists():
+                happened = await damage(server, source, out, step[1], step[2])
+                killed |= happened == "last line cut"  # a crash: its row is reported
+                event(f"damage: {happened}")
             elif step[0] == "balance":
                 left = server.balance_remaining
                 server.balance = step[1] if left is None else server.balance + step[1] - left
