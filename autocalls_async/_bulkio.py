@@ -13,6 +13,7 @@ its first line on a fresh line.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import csv
 import hashlib
@@ -229,6 +230,9 @@ class InputFile:
         self.uncertain = 0  #: may have been processed: only --retry-unsafe-failed sends them
         self.extra_columns: tuple[str, ...] = ()
         self.snapshot: Snapshot | None = None
+        self.header: list[str] = []  #: a CSV input's column names, as written (stripped)
+        #: The row last yielded, as read: a CSV row's cells by column, a JSONL line's object.
+        self.record: dict[str, Any] = {}
 
     def take_snapshot(self) -> None:
         """Copy the input once; from now on every pass reads the copy (``close()`` removes
@@ -398,10 +402,13 @@ class InputFile:
                 "the columns: assistant_id,customer_identifier,message[,variables][,id]"
                 + _delimiter_hint(header, self.delimiter)
             )
-        duplicated = sorted({name for name in columns if columns.count(name) > 1 and name})
+        counts = collections.Counter(columns)  # linear: 40k columns once took 33 s
+        duplicated = sorted(name for name, n in counts.items() if n > 1 and name)
         if duplicated:
             raise InputError(f"{self.path}: column(s) named twice: {', '.join(duplicated)}")
-        self.extra_columns = tuple(c for c in columns if c and c not in (*REQUIRED, *OPTIONAL))
+        known = {*REQUIRED, *OPTIONAL}
+        self.extra_columns = tuple(c for c in columns if c and c not in known)
+        self.header = [cell.strip() for cell in header]
         row = 0
         while True:
             first_line = reader.line_num + 1
@@ -420,6 +427,7 @@ class InputFile:
                     "column (empty if unused); nothing was sent"
                 )
             self._check_swallowed(columns, cells, row, lines)
+            self.record = dict(zip(self.header, cells, strict=True))
             yield self._csv_request(columns, cells, row)
 
     def _csv_record(self, reader: Any, row: int) -> list[str] | None:
@@ -509,6 +517,7 @@ class InputFile:
             if not line.strip():
                 continue
             row += 1
+            self.record = {}
             try:
                 data = json.loads(line, object_pairs_hook=_unique_keys)
             except ValueError as exc:
@@ -520,6 +529,7 @@ class InputFile:
             if not isinstance(data, dict):
                 yield _bad(row, f"line {number} is not a JSON object")
                 continue
+            self.record = data
             yield BulkRequest.from_mapping(data, row, extra_as_variables=self.extra_as_variables)
 
 

@@ -619,6 +619,8 @@ def build_parser() -> argparse.ArgumentParser:
     _client_options(bulk, default_rate="5/60")
     bulk.set_defaults(handler=_bulk_command)
 
+    _results_parser(commands, formatter)
+
     mock = commands.add_parser(
         "mock-server",
         help="serve the local emulator of the service",
@@ -703,6 +705,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(handler=_demo_command)
     return parser
+
+
+def _results_parser(commands: Any, formatter: Any) -> None:
+    results = commands.add_parser(
+        "results",
+        help="one row per input row with its result: a spreadsheet of a bulk run",
+        description="Join INPUT and the OUT of its bulk run by content (as a run matches rows; "
+        "never by row number, which shifts when rows are edited): one row per input row, in "
+        "input order, its columns plus status (answered, failed, invalid, maybe_processed, "
+        "not_sent), reply, conversation_id, error_code and error. CSV cells that a spreadsheet "
+        "would run as formulas (=, +, -, @) are prefixed with '.",
+        epilog=f"example:\n  {PROG} results contacts.csv --out replies.jsonl -o results.csv",
+        formatter_class=formatter,
+    )
+    results.add_argument("input", type=Path, metavar="INPUT", help="the bulk run's input")
+    results.add_argument(
+        "out", type=Path, nargs="?", metavar="OUT", help="the bulk run's OUT (or --out)"
+    )
+    results.add_argument("--out", dest="out_option", type=Path, metavar="OUT", help="as bulk's")
+    results.add_argument(
+        "-o", "--output", type=Path, metavar="FILE", help="write here (default: stdout)"
+    )
+    results.add_argument(
+        "--format",
+        choices=("csv", "jsonl"),
+        help="output format (default: from -o's extension, else csv)",
+    )
+    results.add_argument("--input-format", choices=("csv", "jsonl"), help="as bulk's --format")
+    results.add_argument("--delimiter", type=_delimiter, metavar="CHAR", help="as bulk's")
+    results.add_argument(
+        "--vars-from-columns",
+        action="store_true",
+        help="as given to bulk (it changes a row's content)",
+    )
+    results.set_defaults(handler=_results_command)
+
+
+def _results_command(args: argparse.Namespace) -> int:
+    from ._results import results_command
+
+    args.out = args.out or args.out_option
+    if args.out is None:
+        return _usage_error("results needs the bulk run's OUT: results INPUT OUT")
+    return results_command(args)
 
 
 def main(argv: list[str] | None = None) -> int:

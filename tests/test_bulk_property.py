@@ -153,9 +153,11 @@ def edit(rows: list[Row], change: tuple[Any, ...]) -> list[Row]:
     return rows
 
 
-async def damage(server: MockAutocalls, source: Path, out: Path, kind: str, index: int) -> str:
-    """Damage OUT as a crash or an editor would; a garbled middle line must be refused."""
-    lines = out.read_bytes().splitlines(keepends=True)
+def damage(out: Path, kind: str, index: int) -> bytes | str:
+    """Damage OUT as a crash or an editor would: what happened, or (a garbled middle line,
+    which the next run must refuse) OUT as it was before, to be restored."""
+    original = out.read_bytes()
+    lines = original.splitlines(keepends=True)
     if kind == "cut":
         # Only a result line can be cut by a crash: a "sending" line is written before the
         # request leaves, and a failed write stops the row from being sent.
@@ -166,12 +168,8 @@ async def damage(server: MockAutocalls, source: Path, out: Path, kind: str, inde
     if len(lines) < 2:
         return "nothing to garble"
     number = index % (len(lines) - 1)  # any line but the last
-    original = out.read_bytes()
     out.write_bytes(b"".join([*lines[:number], b'{"id":1,"ok":tr#garbled\n', *lines[number + 1 :]]))
-    result = await one_run(server, source, out)
-    assert result == "damaged", result
-    out.write_bytes(original)
-    return "middle line garbled: refused"
+    return original
 
 
 async def scenario(
@@ -204,7 +202,11 @@ async def scenario(
                     result = "ended"
                 event(f"rewritten during a run: {result}")
             elif step[0] == "damage" and out.exists():
-                happened = await damage(server, source, out, step[1], step[2])
+                happened = damage(out, step[1], step[2])
+                if isinstance(happened, bytes):  # a middle line garbled: refused, restored
+                    assert await one_run(server, source, out) == "damaged"
+                    out.write_bytes(happened)
+                    happened = "middle line garbled: refused"
                 killed |= happened == "last line cut"  # a crash: its row is reported
                 event(f"damage: {happened}")
             elif step[0] == "balance":

@@ -324,3 +324,64 @@ async def test_a_full_disk_stops_sending_and_keeps_every_reply(tmp_path: Path) -
         sent = processed(server)
         assert max(sent.values()) == 1
         assert len(sent) == len(rows)
+
+
+# -- item 2: results aligned with the input -----------------------------------------------
+
+
+async def test_results_join_by_content_after_an_edit_and_neutralise_formulas(
+    emulator: MockAutocalls, tmp_path: Path
+) -> None:
+    """After deleting one row and adding one (no id column), reading OUT as the docs said
+    ("the last line for an id wins") tied answers to the wrong rows and showed a fixed row as
+    INVALID_ROW. `results` joins by content: each input row, in order, with its own answer;
+    CSV cells a spreadsheet would run (=, +, -, @) are neutralised."""
+    source, out = tmp_path / "in.csv", tmp_path / "out.jsonl"
+    header = "assistant_id,customer_identifier,message,customer_name\n"
+    first = ["123,+1,one,Ann", "123,+2,two,Bob", "x,+3,three,Cy", "123,+4,=1+2,Dee"]
+    source.write_text(header + "\n".join(first) + "\n")
+    assert (await bulk(emulator, source, out)).code == 1  # row 3 is INVALID_ROW
+    edited = ["123,+2,two,Bob", "123,+3,three,Cy", "123,+4,=1+2,Dee", "123,+5,five,Eve"]
+    source.write_text(header + "\n".join(edited) + "\n")
+    assert (await bulk(emulator, source, out, "--allow-foreign")).code == 0
+
+    # What the tutorial's reader did: the last line for an id (a row number) wins.
+    last: dict[Any, dict[str, Any]] = {}
+    for line in read_lines(out):
+        last[line["id"]] = line
+    wrong = [
+        n
+        for n, row in enumerate(edited, 1)
+        if last[n].get("customer_identifier") != row.split(",")[1]
+    ]
+    assert wrong  # the old reading misleads
+
+    run = await run_cli("results", str(source), str(out), "--format", "jsonl")
+    assert run.code == 0, run
+    rows = [json.loads(line) for line in run.out.splitlines()]
+    assert [row["customer_identifier"] for row in rows] == ["+2", "+3", "+4", "+5"]
+    assert all(row["status"] == "answered" for row in rows), rows
+    for row in rows:
+        assert row["reply"].endswith(f": {row['message']}"), row
+    assert rows[0]["customer_name"] == "Bob"
+    assert "4 rows: 4 answered" in run.err
+
+    target = tmp_path / "results.csv"
+    run = await run_cli("results", str(source), "--out", str(out), "-o", str(target))
+    assert run.code == 0, run
+    table = list(csv.DictReader(target.read_text(encoding="utf-8").splitlines()))
+    assert [row["customer_identifier"] for row in table] == ["'+2", "'+3", "'+4", "'+5"]
+    assert table[2]["message"] == "'=1+2"
+    assert all(not cell.startswith(("=", "+", "-", "@")) for row in table for cell in row.values())
+
+
+def test_results_as_a_library_function(tmp_path: Path) -> None:
+    """The same join for a program: rows in input order; a row never sent says so; an invalid
+    row is invalid before any run."""
+    from autocalls_async.bulk import read_results
+
+    source = tmp_path / "in.csv"
+    source.write_text("assistant_id,customer_identifier,message\n123,+1,hi\nx,+2,bad\n")
+    rows = list(read_results(source, tmp_path / "missing.jsonl"))
+    assert [row["status"] for row in rows] == ["not_sent", "invalid"]
+    assert "assistant_id 'x' is not a whole number" in rows[1]["error"]
