@@ -49,6 +49,8 @@ REQUIRED: Final = ("assistant_id", "customer_identifier", "message")
 OPTIONAL: Final = ("id", "variables")
 _INTEGER: Final = re.compile(r"^\+?\d+$")
 _TOO_DEEP: Final = "its JSON is nested too deeply to be read"
+#: A refusal names this many lines of OUT, then counts the rest.
+FOREIGN_SHOWN: Final = 20
 #: Integer ids below this are kept as bits (2 MB at most); larger ones in a plain set.
 _ROW_NUMBER_LIMIT: Final = 1 << 24
 #: The csv module refuses a field longer than ``csv.field_size_limit()`` (131,072 characters
@@ -119,6 +121,7 @@ class Entry:
     customer_identifier: str | None
     state: RowState | None  #: None: its only "sending" line was withdrawn (not processed)
     matched: bool = False
+    key: str | None = None  #: the row's content key (None: an old line without one)
 
     def describe(self) -> str:
         who = [f"assistant {self.assistant_id}"] if self.assistant_id is not None else []
@@ -180,6 +183,7 @@ class Ledger:
                 assistant_id if _is_int(assistant_id) else None,
                 customer if isinstance(customer, str) else None,
                 state,
+                key=key,
             )
         elif entry.state != "answered":  # an answer is final; otherwise the last line says
             entry.state = state
@@ -312,13 +316,17 @@ class InputFile:
         if collisions or clashes:
             self._find_duplicates(collisions, clashes)
         if ledger is not None and not allow_foreign:
-            foreign = ledger.unmatched()
+            # Only lines of rows that were (or may have been) processed protect something:
+            # a row that failed unprocessed, or was invalid or skipped, and was then edited or
+            # deleted, is simply left alone (issue 21).
+            foreign = [e for e in ledger.unmatched() if e.state in ("answered", "uncertain")]
             if foreign:
                 raise InputError(self._foreign_message(foreign, out))
 
     def _foreign_message(self, foreign: list[Entry], out: Path | None) -> str:
-        """Say which lines of OUT match no row, and what the input holds in their place."""
-        shown = foreign[:3]
+        """Say which lines of OUT match no row, what the input holds in their place, and the
+        command that goes on: one line each, the first ``FOREIGN_SHOWN`` of them."""
+        shown = foreign[:FOREIGN_SHOWN]
         wanted = {entry.id for entry in shown}
         found: dict[RowId, BulkRequest] = {}
         with self._refusing():
@@ -326,9 +334,17 @@ class InputFile:
                 if request.id in wanted:
                     found[request.id] = request
         name = out.name if out is not None else "OUT"
+        flag = self._flag_that_matches(foreign)
+        if flag is not None:
+            return (
+                f"{name} was written by a run {flag[0]}: its lines match the rows of "
+                f"{self.path.name} read that way, and not as this run reads them (a row's "
+                "variables are part of its content). Nothing was sent.\n"
+                f"  Run again {flag[1]}."
+            )
         lines = [
-            f"{name} has {len(foreign)} line(s) for rows that are not in {self.path.name}, "
-            "so resuming could skip or repeat rows; nothing was sent:"
+            f"{name} has {len(foreign)} line(s) for rows that are not in {self.path.name} as "
+            "it is now, rows that were answered or may have been processed; nothing was sent:"
         ]
         for entry in shown:
             lines.append(f"  line {entry.line}: {entry.describe()}: {_difference(entry, found)}")
@@ -336,11 +352,34 @@ class InputFile:
             lines.append(f"  ... and {len(foreign) - len(shown)} more")
         lines.append(
             f"{self.path.name} was edited since those lines were written, or {name} belongs to "
-            f"another input. To start afresh, pass a new --out; to send the rows of "
-            f"{self.path.name} that {name} does not answer (rows are matched by content, and "
-            f"{name}'s other lines are left alone), add --allow-foreign."
+            "another input. Sending the rows as they are now sends those customers another "
+            "message."
         )
+        lines.append(
+            f"  To send the rows of {self.path.name} that {name} does not answer (rows are "
+            f"matched by content; {name}'s lines above are left alone): add --allow-foreign"
+        )
+        lines.append("  To start afresh: pass a new --out")
         return "\n".join(lines)
+
+    def _flag_that_matches(self, foreign: list[Entry]) -> tuple[str, str] | None:
+        """When OUT's foreign lines are the rows of this input read with the other
+        ``--vars-from-columns`` (a flag forgotten, or added): what to say and do."""
+        if self.format != "csv" or not self.extra_columns:
+            return None
+        other = InputFile(
+            self.path,
+            format=self.format,
+            extra_as_variables=not self.extra_as_variables,
+            delimiter=self.delimiter,
+        )
+        other.snapshot = self.snapshot  # the same copy: never the file again
+        keys = {key for _, key in other.keyed()}
+        if not all(entry.key in keys for entry in foreign if entry.key is not None):
+            return None
+        if self.extra_as_variables:
+            return ("without --vars-from-columns", "without --vars-from-columns")
+        return ("with --vars-from-columns", "with --vars-from-columns")
 
     def _find_duplicates(self, collisions: set[int], clashes: set[int]) -> None:
         seen: dict[RowId, int] = {}

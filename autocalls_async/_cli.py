@@ -217,7 +217,12 @@ def cli_result(result: BulkResult) -> BulkResult:
 
 
 def _usage_error(message: str) -> int:
-    print(f"{PROG}: {' '.join(message.split())}", file=sys.stderr)
+    """One message on stderr; its own line breaks kept (a refusal names lines, one each)."""
+    lines = [
+        (line[: len(line) - len(line.lstrip())] if n else "") + " ".join(line.split())
+        for n, line in enumerate(message.splitlines())
+    ]
+    print(f"{PROG}: " + "\n".join(lines), file=sys.stderr)
     return EXIT_USAGE
 
 

@@ -385,3 +385,62 @@ def test_results_as_a_library_function(tmp_path: Path) -> None:
     rows = list(read_results(source, tmp_path / "missing.jsonl"))
     assert [row["status"] for row in rows] == ["not_sent", "invalid"]
     assert "assistant_id 'x' is not a whole number" in rows[1]["error"]
+
+
+# -- item 3: refuse only what protects something ------------------------------------------
+
+
+async def test_fixing_the_invalid_rows_the_dry_run_listed_is_never_refused(
+    emulator: MockAutocalls, tmp_path: Path
+) -> None:
+    """Fixing exactly the rows listed as INVALID_ROW (never sent) got the rerun refused (exit
+    2, one 900-character line). Their lines protect nothing: the fixed rows are sent."""
+    source, out = tmp_path / "in.csv", tmp_path / "out.jsonl"
+    header = "assistant_id,customer_identifier,message\n"
+    source.write_text(header + "123,+1,one\n12x,+2,two\n123,,three\n")
+    run = await bulk(emulator, source, out)
+    assert run.code == 1 and "2 failed" in run.out, run
+    source.write_text(header + "123,+1,one\n123,+2,two\n123,+3,three\n")
+    run = await bulk(emulator, source, out)
+    assert run.code == 0, run
+    assert "2 answered, 0 failed, 1 skipped" in run.out
+    assert processed(emulator) == {("+1", "one"): 1, ("+2", "two"): 1, ("+3", "three"): 1}
+
+
+async def test_a_forgotten_vars_from_columns_is_named_not_called_an_edit(
+    emulator: MockAutocalls, tmp_path: Path
+) -> None:
+    """A rerun without the --vars-from-columns of the first run was told the input "was
+    edited since those lines were written", which was false; it is now told the flag."""
+    source, out = tmp_path / "in.csv", tmp_path / "out.jsonl"
+    source.write_text(
+        "assistant_id,customer_identifier,message,customer_name\n123,+1,hi,Ann\n123,+2,yo,Bob\n"
+    )
+    assert (await bulk(emulator, source, out, "--vars-from-columns")).code == 0
+    run = await bulk(emulator, source, out)
+    assert run.code == 2, run
+    assert "written by a run with --vars-from-columns" in run.err
+    assert "Run again with --vars-from-columns" in run.err and "edited" not in run.err
+    assert (await bulk(emulator, source, out, "--vars-from-columns")).code == 0
+    assert sum(processed(emulator).values()) == 2
+
+
+async def test_a_refusal_names_each_line_on_its_own_line(
+    emulator: MockAutocalls, tmp_path: Path
+) -> None:
+    """A refusal was one long line; it now names each line of OUT on a line of its own, what
+    the input holds there, and the option that goes on."""
+    source, out = tmp_path / "in.csv", tmp_path / "out.jsonl"
+    write_rows(source, [("+1", "A"), ("+2", "B"), ("+3", "C")])
+    assert (await bulk(emulator, source, out)).code == 0
+    write_rows(source, [("+1", "A, fixed"), ("+2", "B"), ("+9", "C")])
+    run = await bulk(emulator, source, out)
+    assert run.code == 2, run
+    lines = run.err.splitlines()
+    assert len(lines) >= 5, lines
+    named = [line for line in lines if line.startswith("  line ")]
+    assert len(named) == 2, lines
+    assert "row 1" in named[0] and "another message or variables" in named[0]
+    assert "customer +9" in named[1]
+    assert any(line.strip().endswith("add --allow-foreign") for line in lines)
+    assert sum(processed(emulator).values()) == 3
