@@ -591,6 +591,13 @@ def build_parser() -> argparse.ArgumentParser:
         "timeout, a run killed while they were sent): their message may be sent twice",
     )
     bulk.add_argument(
+        "--give-up-uncertain",
+        action="store_true",
+        help="send the rows of a conversation that wait behind a row an earlier run may have "
+        "had processed (held by default, so that the conversation stays in order); that row "
+        "itself is never sent",
+    )
+    bulk.add_argument(
         "--allow-foreign",
         action="store_true",
         help="run even if OUT has lines for rows that are not in INPUT (an edited input, "
@@ -1283,6 +1290,12 @@ class Outcome:
     #: OUT could not be written (disk full): the run stopped sending (an ``OutWriteError``).
     write_error: Exception | None = None
     unwritten: int = 0  #: results printed on stderr because OUT could not take them
+    #: Rows held behind a row of their conversation that may have been processed (a ``Hold``).
+    hold: Any = None
+
+    @property
+    def held(self) -> int:
+        return 0 if self.hold is None else int(self.hold.held)
 
     def write_message(self, out: Path) -> str | None:
         """The one message of a run stopped by OUT's write error (None: no error)."""
@@ -1310,7 +1323,7 @@ class Outcome:
             return EXIT_INTERRUPTED
         if self.stopped_by is not None:
             return exit_code_for(self.stopped_by)
-        failed = self.meter.failed or self.already_failed or self.uncertain
+        failed = self.meter.failed or self.already_failed or self.uncertain or self.held
         return EXIT_FAILED if failed or self.input_changed else EXIT_OK
 
 
@@ -1328,6 +1341,7 @@ async def run_job(
     retry_unsafe_failed: bool = False,
     allow_foreign: bool = False,
     priority: Priority = Priority.BACKGROUND,
+    give_up_uncertain: bool = False,
 ) -> Outcome:
     """Run ``source`` (an ``InputFile``) into ``log`` (a ``ResultLog``), with signals handled.
 
@@ -1335,6 +1349,7 @@ async def run_job(
     unless every line of OUT belongs to a row of the input (or ``allow_foreign``).
     """
     from ._bulkio import Ledger, OutWriteError, ResultLog
+    from ._hold import Hold
 
     log.open()
     try:
@@ -1349,6 +1364,16 @@ async def run_job(
     already_failed = 0 if retry_failed else source.already_failed
     uncertain = 0 if retry_unsafe_failed else source.uncertain
     todo = source.rows - source.already_answered - already_failed - uncertain
+    hold = Hold(normalize=client.normalize if client.normalize_identifier else None)
+    held_rows: set[int | None] = set()
+    if uncertain and not give_up_uncertain:  # rows behind an uncertain row wait (item 7)
+        for request, key in source.keyed():
+            state = ledger.state_of(request, key)
+            if state == "uncertain":
+                hold.uncertain(request)
+            elif _to_send(state, retry_failed) and hold.holds(request):
+                held_rows.add(request.row)
+        todo -= hold.held
     keys: dict[int | None, str] = {}  # row -> identity, for the rows pulled and not yet written
     pending: set[int | None] = set()  # rows whose "sending" line has no result line yet
 
@@ -1359,6 +1384,7 @@ async def run_job(
                 state == "answered"
                 or (state == "failed" and not retry_failed)
                 or (state == "uncertain" and not retry_unsafe_failed)
+                or request.row in held_rows
             ):
                 continue
             keys[request.row] = key
@@ -1498,7 +1524,12 @@ async def run_job(
         input_changed=input_changed,
         write_error=write_error,
         unwritten=unwritten,
+        hold=hold,
     )
+
+
+def _to_send(state: str | None, retry_failed: bool) -> bool:
+    return state is None or (state == "failed" and retry_failed)
 
 
 def _left_unsent(result: BulkResult, stop_on: tuple[type[AutocallsError], ...]) -> bool:
@@ -1519,6 +1550,8 @@ def summary(outcome: Outcome, out: Path) -> list[str]:
         f"{meter.failed} failed",
         f"{skipped} skipped (already in {out})",
     ]
+    if outcome.held:
+        counts.append(f"{outcome.held} held")
     if outcome.cut_off:
         counts.append(f"{outcome.cut_off} cut off in flight")
     if meter.not_sent:
@@ -1566,6 +1599,8 @@ def summary(outcome: Outcome, out: Path) -> list[str]:
             "been processed: the next run reports them instead of sending them again "
             "(--retry-unsafe-failed sends them anyway)"
         )
+    if outcome.hold is not None:
+        lines.extend(outcome.hold.report())
     if outcome.input_changed is not None:
         lines.append(
             f"The input file changed during the run ({outcome.input_changed}): this run sent "
@@ -1651,6 +1686,7 @@ def _bulk_command(args: argparse.Namespace) -> int:
                 retry_failed=args.retry_failed,
                 retry_unsafe_failed=args.retry_unsafe_failed,
                 allow_foreign=args.allow_foreign,
+                give_up_uncertain=args.give_up_uncertain,
                 concurrency=args.concurrency,
                 progress_mode=args.progress,
                 description=args.input.name,
@@ -1692,6 +1728,7 @@ class DryRun:
     customers: set[str] = attrs.Factory(set)
     conversations: set[tuple[int, str]] = attrs.Factory(set)
     assistants: set[int] = attrs.Factory(set)
+    hold: Any = None  #: rows held behind an uncertain row of their conversation (a ``Hold``)
 
 
 DRY_RUN_PROBLEMS_SHOWN: Final = 5
@@ -1706,6 +1743,7 @@ def dry_run(
     allow_foreign: bool = False,
     normalize: Any = None,
     max_request_bytes: int | None = DEFAULT_MAX_REQUEST_BYTES,
+    give_up_uncertain: bool = False,
 ) -> DryRun:
     """Check ``source`` against the output of earlier runs in ``log`` as ``run_job`` would
     (rows matched by content, foreign lines refused); send nothing.
@@ -1715,6 +1753,7 @@ def dry_run(
     by the key of the row as read, before ``normalize``, exactly as a run matches them.
     """
     from ._bulkio import Ledger
+    from ._hold import Hold
 
     ledger: Ledger = log.peek()
     source.take_snapshot()
@@ -1728,6 +1767,7 @@ def dry_run(
             allow_foreign,
             normalize,
             max_request_bytes,
+            None if give_up_uncertain else Hold(normalize=normalize),
         )
     finally:
         source.close()
@@ -1742,12 +1782,13 @@ def _dry_run(
     allow_foreign: bool,
     normalize: Any,
     max_request_bytes: int | None,
+    hold: Any,
 ) -> DryRun:
     from .bulk import _check
 
     source.check(ledger, out=log.path, allow_foreign=allow_foreign)
     retry_failed = retry_failed or retry_unsafe_failed
-    found = DryRun(rows=source.rows)
+    found = DryRun(rows=source.rows, hold=hold)
     for request, key in source.keyed():
         state = ledger.state_of(request, key)
         if state == "answered":
@@ -1758,6 +1799,10 @@ def _dry_run(
             continue
         if state == "uncertain" and not retry_unsafe_failed:
             found.uncertain_before += 1
+            if hold is not None:
+                hold.uncertain(request)
+            continue
+        if hold is not None and hold.holds(request):
             continue
         problem = _check(request, max_request_bytes)
         customer = request.customer_identifier
@@ -1801,6 +1846,8 @@ def dry_run_report(
     lines.extend(f"    {problem}" for problem in found.problems)
     if found.invalid > len(found.problems):
         lines.append(f"    … and {found.invalid - len(found.problems)} more")
+    if found.hold is not None and found.hold.held:
+        lines.extend("  " + line for line in found.hold.report())
     lines.append(
         f"  distinct customers: {len(found.customers)} "
         f"({plural(len(found.conversations), 'conversation')} with "
@@ -1839,6 +1886,7 @@ def _dry_run_command(args: argparse.Namespace) -> int:
             allow_foreign=args.allow_foreign,
             normalize=args.e164,
             max_request_bytes=args.max_request_bytes,
+            give_up_uncertain=args.give_up_uncertain,
         )
     except InputError as exc:
         return _usage_error(str(exc))

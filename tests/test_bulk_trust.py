@@ -444,3 +444,62 @@ async def test_a_refusal_names_each_line_on_its_own_line(
     assert "customer +9" in named[1]
     assert any(line.strip().endswith("add --allow-foreign") for line in lines)
     assert sum(processed(emulator).values()) == 3
+
+
+# -- item 7: order after an uncertain row -------------------------------------------------
+
+
+async def test_later_rows_wait_behind_a_row_that_may_have_been_processed(
+    emulator: MockAutocalls, tmp_path: Path
+) -> None:
+    """A run killed while row 1 (customer +1) was on the wire: row 1 may have been processed.
+    Resuming sent row 2 of the same customer, and resending row 1 later with
+    --retry-unsafe-failed put the conversation out of order. Row 2 is now held and named;
+    --retry-unsafe-failed sends row 1 then row 2; other customers are not held."""
+    from autocalls_async._bulkio import InputFile
+
+    source, out = tmp_path / "in.csv", tmp_path / "out.jsonl"
+    write_rows(source, [("+1", "A"), ("+1", "B"), ("+2", "C")])
+    (first, key), *_ = InputFile(source).keyed()
+    journal = {"id": 1, "sending": True, "key": key, "row": 1, "assistant_id": 123}
+    out.write_text(json.dumps({**journal, "customer_identifier": "+1"}) + "\n")
+
+    dry = await bulk(emulator, source, out, "--dry-run")
+    assert (
+        "1 row(s) held, not sent" in dry.out and "row 2 (customer +1) waits behind row 1" in dry.out
+    ), dry
+    run = await bulk(emulator, source, out)
+    assert run.code == 1, run
+    assert "1 answered, 0 failed, 1 skipped" in run.out and "1 held" in run.out
+    assert "row 2 (customer +1) waits behind row 1" in run.out
+    assert "--give-up-uncertain" in run.out
+    assert processed(emulator) == {("+2", "C"): 1}
+
+    run = await bulk(emulator, source, out, "--retry-unsafe-failed")
+    assert run.code == 0, run
+    order = [
+        str(r.body["message"]) for r in emulator.requests if r.body["customer_identifier"] == "+1"
+    ]
+    assert order == ["A", "B"]
+
+
+async def test_give_up_uncertain_sends_the_rows_behind_and_never_that_row(
+    emulator: MockAutocalls, tmp_path: Path
+) -> None:
+    from autocalls_async._bulkio import InputFile
+
+    source, out = tmp_path / "in.csv", tmp_path / "out.jsonl"
+    write_rows(source, [("+1", "A"), ("+1", "B")])
+    (_, key), _ = InputFile(source).keyed()
+    line = {
+        "id": 1,
+        "sending": True,
+        "key": key,
+        "row": 1,
+        "assistant_id": 123,
+        "customer_identifier": "+1",
+    }
+    out.write_text(json.dumps(line) + "\n")
+    run = await bulk(emulator, source, out, "--give-up-uncertain")
+    assert run.code == 1 and "1 row may have been processed" in run.out, run
+    assert processed(emulator) == {("+1", "B"): 1}
