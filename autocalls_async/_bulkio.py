@@ -24,7 +24,7 @@ import re
 import shlex
 import stat
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, Final, Literal, NoReturn
 
@@ -272,7 +272,12 @@ class InputFile:
             yield request, f"{digest}.{occurrence}"
 
     def check(
-        self, ledger: Ledger | None = None, *, out: Path | None = None, allow_foreign: bool = False
+        self,
+        ledger: Ledger | None = None,
+        *,
+        out: Path | None = None,
+        allow_foreign: bool = False,
+        observe: Callable[[BulkRequest, str], None] | None = None,
     ) -> None:
         """Read the whole file once: refuse it (``InputError``) if it cannot be run safely.
 
@@ -293,6 +298,8 @@ class InputFile:
         with self._refusing():
             for request, key in self.keyed():
                 rows = request.row or rows + 1
+                if observe is not None:
+                    observe(request, key)
                 state = ledger.state_of(request, key) if ledger is not None else None
                 if state == "answered":
                     self.already_answered += 1

@@ -435,15 +435,35 @@ def _client_options(parser: argparse.ArgumentParser, *, default_rate: str) -> No
     )
 
 
-def _region(text: str) -> Callable[[str], str]:
+def _region(text: str) -> Callable[[str], str] | str:
+    """``--e164 REGION``: a normaliser of phone-like identifiers (e-mails and CRM ids are left
+    as they are); without the phone extra, the text itself, which the command then refuses
+    in one line (``phone_extra_problem``)."""
+    from ._notes import phone_like
+    from .identifiers import e164
+
     try:
-        from .identifiers import e164
-    except ImportError as exc:  # pragma: no cover - only without the phone extra
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    try:
-        return e164(text)
+        normalize = e164(text)
+    except ImportError:
+        return text
     except InvalidRequestError as exc:
         raise argparse.ArgumentTypeError(str(exc).replace("default_region", "--e164")) from None
+
+    def phones_only(identifier: str) -> str:
+        return normalize(identifier) if phone_like(identifier) else identifier
+
+    phones_only.__name__ = phones_only.__qualname__ = f"--e164 {text}"
+    return phones_only
+
+
+def phone_extra_problem(args: argparse.Namespace) -> str | None:
+    """``--e164`` without the phone extra: one line, exit 2."""
+    if isinstance(args.e164, str):
+        return (
+            "--e164 needs the phone extra (the phonenumbers package): pip install "
+            "'autocalls-async[phone]'; nothing was sent"
+        )
+    return None
 
 
 def _cost_options(parser: argparse.ArgumentParser) -> None:
@@ -453,6 +473,11 @@ def _cost_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="check INPUT and report the rows to send, skip and refuse, the distinct customers "
         "and the time at the rate limit; send nothing (no token needed)",
+    )
+    group.add_argument(
+        "--show-all",
+        action="store_true",
+        help="with --dry-run: list every invalid row (default: the first 5)",
     )
     group.add_argument(
         "--max-replies",
@@ -466,8 +491,9 @@ def _cost_options(parser: argparse.ArgumentParser) -> None:
         type=_region,
         metavar="REGION",
         help="write phone numbers in E.164 before sending, reading numbers without a + as "
-        "numbers of REGION (e.g. US); a row whose number is not possible fails as "
-        "INVALID_ROW (needs the phone extra)",
+        "numbers of REGION (e.g. US); e-mails and other ids are left as they are; a row whose "
+        "number is not possible, or local only (no area code), fails as INVALID_ROW (needs "
+        "the phone extra)",
     )
 
 
@@ -1292,6 +1318,7 @@ class Outcome:
     unwritten: int = 0  #: results printed on stderr because OUT could not take them
     #: Rows held behind a row of their conversation that may have been processed (a ``Hold``).
     hold: Any = None
+    notes: list[str] = attrs.Factory(list)  #: what the data means (unused columns, ...)
 
     @property
     def held(self) -> int:
@@ -1350,12 +1377,16 @@ async def run_job(
     """
     from ._bulkio import Ledger, OutWriteError, ResultLog
     from ._hold import Hold
+    from ._notes import DataNotes
 
     log.open()
     try:
         ledger: Ledger = log.read()
         source.take_snapshot()  # the one read of INPUT: every pass below reads this copy
-        source.check(ledger, out=log.path, allow_foreign=allow_foreign)
+        notes = DataNotes()
+        source.check(ledger, out=log.path, allow_foreign=allow_foreign, observe=notes.add)
+        notes.unused_columns = () if source.extra_as_variables else source.extra_columns
+        notes.find_rows(source.keyed())
     except BaseException:
         log.close()
         source.close()
@@ -1525,6 +1556,7 @@ async def run_job(
         write_error=write_error,
         unwritten=unwritten,
         hold=hold,
+        notes=notes.lines(e164=client.normalize_identifier is not None),
     )
 
 
@@ -1601,6 +1633,7 @@ def summary(outcome: Outcome, out: Path) -> list[str]:
         )
     if outcome.hold is not None:
         lines.extend(outcome.hold.report())
+    lines.extend(f"Note: {note}" for note in outcome.notes)
     if outcome.input_changed is not None:
         lines.append(
             f"The input file changed during the run ({outcome.input_changed}): this run sent "
@@ -1650,6 +1683,9 @@ def _bulk_command(args: argparse.Namespace) -> int:
         return _usage_error("--concurrency must be >= 1")
     if args.out.resolve() == args.input.resolve():
         return _usage_error("--out must not be the input file")
+    problem = phone_extra_problem(args)
+    if problem is not None:
+        return _usage_error(problem)
     if args.dry_run:
         return _dry_run_command(args)
     problem = token_problem(args.token) or input_problem(args.input, args.out)
@@ -1729,6 +1765,8 @@ class DryRun:
     conversations: set[tuple[int, str]] = attrs.Factory(set)
     assistants: set[int] = attrs.Factory(set)
     hold: Any = None  #: rows held behind an uncertain row of their conversation (a ``Hold``)
+    notes: list[str] = attrs.Factory(list)  #: what the data means (unused columns, ...)
+    shown: int = 5  #: invalid rows named (--show-all: every one)
 
 
 DRY_RUN_PROBLEMS_SHOWN: Final = 5
@@ -1744,6 +1782,7 @@ def dry_run(
     normalize: Any = None,
     max_request_bytes: int | None = DEFAULT_MAX_REQUEST_BYTES,
     give_up_uncertain: bool = False,
+    show_all: bool = False,
 ) -> DryRun:
     """Check ``source`` against the output of earlier runs in ``log`` as ``run_job`` would
     (rows matched by content, foreign lines refused); send nothing.
@@ -1768,6 +1807,7 @@ def dry_run(
             normalize,
             max_request_bytes,
             None if give_up_uncertain else Hold(normalize=normalize),
+            sys.maxsize if show_all else DRY_RUN_PROBLEMS_SHOWN,
         )
     finally:
         source.close()
@@ -1783,12 +1823,18 @@ def _dry_run(
     normalize: Any,
     max_request_bytes: int | None,
     hold: Any,
+    shown: int,
 ) -> DryRun:
+    from ._notes import DataNotes
     from .bulk import _check
 
-    source.check(ledger, out=log.path, allow_foreign=allow_foreign)
+    notes = DataNotes()
+    source.check(ledger, out=log.path, allow_foreign=allow_foreign, observe=notes.add)
+    notes.unused_columns = () if source.extra_as_variables else source.extra_columns
+    notes.find_rows(source.keyed())
     retry_failed = retry_failed or retry_unsafe_failed
-    found = DryRun(rows=source.rows, hold=hold)
+    found = DryRun(rows=source.rows, hold=hold, notes=notes.lines(e164=normalize is not None))
+    found.shown = shown
     for request, key in source.keyed():
         state = ledger.state_of(request, key)
         if state == "answered":
@@ -1813,7 +1859,7 @@ def _dry_run(
                 problem = InvalidRequestError(f"row {request.row or request.id}: {exc}")
         if problem is not None:
             found.invalid += 1
-            if len(found.problems) < DRY_RUN_PROBLEMS_SHOWN:
+            if len(found.problems) < found.shown:
                 found.problems.append(in_cli_words(" ".join(str(problem).split())))
             continue
         found.to_send += 1
@@ -1845,7 +1891,9 @@ def dry_run_report(
     ]
     lines.extend(f"    {problem}" for problem in found.problems)
     if found.invalid > len(found.problems):
-        lines.append(f"    … and {found.invalid - len(found.problems)} more")
+        lines.append(
+            f"    … and {found.invalid - len(found.problems)} more (--show-all lists them)"
+        )
     if found.hold is not None and found.hold.held:
         lines.extend("  " + line for line in found.hold.report())
     lines.append(
@@ -1862,6 +1910,7 @@ def dry_run_report(
             f"({plural(sending, 'request')}, one every {rate_limit.interval:g}s, retries not "
             "included)"
         )
+    lines.extend(f"  note: {note}" for note in found.notes)
     return lines
 
 
@@ -1887,6 +1936,7 @@ def _dry_run_command(args: argparse.Namespace) -> int:
             normalize=args.e164,
             max_request_bytes=args.max_request_bytes,
             give_up_uncertain=args.give_up_uncertain,
+            show_all=args.show_all,
         )
     except InputError as exc:
         return _usage_error(str(exc))

@@ -503,3 +503,95 @@ async def test_give_up_uncertain_sends_the_rows_behind_and_never_that_row(
     run = await bulk(emulator, source, out, "--give-up-uncertain")
     assert run.code == 1 and "1 row may have been processed" in run.out, run
     assert processed(emulator) == {("+1", "B"): 1}
+
+
+# -- item 5: say what the data means ------------------------------------------------------
+
+MESSY = """assistant_id,customer_identifier,message,customer_name
+123,+1 (415) 555-1234,Hi,Ann
+123,415-555-1234,Hi again,Ann
+123,ann@example.com,Hello,Ann
+123,555-0199,Yo,Bob
+123,+14155550000,Same,Cy
+123,+14155550000,Same,Cy
+x,+1,bad,Dee
+"""
+
+
+async def test_the_dry_run_and_the_run_say_what_the_data_means(
+    emulator: MockAutocalls, tmp_path: Path
+) -> None:
+    """Extra columns were ignored in silence (replies said "Hi there!"), identical rows sent
+    twice without a word, three spellings of one number became three conversations with no
+    hint. The dry run and the run's summary now name each, with the flag that helps."""
+    source, out = tmp_path / "contacts.csv", tmp_path / "out.jsonl"
+    source.write_text(MESSY)
+    for options in (("--dry-run",), ()):
+        run = await bulk(emulator, source, out, *options)
+        assert run.code == 1, run
+        assert "column(s) not sent: customer_name; add --vars-from-columns" in run.out
+        assert "1 identical row(s)" in run.out and "rows 5, 6" in run.out
+        assert "+1 (415) 555-1234 = 415-555-1234" in run.out and "--e164" in run.out
+
+
+async def test_e164_leaves_emails_alone_and_refuses_local_numbers(
+    emulator: MockAutocalls, tmp_path: Path
+) -> None:
+    """--e164 rejected every e-mail or CRM-id row (the demo file's too), and sent 555-0199 as
+    +15550199. Phone-like identifiers are normalised, others left alone, local-only numbers
+    refused."""
+    source, out = tmp_path / "contacts.csv", tmp_path / "out.jsonl"
+    source.write_text(MESSY)
+    run = await bulk(emulator, source, out, "--e164", "US")
+    assert run.code == 1, run
+    customers = {customer for customer, _ in processed(emulator)}
+    assert customers == {"+14155551234", "ann@example.com", "+14155550000"}
+    (local,) = [line for line in read_lines(out) if line["row"] == 4]
+    assert local["error_code"] == "INVALID_ROW" and "local number" in local["error"]
+    assert "phone number(s) written in several ways" not in run.out
+
+
+async def test_e164_without_the_phone_extra_is_one_line_exit_2(tmp_path: Path) -> None:
+    """--e164 without the phone extra printed a 40-line traceback and exited 1."""
+    hidden = tmp_path / "hide"
+    (hidden / "phonenumbers").mkdir(parents=True)
+    (hidden / "phonenumbers" / "__init__.py").write_text("raise ImportError('no phonenumbers')\n")
+    source = tmp_path / "in.csv"
+    write_rows(source, [("+1", "A")])
+    run = await run_cli(
+        "bulk",
+        str(source),
+        "--out",
+        str(tmp_path / "o.jsonl"),
+        "--e164",
+        "US",
+        AUTOCALLS_API_TOKEN=TOKEN,
+        PYTHONPATH=str(hidden),
+    )
+    assert run.code == 2, run
+    assert run.err.count("\n") == 1 and "pip install 'autocalls-async[phone]'" in run.err, run.err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+async def test_show_all_lists_every_invalid_row(emulator: MockAutocalls, tmp_path: Path) -> None:
+    source, out = tmp_path / "in.csv", tmp_path / "out.jsonl"
+    source.write_text(
+        "assistant_id,customer_identifier,message\n" + "".join(f"x{n},+{n},m\n" for n in range(8))
+    )
+    run = await bulk(emulator, source, out, "--dry-run")
+    assert "… and 3 more (--show-all lists them)" in run.out
+    run = await bulk(emulator, source, out, "--dry-run", "--show-all")
+    assert all(f"assistant_id 'x{n}'" in run.out for n in range(8)) and "more" not in run.out
+
+
+async def test_e164_accepts_every_row_of_the_bundled_demo_file(tmp_path: Path) -> None:
+    """The demo's e-mails and CRM ids were all INVALID_ROW under --e164."""
+    from importlib import resources
+
+    demo = resources.files("autocalls_async") / "examples" / "demo.csv"
+    source = tmp_path / "demo.csv"
+    source.write_bytes(demo.read_bytes())
+    run = await run_cli(
+        "bulk", str(source), "--out", str(tmp_path / "o.jsonl"), "--e164", "US", "--dry-run"
+    )
+    assert run.code == 0 and "invalid:  0" in run.out, run
