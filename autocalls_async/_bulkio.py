@@ -49,6 +49,8 @@ REQUIRED: Final = ("assistant_id", "customer_identifier", "message")
 OPTIONAL: Final = ("id", "variables")
 _INTEGER: Final = re.compile(r"^\+?\d+$")
 _TOO_DEEP: Final = "its JSON is nested too deeply to be read"
+#: A summary names this many rows of each outcome, then says where to see them all.
+EXAMPLES_SHOWN: Final = 5
 #: A refusal names this many lines of OUT, then counts the rest.
 FOREIGN_SHOWN: Final = 20
 #: Integer ids below this are kept as bits (2 MB at most); larger ones in a plain set.
@@ -189,6 +191,13 @@ class Ledger:
             entry.state = state
 
 
+def row_name(request: BulkRequest) -> str:
+    """``3`` (row 3, no id column) or ``3 (id 'A-7')``: how summaries name a row."""
+    if request.row is None or request.id == request.row:
+        return str(request.id)
+    return f"{request.row} (id {request.id!r})"
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -232,6 +241,9 @@ class InputFile:
         self.already_answered = 0
         self.already_failed = 0  #: failed, certainly not processed: --retry-failed sends them
         self.uncertain = 0  #: may have been processed: only --retry-unsafe-failed sends them
+        self.already_invalid = 0  #: of already_failed: still invalid (a retry cannot fix them)
+        #: The first rows (named by id) of each earlier outcome: failed, invalid, uncertain.
+        self.examples: dict[str, list[str]] = {}
         self.extra_columns: tuple[str, ...] = ()
         self.snapshot: Snapshot | None = None
         self.header: list[str] = []  #: a CSV input's column names, as written (stripped)
@@ -248,6 +260,11 @@ class InputFile:
                 raise InputError(str(exc)) from None
             if self._explicit_format is None:  # sniffed again, from the copy itself
                 self.format = _guess_format(self.snapshot.path)
+
+    def _example(self, outcome: str, request: BulkRequest) -> None:
+        shown = self.examples.setdefault(outcome, [])
+        if len(shown) < EXAMPLES_SHOWN:
+            shown.append(row_name(request))
 
     def changed(self) -> str | None:
         """How the input file changed since its snapshot was taken (None: it did not)."""
@@ -291,6 +308,8 @@ class InputFile:
         without one; only ids whose hashes collide are compared exactly, in a second pass.
         """
         self.already_answered = self.already_failed = self.uncertain = 0
+        self.already_invalid = 0
+        self.examples = {}
         buckets = [array("q") for _ in range(256)]
         int_ids = array("q")  # explicit integer ids: one may be the number of an id-less row
         implicit = bytearray()  # bit n: row n has no id of its own (its id is n)
@@ -305,8 +324,14 @@ class InputFile:
                     self.already_answered += 1
                 elif state == "failed":
                     self.already_failed += 1
+                    if request.problem is not None:  # still invalid: only a fix helps
+                        self.already_invalid += 1
+                        self._example("invalid", request)
+                    else:
+                        self._example("failed", request)
                 elif state == "uncertain":
                     self.uncertain += 1
+                    self._example("uncertain", request)
                 if request.id == request.row:
                     _set_bit(implicit, rows)
                     continue

@@ -118,6 +118,9 @@ PACE_MIN_STARTS: Final = 5
 PACE_WINDOW: Final = 32
 #: Below this fraction of the token's slots, the progress says other traffic took the rest.
 SHARE_SHOWN_BELOW: Final = 0.9
+#: A call granted its slot later than this after it could have been is "late" by whole slots
+#: (scheduling and the limiter's own margin are not other traffic).
+LATE_MARGIN: Final = 0.05
 
 
 # --------------------------------------------------------------------------- errors
@@ -199,11 +202,34 @@ def describe(error: AutocallsError) -> str:
 CLI_WORDS: Final = {RAISE_LIMIT_HINT: "pass --max-request-bytes N"}
 
 
+#: SDK advice naming Python, and the command line's own words for it.
+CLI_PATTERNS: Final = (
+    (
+        re.compile(
+            r"this client's rate_limit is (\S+) \(token_id=(\w+)\); set "
+            r"rate_limit=RateLimit\((\d+), ([\d.e+-]+)\) to match it, or "
+            r"RateLimit\.from_server\(\) to adopt it"
+        ),
+        r"--rate-limit is \1 (token_id=\2); pass --rate-limit \3/\4 to match it",
+    ),
+)
+
+
 def in_cli_words(text: str) -> str:
     """An SDK message as the command line says it: its options, not the SDK's arguments."""
     for sdk, cli in CLI_WORDS.items():
         text = text.replace(sdk, cli)
+    for pattern, replacement in CLI_PATTERNS:
+        text = pattern.sub(replacement, text)
     return text
+
+
+class CliWordsFormatter(logging.Formatter):
+    """The SDK's log lines on the command line: prefixed with the command's name, in its
+    words (``--rate-limit``, not ``rate_limit=RateLimit(...)``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return in_cli_words(super().format(record))
 
 
 def cli_result(result: BulkResult) -> BulkResult:
@@ -831,7 +857,7 @@ def _sdk_warnings_to_stderr() -> logging.Handler | None:
         return None
     handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(logging.WARNING)
-    handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+    handler.setFormatter(CliWordsFormatter(f"{PROG}: %(message)s"))
     package.addHandler(handler)
     return handler
 
@@ -1009,6 +1035,11 @@ class StartClock:
         self.count = 0
         self.first = self.last = 0.0
         self.recent: deque[float] = deque(maxlen=PACE_WINDOW)  #: the last starts' times
+        #: Slots this run waited through while one of its calls was ready: other traffic on
+        #: the token took them (a web app, another run). Without any, a slow pace is this
+        #: run's own (reply latency, concurrency), never "other traffic".
+        self.lost_slots = 0
+        self.recent_lost: deque[int] = deque(maxlen=PACE_WINDOW)  #: per start, the last ones
 
     @contextlib.asynccontextmanager
     async def slot(
@@ -1018,8 +1049,18 @@ class StartClock:
         deadline: float | None = None,
         priority: Priority = Priority.INTERACTIVE,
     ) -> AsyncIterator[Slot]:
+        entered = time.monotonic()
         async with self.inner.slot(key, deadline=deadline, priority=priority) as slot:
-            self.last = time.monotonic()
+            now = time.monotonic()
+            lost = 0
+            if self.count and self.rate_limit is not None:
+                interval = self.rate_limit.interval
+                late = now - max(entered, self.last + interval) - LATE_MARGIN
+                if late >= interval:  # a whole slot went by while this call was ready
+                    lost = int(late / interval)
+            self.lost_slots += lost
+            self.recent_lost.append(lost)
+            self.last = now
             if not self.count:
                 self.first = self.last
             self.count += 1
@@ -1087,6 +1128,21 @@ class Meter:
     not_sent: int = 0
     ended: float | None = None
     starts: StartClock | None = None
+    #: This run's failures by kind (invalid, failed, uncertain) and the first rows of each.
+    counts: dict[str, int] = attrs.Factory(dict)
+    examples: dict[str, list[str]] = attrs.Factory(dict)
+
+    def note_failure(self, result: BulkResult) -> None:
+        from ._bulkio import EXAMPLES_SHOWN, row_name
+
+        if isinstance(result.error, InvalidRequestError):
+            kind = "invalid"
+        else:
+            kind = "uncertain" if result.maybe_processed else "failed"
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        shown = self.examples.setdefault(kind, [])
+        if len(shown) < EXAMPLES_SHOWN:
+            shown.append(row_name(result.request))
 
     @property
     def done(self) -> int:
@@ -1134,10 +1190,12 @@ class Meter:
     def figures(self, *, finished: bool = False) -> str:
         """Rate, the slots other traffic took (when it took some), and the ETA (none once
         ``finished``)."""
-        share = self.share()
         others = ""
-        if share is not None and share < SHARE_SHOWN_BELOW:
-            others = f" ({1 - share:.0%} of slots to other traffic)"
+        lost = sum(self.starts.recent_lost) if self.starts is not None else 0
+        if lost and self.starts is not None:
+            taken = lost / (lost + len(self.starts.recent_lost))
+            if taken > 1 - SHARE_SHOWN_BELOW:
+                others = f" ({taken:.0%} of slots to other traffic)"
         measured = (self.rate_text() if self.rate() is not None else "") + others
         parts = [measured.strip()] if measured else []
         if not finished:
@@ -1319,6 +1377,10 @@ class Outcome:
     #: Rows held behind a row of their conversation that may have been processed (a ``Hold``).
     hold: Any = None
     notes: list[str] = attrs.Factory(list)  #: what the data means (unused columns, ...)
+    already_invalid: int = 0  #: of already_failed: still invalid, a retry cannot fix them
+    #: The first rows of each earlier outcome (failed, invalid, uncertain), by name.
+    examples: dict[str, list[str]] = attrs.Factory(dict)
+    command: str | None = None  #: the results command that lists every row
 
     @property
     def held(self) -> int:
@@ -1523,6 +1585,7 @@ async def run_job(
                     meter.answered += 1
                 else:
                     meter.failed += 1
+                    meter.note_failure(result)
                 progress.update()
     except asyncio.CancelledError:
         if interrupts < 2:
@@ -1557,6 +1620,9 @@ async def run_job(
         unwritten=unwritten,
         hold=hold,
         notes=notes.lines(e164=client.normalize_identifier is not None),
+        already_invalid=0 if retry_failed else source.already_invalid,
+        examples=source.examples,
+        command=f"{PROG} results {shlex.quote(str(source.path))} {shlex.quote(str(log.path))}",
     )
 
 
@@ -1614,16 +1680,13 @@ def summary(outcome: Outcome, out: Path) -> list[str]:
         )
     else:
         lines.append(f"Rate: {meter.rate_text()} achieved (no client-side limit); {received}")
-    if outcome.already_failed:
-        lines.append(
-            f"{plural(outcome.already_failed, 'row')} failed in an earlier run: "
-            "add --retry-failed to send them again"
-        )
+    lines.extend(_failure_lines(outcome))
     if outcome.uncertain:
         lines.append(
             f"{plural(outcome.uncertain, 'row')} may have been processed by an earlier run (it "
             "stopped while they were sent, or they failed after reaching the service): not sent "
-            "again. Check those conversations; add --retry-unsafe-failed to send them anyway"
+            f"again{_rows(outcome.examples.get('uncertain'), outcome.uncertain)}. Check those "
+            "conversations; add --retry-unsafe-failed to send them anyway"
         )
     if outcome.cut_off:
         lines.append(
@@ -1644,6 +1707,55 @@ def summary(outcome: Outcome, out: Path) -> list[str]:
         lines.append("Run the same command again to send the rows left.")
     elif outcome.stopped_by is not None:
         lines.append(stop_message(outcome.stopped_by, meter.not_sent))
+    return lines
+
+
+def _rows(names: list[str] | None, count: int) -> str:
+    """``: rows 3, 7, 9`` (and ``, …`` when there are more); empty without names."""
+    if not names:
+        return ""
+    return f": row{'s' if count > 1 else ''} {', '.join(names)}" + (
+        ", …" if count > len(names) else ""
+    )
+
+
+def _failure_lines(outcome: Outcome) -> list[str]:
+    """Failed rows, this run's and earlier ones, named, with the advice that fits each kind:
+    a fix of the input for invalid rows (a retry cannot help), --retry-failed for the others,
+    and where to see every row (the results command)."""
+    meter = outcome.meter
+    lines: list[str] = []
+    invalid = meter.counts.get("invalid", 0) + outcome.already_invalid
+    if invalid:
+        names = [*meter.examples.get("invalid", []), *outcome.examples.get("invalid", [])]
+        lines.append(
+            f"{plural(invalid, 'row')} invalid, never sent{_rows(names[:5], invalid)}: fix "
+            "them in the input (the next run sends the fixed rows; --dry-run --show-all lists "
+            "every problem)"
+        )
+    failed = meter.counts.get("failed", 0)
+    if failed:
+        lines.append(
+            f"{plural(failed, 'row')} failed without being processed"
+            f"{_rows(meter.examples.get('failed'), failed)}: once the cause (error_code) is "
+            "fixed, add --retry-failed to send them again"
+        )
+    earlier = outcome.already_failed - outcome.already_invalid
+    if earlier:
+        lines.append(
+            f"{plural(earlier, 'row')} failed in an earlier run"
+            f"{_rows(outcome.examples.get('failed'), earlier)}: add --retry-failed to send "
+            "them again"
+        )
+    uncertain = meter.counts.get("uncertain", 0)
+    if uncertain:
+        lines.append(
+            f"{plural(uncertain, 'row')} failed after reaching the service and may have been "
+            f"processed{_rows(meter.examples.get('uncertain'), uncertain)}: check those "
+            "conversations; --retry-unsafe-failed sends them again"
+        )
+    if lines and outcome.command is not None:
+        lines.append(f"Every row with its result: {outcome.command}")
     return lines
 
 

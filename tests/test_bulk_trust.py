@@ -595,3 +595,54 @@ async def test_e164_accepts_every_row_of_the_bundled_demo_file(tmp_path: Path) -
         "bulk", str(source), "--out", str(tmp_path / "o.jsonl"), "--e164", "US", "--dry-run"
     )
     assert run.code == 0 and "invalid:  0" in run.out, run
+
+
+# -- item 6: summaries name rows ----------------------------------------------------------
+
+
+async def test_the_summary_names_rows_and_fits_its_advice(
+    emulator: MockAutocalls, tmp_path: Path
+) -> None:
+    """ "1 failed" named no row, and --retry-failed was suggested for INVALID_ROW, which a
+    retry cannot fix. Each kind of failure now names its first rows, with its own advice, and
+    the command that shows every row."""
+    source, out = tmp_path / "in.csv", tmp_path / "out.jsonl"
+    source.write_text(
+        "assistant_id,customer_identifier,message\n123,+1,a\nx,+2,b\n999,+3,c\n123,+4,d\n999,+5,e\n"
+    )
+    run = await bulk(emulator, source, out)
+    assert run.code == 1, run
+    assert "1 row invalid, never sent: row 2: fix them in the input" in run.out
+    assert "2 rows failed without being processed: rows 3, 5" in run.out
+    assert f"Every row with its result: autocalls-async results {source} {out}" in run.out
+    invalid = next(line for line in run.out.splitlines() if "invalid, never sent" in line)
+    assert "--retry-failed" not in invalid
+
+    again = await bulk(emulator, source, out)
+    assert "1 row invalid, never sent: row 2" in again.out
+    assert "2 rows failed in an earlier run: rows 3, 5: add --retry-failed" in again.out
+
+
+async def test_cli_messages_name_flags_and_other_traffic_only_when_there_was_some(
+    tmp_path: Path,
+) -> None:
+    """CLI users were told `rate_limit=RateLimit(5, 5)`, and "76% of slots to other traffic"
+    when nothing else used the token."""
+    source, out = tmp_path / "in.csv", tmp_path / "out.jsonl"
+    write_rows(source, [(f"+{n}", "m") for n in range(6)])
+    with ThreadedServer(rate_limit=(50, 1.0), assistants=(123,)) as server:
+        run = await run_cli(
+            "bulk",
+            str(source),
+            "--out",
+            str(out),
+            "--rate-limit",
+            "100/1",
+            "--progress",
+            "plain",
+            **env_for(server),
+        )
+    assert run.code == 0, run
+    assert "pass --rate-limit 50/1 to match it" in run.err
+    assert "RateLimit(" not in run.err and "rate_limit=" not in run.err
+    assert "other traffic" not in run.err + run.out
