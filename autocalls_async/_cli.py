@@ -190,11 +190,22 @@ def hint_for(error: AutocallsError) -> str:
     return "see the message above"
 
 
+#: Characters a terminal acts on (ESC sequences that move the cursor, retitle the window,
+#: or hide text; BEL; C1 controls): never printed as they are (F14).
+_CONTROL: Final = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: control characters shown escaped (``\x1b``), line breaks
+    and tabs kept."""
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+
+
 def describe(error: AutocallsError) -> str:
     """One line: the error code, the status, the message and a hint; never a traceback."""
     status = f" (HTTP {error.status})" if isinstance(error, APIError) else ""
     message = error.message if isinstance(error, APIError) else str(error)
-    message = in_cli_words(" ".join(message.split()))
+    message = printable(in_cli_words(" ".join(message.split())))
     return f"{PROG}: {error_code(error)}{status}: {message}; hint: {hint_for(error)}"
 
 
@@ -248,7 +259,7 @@ def _usage_error(message: str) -> int:
         (line[: len(line) - len(line.lstrip())] if n else "") + " ".join(line.split())
         for n, line in enumerate(message.splitlines())
     ]
-    print(f"{PROG}: " + "\n".join(lines), file=sys.stderr)
+    print(f"{PROG}: " + printable("\n".join(lines)), file=sys.stderr)
     return EXIT_USAGE
 
 
@@ -1010,7 +1021,7 @@ async def _reply(args: argparse.Namespace, message: str, variables: dict[str, An
         print(json.dumps(dict(reply.raw), ensure_ascii=False, indent=2))
         return EXIT_OK
     if reply.reply:
-        print(reply.reply)
+        print(printable(reply.reply) if sys.stdout.isatty() else reply.reply)
     if reply.ai_disabled:
         print("(AI disabled: a human has taken this conversation over)", file=sys.stderr)
     for call in reply.function_calls:
@@ -1764,7 +1775,7 @@ def print_lines(lines: list[str]) -> None:
     (``COLUMNS`` or the terminal's), continuation lines indented. Elsewhere (a pipe, a log)
     one line each, whole, for grep."""
     width = shutil.get_terminal_size().columns if sys.stdout.isatty() else 0
-    for line in lines:
+    for line in map(printable, lines):
         if width >= 20:
             indent = line[: len(line) - len(line.lstrip())]
             line = textwrap.fill(
@@ -2332,12 +2343,12 @@ class _Show:
             table = Table("id", "customer", "reply (or error)", expand=False)
             for row_id, customer, text in rows:
                 style = None if not text.startswith("✗") else "red"
-                table.add_row(row_id, customer, text, style=style)
+                table.add_row(printable(row_id), printable(customer), printable(text), style=style)
             self.console.print(table)
             return
         width = max((len(customer) for _, customer, _ in rows), default=8)
         for row_id, customer, text in rows:
-            text = text if len(text) <= 90 else text[:89] + "…"
+            text = printable(text if len(text) <= 90 else text[:89] + "…")
             print(f"  {row_id:>3}  {customer:<{width}}  {text}", flush=True)
 
 

@@ -646,3 +646,22 @@ async def test_cli_messages_name_flags_and_other_traffic_only_when_there_was_som
     assert "pass --rate-limit 50/1 to match it" in run.err
     assert "RateLimit(" not in run.err and "rate_limit=" not in run.err
     assert "other traffic" not in run.err + run.out
+
+
+# -- F14: terminal control sequences ----------------------------------------------------------
+
+
+async def test_control_sequences_from_the_server_never_reach_the_terminal() -> None:
+    """A server message (or a reply) with ESC sequences reached the terminal as it was: it
+    could rewrite the screen or the window title. They are shown escaped."""
+    from autocalls_async.testing import Fault
+
+    evil = "\x1b]0;pwned\x07\x1b[2J gone"
+    with ThreadedServer(rate_limit=None) as server:
+        server.inject(Fault.status(422, body={"message": evil, "errors": {}}))
+        run = await run_cli(
+            "reply", "--assistant-id", "123", "--customer", "+1", "hi", **env_for(server)
+        )
+    assert run.code == 1, run
+    assert "\x1b" not in run.err and "\x07" not in run.err
+    assert "\\x1b]0;pwned\\x07" in run.err
