@@ -768,15 +768,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a bulk job against the emulator: no token, no network",
         description="Start the emulator in-process with a fast limit (5 per second), run the "
         "bulk runner over a bundled example CSV, then show the replies and the stats, and "
-        "the commands to run the same job yourself (the files are kept).",
+        "the commands to run the same job yourself (--keep or --dir keeps the files).",
     )
     demo.add_argument("--progress", choices=("auto", "bar", "plain", "off"), default="auto")
     demo.add_argument(
         "--dir",
         type=Path,
         metavar="DIR",
-        help="where to keep the demo's files, demo.csv and replies.jsonl (default: a new "
-        "temporary directory, printed at the end)",
+        help="where to write the demo's files, demo.csv and replies.jsonl, and keep them "
+        "(default: a new temporary directory, removed at the end unless --keep)",
+    )
+    demo.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the temporary directory and its files (printed at the end), to run the "
+        "commands the demo prints",
     )
     demo.set_defaults(handler=_demo_command)
     return parser
@@ -2228,8 +2234,18 @@ DEMO_TOKEN: Final = "demo-token"
 
 
 def _demo_command(args: argparse.Namespace) -> int:
-    # The files stay after the demo, so that every command it prints works once it has ended.
+    # With --dir or --keep the files stay after the demo, so that every command it prints works
+    # once it has ended; otherwise its temporary directory is removed.
     folder: Path = args.dir or Path(tempfile.mkdtemp(prefix="autocalls-demo-"))
+    args.keep = args.keep or args.dir is not None
+    try:
+        return _demo_in(args, folder)
+    finally:
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _demo_in(args: argparse.Namespace, folder: Path) -> int:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         data = resources.files("autocalls_async") / "examples" / "demo.csv"
@@ -2289,8 +2305,13 @@ async def _demo(args: argparse.Namespace, folder: Path) -> int:
         f"{plural(conversations, 'conversation')} (one per assistant and customer, messages "
         "kept in file order)."
     )
+    kept = (
+        f"The files are kept in {folder}."
+        if args.keep
+        else f"The demo's files are removed now (run it with --keep to keep them in {folder})."
+    )
     show.line(
-        f"\nThe files are kept in {folder}. To run the same job yourself, in two shells:\n"
+        f"\n{kept} To run the same job yourself, in two shells:\n"
         f"   {PROG} mock-server --port 8000 --assistants 123,456 --rate-limit 5/1\n"
         f"   export AUTOCALLS_BASE_URL=http://127.0.0.1:8000/api AUTOCALLS_API_TOKEN={DEMO_TOKEN}\n"
         f"   {PROG} bulk {where}/demo.csv --out {where}/replies-2.jsonl --rate-limit 5/1\n"

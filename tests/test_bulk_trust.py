@@ -665,3 +665,20 @@ async def test_control_sequences_from_the_server_never_reach_the_terminal() -> N
     assert run.code == 1, run
     assert "\x1b" not in run.err and "\x07" not in run.err
     assert "\\x1b]0;pwned\\x07" in run.err
+
+
+# -- item 10: the demo cleans its directory unless --keep -------------------------------------
+
+
+@pytest.mark.parametrize("keep", [False, True])
+async def test_the_demo_removes_its_temporary_files_unless_kept(tmp_path: Path, keep: bool) -> None:
+    run = await run_cli(
+        "demo", "--progress", "off", *(["--keep"] if keep else []), TMPDIR=str(tmp_path)
+    )
+    assert run.code == 0, run
+    left = [tmp_path / name for name in os.listdir(tmp_path) if name.startswith("autocalls-demo-")]
+    if keep:
+        assert len(left) == 1 and (left[0] / "replies.jsonl").is_file()
+        assert f"The files are kept in {left[0]}" in run.out
+    else:
+        assert left == [] and "--keep" in run.out

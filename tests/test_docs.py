@@ -373,6 +373,10 @@ def test_app_serves_and_shuts_down(
         assert status == 503, body
         assert time.monotonic() - started < 5.0
         assert {k.lower(): v for k, v in headers.items()}.get("retry-after")
+        if "HTTPException(422" in block.code:  # the caller's input: 422, never 502
+            status, _, body = _post(f"{base}/chat/{'9' * 300}?text=Hi")
+            assert status == 422, body
+            assert "customer_identifier" in body["detail"], body
     finally:
         server.send_signal(signal.SIGINT)
         try:
