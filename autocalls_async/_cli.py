@@ -1958,27 +1958,26 @@ def _dry_run(
     from .bulk import _check
 
     notes = DataNotes()
-    source.check(ledger, out=log.path, allow_foreign=allow_foreign, observe=notes.add)
-    notes.unused_columns = () if source.extra_as_variables else source.extra_columns
-    notes.find_rows(source.keyed())
     retry_failed = retry_failed or retry_unsafe_failed
-    found = DryRun(rows=source.rows, hold=hold, notes=notes.lines(e164=normalize is not None))
+    found = DryRun(hold=hold)
     found.shown = shown
-    for request, key in source.keyed():
+
+    def count(request: BulkRequest, key: str) -> None:
+        notes.add(request, key)
         state = ledger.state_of(request, key)
         if state == "answered":
             found.answered_before += 1
-            continue
+            return
         if state == "failed" and not retry_failed:
             found.failed_before += 1
-            continue
+            return
         if state == "uncertain" and not retry_unsafe_failed:
             found.uncertain_before += 1
             if hold is not None:
                 hold.uncertain(request)
-            continue
+            return
         if hold is not None and hold.holds(request):
-            continue
+            return
         problem = _check(request, max_request_bytes)
         customer = request.customer_identifier
         if problem is None and normalize is not None:
@@ -1990,11 +1989,18 @@ def _dry_run(
             found.invalid += 1
             if len(found.problems) < found.shown:
                 found.problems.append(in_cli_words(" ".join(str(problem).split())))
-            continue
+            return
         found.to_send += 1
         found.customers.add(customer)
         found.conversations.add((request.assistant_id, customer))
         found.assistants.add(request.assistant_id)
+
+    # One pass: the check and the counts (the rows are matched exactly as the run matches them).
+    source.check(ledger, out=log.path, allow_foreign=allow_foreign, observe=count)
+    found.rows = source.rows
+    notes.unused_columns = () if source.extra_as_variables else source.extra_columns
+    notes.find_rows(source.keyed())
+    found.notes = notes.lines(e164=normalize is not None)
     return found
 
 
