@@ -353,31 +353,70 @@ class InputFile:
             # deleted, is simply left alone (issue 21).
             foreign = [e for e in ledger.unmatched() if e.state in ("answered", "uncertain")]
             if foreign:
+                foreign = self._protecting(foreign, ledger)
+            if foreign:
                 raise InputError(self._foreign_message(foreign, out))
+
+    def _protecting(self, foreign: list[Entry], ledger: Ledger) -> list[Entry]:
+        """The foreign lines whose refusal protects something: all of them when most of OUT
+        matches no row (OUT belongs to another input); else those of a customer that this
+        run would send a message to (a changed row: its customer would get another one). A
+        line of a row simply deleted protects nothing: nothing is sent in its place."""
+        total = len(ledger.by_key) + len(ledger.legacy)
+        if len(foreign) * 2 > total:
+            return foreign
+        wanted = {(e.assistant_id, e.customer_identifier) for e in foreign}
+        to_send: set[tuple[int | None, str | None]] = set()
+        with self._refusing():
+            for request, key in self.keyed():
+                conversation = (request.assistant_id, request.customer_identifier)
+                if conversation in wanted and request.problem is None:
+                    entry = ledger.by_key.get(key)
+                    if entry is None or entry.state != "answered":
+                        to_send.add(conversation)
+        return [
+            e
+            for e in foreign
+            if e.assistant_id is None
+            or e.customer_identifier is None
+            or (e.assistant_id, e.customer_identifier) in to_send
+        ]
 
     def _foreign_message(self, foreign: list[Entry], out: Path | None) -> str:
         """Say which lines of OUT match no row, what the input holds in their place, and the
         command that goes on: one line each, the first ``FOREIGN_SHOWN`` of them."""
-        shown = foreign[:FOREIGN_SHOWN]
-        wanted = {entry.id for entry in shown}
-        found: dict[RowId, BulkRequest] = {}
-        with self._refusing():
-            for request in self:
-                if request.id in wanted:
-                    found[request.id] = request
         name = out.name if out is not None else "OUT"
-        flag = self._flag_that_matches(foreign)
-        if flag is not None:
+        flag, foreign = self._flag_that_matches(foreign)
+        flagged = len(flag[2]) if flag is not None else 0
+        if flag is not None and not foreign:
             return (
                 f"{name} was written by a run {flag[0]}: its lines match the rows of "
                 f"{self.path.name} read that way, and not as this run reads them (a row's "
                 "variables are part of its content). Nothing was sent.\n"
-                f"  Run again {flag[1]}."
+                f"  Run again {flag[1]}; or, to send every row again read this way (those "
+                "customers get the message a second time): pass a new --out"
             )
+        shown = foreign[:FOREIGN_SHOWN]
+        wanted = {entry.id for entry in shown if entry.id != entry.row}
+        people = {(e.assistant_id, e.customer_identifier) for e in shown if e.id == e.row}
+        found: dict[Any, BulkRequest] = {}  # by id, and by (assistant, customer)
+        with self._refusing():
+            for request in self:
+                conversation = (request.assistant_id, request.customer_identifier)
+                if request.id in wanted:
+                    found.setdefault(request.id, request)
+                elif conversation in people:
+                    found.setdefault(conversation, request)
         lines = [
             f"{name} has {len(foreign)} line(s) for rows that are not in {self.path.name} as "
             "it is now, rows that were answered or may have been processed; nothing was sent:"
         ]
+        if flag is not None:
+            lines.insert(
+                0,
+                f"{name} was written by a run {flag[0]} ({flagged} of its lines match rows "
+                f"read that way): run again {flag[1]}; and besides:",
+            )
         for entry in shown:
             lines.append(f"  line {entry.line}: {entry.describe()}: {_difference(entry, found)}")
         if len(foreign) > len(shown):
@@ -394,11 +433,14 @@ class InputFile:
         lines.append("  To start afresh: pass a new --out")
         return "\n".join(lines)
 
-    def _flag_that_matches(self, foreign: list[Entry]) -> tuple[str, str] | None:
-        """When OUT's foreign lines are the rows of this input read with the other
-        ``--vars-from-columns`` (a flag forgotten, or added): what to say and do."""
+    def _flag_that_matches(
+        self, foreign: list[Entry]
+    ) -> tuple[tuple[str, str, list[Entry]] | None, list[Entry]]:
+        """When some of OUT's foreign lines are rows of this input read with the other
+        ``--vars-from-columns`` (a flag forgotten, or added): what to say and do, and the
+        lines that match no row either way."""
         if self.format != "csv" or not self.extra_columns:
-            return None
+            return None, foreign
         other = InputFile(
             self.path,
             format=self.format,
@@ -407,11 +449,13 @@ class InputFile:
         )
         other.snapshot = self.snapshot  # the same copy: never the file again
         keys = {key for _, key in other.keyed()}
-        if not all(entry.key in keys for entry in foreign if entry.key is not None):
-            return None
+        matched = [entry for entry in foreign if entry.key is not None and entry.key in keys]
+        if not matched:
+            return None, foreign
+        rest = [entry for entry in foreign if entry not in matched]
         if self.extra_as_variables:
-            return ("without --vars-from-columns", "without --vars-from-columns")
-        return ("with --vars-from-columns", "with --vars-from-columns")
+            return ("without --vars-from-columns", "without --vars-from-columns", matched), rest
+        return ("with --vars-from-columns", "with --vars-from-columns", matched), rest
 
     def _find_duplicates(self, collisions: set[int], clashes: set[int]) -> None:
         seen: dict[RowId, int] = {}
@@ -632,11 +676,20 @@ def _long_fields() -> Iterator[None]:
             csv.field_size_limit(previous)
 
 
-def _difference(entry: Entry, found: dict[RowId, BulkRequest]) -> str:
+def _difference(entry: Entry, found: dict[Any, BulkRequest]) -> str:
+    if entry.id == entry.row:  # no id column: the row number then says nothing now
+        same = found.get((entry.assistant_id, entry.customer_identifier))
+        if same is not None:
+            return (
+                f"row {same.row} has this customer with another message or variables (and no "
+                "row has the content of that line)"
+            )
+        return (
+            "no row of the input has its content, nor this customer: the row was deleted, or "
+            "its customer or assistant changed"
+        )
     request = found.get(entry.id)
     if request is None:
-        if entry.row is not None and entry.id == entry.row:
-            return "its content is in no row of the input (rows are matched by content)"
         return f"the input has no row with the id {entry.id!r}"
     here = f"row {request.row}" if request.id == request.row else f"the row with id {entry.id!r}"
     changes = []

@@ -440,8 +440,8 @@ async def test_a_refusal_names_each_line_on_its_own_line(
     assert len(lines) >= 5, lines
     named = [line for line in lines if line.startswith("  line ")]
     assert len(named) == 2, lines
-    assert "row 1" in named[0] and "another message or variables" in named[0]
-    assert "customer +9" in named[1]
+    assert "row 1" in named[0] and "row 1 has this customer with another message" in named[0]
+    assert "no row of the input has its content, nor this customer" in named[1]
     assert any(line.strip().endswith("add --allow-foreign") for line in lines)
     assert sum(processed(emulator).values()) == 3
 
@@ -682,3 +682,20 @@ async def test_the_demo_removes_its_temporary_files_unless_kept(tmp_path: Path, 
         assert f"The files are kept in {left[0]}" in run.out
     else:
         assert left == [] and "--keep" in run.out
+
+
+async def test_deleting_an_answered_row_never_blocks_a_rerun(
+    emulator: MockAutocalls, tmp_path: Path
+) -> None:
+    """A row answered and then deleted: nothing is sent in its place, so its line protects
+    nothing; a changed row of an answered customer (a second message to them) still refuses."""
+    source, out = tmp_path / "in.csv", tmp_path / "out.jsonl"
+    write_rows(source, [("+1", "A"), ("+2", "B"), ("+3", "C")])
+    assert (await bulk(emulator, source, out)).code == 0
+    write_rows(source, [("+1", "A"), ("+3", "C"), ("+4", "D")])
+    run = await bulk(emulator, source, out)
+    assert run.code == 0 and "1 answered, 0 failed, 2 skipped" in run.out, run
+    write_rows(source, [("+1", "A, corrected"), ("+3", "C"), ("+4", "D")])
+    run = await bulk(emulator, source, out)
+    assert run.code == 2 and "row 1 has this customer with another message" in run.err, run
+    assert sum(processed(emulator).values()) == 4
