@@ -1,8 +1,10 @@
 """Files of the bulk command: the input (CSV or JSONL) and the resumable JSONL output.
 
-The input is read twice: a first pass checks the whole file before anything is sent (it is
+The input is copied once into a private snapshot (``take_snapshot()``, see ``_snapshot``);
+every pass reads that copy: a first pass checks the whole file before anything is sent (it is
 text, it has the required columns, its ids are unique so that a resumed run is unambiguous)
-and counts rows; the run then streams it again, one row at a time. Neither pass keeps rows.
+and counts rows; the run then streams the same copy again, one row at a time. Neither pass
+keeps rows. A change to the input file during the run is never read (``changed()``).
 
 The output is append-only, one JSON line per finished row, flushed as it is written. A run
 killed mid-line leaves a truncated last line: it is ignored when read, and the next run starts
@@ -11,6 +13,7 @@ its first line on a fresh line.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import csv
 import hashlib
@@ -18,23 +21,38 @@ import itertools
 import json
 import os
 import re
+import shlex
 import stat
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, Final, Literal, NoReturn
 
 import attrs
 
+from ._snapshot import Snapshot, SnapshotError
 from .bulk import BulkRequest, BulkResult, RowId, error_code
 
-__all__ = ["Entry", "InputError", "InputFile", "Ledger", "ResultLog", "row_digest"]
+__all__ = [
+    "Entry",
+    "InputError",
+    "InputFile",
+    "Ledger",
+    "OutWriteError",
+    "ResultLog",
+    "row_digest",
+]
 
 Format = Literal["csv", "jsonl"]
 
 REQUIRED: Final = ("assistant_id", "customer_identifier", "message")
 OPTIONAL: Final = ("id", "variables")
 _INTEGER: Final = re.compile(r"^\+?\d+$")
+_TOO_DEEP: Final = "its JSON is nested too deeply to be read"
+#: A summary names this many rows of each outcome, then says where to see them all.
+EXAMPLES_SHOWN: Final = 5
+#: A refusal names this many lines of OUT, then counts the rest.
+FOREIGN_SHOWN: Final = 20
 #: Integer ids below this are kept as bits (2 MB at most); larger ones in a plain set.
 _ROW_NUMBER_LIMIT: Final = 1 << 24
 #: The csv module refuses a field longer than ``csv.field_size_limit()`` (131,072 characters
@@ -87,7 +105,10 @@ def row_digest(request: BulkRequest) -> str:
         request.variables,
         request.problem,
     ]
-    text = json.dumps(content, sort_keys=True, separators=(",", ":"), default=repr)
+    try:
+        text = json.dumps(content, sort_keys=True, separators=(",", ":"), default=repr)
+    except RecursionError:  # nested deeper than json can write: the row fails, named
+        text = json.dumps([explicit, request.row, _TOO_DEEP])
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
@@ -102,6 +123,7 @@ class Entry:
     customer_identifier: str | None
     state: RowState | None  #: None: its only "sending" line was withdrawn (not processed)
     matched: bool = False
+    key: str | None = None  #: the row's content key (None: an old line without one)
 
     def describe(self) -> str:
         who = [f"assistant {self.assistant_id}"] if self.assistant_id is not None else []
@@ -163,9 +185,17 @@ class Ledger:
                 assistant_id if _is_int(assistant_id) else None,
                 customer if isinstance(customer, str) else None,
                 state,
+                key=key,
             )
         elif entry.state != "answered":  # an answer is final; otherwise the last line says
             entry.state = state
+
+
+def row_name(request: BulkRequest) -> str:
+    """``3`` (row 3, no id column) or ``3 (id 'A-7')``: how summaries name a row."""
+    if request.row is None or request.id == request.row:
+        return str(request.id)
+    return f"{request.row} (id {request.id!r})"
 
 
 def _is_int(value: object) -> bool:
@@ -203,6 +233,7 @@ class InputFile:
         delimiter: str | None = None,
     ) -> None:
         self.path = path
+        self._explicit_format = format
         self.format: Format = format or _guess_format(path)
         self.delimiter = delimiter or ("\t" if path.suffix.lower() == ".tsv" else ",")
         self.extra_as_variables = extra_as_variables
@@ -210,7 +241,43 @@ class InputFile:
         self.already_answered = 0
         self.already_failed = 0  #: failed, certainly not processed: --retry-failed sends them
         self.uncertain = 0  #: may have been processed: only --retry-unsafe-failed sends them
+        self.already_invalid = 0  #: of already_failed: still invalid (a retry cannot fix them)
+        #: The first rows (named by id) of each earlier outcome: failed, invalid, uncertain.
+        self.examples: dict[str, list[str]] = {}
         self.extra_columns: tuple[str, ...] = ()
+        self.snapshot: Snapshot | None = None
+        self.header: list[str] = []  #: a CSV input's column names, as written (stripped)
+        #: The row last yielded, as read: a CSV row's cells by column, a JSONL line's object.
+        self.record: dict[str, Any] = {}
+
+    def take_snapshot(self) -> None:
+        """Copy the input once; from now on every pass reads the copy (``close()`` removes
+        it). Refuses (``InputError``) an input that cannot be read or keeps changing."""
+        if self.snapshot is None:
+            try:
+                self.snapshot = Snapshot.take(self.path)
+            except SnapshotError as exc:
+                raise InputError(str(exc)) from None
+            if self._explicit_format is None:  # sniffed again, from the copy itself
+                self.format = _guess_format(self.snapshot.path)
+
+    def _example(self, outcome: str, request: BulkRequest) -> None:
+        shown = self.examples.setdefault(outcome, [])
+        if len(shown) < EXAMPLES_SHOWN:
+            shown.append(row_name(request))
+
+    def changed(self) -> str | None:
+        """How the input file changed since its snapshot was taken (None: it did not)."""
+        return None if self.snapshot is None else self.snapshot.changed()
+
+    def close(self) -> None:
+        snapshot, self.snapshot = self.snapshot, None
+        if snapshot is not None:
+            snapshot.close()
+
+    @property
+    def _source(self) -> Path:
+        return self.path if self.snapshot is None else self.snapshot.path
 
     def keyed(self) -> Iterator[tuple[BulkRequest, str]]:
         """Each row with its identity: the digest of its content and its occurrence among the
@@ -222,7 +289,12 @@ class InputFile:
             yield request, f"{digest}.{occurrence}"
 
     def check(
-        self, ledger: Ledger | None = None, *, out: Path | None = None, allow_foreign: bool = False
+        self,
+        ledger: Ledger | None = None,
+        *,
+        out: Path | None = None,
+        allow_foreign: bool = False,
+        observe: Callable[[BulkRequest, str], None] | None = None,
     ) -> None:
         """Read the whole file once: refuse it (``InputError``) if it cannot be run safely.
 
@@ -236,6 +308,8 @@ class InputFile:
         without one; only ids whose hashes collide are compared exactly, in a second pass.
         """
         self.already_answered = self.already_failed = self.uncertain = 0
+        self.already_invalid = 0
+        self.examples = {}
         buckets = [array("q") for _ in range(256)]
         int_ids = array("q")  # explicit integer ids: one may be the number of an id-less row
         implicit = bytearray()  # bit n: row n has no id of its own (its id is n)
@@ -243,13 +317,21 @@ class InputFile:
         with self._refusing():
             for request, key in self.keyed():
                 rows = request.row or rows + 1
+                if observe is not None:
+                    observe(request, key)
                 state = ledger.state_of(request, key) if ledger is not None else None
                 if state == "answered":
                     self.already_answered += 1
                 elif state == "failed":
                     self.already_failed += 1
+                    if request.problem is not None:  # still invalid: only a fix helps
+                        self.already_invalid += 1
+                        self._example("invalid", request)
+                    else:
+                        self._example("failed", request)
                 elif state == "uncertain":
                     self.uncertain += 1
+                    self._example("uncertain", request)
                 if request.id == request.row:
                     _set_bit(implicit, rows)
                     continue
@@ -266,35 +348,114 @@ class InputFile:
         if collisions or clashes:
             self._find_duplicates(collisions, clashes)
         if ledger is not None and not allow_foreign:
-            foreign = ledger.unmatched()
+            # Only lines of rows that were (or may have been) processed protect something:
+            # a row that failed unprocessed, or was invalid or skipped, and was then edited or
+            # deleted, is simply left alone (issue 21).
+            foreign = [e for e in ledger.unmatched() if e.state in ("answered", "uncertain")]
+            if foreign:
+                foreign = self._protecting(foreign, ledger)
             if foreign:
                 raise InputError(self._foreign_message(foreign, out))
 
+    def _protecting(self, foreign: list[Entry], ledger: Ledger) -> list[Entry]:
+        """The foreign lines whose refusal protects something: all of them when most of OUT
+        matches no row (OUT belongs to another input); else those of a customer that this
+        run would send a message to (a changed row: its customer would get another one). A
+        line of a row simply deleted protects nothing: nothing is sent in its place."""
+        total = len(ledger.by_key) + len(ledger.legacy)
+        if len(foreign) * 2 > total:
+            return foreign
+        wanted = {(e.assistant_id, e.customer_identifier) for e in foreign}
+        to_send: set[tuple[int | None, str | None]] = set()
+        with self._refusing():
+            for request, key in self.keyed():
+                conversation = (request.assistant_id, request.customer_identifier)
+                if conversation in wanted and request.problem is None:
+                    entry = ledger.by_key.get(key)
+                    if entry is None or entry.state != "answered":
+                        to_send.add(conversation)
+        return [
+            e
+            for e in foreign
+            if e.assistant_id is None
+            or e.customer_identifier is None
+            or (e.assistant_id, e.customer_identifier) in to_send
+        ]
+
     def _foreign_message(self, foreign: list[Entry], out: Path | None) -> str:
-        """Say which lines of OUT match no row, and what the input holds in their place."""
-        shown = foreign[:3]
-        wanted = {entry.id for entry in shown}
-        found: dict[RowId, BulkRequest] = {}
+        """Say which lines of OUT match no row, what the input holds in their place, and the
+        command that goes on: one line each, the first ``FOREIGN_SHOWN`` of them."""
+        name = out.name if out is not None else "OUT"
+        flag, foreign = self._flag_that_matches(foreign)
+        flagged = len(flag[2]) if flag is not None else 0
+        if flag is not None and not foreign:
+            return (
+                f"{name} was written by a run {flag[0]}: its lines match the rows of "
+                f"{self.path.name} read that way, and not as this run reads them (a row's "
+                "variables are part of its content). Nothing was sent.\n"
+                f"  Run again {flag[1]}; or, to send every row again read this way (those "
+                "customers get the message a second time): pass a new --out"
+            )
+        shown = foreign[:FOREIGN_SHOWN]
+        wanted = {entry.id for entry in shown if entry.id != entry.row}
+        people = {(e.assistant_id, e.customer_identifier) for e in shown if e.id == e.row}
+        found: dict[Any, BulkRequest] = {}  # by id, and by (assistant, customer)
         with self._refusing():
             for request in self:
+                conversation = (request.assistant_id, request.customer_identifier)
                 if request.id in wanted:
-                    found[request.id] = request
-        name = out.name if out is not None else "OUT"
+                    found.setdefault(request.id, request)
+                elif conversation in people:
+                    found.setdefault(conversation, request)
         lines = [
-            f"{name} has {len(foreign)} line(s) for rows that are not in {self.path.name}, "
-            "so resuming could skip or repeat rows; nothing was sent:"
+            f"{name} has {len(foreign)} line(s) for rows that are not in {self.path.name} as "
+            "it is now, rows that were answered or may have been processed; nothing was sent:"
         ]
+        if flag is not None:
+            lines.insert(
+                0,
+                f"{name} was written by a run {flag[0]} ({flagged} of its lines match rows "
+                f"read that way): run again {flag[1]}; and besides:",
+            )
         for entry in shown:
             lines.append(f"  line {entry.line}: {entry.describe()}: {_difference(entry, found)}")
         if len(foreign) > len(shown):
             lines.append(f"  ... and {len(foreign) - len(shown)} more")
         lines.append(
             f"{self.path.name} was edited since those lines were written, or {name} belongs to "
-            f"another input. To start afresh, pass a new --out; to send the rows of "
-            f"{self.path.name} that {name} does not answer (rows are matched by content, and "
-            f"{name}'s other lines are left alone), add --allow-foreign."
+            "another input. Sending the rows as they are now sends those customers another "
+            "message."
         )
+        lines.append(
+            f"  To send the rows of {self.path.name} that {name} does not answer (rows are "
+            f"matched by content; {name}'s lines above are left alone): add --allow-foreign"
+        )
+        lines.append("  To start afresh: pass a new --out")
         return "\n".join(lines)
+
+    def _flag_that_matches(
+        self, foreign: list[Entry]
+    ) -> tuple[tuple[str, str, list[Entry]] | None, list[Entry]]:
+        """When some of OUT's foreign lines are rows of this input read with the other
+        ``--vars-from-columns`` (a flag forgotten, or added): what to say and do, and the
+        lines that match no row either way."""
+        if self.format != "csv" or not self.extra_columns:
+            return None, foreign
+        other = InputFile(
+            self.path,
+            format=self.format,
+            extra_as_variables=not self.extra_as_variables,
+            delimiter=self.delimiter,
+        )
+        other.snapshot = self.snapshot  # the same copy: never the file again
+        keys = {key for _, key in other.keyed()}
+        matched = [entry for entry in foreign if entry.key is not None and entry.key in keys]
+        if not matched:
+            return None, foreign
+        rest = [entry for entry in foreign if entry not in matched]
+        if self.extra_as_variables:
+            return ("without --vars-from-columns", "without --vars-from-columns", matched), rest
+        return ("with --vars-from-columns", "with --vars-from-columns", matched), rest
 
     def _find_duplicates(self, collisions: set[int], clashes: set[int]) -> None:
         seen: dict[RowId, int] = {}
@@ -333,7 +494,7 @@ class InputFile:
             raise InputError(f"cannot read {self.path}: {exc.strerror or exc}") from None
 
     def __iter__(self) -> Iterator[BulkRequest]:
-        with self.path.open(encoding="utf-8-sig", newline="") as file:
+        with self._source.open(encoding="utf-8-sig", newline="") as file:
             if self.format == "csv":
                 yield from self._csv_rows(file)
             else:
@@ -356,10 +517,13 @@ class InputFile:
                 "the columns: assistant_id,customer_identifier,message[,variables][,id]"
                 + _delimiter_hint(header, self.delimiter)
             )
-        duplicated = sorted({name for name in columns if columns.count(name) > 1 and name})
+        counts = collections.Counter(columns)  # linear: 40k columns once took 33 s
+        duplicated = sorted(name for name, n in counts.items() if n > 1 and name)
         if duplicated:
             raise InputError(f"{self.path}: column(s) named twice: {', '.join(duplicated)}")
-        self.extra_columns = tuple(c for c in columns if c and c not in (*REQUIRED, *OPTIONAL))
+        known = {*REQUIRED, *OPTIONAL}
+        self.extra_columns = tuple(c for c in columns if c and c not in known)
+        self.header = [cell.strip() for cell in header]
         row = 0
         while True:
             first_line = reader.line_num + 1
@@ -378,6 +542,7 @@ class InputFile:
                     "column (empty if unused); nothing was sent"
                 )
             self._check_swallowed(columns, cells, row, lines)
+            self.record = dict(zip(self.header, cells, strict=True))
             yield self._csv_request(columns, cells, row)
 
     def _csv_record(self, reader: Any, row: int) -> list[str] | None:
@@ -448,6 +613,8 @@ class InputFile:
                 data["variables"] = json.loads(variables)
             except ValueError as exc:
                 problems.append(f"variables is not valid JSON ({exc})")
+            except RecursionError:
+                problems.append(_TOO_DEEP)
         if self.extra_as_variables and extra:
             merged = data.get("variables")
             data["variables"] = {**extra, **merged} if isinstance(merged, dict) else extra
@@ -465,14 +632,19 @@ class InputFile:
             if not line.strip():
                 continue
             row += 1
+            self.record = {}
             try:
                 data = json.loads(line, object_pairs_hook=_unique_keys)
             except ValueError as exc:
                 yield _bad(row, f"line {number} is not valid JSON ({exc})")
                 continue
+            except RecursionError:
+                yield _bad(row, f"line {number}: {_TOO_DEEP}")
+                continue
             if not isinstance(data, dict):
                 yield _bad(row, f"line {number} is not a JSON object")
                 continue
+            self.record = data
             yield BulkRequest.from_mapping(data, row, extra_as_variables=self.extra_as_variables)
 
 
@@ -504,11 +676,20 @@ def _long_fields() -> Iterator[None]:
             csv.field_size_limit(previous)
 
 
-def _difference(entry: Entry, found: dict[RowId, BulkRequest]) -> str:
+def _difference(entry: Entry, found: dict[Any, BulkRequest]) -> str:
+    if entry.id == entry.row:  # no id column: the row number then says nothing now
+        same = found.get((entry.assistant_id, entry.customer_identifier))
+        if same is not None:
+            return (
+                f"row {same.row} has this customer with another message or variables (and no "
+                "row has the content of that line)"
+            )
+        return (
+            "no row of the input has its content, nor this customer: the row was deleted, or "
+            "its customer or assistant changed"
+        )
     request = found.get(entry.id)
     if request is None:
-        if entry.row is not None and entry.id == entry.row:
-            return "its content is in no row of the input (rows are matched by content)"
         return f"the input has no row with the id {entry.id!r}"
     here = f"row {request.row}" if request.id == request.row else f"the row with id {entry.id!r}"
     changes = []
@@ -574,6 +755,21 @@ def _guess_format(path: Path) -> Format:
     return "jsonl" if start.startswith(b"{") else "csv"
 
 
+class OutWriteError(Exception):
+    """OUT could not be written (disk full, quota, I/O error): the run stops sending."""
+
+    def __init__(self, path: Path, error: OSError) -> None:
+        super().__init__(f"cannot write {path}: {error.strerror or error}")
+        self.error = error
+
+
+#: The line written after a line a crash cut short, so that a later run knows the cut line
+#: was seen and is not damage: ``{"id":null,"cut_line":N}``.
+_CUT_MARK: Final = "cut_line"
+_BOM: Final = b"\xef\xbb\xbf"
+_EXCERPT: Final = 60
+
+
 class ResultLog:
     """The bulk command's output: append-only JSONL, one flushed line per finished row, and a
     ``"sending"`` line just before a row's request leaves (so that a run killed while the
@@ -581,38 +777,86 @@ class ResultLog:
 
     ``open()`` locks OUT before anything reads it, and it stays locked until ``close()``: a
     second run on the same OUT is refused at once, and what ``read()`` finds is what no other
-    run can change meanwhile.
+    run can change meanwhile. The lock holds for the inode and for the path: a run also locks
+    ``.OUT.lock`` beside OUT, so that ``mv OUT OUT.old`` during a run does not let a second
+    run start a new OUT with the same name. OUT is created with mode 0600 (it holds customer
+    data).
+
+    A line that cannot be read is accepted as the last line only (a crash or a full disk cut
+    it short); the next run writes a ``cut_line`` mark after it. Anywhere else, such a line is
+    damage, and the run refuses, naming it: the row it recorded is unknown.
     """
 
     def __init__(self, path: Path, *, fsync: bool = False) -> None:
         self.path = path
         self.fsync = fsync
         self._file: IO[bytes] | None = None
+        self._path_lock: int | None = None
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_name(f".{self.path.name}.lock")
 
     def open(self) -> None:
         """Open for appending (creating OUT if needed), locked against a second run."""
-        fd = self._open_regular(os.O_RDWR | os.O_APPEND | os.O_CREAT, "write")
-        file = os.fdopen(fd, "ab")
-        self._lock(file, exclusive=True)
+        self._lock_path(exclusive=True, create=True)
+        try:
+            fd = self._open_regular(os.O_RDWR | os.O_APPEND | os.O_CREAT, "write")
+            file = os.fdopen(fd, "ab", buffering=0)
+            self._lock(file, exclusive=True)
+        except BaseException:
+            self._unlock_path()
+            raise
         self._file = file
 
     def peek(self) -> Ledger:
         """What earlier runs wrote, for a dry run: OUT is never created nor written (a missing
         OUT holds nothing), and it is read under a shared lock, so that no run writes it
         meanwhile; one that does makes the dry run refuse, as the run itself would be."""
+        self._lock_path(exclusive=False, create=False)
         try:
-            fd = self._open_regular(os.O_RDONLY, "read")
-        except FileNotFoundError:
-            return Ledger()
-        with os.fdopen(fd, "rb") as file:
-            self._lock(file, exclusive=False)
-            ledger, _ = self._parse(file)
-        return ledger
+            try:
+                fd = self._open_regular(os.O_RDONLY, "read")
+            except FileNotFoundError:
+                return Ledger()
+            with os.fdopen(fd, "rb") as file:
+                self._lock(file, exclusive=False)
+                ledger, _, _ = self._parse(file)
+            return ledger
+        finally:
+            self._unlock_path()
+
+    def _lock_path(self, *, exclusive: bool, create: bool) -> None:
+        """Lock ``.OUT.lock`` (the path's lock), or refuse: a run elsewhere holds it. Where it
+        cannot be created (a read-only directory), OUT's own lock is all there is."""
+        flags = os.O_RDWR | (os.O_CREAT if create else 0)
+        try:
+            fd = os.open(self.lock_path, flags | os.O_NOFOLLOW, 0o600)
+        except OSError:
+            return  # none yet (a dry run), or a directory we cannot write: inode lock only
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                self._busy()
+        self._path_lock = fd
+
+    def _unlock_path(self) -> None:
+        fd, self._path_lock = self._path_lock, None
+        if fd is not None:
+            os.close(fd)
+
+    def _busy(self) -> NoReturn:
+        raise InputError(
+            f"{self.path} is being written by another run (or read by a --dry-run); "
+            "wait for it to finish (or pass another --out)"
+        )
 
     def _open_regular(self, flags: int, action: str) -> int:
         try:
             # O_NONBLOCK: a FIFO must not block the open; it is then refused below.
-            fd = os.open(self.path, flags | os.O_NONBLOCK, 0o666)
+            fd = os.open(self.path, flags | os.O_NONBLOCK, 0o600)
         except OSError as exc:
             if isinstance(exc, FileNotFoundError) and not flags & os.O_CREAT:
                 raise  # peek(): no OUT yet
@@ -635,10 +879,7 @@ class ResultLog:
                 fcntl.flock(file.fileno(), mode | fcntl.LOCK_NB)
             except OSError:
                 file.close()
-                raise InputError(
-                    f"{self.path} is being written by another run (or read by a --dry-run); "
-                    "wait for it to finish (or pass another --out)"
-                ) from None
+                self._busy()
 
     def read(self) -> Ledger:
         """What earlier runs wrote, by row identity; refuses a file this command did not write.
@@ -656,36 +897,82 @@ class ResultLog:
         except OSError as exc:
             raise InputError(f"cannot read {self.path}: {exc.strerror or exc}") from None
         with file:
-            ledger, last = self._parse(file)
-        if last != b"\n" and self._file is not None:
-            self._file.write(b"\n")  # the last line was cut short by a crash
-            self._file.flush()
+            ledger, last, cut = self._parse(file)
+        if cut is not None and self._file is not None:
+            # The last line was cut short by a crash (or a full disk): start afresh on a new
+            # line, and mark the cut line as seen, so that it is never taken for damage.
+            try:
+                if last != b"\n":
+                    self._write(b"\n")
+                self._append({"id": None, _CUT_MARK: cut})
+            except OutWriteError as exc:
+                raise InputError(str(exc)) from None
         return ledger
 
-    def _parse(self, file: IO[bytes]) -> tuple[Ledger, bytes]:
-        """The ledger of ``file``, and its last byte (a newline unless a line was cut)."""
+    def _parse(self, file: IO[bytes]) -> tuple[Ledger, bytes, int | None]:
+        """The ledger of ``file``, its last byte (a newline unless a line was cut), and the
+        number of its last line if that line cannot be read (and is not marked as seen)."""
         ledger = Ledger()
         last = b"\n"
         seen_one = False
+        bad: tuple[int, bytes, str] | None = None  # an unreadable line, accepted if last
         file.seek(0)
         for number, line in enumerate(file, 1):
             last = line[-1:]
-            if not seen_one and line.strip():
+            if number == 1 and line.startswith(_BOM):
+                line = line[len(_BOM) :]  # an editor saved OUT with a byte-order mark
+            if not line.strip():
+                continue
+            if b"\x00" in line:
+                self._nuls(number, line)
+            if not seen_one:
                 if not line.lstrip().startswith(b'{"id"'):
                     self._not_ours(number)
                 seen_one = True
-            try:
-                data = json.loads(line)
-            except ValueError:
-                ledger.unreadable_lines += line.strip() != b""  # a line cut by a crash
+            data, problem = _decode(line)
+            if bad is not None:
+                if isinstance(data, dict) and data.get(_CUT_MARK) == bad[0]:
+                    bad = None
+                    ledger.unreadable_lines += 1
+                    continue
+                self._damaged(*bad)
+            if problem is not None:
+                bad = (number, line, problem)
                 continue
-            row_id = data.get("id") if isinstance(data, dict) else None
-            if isinstance(row_id, bool) or not isinstance(row_id, int | str):
-                ledger.unreadable_lines += 1
-                continue
+            assert isinstance(data, dict)
+            if _CUT_MARK in data:
+                continue  # a mark for a cut line seen by an earlier run
+            row_id = data["id"]
             key = data.get("key")
             ledger.note(key if isinstance(key, str) else None, row_id, data, number)
-        return ledger, last
+        if bad is not None:
+            ledger.unreadable_lines += 1
+        return ledger, last, None if bad is None else bad[0]
+
+    def _damaged(self, number: int, line: bytes, problem: str) -> NoReturn:
+        text = line.decode("utf-8", "replace").strip()
+        excerpt = text if len(text) <= _EXCERPT else text[: _EXCERPT - 1] + "…"
+        raise InputError(
+            f"{self.path}: line {number} cannot be read ({problem}): {excerpt!r}\n"
+            "  Only a run's last line may be cut short (by a crash or a full disk); this one "
+            "has lines after it, so OUT was damaged or edited, and the row that line recorded "
+            "is unknown: resuming could send it again. Nothing was sent.\n"
+            f"  See it with: sed -n '{number}p' {shlex.quote(str(self.path))}\n"
+            '  Restore the line from a backup; or, if it was a result line ("ok"), delete it: '
+            'the row\'s "sending" line then reports it as maybe processed, never sends it; '
+            "if it is not one of this command's lines, delete it."
+        )
+
+    def _nuls(self, number: int, line: bytes) -> NoReturn:
+        raise InputError(
+            f"{self.path}: line {number} holds {line.count(0)} NUL byte(s). This is what a "
+            "power loss or a machine crash leaves where written lines never reached the disk: "
+            "the lines lost may have recorded rows that were being sent, which resuming would "
+            "send again. Nothing was sent.\n"
+            "  Check the conversations of the rows sent at the end of the last run; then, to go "
+            f"on, remove the NUL bytes: tr -d '\\000' < {shlex.quote(str(self.path))} > "
+            "OUT.fixed, and run with --out OUT.fixed (--fsync prevents this)."
+        )
 
     def _not_ours(self, line: int) -> NoReturn:
         raise InputError(
@@ -695,10 +982,15 @@ class ResultLog:
         )
 
     def write(self, result: BulkResult, key: str | None = None) -> None:
+        self._write(self.line(result, key) + b"\n")
+
+    @staticmethod
+    def line(result: BulkResult, key: str | None = None) -> bytes:
+        """The result's line in OUT (without its newline)."""
         data = result.to_json()
         if key is not None:
             data = {"id": data.pop("id"), "ok": data.pop("ok"), "key": key, **data}
-        self._append(data)
+        return line_of(data)
 
     def write_sending(self, request: BulkRequest, key: str) -> None:
         """Record that the row's request is about to leave: until its result line, a later
@@ -715,20 +1007,53 @@ class ResultLog:
         self._append(data)
 
     def _append(self, data: dict[str, Any]) -> None:
+        self._write(line_of(data) + b"\n")
+
+    def _write(self, data: bytes) -> None:
+        """Write all of ``data`` (unbuffered: nothing is left behind to be written again at
+        close), or raise ``OutWriteError``; a partial write leaves a cut last line."""
         assert self._file is not None, "open() first"
+        view = memoryview(data)
         try:
-            line = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
-        except UnicodeEncodeError:  # a lone surrogate in a bad row: escape rather than fail
-            line = json.dumps(data, separators=(",", ":")).encode()
-        self._file.write(line + b"\n")
-        self._file.flush()
-        if self.fsync:
-            os.fsync(self._file.fileno())
+            while view:
+                written = self._file.write(view)
+                view = view[written or 0 :]
+            if self.fsync:
+                os.fsync(self._file.fileno())
+        except OSError as exc:
+            raise OutWriteError(self.path, exc) from None
 
     def close(self) -> None:
         file, self._file = self._file, None
         if file is not None:
             file.close()
+        self._unlock_path()
+
+
+def line_of(data: dict[str, Any]) -> bytes:
+    """One JSON line of OUT (without its newline), as compact as it can be."""
+    try:
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:  # a lone surrogate in a bad row: escape rather than fail
+        return json.dumps(data, separators=(",", ":")).encode()
+
+
+def _decode(line: bytes) -> tuple[Any, str | None]:
+    """A line of OUT as data, or why it is not one of this command's lines."""
+    try:
+        data = json.loads(line)
+    except RecursionError:
+        return None, "nested too deeply to be read"
+    except ValueError as exc:
+        return None, f"not JSON: {str(exc).split(':')[0]}"
+    if not isinstance(data, dict):
+        return None, f"a JSON {type(data).__name__}, not an object"
+    if _CUT_MARK in data:
+        return data, None
+    row_id = data.get("id")
+    if isinstance(row_id, bool) or not isinstance(row_id, int | str):
+        return None, "no row id"
+    return data, None
 
 
 def _journal(request: BulkRequest, key: str, *, sending: bool) -> dict[str, Any]:

@@ -78,6 +78,7 @@ EXIT_RATE_LIMITED: Final = 6
 EXIT_NETWORK: Final = 7
 EXIT_SERVER: Final = 8
 EXIT_MAX_REPLIES: Final = 9  # bulk: --max-replies reached; the rest is left for a rerun
+EXIT_OUT_WRITE: Final = 10  # bulk: OUT could not be written (disk full); sending stopped
 EXIT_INTERRUPTED: Final = 130
 
 EXIT_CODES_HELP: Final = """\
@@ -97,6 +98,8 @@ exit codes:
   7    network: could not connect, or the request timed out
   8    5xx, or a reply that is not valid
   9    bulk: --max-replies reached (run it again to send the rest)
+  10   bulk: OUT could not be written (disk full, quota): sending stopped, results
+       that could not be written were printed on stderr as JSON lines
   130  interrupted (Ctrl-C / SIGTERM; bulk: run it again to resume)
 """
 
@@ -117,6 +120,9 @@ PACE_MIN_STARTS: Final = 5
 PACE_WINDOW: Final = 32
 #: Below this fraction of the token's slots, the progress says other traffic took the rest.
 SHARE_SHOWN_BELOW: Final = 0.9
+#: A call granted its slot later than this after it could have been is "late" by whole slots
+#: (scheduling and the limiter's own margin are not other traffic).
+LATE_MARGIN: Final = 0.05
 
 
 # --------------------------------------------------------------------------- errors
@@ -186,11 +192,22 @@ def hint_for(error: AutocallsError) -> str:
     return "see the message above"
 
 
+#: Characters a terminal acts on (ESC sequences that move the cursor, retitle the window,
+#: or hide text; BEL; C1 controls): never printed as they are (F14).
+_CONTROL: Final = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: control characters shown escaped (``\x1b``), line breaks
+    and tabs kept."""
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+
+
 def describe(error: AutocallsError) -> str:
     """One line: the error code, the status, the message and a hint; never a traceback."""
     status = f" (HTTP {error.status})" if isinstance(error, APIError) else ""
     message = error.message if isinstance(error, APIError) else str(error)
-    message = in_cli_words(" ".join(message.split()))
+    message = printable(in_cli_words(" ".join(message.split())))
     return f"{PROG}: {error_code(error)}{status}: {message}; hint: {hint_for(error)}"
 
 
@@ -198,11 +215,34 @@ def describe(error: AutocallsError) -> str:
 CLI_WORDS: Final = {RAISE_LIMIT_HINT: "pass --max-request-bytes N"}
 
 
+#: SDK advice naming Python, and the command line's own words for it.
+CLI_PATTERNS: Final = (
+    (
+        re.compile(
+            r"this client's rate_limit is (\S+) \(token_id=(\w+)\); set "
+            r"rate_limit=RateLimit\((\d+), ([\d.e+-]+)\) to match it, or "
+            r"RateLimit\.from_server\(\) to adopt it"
+        ),
+        r"--rate-limit is \1 (token_id=\2); pass --rate-limit \3/\4 to match it",
+    ),
+)
+
+
 def in_cli_words(text: str) -> str:
     """An SDK message as the command line says it: its options, not the SDK's arguments."""
     for sdk, cli in CLI_WORDS.items():
         text = text.replace(sdk, cli)
+    for pattern, replacement in CLI_PATTERNS:
+        text = pattern.sub(replacement, text)
     return text
+
+
+class CliWordsFormatter(logging.Formatter):
+    """The SDK's log lines on the command line: prefixed with the command's name, in its
+    words (``--rate-limit``, not ``rate_limit=RateLimit(...)``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return in_cli_words(super().format(record))
 
 
 def cli_result(result: BulkResult) -> BulkResult:
@@ -216,7 +256,12 @@ def cli_result(result: BulkResult) -> BulkResult:
 
 
 def _usage_error(message: str) -> int:
-    print(f"{PROG}: {' '.join(message.split())}", file=sys.stderr)
+    """One message on stderr; its own line breaks kept (a refusal names lines, one each)."""
+    lines = [
+        (line[: len(line) - len(line.lstrip())] if n else "") + " ".join(line.split())
+        for n, line in enumerate(message.splitlines())
+    ]
+    print(f"{PROG}: " + printable("\n".join(lines)), file=sys.stderr)
     return EXIT_USAGE
 
 
@@ -442,15 +487,35 @@ def _client_options(parser: argparse.ArgumentParser, *, default_rate: str) -> No
     )
 
 
-def _region(text: str) -> Callable[[str], str]:
+def _region(text: str) -> Callable[[str], str] | str:
+    """``--e164 REGION``: a normaliser of phone-like identifiers (e-mails and CRM ids are left
+    as they are); without the phone extra, the text itself, which the command then refuses
+    in one line (``phone_extra_problem``)."""
+    from ._notes import phone_like
+    from .identifiers import e164
+
     try:
-        from .identifiers import e164
-    except ImportError as exc:  # pragma: no cover - only without the phone extra
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    try:
-        return e164(text)
+        normalize = e164(text)
+    except ImportError:
+        return text
     except InvalidRequestError as exc:
         raise argparse.ArgumentTypeError(str(exc).replace("default_region", "--e164")) from None
+
+    def phones_only(identifier: str) -> str:
+        return normalize(identifier) if phone_like(identifier) else identifier
+
+    phones_only.__name__ = phones_only.__qualname__ = f"--e164 {text}"
+    return phones_only
+
+
+def phone_extra_problem(args: argparse.Namespace) -> str | None:
+    """``--e164`` without the phone extra: one line, exit 2."""
+    if isinstance(args.e164, str):
+        return (
+            "--e164 needs the phone extra (the phonenumbers package): pip install "
+            "'autocalls-async[phone]'; nothing was sent"
+        )
+    return None
 
 
 def _cost_options(parser: argparse.ArgumentParser) -> None:
@@ -460,6 +525,11 @@ def _cost_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="check INPUT and report the rows to send, skip and refuse, the distinct customers "
         "and the time at the rate limit; send nothing (no token needed)",
+    )
+    group.add_argument(
+        "--show-all",
+        action="store_true",
+        help="with --dry-run: list every invalid row (default: the first 5)",
     )
     group.add_argument(
         "--max-replies",
@@ -473,8 +543,9 @@ def _cost_options(parser: argparse.ArgumentParser) -> None:
         type=_region,
         metavar="REGION",
         help="write phone numbers in E.164 before sending, reading numbers without a + as "
-        "numbers of REGION (e.g. US); a row whose number is not possible fails as "
-        "INVALID_ROW (needs the phone extra)",
+        "numbers of REGION (e.g. US); e-mails and other ids are left as they are; a row whose "
+        "number is not possible, or local only (no area code), fails as INVALID_ROW (needs "
+        "the phone extra)",
     )
 
 
@@ -598,6 +669,13 @@ def build_parser() -> argparse.ArgumentParser:
         "timeout, a run killed while they were sent): their message may be sent twice",
     )
     bulk.add_argument(
+        "--give-up-uncertain",
+        action="store_true",
+        help="send the rows of a conversation that wait behind a row an earlier run may have "
+        "had processed (held by default, so that the conversation stays in order); that row "
+        "itself is never sent",
+    )
+    bulk.add_argument(
         "--allow-foreign",
         action="store_true",
         help="run even if OUT has lines for rows that are not in INPUT (an edited input, "
@@ -630,6 +708,8 @@ def build_parser() -> argparse.ArgumentParser:
     _cost_options(bulk)
     _client_options(bulk, default_rate="5/60")
     bulk.set_defaults(handler=_bulk_command)
+
+    _results_parser(commands, formatter)
 
     mock = commands.add_parser(
         "mock-server",
@@ -703,18 +783,68 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a bulk job against the emulator: no token, no network",
         description="Start the emulator in-process with a fast limit (5 per second), run the "
         "bulk runner over a bundled example CSV, then show the replies and the stats, and "
-        "the commands to run the same job yourself (the files are kept).",
+        "the commands to run the same job yourself (--keep or --dir keeps the files).",
     )
     demo.add_argument("--progress", choices=("auto", "bar", "plain", "off"), default="auto")
     demo.add_argument(
         "--dir",
         type=Path,
         metavar="DIR",
-        help="where to keep the demo's files, demo.csv and replies.jsonl (default: a new "
-        "temporary directory, printed at the end)",
+        help="where to write the demo's files, demo.csv and replies.jsonl, and keep them "
+        "(default: a new temporary directory, removed at the end unless --keep)",
+    )
+    demo.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the temporary directory and its files (printed at the end), to run the "
+        "commands the demo prints",
     )
     demo.set_defaults(handler=_demo_command)
     return parser
+
+
+def _results_parser(commands: Any, formatter: Any) -> None:
+    results = commands.add_parser(
+        "results",
+        help="one row per input row with its result: a spreadsheet of a bulk run",
+        description="Join INPUT and the OUT of its bulk run by content (as a run matches rows; "
+        "never by row number, which shifts when rows are edited): one row per input row, in "
+        "input order, its columns plus status (answered, failed, invalid, maybe_processed, "
+        "not_sent), reply, conversation_id, error_code and error. CSV cells that a spreadsheet "
+        "would run as formulas (=, +, -, @) are prefixed with '.",
+        epilog=f"example:\n  {PROG} results contacts.csv --out replies.jsonl -o results.csv",
+        formatter_class=formatter,
+    )
+    results.add_argument("input", type=Path, metavar="INPUT", help="the bulk run's input")
+    results.add_argument(
+        "out", type=Path, nargs="?", metavar="OUT", help="the bulk run's OUT (or --out)"
+    )
+    results.add_argument("--out", dest="out_option", type=Path, metavar="OUT", help="as bulk's")
+    results.add_argument(
+        "-o", "--output", type=Path, metavar="FILE", help="write here (default: stdout)"
+    )
+    results.add_argument(
+        "--format",
+        choices=("csv", "jsonl"),
+        help="output format (default: from -o's extension, else csv)",
+    )
+    results.add_argument("--input-format", choices=("csv", "jsonl"), help="as bulk's --format")
+    results.add_argument("--delimiter", type=_delimiter, metavar="CHAR", help="as bulk's")
+    results.add_argument(
+        "--vars-from-columns",
+        action="store_true",
+        help="as given to bulk (it changes a row's content)",
+    )
+    results.set_defaults(handler=_results_command)
+
+
+def _results_command(args: argparse.Namespace) -> int:
+    from ._results import results_command
+
+    args.out = args.out or args.out_option
+    if args.out is None:
+        return _usage_error("results needs the bulk run's OUT: results INPUT OUT")
+    return results_command(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -762,7 +892,7 @@ def _sdk_warnings_to_stderr() -> logging.Handler | None:
         return None
     handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(logging.WARNING)
-    handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+    handler.setFormatter(CliWordsFormatter(f"{PROG}: %(message)s"))
     package.addHandler(handler)
     return handler
 
@@ -934,7 +1064,7 @@ async def _reply(args: argparse.Namespace, message: str, variables: dict[str, An
         print(json.dumps(dict(reply.raw), ensure_ascii=False, indent=2))
         return EXIT_OK
     if reply.reply:
-        print(reply.reply)
+        print(printable(reply.reply) if sys.stdout.isatty() else reply.reply)
     if reply.ai_disabled:
         print("(AI disabled: a human has taken this conversation over)", file=sys.stderr)
     for call in reply.function_calls:
@@ -959,6 +1089,11 @@ class StartClock:
         self.count = 0
         self.first = self.last = 0.0
         self.recent: deque[float] = deque(maxlen=PACE_WINDOW)  #: the last starts' times
+        #: Slots this run waited through while one of its calls was ready: other traffic on
+        #: the token took them (a web app, another run). Without any, a slow pace is this
+        #: run's own (reply latency, concurrency), never "other traffic".
+        self.lost_slots = 0
+        self.recent_lost: deque[int] = deque(maxlen=PACE_WINDOW)  #: per start, the last ones
 
     @contextlib.asynccontextmanager
     async def slot(
@@ -968,8 +1103,18 @@ class StartClock:
         deadline: float | None = None,
         priority: Priority = Priority.INTERACTIVE,
     ) -> AsyncIterator[Slot]:
+        entered = time.monotonic()
         async with self.inner.slot(key, deadline=deadline, priority=priority) as slot:
-            self.last = time.monotonic()
+            now = time.monotonic()
+            lost = 0
+            if self.count and self.rate_limit is not None:
+                interval = self.rate_limit.interval
+                late = now - max(entered, self.last + interval) - LATE_MARGIN
+                if late >= interval:  # a whole slot went by while this call was ready
+                    lost = int(late / interval)
+            self.lost_slots += lost
+            self.recent_lost.append(lost)
+            self.last = now
             if not self.count:
                 self.first = self.last
             self.count += 1
@@ -1044,6 +1189,21 @@ class Meter:
     not_sent: int = 0
     ended: float | None = None
     starts: StartClock | None = None
+    #: This run's failures by kind (invalid, failed, uncertain) and the first rows of each.
+    counts: dict[str, int] = attrs.Factory(dict)
+    examples: dict[str, list[str]] = attrs.Factory(dict)
+
+    def note_failure(self, result: BulkResult) -> None:
+        from ._bulkio import EXAMPLES_SHOWN, row_name
+
+        if isinstance(result.error, InvalidRequestError):
+            kind = "invalid"
+        else:
+            kind = "uncertain" if result.maybe_processed else "failed"
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        shown = self.examples.setdefault(kind, [])
+        if len(shown) < EXAMPLES_SHOWN:
+            shown.append(row_name(result.request))
 
     @property
     def done(self) -> int:
@@ -1091,10 +1251,12 @@ class Meter:
     def figures(self, *, finished: bool = False) -> str:
         """Rate, the slots other traffic took (when it took some), and the ETA (none once
         ``finished``)."""
-        share = self.share()
         others = ""
-        if share is not None and share < SHARE_SHOWN_BELOW:
-            others = f" ({1 - share:.0%} of slots to other traffic)"
+        lost = sum(self.starts.recent_lost) if self.starts is not None else 0
+        if lost and self.starts is not None:
+            taken = lost / (lost + len(self.starts.recent_lost))
+            if taken > 1 - SHARE_SHOWN_BELOW:
+                others = f" ({taken:.0%} of slots to other traffic)"
         measured = (self.rate_text() if self.rate() is not None else "") + others
         parts = [measured.strip()] if measured else []
         if not finished:
@@ -1268,15 +1430,51 @@ class Outcome:
     cut_off: int = 0
     #: The error that stopped the run (balance, 401, --max-replies), if one did.
     stopped_by: AutocallsError | None = None
+    #: How INPUT changed during the run (never read: the run sent its snapshot), if it did.
+    input_changed: str | None = None
+    #: OUT could not be written (disk full): the run stopped sending (an ``OutWriteError``).
+    write_error: Exception | None = None
+    unwritten: int = 0  #: results printed on stderr because OUT could not take them
+    #: Rows held behind a row of their conversation that may have been processed (a ``Hold``).
+    hold: Any = None
+    notes: list[str] = attrs.Factory(list)  #: what the data means (unused columns, ...)
+    already_invalid: int = 0  #: of already_failed: still invalid, a retry cannot fix them
+    #: The first rows of each earlier outcome (failed, invalid, uncertain), by name.
+    examples: dict[str, list[str]] = attrs.Factory(dict)
+    command: str | None = None  #: the results command that lists every row
+
+    @property
+    def held(self) -> int:
+        return 0 if self.hold is None else int(self.hold.held)
+
+    def write_message(self, out: Path) -> str | None:
+        """The one message of a run stopped by OUT's write error (None: no error)."""
+        if self.write_error is None:
+            return None
+        left = self.meter.not_sent
+        return (
+            f"{PROG}: {self.write_error}: stopped sending. "
+            + (
+                f"{plural(self.unwritten, 'result')} that could not be written are printed "
+                "above on stderr as JSON lines: keep them (a rerun reports those rows as maybe "
+                "processed and does not send them again). "
+                if self.unwritten
+                else ""
+            )
+            + f"Free some space on the disk of {out}, then run the same command again to send "
+            f"the {plural(left, 'row')} left."
+        )
 
     @property
     def exit_code(self) -> int:
+        if self.write_error is not None:
+            return EXIT_OUT_WRITE
         if self.interrupted:
             return EXIT_INTERRUPTED
         if self.stopped_by is not None:
             return exit_code_for(self.stopped_by)
-        failed = self.meter.failed or self.already_failed or self.uncertain
-        return EXIT_FAILED if failed else EXIT_OK
+        failed = self.meter.failed or self.already_failed or self.uncertain or self.held
+        return EXIT_FAILED if failed or self.input_changed else EXIT_OK
 
 
 async def run_job(
@@ -1293,25 +1491,43 @@ async def run_job(
     retry_unsafe_failed: bool = False,
     allow_foreign: bool = False,
     priority: Priority = Priority.BACKGROUND,
+    give_up_uncertain: bool = False,
 ) -> Outcome:
     """Run ``source`` (an ``InputFile``) into ``log`` (a ``ResultLog``), with signals handled.
 
     OUT is locked first, then read, then the input is checked against it: nothing is sent
     unless every line of OUT belongs to a row of the input (or ``allow_foreign``).
     """
-    from ._bulkio import Ledger
+    from ._bulkio import Ledger, OutWriteError, ResultLog
+    from ._hold import Hold
+    from ._notes import DataNotes
 
     log.open()
     try:
         ledger: Ledger = log.read()
-        source.check(ledger, out=log.path, allow_foreign=allow_foreign)
+        source.take_snapshot()  # the one read of INPUT: every pass below reads this copy
+        notes = DataNotes()
+        source.check(ledger, out=log.path, allow_foreign=allow_foreign, observe=notes.add)
+        notes.unused_columns = () if source.extra_as_variables else source.extra_columns
+        notes.find_rows(source.keyed())
     except BaseException:
         log.close()
+        source.close()
         raise
     retry_failed = retry_failed or retry_unsafe_failed
     already_failed = 0 if retry_failed else source.already_failed
     uncertain = 0 if retry_unsafe_failed else source.uncertain
     todo = source.rows - source.already_answered - already_failed - uncertain
+    hold = Hold(normalize=client.normalize if client.normalize_identifier else None)
+    held_rows: set[int | None] = set()
+    if uncertain and not give_up_uncertain:  # rows behind an uncertain row wait (item 7)
+        for request, key in source.keyed():
+            state = ledger.state_of(request, key)
+            if state == "uncertain":
+                hold.uncertain(request)
+            elif _to_send(state, retry_failed) and hold.holds(request):
+                held_rows.add(request.row)
+        todo -= hold.held
     keys: dict[int | None, str] = {}  # row -> identity, for the rows pulled and not yet written
     pending: set[int | None] = set()  # rows whose "sending" line has no result line yet
 
@@ -1322,14 +1538,46 @@ async def run_job(
                 state == "answered"
                 or (state == "failed" and not retry_failed)
                 or (state == "uncertain" and not retry_unsafe_failed)
+                or request.row in held_rows
             ):
                 continue
             keys[request.row] = key
             yield request
 
+    write_error: OutWriteError | None = None
+    unwritten = 0  # results that OUT could not take, printed on stderr instead
+
+    def out_failed(error: OutWriteError) -> None:
+        nonlocal write_error
+        if write_error is None:
+            write_error = error
+            runner.stop()
+            progress.note(
+                f"{PROG}: {error}: stopped sending; calls in flight finish, and results that "
+                "cannot be written are printed here as JSON lines"
+            )
+
     def sending(request: BulkRequest) -> None:
-        log.write_sending(request, keys[request.row])
+        if write_error is None:
+            try:
+                log.write_sending(request, keys[request.row])
+            except OutWriteError as exc:
+                out_failed(exc)
+        if write_error is not None:  # no journal line, no send
+            raise ClientClosedError("not sent: OUT cannot be written")
         pending.add(request.row)
+
+    def record(result: BulkResult, key: str | None) -> None:
+        nonlocal unwritten
+        if write_error is None:
+            try:
+                log.write(result, key)
+                return
+            except OutWriteError as exc:
+                out_failed(exc)
+        unwritten += 1
+        sys.stderr.write(ResultLog.line(result, key).decode() + "\n")
+        sys.stderr.flush()
 
     meter = Meter(todo, rate_limit, client.stats, starts=starts)
     progress = make_progress(progress_mode, meter, description)
@@ -1387,14 +1635,18 @@ async def run_job(
                     # Certainly not processed, and the run stops: no result line, so a plain
                     # rerun sends it; a "sending" line written for it is withdrawn.
                     meter.not_sent += 1
-                    if journaled and key is not None:
-                        log.write_unsent(result, key)
+                    if journaled and key is not None and write_error is None:
+                        try:
+                            log.write_unsent(result, key)
+                        except OutWriteError as exc:
+                            out_failed(exc)  # its "sending" line stays: reported, not resent
                     continue
-                log.write(result, key)
+                record(result, key)
                 if result.ok:
                     meter.answered += 1
                 else:
                     meter.failed += 1
+                    meter.note_failure(result)
                 progress.update()
     except asyncio.CancelledError:
         if interrupts < 2:
@@ -1410,6 +1662,8 @@ async def run_job(
             loop.remove_signal_handler(signum)
         progress.close()
         log.close()
+        input_changed = source.changed()
+        source.close()
         if starts is not None:
             await starts.aclose()  # this run stops counting as a user of the token
     stopped_by = runner.stopped_by.error if runner.stopped_by is not None else None
@@ -1422,7 +1676,19 @@ async def run_job(
         stopped_by=stopped_by,
         total=source.rows,
         cut_off=cut_off,
+        input_changed=input_changed,
+        write_error=write_error,
+        unwritten=unwritten,
+        hold=hold,
+        notes=notes.lines(e164=client.normalize_identifier is not None),
+        already_invalid=0 if retry_failed else source.already_invalid,
+        examples=source.examples,
+        command=f"{PROG} results {shlex.quote(str(source.path))} {shlex.quote(str(log.path))}",
     )
+
+
+def _to_send(state: str | None, retry_failed: bool) -> bool:
+    return state is None or (state == "failed" and retry_failed)
 
 
 def _left_unsent(result: BulkResult, stop_on: tuple[type[AutocallsError], ...]) -> bool:
@@ -1443,6 +1709,8 @@ def summary(outcome: Outcome, out: Path) -> list[str]:
         f"{meter.failed} failed",
         f"{skipped} skipped (already in {out})",
     ]
+    if outcome.held:
+        counts.append(f"{outcome.held} held")
     if outcome.cut_off:
         counts.append(f"{outcome.cut_off} cut off in flight")
     if meter.not_sent:
@@ -1473,22 +1741,28 @@ def summary(outcome: Outcome, out: Path) -> list[str]:
         )
     else:
         lines.append(f"Rate: {meter.rate_text()} achieved (no client-side limit); {received}")
-    if outcome.already_failed:
-        lines.append(
-            f"{plural(outcome.already_failed, 'row')} failed in an earlier run: "
-            "add --retry-failed to send them again"
-        )
+    lines.extend(_failure_lines(outcome))
     if outcome.uncertain:
         lines.append(
             f"{plural(outcome.uncertain, 'row')} may have been processed by an earlier run (it "
             "stopped while they were sent, or they failed after reaching the service): not sent "
-            "again. Check those conversations; add --retry-unsafe-failed to send them anyway"
+            f"again{_rows(outcome.examples.get('uncertain'), outcome.uncertain)}. Check those "
+            "conversations; add --retry-unsafe-failed to send them anyway"
         )
     if outcome.cut_off:
         lines.append(
             f"{plural(outcome.cut_off, 'row')} cut off in flight by the second Ctrl-C may have "
             "been processed: the next run reports them instead of sending them again "
             "(--retry-unsafe-failed sends them anyway)"
+        )
+    if outcome.hold is not None:
+        lines.extend(outcome.hold.report())
+    lines.extend(f"Note: {note}" for note in outcome.notes)
+    if outcome.input_changed is not None:
+        lines.append(
+            f"The input file changed during the run ({outcome.input_changed}): this run sent "
+            "the rows as they were when it started and never read the change. Run the same "
+            "command again to check and send the file as it is now."
         )
     if outcome.interrupted:
         lines.append("Run the same command again to send the rows left.")
@@ -1497,12 +1771,61 @@ def summary(outcome: Outcome, out: Path) -> list[str]:
     return lines
 
 
+def _rows(names: list[str] | None, count: int) -> str:
+    """``: rows 3, 7, 9`` (and ``, …`` when there are more); empty without names."""
+    if not names:
+        return ""
+    return f": row{'s' if count > 1 else ''} {', '.join(names)}" + (
+        ", …" if count > len(names) else ""
+    )
+
+
+def _failure_lines(outcome: Outcome) -> list[str]:
+    """Failed rows, this run's and earlier ones, named, with the advice that fits each kind:
+    a fix of the input for invalid rows (a retry cannot help), --retry-failed for the others,
+    and where to see every row (the results command)."""
+    meter = outcome.meter
+    lines: list[str] = []
+    invalid = meter.counts.get("invalid", 0) + outcome.already_invalid
+    if invalid:
+        names = [*meter.examples.get("invalid", []), *outcome.examples.get("invalid", [])]
+        lines.append(
+            f"{plural(invalid, 'row')} invalid, never sent{_rows(names[:5], invalid)}: fix "
+            "them in the input (the next run sends the fixed rows; --dry-run --show-all lists "
+            "every problem)"
+        )
+    failed = meter.counts.get("failed", 0)
+    if failed:
+        lines.append(
+            f"{plural(failed, 'row')} failed without being processed"
+            f"{_rows(meter.examples.get('failed'), failed)}: once the cause (error_code) is "
+            "fixed, add --retry-failed to send them again"
+        )
+    earlier = outcome.already_failed - outcome.already_invalid
+    if earlier:
+        lines.append(
+            f"{plural(earlier, 'row')} failed in an earlier run"
+            f"{_rows(outcome.examples.get('failed'), earlier)}: add --retry-failed to send "
+            "them again"
+        )
+    uncertain = meter.counts.get("uncertain", 0)
+    if uncertain:
+        lines.append(
+            f"{plural(uncertain, 'row')} failed after reaching the service and may have been "
+            f"processed{_rows(meter.examples.get('uncertain'), uncertain)}: check those "
+            "conversations; --retry-unsafe-failed sends them again"
+        )
+    if lines and outcome.command is not None:
+        lines.append(f"Every row with its result: {outcome.command}")
+    return lines
+
+
 def print_lines(lines: list[str]) -> None:
     """Print on stdout; on a terminal, each line wrapped at word boundaries to its width
     (``COLUMNS`` or the terminal's), continuation lines indented. Elsewhere (a pipe, a log)
     one line each, whole, for grep."""
     width = shutil.get_terminal_size().columns if sys.stdout.isatty() else 0
-    for line in lines:
+    for line in map(printable, lines):
         if width >= 20:
             indent = line[: len(line) - len(line.lstrip())]
             line = textwrap.fill(
@@ -1533,6 +1856,9 @@ def _bulk_command(args: argparse.Namespace) -> int:
         return _usage_error("--concurrency must be >= 1")
     if args.out.resolve() == args.input.resolve():
         return _usage_error("--out must not be the input file")
+    problem = phone_extra_problem(args)
+    if problem is not None:
+        return _usage_error(problem)
     if args.dry_run:
         return _dry_run_command(args)
     problem = (
@@ -1574,6 +1900,7 @@ def _bulk_command(args: argparse.Namespace) -> int:
                 retry_failed=args.retry_failed,
                 retry_unsafe_failed=args.retry_unsafe_failed,
                 allow_foreign=args.allow_foreign,
+                give_up_uncertain=args.give_up_uncertain,
                 concurrency=args.concurrency,
                 progress_mode=args.progress,
                 description=args.input.name,
@@ -1583,6 +1910,9 @@ def _bulk_command(args: argparse.Namespace) -> int:
             await client.close()
             return _usage_error(str(exc))
         print_lines(summary(outcome, args.out))
+        message = outcome.write_message(args.out)
+        if message is not None:
+            print(message, file=sys.stderr)
         return outcome.exit_code
 
     return _run(job())
@@ -1612,6 +1942,9 @@ class DryRun:
     customers: set[str] = attrs.Factory(set)
     conversations: set[tuple[int, str]] = attrs.Factory(set)
     assistants: set[int] = attrs.Factory(set)
+    hold: Any = None  #: rows held behind an uncertain row of their conversation (a ``Hold``)
+    notes: list[str] = attrs.Factory(list)  #: what the data means (unused columns, ...)
+    shown: int = 5  #: invalid rows named (--show-all: every one)
 
 
 DRY_RUN_PROBLEMS_SHOWN: Final = 5
@@ -1626,6 +1959,8 @@ def dry_run(
     allow_foreign: bool = False,
     normalize: Any = None,
     max_request_bytes: int | None = DEFAULT_MAX_REQUEST_BYTES,
+    give_up_uncertain: bool = False,
+    show_all: bool = False,
 ) -> DryRun:
     """Check ``source`` against the output of earlier runs in ``log`` as ``run_job`` would
     (rows matched by content, foreign lines refused); send nothing.
@@ -1635,23 +1970,63 @@ def dry_run(
     by the key of the row as read, before ``normalize``, exactly as a run matches them.
     """
     from ._bulkio import Ledger
-    from .bulk import _check
+    from ._hold import Hold
 
     ledger: Ledger = log.peek()
-    source.check(ledger, out=log.path, allow_foreign=allow_foreign)
+    source.take_snapshot()
+    try:
+        return _dry_run(
+            source,
+            ledger,
+            log,
+            retry_failed,
+            retry_unsafe_failed,
+            allow_foreign,
+            normalize,
+            max_request_bytes,
+            None if give_up_uncertain else Hold(normalize=normalize),
+            sys.maxsize if show_all else DRY_RUN_PROBLEMS_SHOWN,
+        )
+    finally:
+        source.close()
+
+
+def _dry_run(
+    source: Any,
+    ledger: Any,
+    log: Any,
+    retry_failed: bool,
+    retry_unsafe_failed: bool,
+    allow_foreign: bool,
+    normalize: Any,
+    max_request_bytes: int | None,
+    hold: Any,
+    shown: int,
+) -> DryRun:
+    from ._notes import DataNotes
+    from .bulk import _check
+
+    notes = DataNotes()
     retry_failed = retry_failed or retry_unsafe_failed
-    found = DryRun(rows=source.rows)
-    for request, key in source.keyed():
+    found = DryRun(hold=hold)
+    found.shown = shown
+
+    def count(request: BulkRequest, key: str) -> None:
+        notes.add(request, key)
         state = ledger.state_of(request, key)
         if state == "answered":
             found.answered_before += 1
-            continue
+            return
         if state == "failed" and not retry_failed:
             found.failed_before += 1
-            continue
+            return
         if state == "uncertain" and not retry_unsafe_failed:
             found.uncertain_before += 1
-            continue
+            if hold is not None:
+                hold.uncertain(request)
+            return
+        if hold is not None and hold.holds(request):
+            return
         problem = _check(request, max_request_bytes)
         customer = request.customer_identifier
         if problem is None and normalize is not None:
@@ -1661,13 +2036,20 @@ def dry_run(
                 problem = InvalidRequestError(f"row {request.row or request.id}: {exc}")
         if problem is not None:
             found.invalid += 1
-            if len(found.problems) < DRY_RUN_PROBLEMS_SHOWN:
+            if len(found.problems) < found.shown:
                 found.problems.append(in_cli_words(" ".join(str(problem).split())))
-            continue
+            return
         found.to_send += 1
         found.customers.add(customer)
         found.conversations.add((request.assistant_id, customer))
         found.assistants.add(request.assistant_id)
+
+    # One pass: the check and the counts (the rows are matched exactly as the run matches them).
+    source.check(ledger, out=log.path, allow_foreign=allow_foreign, observe=count)
+    found.rows = source.rows
+    notes.unused_columns = () if source.extra_as_variables else source.extra_columns
+    notes.find_rows(source.keyed())
+    found.notes = notes.lines(e164=normalize is not None)
     return found
 
 
@@ -1693,7 +2075,11 @@ def dry_run_report(
     ]
     lines.extend(f"    {problem}" for problem in found.problems)
     if found.invalid > len(found.problems):
-        lines.append(f"    … and {found.invalid - len(found.problems)} more")
+        lines.append(
+            f"    … and {found.invalid - len(found.problems)} more (--show-all lists them)"
+        )
+    if found.hold is not None and found.hold.held:
+        lines.extend("  " + line for line in found.hold.report())
     lines.append(
         f"  distinct customers: {len(found.customers)} "
         f"({plural(len(found.conversations), 'conversation')} with "
@@ -1708,6 +2094,7 @@ def dry_run_report(
             f"({plural(sending, 'request')}, one every {rate_limit.interval:g}s, retries not "
             "included)"
         )
+    lines.extend(f"  note: {note}" for note in found.notes)
     return lines
 
 
@@ -1732,6 +2119,8 @@ def _dry_run_command(args: argparse.Namespace) -> int:
             allow_foreign=args.allow_foreign,
             normalize=args.e164,
             max_request_bytes=args.max_request_bytes,
+            give_up_uncertain=args.give_up_uncertain,
+            show_all=args.show_all,
         )
     except InputError as exc:
         return _usage_error(str(exc))
@@ -1900,8 +2289,18 @@ DEMO_TOKEN: Final = "demo-token"
 
 
 def _demo_command(args: argparse.Namespace) -> int:
-    # The files stay after the demo, so that every command it prints works once it has ended.
+    # With --dir or --keep the files stay after the demo, so that every command it prints works
+    # once it has ended; otherwise its temporary directory is removed.
     folder: Path = args.dir or Path(tempfile.mkdtemp(prefix="autocalls-demo-"))
+    args.keep = args.keep or args.dir is not None
+    try:
+        return _demo_in(args, folder)
+    finally:
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _demo_in(args: argparse.Namespace, folder: Path) -> int:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         data = resources.files("autocalls_async") / "examples" / "demo.csv"
@@ -1961,8 +2360,13 @@ async def _demo(args: argparse.Namespace, folder: Path) -> int:
         f"{plural(conversations, 'conversation')} (one per assistant and customer, messages "
         "kept in file order)."
     )
+    kept = (
+        f"The files are kept in {folder}."
+        if args.keep
+        else f"The demo's files are removed now (run it with --keep to keep them in {folder})."
+    )
     show.line(
-        f"\nThe files are kept in {folder}. To run the same job yourself, in two shells:\n"
+        f"\n{kept} To run the same job yourself, in two shells:\n"
         f"   {PROG} mock-server --port 8000 --assistants 123,456 --rate-limit 5/1\n"
         f"   export AUTOCALLS_BASE_URL=http://127.0.0.1:8000/api AUTOCALLS_API_TOKEN={DEMO_TOKEN}\n"
         f"   {PROG} bulk {where}/demo.csv --out {where}/replies-2.jsonl --rate-limit 5/1\n"
@@ -2015,12 +2419,12 @@ class _Show:
             table = Table("id", "customer", "reply (or error)", expand=False)
             for row_id, customer, text in rows:
                 style = None if not text.startswith("✗") else "red"
-                table.add_row(row_id, customer, text, style=style)
+                table.add_row(printable(row_id), printable(customer), printable(text), style=style)
             self.console.print(table)
             return
         width = max((len(customer) for _, customer, _ in rows), default=8)
         for row_id, customer, text in rows:
-            text = text if len(text) <= 90 else text[:89] + "…"
+            text = printable(text if len(text) <= 90 else text[:89] + "…")
             print(f"  {row_id:>3}  {customer:<{width}}  {text}", flush=True)
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections import deque
 from collections.abc import (
     AsyncGenerator,
@@ -43,7 +44,8 @@ from collections.abc import (
     Iterator,
     Mapping,
 )
-from typing import Any, Final
+from pathlib import Path
+from typing import Any, Final, Literal
 
 import attrs
 
@@ -82,6 +84,7 @@ __all__ = [
     "SkippedAssistantError",
     "error_code",
     "generated_requests",
+    "read_results",
 ]
 
 #: A row's id: the input's ``id`` (str or int), or its 1-based row number.
@@ -308,6 +311,32 @@ def error_code(error: AutocallsError) -> str:
         if isinstance(error, cls):
             return code
     return f"HTTP_{error.status}" if isinstance(error, APIError) else "ERROR"
+
+
+def read_results(
+    input: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    format: Literal["csv", "jsonl"] | None = None,
+    delimiter: str | None = None,
+    extra_as_variables: bool = False,
+) -> Iterator[dict[str, Any]]:
+    """A bulk run's results aligned with its input: one dict per input row, in input order,
+    the row's own fields plus ``status`` (``answered``, ``failed``, ``invalid``,
+    ``maybe_processed``, ``not_sent``), ``reply``, ``conversation_id``, ``error_code`` and
+    ``error``, joined by content as a run matches rows (never by row number, which shifts
+    when rows are inserted or deleted). Pass the options the run was given (``--format``,
+    ``--delimiter``, ``--vars-from-columns``). The ``results`` command writes the same rows
+    as CSV or JSONL."""
+    from ._results import read_results as read
+
+    return read(
+        Path(input),
+        Path(out),
+        format=format,
+        delimiter=delimiter,
+        extra_as_variables=extra_as_variables,
+    )
 
 
 def generated_requests(

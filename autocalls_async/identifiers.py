@@ -55,7 +55,9 @@ def _phonenumbers() -> Any:
     return phonenumbers
 
 
-def e164(default_region: str | None = None, *, strict: bool = False) -> Normalizer:
+def e164(
+    default_region: str | None = None, *, strict: bool = False, allow_local_only: bool = False
+) -> Normalizer:
     """Return a normaliser turning any parseable phone number into E.164 (``+14155551234``).
 
     ``default_region`` (ISO 3166 alpha-2, e.g. ``"US"``, ``"GB"``) is the country of numbers
@@ -65,7 +67,9 @@ def e164(default_region: str | None = None, *, strict: bool = False) -> Normaliz
     behind one switchboard) or is not a phone number at all raises ``InvalidRequestError``,
     saying which identifier and how to fix it. ``strict=True`` also refuses numbers that are
     possible but not assigned in the numbering plan (``is_valid_number``); off by default,
-    because new ranges appear before the metadata knows them.
+    because new ranges appear before the metadata knows them. A number that can only be dialled
+    locally (``555-0199`` in the US: no area code) is refused, since prefixing the country code
+    alone (``+15550199``) names nobody; ``allow_local_only=True`` accepts it as that.
     """
     lib = _phonenumbers()
     region: str | None = None
@@ -109,6 +113,16 @@ def e164(default_region: str | None = None, *, strict: bool = False) -> Normaliz
             raise InvalidRequestError(
                 f"customer_identifier {_shown(identifier)} has an extension, which E.164 "
                 "cannot hold; use one identifier per customer (e.g. their direct number)"
+            )
+        if (
+            not allow_local_only
+            and lib.is_possible_number_with_reason(number)
+            == lib.ValidationResult.IS_POSSIBLE_LOCAL_ONLY
+        ):
+            raise InvalidRequestError(
+                f"customer_identifier {_shown(identifier)} is a local number (no area code): "
+                "it cannot be written in E.164; write it with its area code"
+                + ("" if region is None else f" (a full {region} number)")
             )
         if not lib.is_possible_number(number) or (strict and not lib.is_valid_number(number)):
             what = "not a possible" if not lib.is_possible_number(number) else "not a valid"

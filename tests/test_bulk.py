@@ -450,7 +450,6 @@ def test_result_log_resumes_after_a_cut_line(tmp_path: Path) -> None:
         '{"id": 3, "ok": false, "status": 404}\n'
         '{"id": 5, "ok": false, "status": 500}\n'
         '{"id": 6, "ok": false, "error_code": "TIMEOUT"}\n'
-        '["not", "a", "row"]\n'
         '{"id": 4, "ok": tr'
     )
     log = ResultLog(out, fsync=True)
@@ -463,11 +462,12 @@ def test_result_log_resumes_after_a_cut_line(tmp_path: Path) -> None:
         5: "uncertain",  # a 500 may have been processed
         6: "uncertain",
     }
-    assert ledger.unreadable_lines == 2
+    assert ledger.unreadable_lines == 1
     log.write(BulkResult(BulkRequest(4, 123, "+1", "é"), error=ClientClosedError("x")), "k.1")
     log.close()
     lines = out.read_text(encoding="utf-8").splitlines()
-    assert lines[-2] == '{"id": 4, "ok": tr'
+    assert lines[-3] == '{"id": 4, "ok": tr'
+    assert lines[-2] == '{"id":null,"cut_line":7}'  # seen: never taken for damage later
     assert json.loads(lines[-1])["key"] == "k.1"
     assert ResultLog(out).read().by_key["k.1"].state == "failed"
 

@@ -207,7 +207,12 @@ def test_dry_run_matches_rows_by_content_and_refuses_foreign_lines(
     --allow-foreign counts the rows by content. Rows possibly processed are counted apart."""
     source, out = write_csv(tmp_path / "in.csv", rows(3)), tmp_path / "out.jsonl"
     assert bulk(source, out, "--rate-limit", "none") == 0
-    write_csv(source, [rows(4)[3], *rows(3)[1:]])  # row 1 replaced by a new row (m4), moved
+    # Row 1's message replaced (m4, same customer: a second message to them), so its line
+    # protects something (a deleted row's line would not block: issue 21).
+    write_csv(
+        source,
+        [{**rows(4)[3], "customer_identifier": rows(1)[0]["customer_identifier"]}, *rows(3)[1:]],
+    )
     capsys.readouterr()
     assert bulk(source, out, "--dry-run") == 2
     assert "out.jsonl has 1 line(s) for rows that are not in in.csv" in capsys.readouterr().err

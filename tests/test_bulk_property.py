@@ -37,15 +37,22 @@ inputs = st.lists(contents, min_size=1, max_size=8)
 
 
 class KilledLog(ResultLog):
-    """OUT, but the run is killed (its task cancelled) once ``kill_after`` lines are written."""
+    """OUT, but the run is killed (its task cancelled) once ``kill_after`` lines are written;
+    ``rewrite`` (a path and rows) rewrites the input in place after the first line (issue 21:
+    an export job or an editor saving during a run)."""
 
-    def __init__(self, path: Path, kill_after: int | None) -> None:
+    def __init__(
+        self, path: Path, kill_after: int | None, rewrite: dict[Path, list[Row]] | None = None
+    ) -> None:
         super().__init__(path)
         self.kill_after = kill_after
         self.task: asyncio.Task[Any] | None = None
+        self.rewrite = rewrite
 
     def _append(self, data: dict[str, Any]) -> None:
         super()._append(data)
+        if self.rewrite:
+            rewrite_in_place(*self.rewrite.popitem())
         if self.kill_after is not None:
             self.kill_after -= 1
             if self.kill_after <= 0 and self.task is not None:
@@ -59,6 +66,15 @@ def write_input(path: Path, rows: list[Row]) -> None:
         writer.writerows([123, customer, message] for customer, message in rows)
 
 
+def rewrite_in_place(path: Path, rows: list[Row]) -> None:
+    """``> in.csv``: the same file (inode), truncated and written again."""
+    with path.open("r+", newline="", encoding="utf-8") as file:
+        file.truncate(0)
+        writer = csv.writer(file)
+        writer.writerow(["assistant_id", "customer_identifier", "message"])
+        writer.writerows([123, customer, message] for customer, message in rows)
+
+
 async def one_run(
     server: MockAutocalls,
     source: Path,
@@ -66,10 +82,11 @@ async def one_run(
     *,
     kill_after: int | None = None,
     allow_foreign: bool = False,
+    rewrite: dict[Path, list[Row]] | None = None,
 ) -> Outcome | str:
     """A run of the bulk command: its outcome, or why it did not run or end."""
     client, _ = bulk_client(f"t-{uuid.uuid4().hex}", server.base_url, None)
-    log = KilledLog(out, kill_after)
+    log = KilledLog(out, kill_after, rewrite)
     log.task = asyncio.current_task()
     try:
         return await run_job(
@@ -84,6 +101,8 @@ async def one_run(
         )
     except InputError as exc:
         await client.close()
+        if "cannot be read" in str(exc):
+            return "damaged"
         assert "being written by another run" in str(exc) or "not in in.csv" in str(exc), exc
         return "refused"
     except asyncio.CancelledError:
@@ -108,6 +127,11 @@ steps = st.one_of(
     st.tuples(st.just("run"), st.none(), st.booleans()),
     st.tuples(st.just("edit"), edits),
     st.tuples(st.just("concurrent"), st.booleans()),
+    # The input is rewritten in place during a run (after its first line in OUT).
+    st.tuples(st.just("rewrite"), st.integers(1, 9), edits),
+    # OUT damaged: its last line cut short (a crash while writing a result), or a line in the
+    # middle garbled (then a run must refuse, naming it; the line is restored afterwards).
+    st.tuples(st.just("damage"), st.sampled_from(["cut", "garble"]), st.integers(0, 20)),
     # The account can pay for n more replies: a run stops at the first 402 (issue 14) and
     # leaves the rest, the refused row included, to a later run.
     st.tuples(st.just("balance"), st.integers(0, 3)),
@@ -129,6 +153,25 @@ def edit(rows: list[Row], change: tuple[Any, ...]) -> list[Row]:
     return rows
 
 
+def damage(out: Path, kind: str, index: int) -> bytes | str:
+    """Damage OUT as a crash or an editor would: what happened, or (a garbled middle line,
+    which the next run must refuse) OUT as it was before, to be restored."""
+    original = out.read_bytes()
+    lines = original.splitlines(keepends=True)
+    if kind == "cut":
+        # Only a result line can be cut by a crash: a "sending" line is written before the
+        # request leaves, and a failed write stops the row from being sent.
+        if not lines or b'"ok":' not in lines[-1]:
+            return "nothing to cut"
+        out.write_bytes(b"".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
+        return "last line cut"
+    if len(lines) < 2:
+        return "nothing to garble"
+    number = index % (len(lines) - 1)  # any line but the last
+    out.write_bytes(b"".join([*lines[:number], b'{"id":1,"ok":tr#garbled\n', *lines[number + 1 :]]))
+    return original
+
+
 async def scenario(
     directory: Path, rows: list[Row], plan: list[tuple[Any, ...]], balance: int | None = None
 ) -> None:
@@ -146,6 +189,26 @@ async def scenario(
                 if isinstance(result, Outcome):
                     result = "stopped at a 402" if result.stopped_by is not None else "ended"
                 event(f"run: {result}")
+            elif step[0] == "rewrite":
+                rows = edit(rows, step[2])
+                most |= collections.Counter(rows)
+                pending = {source: rows}
+                result = await killed_run(server, source, out, kill_after=step[1], rewrite=pending)
+                if pending:  # the run wrote no line (nothing to send, or refused)
+                    write_input(source, rows)
+                killed |= result == "killed"
+                if isinstance(result, Outcome):
+                    assert (result.input_changed is None) == bool(pending), result
+                    result = "ended"
+                event(f"rewritten during a run: {result}")
+            elif step[0] == "damage" and out.exists():
+                happened = damage(out, step[1], step[2])
+                if isinstance(happened, bytes):  # a middle line garbled: refused, restored
+                    assert await one_run(server, source, out) == "damaged"
+                    out.write_bytes(happened)
+                    happened = "middle line garbled: refused"
+                killed |= happened == "last line cut"  # a crash: its row is reported
+                event(f"damage: {happened}")
             elif step[0] == "balance":
                 left = server.balance_remaining
                 server.balance = step[1] if left is None else server.balance + step[1] - left
@@ -170,8 +233,17 @@ async def scenario(
         answers = collections.Counter(
             key for key, entry in ledger.by_key.items() if entry.state == "answered"
         )
-        states = [ledger.state_of(request, key) for request, key in InputFile(source).keyed()]
-        assert all(state in ("answered", "uncertain") for state in states), states
+        keyed = list(InputFile(source).keyed())
+        states = [ledger.state_of(request, key) for request, key in keyed]
+        # A row not answered is uncertain, or held behind an uncertain row of its customer.
+        waiting: set[str] = set()
+        for (request, _), state in zip(keyed, states, strict=True):
+            if state == "uncertain":
+                waiting.add(request.customer_identifier)
+            assert state in ("answered", "uncertain") or (
+                state is None and request.customer_identifier in waiting
+            ), states
+        assert states.count(None) == final.held
         assert killed or "uncertain" not in states, states  # a stop leaves nothing uncertain
         assert states.count("uncertain") == final.uncertain
         event(f"final: {'some rows reported' if final.uncertain else 'all answered'}")

@@ -82,7 +82,7 @@ def test_a_changed_message_is_refused_then_sent_with_allow_foreign(
     first = next(n for n, line in enumerate(out.read_text().splitlines(), 1) if '"row":2' in line)
     assert first == 3
     assert f"line {first}: row 2 (assistant 123, customer +2)" in err
-    assert "row 2 of the input has another message or variables" in err
+    assert "row 2 has this customer with another message or variables" in err
     assert "pass a new --out" in err and "--allow-foreign" in err
     assert len(sent_messages(emulator)) == 2
     assert bulk(source, out, "--allow-foreign") == 0
@@ -104,7 +104,8 @@ def test_another_days_input_on_the_same_out_is_refused(
     assert bulk(day2, out) == 2
     err = capsys.readouterr().err
     assert "days.jsonl has 2 line(s) for rows that are not in day2.csv" in err
-    assert "row 1 of the input now has customer +3, and no other row matches" in err
+    assert "no row of the input has its content, nor this customer" in err  # +1's line
+    assert "row 2 has this customer with another message" in err  # +2's line
     assert "or days.jsonl belongs to another input" in err
     assert len(sent_messages(emulator)) == 2  # nothing of day 2
     assert bulk(day2, out, "--allow-foreign") == 0
@@ -126,7 +127,7 @@ def test_old_out_files_keep_working_where_unambiguous(
     other.write_text(json.dumps({"id": 1, "row": 1, "customer_identifier": "+9", **old}) + "\n")
     capsys.readouterr()
     assert bulk(source, other) == 2
-    assert "row 1 of the input now has customer +1" in capsys.readouterr().err
+    assert "no row of the input has its content, nor this customer" in capsys.readouterr().err
     assert sent_messages(emulator) == ["B"]
 
 
@@ -134,7 +135,8 @@ def test_identical_rows_are_each_sent_once(
     emulator: MockAutocalls, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Two identical rows are two rows: both sent once; a rerun sends neither; deleting one
-    leaves a line that no row matches: refused."""
+    leaves a line that no row matches, which protects nothing (nothing is sent in its place):
+    the rerun sends nothing (issue 21; it was refused)."""
     source, out = tmp_path / "in.csv", tmp_path / "out.jsonl"
     write_csv(source, [row("+1", "same"), row("+2", "B"), row("+1", "same")])
     assert bulk(source, out) == 0
@@ -143,8 +145,8 @@ def test_identical_rows_are_each_sent_once(
     assert sorted(line["key"][-2:] for line in read_lines(out)) == [".1", ".1", ".2"]
     write_csv(source, [row("+1", "same"), row("+2", "B")])
     capsys.readouterr()
-    assert bulk(source, out) == 2
-    assert "1 line(s) for rows that are not in in.csv" in capsys.readouterr().err
+    assert bulk(source, out) == 0
+    assert "0 answered, 0 failed, 2 skipped" in capsys.readouterr().out
     assert len(sent_messages(emulator)) == 3
 
 

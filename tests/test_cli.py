@@ -592,7 +592,9 @@ async def test_sigkill_sigint_resume_exactly_once(tmp_path: Path) -> None:
         assert 1 <= len(in_flight_at_kill) <= 8  # ~ rate x reply delay were on the wire
 
         # 2. Resume, then SIGINT: calls in flight finish and are written, nothing new is sent.
-        second = await start_cli(*argv, **env)
+        # (--give-up-uncertain: the customers' later rows are sent, not held behind the rows
+        # cut off by the SIGKILL; issue 21 holds them by default.)
+        second = await start_cli(*argv, "--give-up-uncertain", **env)
         await wait_for_lines(out, len(written_first) + 10, second)
         second.send_signal(signal.SIGINT)
         async with asyncio.timeout(30):
@@ -605,7 +607,7 @@ async def test_sigkill_sigint_resume_exactly_once(tmp_path: Path) -> None:
         assert len(written_first) + len(written_second) < 40  # the third run has work left
 
         # 3. Resume to the end: the rows cut off by the SIGKILL are reported, not resent.
-        third = await run_cli(*argv, **env)
+        third = await run_cli(*argv, "--give-up-uncertain", **env)
         assert third.code == 1, third.err
         assert "0 429s received" in third.out
         journal = {line["row"] for line in read_lines(out, sending=True)}

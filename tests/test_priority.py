@@ -131,6 +131,7 @@ def test_eta_counts_the_slots_other_traffic_took() -> None:
     assert meter.share() is None and "other traffic" not in meter.figures()
     for n in range(_cli.PACE_MIN_STARTS):  # interactive calls took every other slot
         clock.recent.append(n * 2 * rate.interval)
+        clock.recent_lost.append(1)  # each start waited through one slot another call took
     clock.count = len(clock.recent)
     assert meter.eta() == pytest.approx(100 * 2 * rate.interval)
     assert meter.share() == pytest.approx(0.5)
@@ -138,8 +139,16 @@ def test_eta_counts_the_slots_other_traffic_took() -> None:
     clock.recent.clear()
     for n in range(_cli.PACE_WINDOW + 3):  # alone again: the last starts at the full rate
         clock.recent.append(1000 + n * rate.interval * 0.99)
+        clock.recent_lost.append(0)
     assert meter.eta() == pytest.approx(100 * rate.interval)
     assert meter.share() == 1.0 and "other traffic" not in meter.figures()
+    # Slow, but no slot went to anyone else (reply latency, a small --concurrency): no
+    # "other traffic" (it said 76% when nothing else used the token).
+    clock.recent.clear()
+    for n in range(_cli.PACE_WINDOW):
+        clock.recent.append(2000 + n * 4 * rate.interval)
+        clock.recent_lost.append(0)
+    assert meter.share() == pytest.approx(0.25) and "other traffic" not in meter.figures()
     meter.answered = 100
     assert meter.eta() == 0.0
 

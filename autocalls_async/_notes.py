@@ -1,0 +1,119 @@
+"""What the data means (issue 21): notes the dry run and the run print about an input.
+
+* Columns the run does not send (``customer_name`` without ``--vars-from-columns``: replies
+  then said "Hi there!"), with the flag that sends them. Extra columns stay opt-in: making them
+  variables by default would change every row's content key, and a rerun after an upgrade
+  would refuse every OUT written before.
+* Identical rows (same assistant, customer, message, variables): each is sent, as two rows;
+  named, with the way to send them once.
+* Identifiers that look like one phone number written differently (``+1 (415) 555-1234``,
+  ``415-555-1234``): the service keeps one conversation per spelling; ``--e164`` writes them
+  one way.
+
+Memory: a few digests and row numbers, and one entry per distinct phone-like identifier up to
+``PHONES_TRACKED``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Final
+
+import attrs
+
+from .bulk import BulkRequest
+
+__all__ = ["DataNotes", "phone_like"]
+
+GROUPS_SHOWN: Final = 5
+ROWS_SHOWN: Final = 10
+PHONES_TRACKED: Final = 200_000
+#: A phone number as people write it: digits, spaces, dots, dashes, slashes, parentheses and
+#: a leading +; at least 7 digits.
+_PHONE: Final = re.compile(r"^\+?[\d\s().\-/]+$")
+_DIGITS: Final = re.compile(r"\d")
+
+
+def phone_like(identifier: str) -> bool:
+    """True for an identifier written like a phone number, not an e-mail nor a CRM id: only
+    digits and phone punctuation, and either a leading +, some punctuation (``555-12``,
+    ``(415) 555 1234``) or at least 7 digits. A short bare number (``12345``) is taken for a
+    CRM id."""
+    text = identifier.strip()
+    if not _PHONE.match(text) or not _DIGITS.search(text):
+        return False
+    return text.startswith("+") or not text.isdigit() or len(text) >= 7
+
+
+def _tail(identifier: str) -> str:
+    """The last 10 digits: what two spellings of one national number share."""
+    return "".join(_DIGITS.findall(identifier))[-10:]
+
+
+@attrs.define
+class DataNotes:
+    """Collects, row by row (``add``), what to tell about the input."""
+
+    unused_columns: tuple[str, ...] = ()
+    #: digest -> rows with that content (only digests seen at least twice, a few of them)
+    identical: dict[str, list[int]] = attrs.Factory(dict)
+    identical_groups: int = 0  #: contents seen more than once
+    identical_rows: int = 0  #: rows that are a copy of an earlier row
+    phones: dict[str, list[str]] = attrs.Factory(dict)  #: last digits -> spellings
+
+    def add(self, request: BulkRequest, key: str) -> None:
+        digest, _, occurrence = key.rpartition(".")
+        if occurrence != "1" and request.problem is None:
+            self.identical_rows += 1
+            if occurrence == "2":
+                self.identical_groups += 1
+                if len(self.identical) < GROUPS_SHOWN:
+                    self.identical[digest] = []
+        customer = request.customer_identifier
+        if request.problem is None and phone_like(customer) and len(_tail(customer)) >= 7:
+            spellings = self.phones.get(_tail(customer))
+            if spellings is None:
+                if len(self.phones) < PHONES_TRACKED:
+                    self.phones[_tail(customer)] = [customer]
+            elif customer not in spellings and len(spellings) < 5:
+                spellings.append(customer)
+
+    def find_rows(self, rows: Iterable[tuple[BulkRequest, str]]) -> None:
+        """Name the rows of the identical contents shown (a second pass, only when some)."""
+        if not self.identical:
+            return
+        for request, key in rows:
+            group = self.identical.get(key.rpartition(".")[0])
+            if group is not None and len(group) < ROWS_SHOWN:
+                group.append(request.row or 0)
+
+    def lines(self, *, e164: bool) -> list[str]:
+        notes: list[str] = []
+        if self.unused_columns:
+            notes.append(
+                f"column(s) not sent: {', '.join(self.unused_columns)}; add "
+                "--vars-from-columns to send them as variables (e.g. {customer_name} in the "
+                "assistant's prompt)"
+            )
+        if self.identical_groups:
+            groups = "; ".join(
+                "rows " + ", ".join(map(str, rows)) for rows in self.identical.values() if rows
+            )
+            more = self.identical_groups - len(self.identical)
+            notes.append(
+                f"{self.identical_rows} identical row(s) (same assistant, customer, message "
+                f"and variables), each sent as its own row: {groups}"
+                + (f"; and {more} more group(s)" if more > 0 else "")
+                + ". To send such a message once, delete its copies"
+            )
+        merged = [spellings for spellings in self.phones.values() if len(spellings) > 1]
+        if merged and not e164:
+            shown = "; ".join(" = ".join(spellings) for spellings in merged[:GROUPS_SHOWN])
+            notes.append(
+                f"{len(merged)} phone number(s) written in several ways, each way its own "
+                f"conversation: {shown}"
+                + (f"; and {len(merged) - GROUPS_SHOWN} more" if len(merged) > GROUPS_SHOWN else "")
+                + ". Add --e164 REGION (e.g. --e164 US) to write them one way"
+            )
+        return notes
