@@ -129,8 +129,13 @@ def boot_id() -> str | None:
 
 
 def _timens_offset() -> float:
-    """How far this process's monotonic clock is ahead of the host's (a time namespace)."""
+    """How far this process's monotonic clock is ahead of the host's (a time namespace).
+
+    ``timens_offsets`` shows the namespace of the process's children: the same as its own,
+    unless it called ``unshare(CLONE_NEWTIME)`` itself, which it then does not belong to."""
     try:
+        if os.readlink("/proc/self/ns/time") != os.readlink("/proc/self/ns/time_for_children"):
+            return 0.0
         text = Path("/proc/self/timens_offsets").read_text()
     except OSError:
         return 0.0
@@ -178,6 +183,23 @@ def _shared(fs_type: str | None) -> bool:
     return fs_type in SHARED_FILE_SYSTEMS or fs_type.startswith("fuse")
 
 
+def _host_uid() -> int:
+    """This user's uid as the host knows it: inside a user namespace (``unshare --user``,
+    rootless containers) ``os.getuid()`` is the mapped one, and the name must be the host's."""
+    uid = os.getuid()
+    try:
+        lines = Path("/proc/self/uid_map").read_text().splitlines()
+    except OSError:
+        return uid
+    for line in lines:
+        parts = line.split()
+        if len(parts) == 3 and all(part.isdigit() for part in parts):
+            inside, outside, count = map(int, parts)
+            if inside <= uid < inside + count:
+                return outside + uid - inside
+    return uid
+
+
 def default_host_directory() -> Path:
     """Where ``HostRateLimiter`` keeps its database when no ``path`` is given.
 
@@ -188,7 +210,14 @@ def default_host_directory() -> Path:
     explicit = os.environ.get("AUTOCALLS_LIMITER_DIR")
     if explicit:
         return Path(explicit)
-    return _shared_base() / f"autocalls-async-{os.getuid()}"
+    return canonical_directory()
+
+
+def canonical_directory() -> Path:
+    """This user's place on this host, whatever ``AUTOCALLS_LIMITER_DIR`` says: where every
+    limiter notes which schedule it keeps (so that two are said), and where the key of token
+    ids is kept."""
+    return _shared_base() / f"autocalls-async-{_host_uid()}"
 
 
 def _shared_base() -> Path:
@@ -285,7 +314,7 @@ def _open_directory(path: Path, group: int | None, *, create: bool) -> int:
             os.mkdir(path, 0o2770 if group is not None else 0o700)
             if group is not None:
                 os.chown(path, -1, group)
-                os.chmod(path, 0o2770)
+            os.chmod(path, 0o2770 if group is not None else 0o700)  # whatever the umask
         except FileExistsError:
             pass
         except OSError as exc:
@@ -311,15 +340,15 @@ def _claim_default(base: Path) -> tuple[Path, int]:
     first but cannot remove or replace ours: every process of the user scans the same names in
     the same order and uses the first that is ours, so they all meet in one directory.
     """
-    uid = os.getuid()
+    uid, named = os.getuid(), _host_uid()
     try:
         base_info = os.stat(base)
     except OSError as exc:
         raise _Refused(f"cannot use {base} ({exc.strerror or exc})") from exc
     if base_info.st_mode & stat.S_IWOTH and not base_info.st_mode & stat.S_ISVTX:
         raise _Refused(f"{base} is writable by everyone and not sticky: others could replace it")
-    names = [f"autocalls-async-{uid}"] + [
-        f"autocalls-async-{uid}.{n}" for n in range(1, _CANDIDATES)
+    names = [f"autocalls-async-{named}"] + [
+        f"autocalls-async-{named}.{n}" for n in range(1, _CANDIDATES)
     ]
     taken: list[str] = []
     for _ in range(4):  # a name taken by someone else between our look and our mkdir
@@ -337,6 +366,9 @@ def _claim_default(base: Path) -> tuple[Path, int]:
                 continue
             info = os.fstat(fd)
             if info.st_uid == uid:
+                if stat.S_IMODE(info.st_mode) & 0o700 != 0o700:
+                    os.fchmod(fd, stat.S_IMODE(info.st_mode) | 0o700)  # ours, made unusable
+                    info = os.fstat(fd)
                 try:
                     _check_directory(info, path, None)
                 except BaseException:
@@ -351,6 +383,7 @@ def _claim_default(base: Path) -> tuple[Path, int]:
             break
         try:
             os.mkdir(free, 0o700)
+            os.chmod(free, 0o700)  # whatever the umask (0277 made it unusable: dr-x------)
         except FileExistsError:
             continue
         except OSError as exc:
@@ -389,7 +422,8 @@ class _Database:
         self.boot = boot_id() or ""
         self.next_sweep = 0.0
         self.warned_rows = False
-        self.registry_key: _Key = (str(directory), group, default)
+        self.registry_key: _Key = (os.path.realpath(directory), group)
+        self.closed = False
         self.names: dict[str, str] = {}
         self.states: dict[str, tuple[str, TokenState]] = {}  # name -> (row, decoded)
         dir_fd = -1
@@ -436,6 +470,12 @@ class _Database:
             _check_file(file_info, self.directory / DB_NAME, group)
             self.inode = (file_info.st_dev, file_info.st_ino)
             self.path = str(self.directory / DB_NAME)
+            # Closed before SQLite opens the file: POSIX locks belong to the process, and
+            # closing any descriptor of a file drops all of them, SQLite's included. (A
+            # connection that lost its lock on the database lets another process think it is
+            # the last one, which then deletes the -wal and -shm files in use.)
+            os.close(guard)
+            guard = -1
             while True:
                 try:
                     self.connection = self._connect()
@@ -445,9 +485,13 @@ class _Database:
                     if code != sqlite3.SQLITE_CANTOPEN or time.monotonic() >= patience:
                         raise
                     time.sleep(0.005)  # a member's new -wal or -shm file, not yet 0660
+            self._note_files()
+            if self.files[0][1] != self.inode or self.deleted():
+                self.close()  # replaced between our checks and SQLite's open
+                raise _Refused(f"{self.path} was replaced while it was being opened")
         finally:
             if guard >= 0:
-                os.close(guard)  # checked and opened: SQLite holds its own descriptors
+                os.close(guard)
             if dir_fd >= 0:
                 os.close(dir_fd)
 
@@ -578,17 +622,36 @@ class _Database:
         self.states[name] = (data, state)
 
     def deleted(self) -> bool:
-        """True once the database file was deleted or replaced under this process: one
-        ``stat`` of its path (the path gone, or another file there)."""
-        try:
-            info = os.stat(self.path, follow_symlinks=False)
-        except OSError:
-            return True
-        return info.st_ino != self.inode[1] or info.st_dev != self.inode[0]
+        """True once the database, or its write-ahead log or shared-memory file, was deleted
+        or replaced under this process (a cleaner): a process that opens it then makes new ones,
+        and the two would no longer lock against each other. A ``stat`` of each path."""
+        for path, inode in self.files:
+            try:
+                info = os.stat(path, follow_symlinks=False)
+            except OSError:
+                return True
+            if (info.st_dev, info.st_ino) != inode:
+                return True
+        return False
+
+    def _note_files(self) -> None:
+        """The inodes SQLite has open while this connection lives: the database, and its
+        ``-wal`` and ``-shm`` (which no other process deletes while this one is open)."""
+        files = []
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                info = os.stat(self.path + suffix, follow_symlinks=False)
+            except OSError:
+                if not suffix:
+                    files.append((self.path, (-1, -1)))  # gone already: never the same
+                continue
+            files.append((self.path + suffix, (info.st_dev, info.st_ino)))
+        self.files = files
 
     def close(self) -> None:
-        if os.getpid() != self.pid:
+        if os.getpid() != self.pid or self.closed:
             return  # a forked child never closes its parent's connection (SQLite forbids it)
+        self.closed = True
         with contextlib.suppress(sqlite3.Error):
             self.connection.close()
 
@@ -641,7 +704,7 @@ def _busy(exc: sqlite3.Error) -> bool:
     return "locked" in text or "busy" in text
 
 
-_Key = tuple[str, int | None, bool]
+_Key = tuple[str, int | None]
 #: Every database open in this process: in use by a store, or idle (kept open for the next).
 _DATABASES: dict[_Key, _Database] = {}
 _IDLE: OrderedDict[_Key, None] = OrderedDict()
@@ -651,15 +714,20 @@ _ABANDONED: list[_Database] = []  # a forked child's copies of its parent's: nev
 
 
 def _acquire(requested: Path, group: int | None, *, default: bool) -> _Database:
-    key = (str(requested), group, default)
+    # One database object per file in a process, however it was named (the default, or the
+    # same directory through AUTOCALLS_LIMITER_DIR or a link): never two connections whose
+    # opening and closing could drop each other's locks.
+    key = (os.path.realpath(requested), group)
     with _REGISTRY_LOCK:
         db = _DATABASES.get(key)
-        if db is not None and db.deleted():
+        if db is not None and (db.closed or db.deleted()):
             del _DATABASES[key]
             _IDLE.pop(key, None)
-            if db.users <= 0:
+            # Closed now, even while other stores hold it (they see it closed and come back
+            # here): SQLite cannot open the new files beside a connection to the old ones.
+            with db.lock:
                 db.close()
-            db = None  # its stores release it, and the last one closes it
+            db = None
         if db is None:
             db = _Database(requested, group, default=default)
             db.registry_key = key
@@ -677,7 +745,8 @@ def _release(db: _Database) -> None:
         if db.users > 0:
             return
         if _DATABASES.get(db.registry_key) is not db:
-            db.close()  # retired: its file was deleted
+            with db.lock:
+                db.close()  # retired: its file was deleted
             return
         _IDLE[db.registry_key] = None
         while len(_IDLE) > _IDLE_MAX:
@@ -725,9 +794,25 @@ class HostStore:
         *,
         clock: Callable[[], float] | None = None,
         group: str | int | None = None,
+        canonical: bool = False,
     ) -> None:
-        self._default = directory is None and not os.environ.get("AUTOCALLS_LIMITER_DIR")
-        self.requested = Path(directory) if directory is not None else default_host_directory()
+        explicit = os.environ.get("AUTOCALLS_LIMITER_DIR")
+        self._default = canonical or (directory is None and not explicit)
+        self._refusal: str | None = None
+        if canonical:
+            self.requested = canonical_directory()
+        elif directory is not None:
+            # A relative path means the directory it names now, whatever the process's later
+            # working directory.
+            self.requested = Path(directory).absolute()
+        else:
+            self.requested = default_host_directory()
+            if not self.requested.is_absolute():
+                # Processes in other working directories would each find another one.
+                self._refusal = (
+                    f"AUTOCALLS_LIMITER_DIR must be an absolute path, got {explicit!r}: "
+                    "processes started in other directories would keep other schedules"
+                )
         self.group = _resolve_group(group)
         self.clock = clock or host_clock()
         self._db: _Database | None = None
@@ -742,7 +827,8 @@ class HostStore:
 
     @property
     def place(self) -> str:
-        return f"the host store in {self.directory}"
+        """Where the schedules are, as warnings name it: the real path (links resolved)."""
+        return f"the host store in {os.path.realpath(self.directory)}"
 
     def _unavailable(self, what: str, hint: str = DIRECTORY_HINT) -> LimiterUnavailableError:
         return LimiterUnavailableError(
@@ -750,9 +836,11 @@ class HostStore:
         )
 
     def _open(self) -> _Database:
+        if self._refusal is not None:
+            raise LimiterUnavailableError(f"{self._refusal}{NOTHING_SENT}")
         db = self._db
         if db is not None:
-            if db.pid == os.getpid() and not db.deleted():
+            if db.pid == os.getpid() and not db.closed and not db.deleted():
                 return db
             self._db = None
             _release(db)
@@ -777,6 +865,8 @@ class HostStore:
         if not db.lock.acquire(blocking=False):
             return False, None
         try:
+            if db.closed:
+                return False, None  # retired under us (its files were deleted): ask again
             return self._transact(db, key, update)
         finally:
             db.lock.release()
@@ -914,7 +1004,7 @@ class HostStore:
 
 @contextlib.contextmanager
 def _default_database() -> Iterator[_Database | None]:
-    store = HostStore()
+    store = HostStore(canonical=True)
     try:
         db = store._open()
     except LimiterUnavailableError:

@@ -4,7 +4,8 @@
   every host (a Redis schedule is shared by all of them). A domain-separated SHA-256, shown
   nowhere; each store keeps it under a keyed hash of its own.
 * ``token_id(key)``: what logs, ``repr()`` and warnings show. A keyed hash (HMAC) whose random
-  key is kept in this user's host store (mode 0600), so a token id cannot be used to check a
+  key is kept in this user's store in its one place on the host (``canonical_directory()``,
+  mode 0600, whatever ``AUTOCALLS_LIMITER_DIR`` says), so a token id cannot be used to check a
   guess of the token (a partial echo of it, say) by anyone who cannot read that store. Every
   process of the user shows the same id for a token; where the store cannot be used, a process
   uses a random key of its own.
@@ -16,7 +17,7 @@ import hashlib
 import hmac
 import secrets
 
-from ._hoststore import default_host_directory, user_secret
+from ._hoststore import canonical_directory, user_secret
 
 __all__ = ["limiter_key", "token_id"]
 
@@ -31,7 +32,7 @@ def limiter_key(token: str) -> str:
 
 def token_id(key: str) -> str:
     """The token's name for people: 16 hex digits of a keyed hash of ``limiter_key``."""
-    place = str(default_host_directory())
+    place = str(canonical_directory())
     secret = _SECRETS.get(place)
     if secret is None:
         secret = _SECRETS[place] = user_secret() or secrets.token_bytes(32)

@@ -70,6 +70,8 @@ _ROUND_TRIP_GRACE = 0.1
 _POLL_MAX = 0.05
 #: How long a limiter's note of where it keeps a token's schedule stands unless renewed.
 _NOTE_TTL = 120.0
+#: How often a limiter in use renews its note, and so sees a schedule noted elsewhere since.
+_NOTE_RENEW = 5.0
 _NOTED_MAX = 50_000
 #: The stores this process said were unavailable, until one of their limiters works again.
 _DOWN: set[tuple[str, bool]] = set()
@@ -626,14 +628,16 @@ class Limiter(AsyncOnly):
         return str(getattr(self.store, "place", f"a {self.kind} store"))
 
     def _note(self, front: _Front, key: str) -> None:
-        """Say where this limiter keeps ``key``'s schedule, in this user's host store, and warn
-        once when another live limiter of this host keeps the same token's elsewhere: two
-        schedules, each keeping the limit alone, together exceed it."""
+        """Say where this limiter keeps ``key``'s schedule, in this user's one place on the host
+        (whatever ``AUTOCALLS_LIMITER_DIR`` says), and warn once when another live limiter of
+        this host keeps the same token's elsewhere: two schedules, each keeping the limit
+        alone, together exceed it. Renewed every few seconds while the token is used, so each
+        side sees the other."""
         if self.store.kind == "process" and self.store is not PROCESS_STORE:
             return  # a store of its own (a test's clock): its own schedule, by design
         now = front.loop.time()
         last = front.noted.get(key)
-        if last is not None and now - last < _NOTE_TTL / 2:
+        if last is not None and now - last < _NOTE_RENEW:
             return
         if len(front.noted) > _NOTED_MAX:
             front.noted.clear()  # renewed as each token is used again
