@@ -48,6 +48,14 @@ class LatencyProxy:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._server.wait_closed()
 
+    def drop_all(self) -> int:
+        """Reset every open connection at once (a failover, a proxy restarting); returns how
+        many. New connections are accepted as before."""
+        writers = list(self._writers)
+        for writer in writers:
+            writer.transport.abort()
+        return len(writers)
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         try:

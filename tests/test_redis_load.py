@@ -183,10 +183,11 @@ async def test_polls_do_not_write(redis_server: RedisServer, prefix: str) -> Non
         RedisRateLimiter(redis_server.url, rate_limit=rate, prefix=prefix) as holder,
         RedisRateLimiter(redis_server.url, rate_limit=rate, prefix=prefix) as waiter,
     ):
-        reads = Counting(waiter.redis_store._read)
-        writes = Counting(waiter.redis_store._cas)
-        waiter.redis_store._read = reads  # type: ignore[assignment]
-        waiter.redis_store._cas = writes  # type: ignore[assignment]
+        store = waiter.redis_store
+        reads, writes = Counting(store._read), Counting(store._cas)
+        store._read, store._cas = reads, writes  # type: ignore[assignment]
+        reports = Counting(getattr(store, "_report", store._cas))  # none before queue reports
+        store._report = reports  # type: ignore[assignment]
 
         async def wait() -> None:
             async with waiter.slot("tok") as slot:
@@ -195,7 +196,7 @@ async def test_polls_do_not_write(redis_server: RedisServer, prefix: str) -> Non
         async with holder.slot("tok") as slot:  # held, unsent, for 1.2 s (a slow connect)
             task = asyncio.create_task(wait())
             await asyncio.sleep(1.2)
-            polls, written = reads.calls, writes.written
+            polls, written = reads.calls, writes.written + reports.written
             slot.sent()
         await task
     print(f"\nwhile held for 1.2 s: {polls} polls, {written} writes")
@@ -234,6 +235,46 @@ async def test_a_grant_whose_answer_was_lost_is_recognised(
     print(f"\nreply lost: granted after {granted:.3f}s, next after {second:.3f}s")
     assert granted < 1.0
     assert second < 1.0
+
+
+async def test_connections_reset_mid_run_are_retried(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """Every connection to Redis reset twice while two limiters share a token (a failover, a
+    proxy restarting): each operation is retried once on a new connection, no call fails, the
+    window holds, and no grant is stranded for a lease."""
+    rate = RateLimit(10, 1.0)
+    loop = asyncio.get_running_loop()
+    starts: list[float] = []
+    async with (
+        LatencyProxy(redis_server.port, delay=0.002) as proxy,
+        RedisRateLimiter(proxy.url, rate_limit=rate, prefix=prefix, lease=3.0) as one,
+        RedisRateLimiter(proxy.url, rate_limit=rate, prefix=prefix, lease=3.0) as two,
+    ):
+
+        async def take(limiter: RedisRateLimiter) -> None:
+            async with limiter.slot("tok") as slot:
+                starts.append(loop.time())
+                slot.sent()
+
+        async def reset() -> int:
+            dropped = 0
+            for _ in range(2):
+                await asyncio.sleep(0.5)
+                dropped += proxy.drop_all()
+            return dropped
+
+        started = loop.time()
+        results = await asyncio.gather(
+            reset(), *(take(one if n % 2 else two) for n in range(16)), return_exceptions=True
+        )
+        elapsed = loop.time() - started
+    assert results[0] >= 2, results[0]  # connections were reset
+    assert all(r is None for r in results[1:]), results[1:]
+    starts.sort()
+    for first, last in zip(starts, starts[rate.requests :], strict=False):
+        assert last - first >= rate.period - 0.002
+    assert elapsed < 16 * rate.interval + 2.0  # no lease (3 s) lost to a stranded grant
 
 
 # ---------------------------------------------------------------------- eviction policy
