@@ -572,6 +572,8 @@ class _Database:
             for other, seen in connection.execute(
                 "SELECT boot, seen FROM boots WHERE boot != ?", (self.boot,)
             ):
+                if not isinstance(seen, int | float):
+                    return False  # not ours: made right under the write lock
                 if float(seen) > started + 1.0:
                     raise _Refused(_two_kernels(self.directory, str(other)))
         except sqlite3.OperationalError as exc:
@@ -595,9 +597,9 @@ class _Database:
         for other, seen in connection.execute(
             "SELECT boot, seen FROM boots WHERE boot != ?", (self.boot,)
         ).fetchall():
-            if float(seen) > started + 1.0:
+            if isinstance(seen, int | float) and float(seen) > started + 1.0:
                 raise _Refused(_two_kernels(self.directory, str(other)))
-            connection.execute("DELETE FROM boots WHERE boot = ?", (other,))
+            connection.execute("DELETE FROM boots WHERE boot = ?", (other,))  # past, or garbage
         connection.execute("INSERT OR REPLACE INTO boots VALUES(?, ?)", (self.boot, now))
 
     def name(self, key: str) -> str:
@@ -754,17 +756,31 @@ def _release(db: _Database) -> None:
             _DATABASES.pop(old).close()
 
 
+def _before_fork() -> None:
+    """Close every connection before ``os.fork()`` (both sides open their own again at their
+    next operation). A child that inherits an open connection inherits SQLite's record of the
+    locks its parent holds, not the locks themselves: its own new connection to the file then
+    believes it holds them and never takes them, and once the parent exits another process
+    takes itself for the last connection and deletes the -wal and -shm in use (a split
+    schedule, then a damaged database)."""
+    with _REGISTRY_LOCK:
+        for db in list(_DATABASES.values()):
+            with db.lock:
+                db.close()
+        _DATABASES.clear()
+        _IDLE.clear()
+
+
 def _after_fork() -> None:
-    """A forked child must not use its parent's connections (SQLite forbids it): it opens its
-    own, and keeps the copies, unclosed, for the parent's sake."""
+    """The child starts with no connection (closed before the fork) and locks of its own."""
     global _REGISTRY_LOCK
     _REGISTRY_LOCK = threading.Lock()
-    _ABANDONED.extend(_DATABASES.values())
+    _ABANDONED.extend(_DATABASES.values())  # opened by another thread during the fork: kept
     _DATABASES.clear()
     _IDLE.clear()
 
 
-os.register_at_fork(after_in_child=_after_fork)
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork)
 
 
 @atexit.register
@@ -855,6 +871,11 @@ class HostStore:
             raise self._unavailable(f"opening its database: {exc}") from None
         except OSError as exc:
             raise self._unavailable(exc.strerror or str(exc)) from None
+        except (ValueError, TypeError, IndexError) as exc:
+            raise self._unavailable(
+                f"its database holds what this SDK did not write ({type(exc).__name__}: {exc})",
+                f"remove {self.requested} to start afresh",
+            ) from None
         self._db = db
         return db
 

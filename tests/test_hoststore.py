@@ -1303,3 +1303,46 @@ def test_a_process_keeps_its_lock_on_the_database_while_it_uses_it(tmp_path: Pat
         assert check.execute("PRAGMA quick_check").fetchone()[0] == "ok"
     check.close()
     asyncio.run(store.aclose())
+
+
+FORKED = r"""
+import os, sys, time, subprocess
+from autocalls_async._stores import HostStore
+directory, other = sys.argv[1], sys.argv[2]
+store = HostStore(directory)
+store.try_update("k" * 64, lambda state, now: setattr(state, "due", now + 30))
+parent = os.getpid()
+if os.fork():
+    sys.exit(0)  # the parent exits normally: its connection is closed at exit
+while os.getppid() == parent:  # until the parent is gone (the child is adopted)
+    time.sleep(0.01)
+store.try_update("k" * 64, lambda state, now: None)  # the child's own connection
+files = dict(store._db.files)
+for _ in range(3):  # other processes open, write and close the store
+    subprocess.run([sys.executable, "-c", other, directory], check=True)
+same = all((os.stat(p).st_dev, os.stat(p).st_ino) == i for p, i in files.items())
+seen = store.try_update("j" * 64, lambda state, now: state.due)[1] > 0
+print("ok" if same and seen else f"broken: files kept {same}, writes seen {seen}", flush=True)
+"""
+
+
+def test_a_forked_child_whose_parent_exits_keeps_one_database(tmp_path: Path) -> None:
+    """A process uses the store, forks, and exits; its child goes on while other processes
+    come and go. The child takes locks of its own (every connection is closed before a fork),
+    so no other process deletes the files it uses: it sees their writes, one database."""
+    directory = tmp_path / "store"
+    other = (
+        "import sys, asyncio; from autocalls_async._stores import HostStore\n"
+        "s = HostStore(sys.argv[1])\n"
+        "s.try_update('j' * 64, lambda state, now: setattr(state, 'due', now + 30))\n"
+        "asyncio.run(s.aclose())\n"
+        "from autocalls_async import _hoststore; _hoststore._close_all()\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", FORKED, str(directory), other],
+        stdout=subprocess.PIPE, text=True, env=child_env(),
+    )  # fmt: skip
+    out, _ = parent.communicate(timeout=60)
+    # The child outlives the parent: read its answer from the pipe it inherited.
+    assert parent.returncode == 0
+    assert out.strip() == "ok", out
