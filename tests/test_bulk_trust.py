@@ -281,6 +281,12 @@ async def full_disk_run(server: MockAutocalls, source: Path, out: Path, blocks: 
         "off",
     ]
     script = f"ulimit -f {blocks}; trap '' XFSZ; exec \"$@\""
+    # Without pytest-cov's subprocess hook: coverage could not save its data past the limit.
+    env = {
+        k: v
+        for k, v in child_env(**env_for(server)).items()
+        if not k.startswith(("COV_CORE", "COVERAGE"))
+    }
     process = await asyncio.create_subprocess_exec(
         "sh",
         "-c",
@@ -289,7 +295,7 @@ async def full_disk_run(server: MockAutocalls, source: Path, out: Path, blocks: 
         *command,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=child_env(**env_for(server)),
+        env=env,
     )
     async with asyncio.timeout(60):
         stdout, stderr = await process.communicate()
