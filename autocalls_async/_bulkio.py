@@ -125,6 +125,18 @@ class Entry:
     matched: bool = False
     key: str | None = None  #: the row's content key (None: an old line without one)
 
+    def fill(self, data: dict[str, Any]) -> None:
+        """Take what the entry's first line names: its row, assistant and customer."""
+        row = data.get("row")
+        assistant_id = data.get("assistant_id")
+        customer = data.get("customer_identifier")
+        row_id = data.get("id")
+        if isinstance(row_id, int | str) and not isinstance(row_id, bool):
+            self.id = row_id
+        self.row = row if _is_int(row) else None
+        self.assistant_id = assistant_id if _is_int(assistant_id) else None
+        self.customer_identifier = customer if isinstance(customer, str) else None
+
     def describe(self) -> str:
         who = [f"assistant {self.assistant_id}"] if self.assistant_id is not None else []
         if self.customer_identifier is not None:
@@ -144,6 +156,7 @@ class Ledger:
     by_key: dict[str, Entry] = attrs.Factory(dict)
     legacy: dict[RowId, Entry] = attrs.Factory(dict)
     unreadable_lines: int = 0
+    path: Path | None = None  #: OUT, to read back what an entry's first line named
 
     def state_of(self, request: BulkRequest, key: str) -> RowState | None:
         """The row's state from earlier runs (None: to send, OUT knows nothing of it or only
@@ -160,7 +173,26 @@ class Ledger:
 
     def unmatched(self) -> list[Entry]:
         entries = [e for e in (*self.by_key.values(), *self.legacy.values()) if not e.matched]
-        return sorted(entries, key=lambda entry: entry.line)
+        entries.sort(key=lambda entry: entry.line)
+        self._recall(entries)
+        return entries
+
+    def _recall(self, entries: list[Entry]) -> None:
+        """Fill in what an entry's first line names (id, row, assistant, customer), read back
+        from OUT: a line with a key keeps only its state in memory (issue 21: a compact
+        ledger for big OUT files), and these are needed only to explain a refusal."""
+        lacking = {e.line: e for e in entries if e.key is not None and e.row is None}
+        if not lacking or self.path is None:
+            return
+        with contextlib.suppress(OSError), self.path.open("rb") as file:
+            for number, line in enumerate(file, 1):
+                entry = lacking.pop(number, None)
+                if entry is not None:
+                    data, _ = _decode(line.removeprefix(_BOM))
+                    if isinstance(data, dict):
+                        entry.fill(data)
+                if not lacking:
+                    break
 
     def note(self, key: str | None, row_id: RowId, data: dict[str, Any], line: int) -> None:
         state: RowState | None
@@ -175,18 +207,10 @@ class Ledger:
         table: dict[Any, Entry] = self.by_key if key is not None else self.legacy
         entry = table.get(key if key is not None else row_id)
         if entry is None:
-            row = data.get("row")
-            assistant_id = data.get("assistant_id")
-            customer = data.get("customer_identifier")
-            table[key if key is not None else row_id] = Entry(
-                line,
-                row_id,
-                row if _is_int(row) else None,
-                assistant_id if _is_int(assistant_id) else None,
-                customer if isinstance(customer, str) else None,
-                state,
-                key=key,
-            )
+            entry = Entry(line, row_id, None, None, None, state, key=key)
+            if key is None or self.path is None:  # else read back only if ever needed
+                entry.fill(data)
+            table[key if key is not None else row_id] = entry
         elif entry.state != "answered":  # an answer is final; otherwise the last line says
             entry.state = state
 
@@ -281,11 +305,13 @@ class InputFile:
 
     def keyed(self) -> Iterator[tuple[BulkRequest, str]]:
         """Each row with its identity: the digest of its content and its occurrence among the
-        rows with that content (two identical rows are two rows, each sent once)."""
-        seen: dict[str, int] = {}
+        rows with that content (two identical rows are two rows, each sent once). Contents
+        seen are kept as 8-byte integers, not strings (a compact set for big inputs)."""
+        seen: dict[int, int] = {}
         for request in self:
             digest = row_digest(request)
-            seen[digest] = occurrence = seen.get(digest, 0) + 1
+            number = int(digest, 16)
+            seen[number] = occurrence = seen.get(number, 0) + 1
             yield request, f"{digest}.{occurrence}"
 
     def check(
@@ -912,7 +938,7 @@ class ResultLog:
     def _parse(self, file: IO[bytes]) -> tuple[Ledger, bytes, int | None]:
         """The ledger of ``file``, its last byte (a newline unless a line was cut), and the
         number of its last line if that line cannot be read (and is not marked as seen)."""
-        ledger = Ledger()
+        ledger = Ledger(path=self.path)
         last = b"\n"
         seen_one = False
         bad: tuple[int, bytes, str] | None = None  # an unreadable line, accepted if last

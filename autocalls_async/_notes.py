@@ -27,6 +27,7 @@ from .bulk import BulkRequest
 __all__ = ["DataNotes", "phone_like"]
 
 GROUPS_SHOWN: Final = 5
+COLUMNS_SHOWN: Final = 10
 ROWS_SHOWN: Final = 10
 PHONES_TRACKED: Final = 200_000
 #: A phone number as people write it: digits, spaces, dots, dashes, slashes, parentheses and
@@ -91,8 +92,11 @@ class DataNotes:
     def lines(self, *, e164: bool) -> list[str]:
         notes: list[str] = []
         if self.unused_columns:
+            names = ", ".join(self.unused_columns[:COLUMNS_SHOWN])
+            if len(self.unused_columns) > COLUMNS_SHOWN:
+                names += f" and {len(self.unused_columns) - COLUMNS_SHOWN} more"
             notes.append(
-                f"column(s) not sent: {', '.join(self.unused_columns)}; add "
+                f"column(s) not sent: {names}; add "
                 "--vars-from-columns to send them as variables (e.g. {customer_name} in the "
                 "assistant's prompt)"
             )

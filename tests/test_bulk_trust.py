@@ -281,6 +281,12 @@ async def full_disk_run(server: MockAutocalls, source: Path, out: Path, blocks: 
         "off",
     ]
     script = f"ulimit -f {blocks}; trap '' XFSZ; exec \"$@\""
+    # Without pytest-cov's subprocess hook: coverage could not save its data past the limit.
+    env = {
+        k: v
+        for k, v in child_env(**env_for(server)).items()
+        if not k.startswith(("COV_CORE", "COVERAGE"))
+    }
     process = await asyncio.create_subprocess_exec(
         "sh",
         "-c",
@@ -289,13 +295,7 @@ async def full_disk_run(server: MockAutocalls, source: Path, out: Path, blocks: 
         *command,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        # Without coverage's measurement (make test measures children): the file size limit
-        # would stop coverage writing its own data at exit, with a traceback of its own.
-        env={
-            k: v
-            for k, v in child_env(**env_for(server)).items()
-            if k not in ("COVERAGE_PROCESS_CONFIG", "COVERAGE_PROCESS_START")
-        },
+        env=env,
     )
     async with asyncio.timeout(60):
         stdout, stderr = await process.communicate()
@@ -705,3 +705,142 @@ async def test_deleting_an_answered_row_never_blocks_a_rerun(
     run = await bulk(emulator, source, out)
     assert run.code == 2 and "row 1 has this customer with another message" in run.err, run
     assert sum(processed(emulator).values()) == 4
+
+
+# -- results and the snapshot: the remaining cases ------------------------------------------
+
+
+def test_results_reads_old_lines_a_bom_a_cut_line_and_every_status(tmp_path: Path) -> None:
+    """Old lines (no key) join by id when assistant and customer agree; a BOM and a cut last
+    line are read through; a `sending` line alone is maybe_processed; a refusal before
+    processing is failed; a withdrawn row is not_sent; an input column named like a result
+    column keeps its name, the result's gets a prefix; JSONL input to CSV output."""
+    from autocalls_async._bulkio import InputFile
+    from autocalls_async._results import read_results, write_results
+
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    rows = [
+        {"assistant_id": 123, "customer_identifier": f"+{n}", "message": "m", "status": "vip"}
+        for n in range(6)
+    ]
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    keys = [key for _, key in InputFile(source).keyed()]
+    lines = [
+        {
+            "id": 1,
+            "ok": True,
+            "row": 1,
+            "assistant_id": 123,
+            "customer_identifier": "+0",
+            "reply": "old",
+            "conversation_id": "c0",
+        },
+        {
+            "id": 2,
+            "ok": True,
+            "row": 2,
+            "assistant_id": 123,
+            "customer_identifier": "+999",
+            "reply": "someone else's",
+        },
+        {"id": 3, "sending": True, "key": keys[2]},
+        {
+            "id": 4,
+            "ok": False,
+            "key": keys[3],
+            "error_code": "RATE_LIMITED",
+            "error": "429",
+            "maybe_processed": False,
+        },
+        {"id": 5, "sending": True, "key": keys[4]},
+        {"id": 5, "sending": False, "key": keys[4], "error_code": "INSUFFICIENT_BALANCE"},
+    ]
+    text = "".join(json.dumps(line) + "\n" for line in lines)
+    out.write_bytes(b"\xef\xbb\xbf" + text.encode() + b'{"id":6,"ok":tr')
+    got = list(read_results(source, out))
+    assert [row["result_status"] for row in got] == [
+        "answered",
+        "not_sent",
+        "maybe_processed",
+        "failed",
+        "not_sent",
+        "not_sent",
+    ]
+    assert got[0]["reply"] == "old" and got[0]["status"] == "vip"
+    assert got[3]["error_code"] == "RATE_LIMITED"
+    import io
+
+    buffer = io.StringIO()
+    counts = write_results(iter(got), buffer, "csv")
+    assert counts == {"answered": 1, "not_sent": 3, "maybe_processed": 1, "failed": 1}
+    header = buffer.getvalue().splitlines()[0]
+    assert header.startswith("assistant_id,customer_identifier,message,status,result_status")
+
+
+async def test_results_refuses_what_it_cannot_read_or_write(tmp_path: Path) -> None:
+    missing = await run_cli("results", str(tmp_path / "nope.csv"), str(tmp_path / "o.jsonl"))
+    assert missing.code == 2 and "no such file" in missing.err
+    source = tmp_path / "in.csv"
+    write_rows(source, [("+1", "A")])
+    no_out = await run_cli("results", str(source))
+    assert no_out.code == 2 and "needs the bulk run's OUT" in no_out.err
+    into_dir = await run_cli("results", str(source), str(tmp_path / "o.jsonl"), "-o", str(tmp_path))
+    assert into_dir.code == 2 and "cannot write" in into_dir.err
+    bad = tmp_path / "bad.csv"
+    bad.write_text("name\nAnn\n")
+    refused = await run_cli("results", str(bad), str(tmp_path / "o.jsonl"))
+    assert refused.code == 2 and "lacks the required column" in refused.err
+
+
+def test_the_snapshot_tells_how_the_input_changed(tmp_path: Path) -> None:
+    from autocalls_async._snapshot import Snapshot
+
+    source = tmp_path / "in.csv"
+    source.write_text("a\n")
+    snapshot = Snapshot.take(source)
+    try:
+        assert snapshot.changed() is None
+        assert (
+            snapshot.path.read_text() == "a\n"
+            and stat.S_IMODE(snapshot.path.stat().st_mode) == 0o600
+        )
+        source.write_text("a\nb\n")
+        assert "rewritten (2 bytes then, 4 now)" in str(snapshot.changed())
+        os.utime(source, ns=(0, 0))
+        source.write_text("c\n")
+        os.utime(source, ns=(1, 1))
+        assert "modification time" in str(snapshot.changed())
+        replacement = tmp_path / "new.csv"
+        replacement.write_text("a\n")
+        replacement.replace(source)
+        assert snapshot.changed() == "it was replaced by another file"
+        source.unlink()
+        assert snapshot.changed() == "it was deleted or renamed"
+    finally:
+        snapshot.close()
+    assert not snapshot.path.parent.exists()
+
+
+def test_the_header_check_is_linear(tmp_path: Path) -> None:
+    """A header of 40,000 columns took 33 s (each name counted against all the others); it is
+    checked in one pass now, and the note names the first unused columns, not all of them."""
+    import time
+
+    from autocalls_async._bulkio import InputFile
+    from autocalls_async._notes import DataNotes
+
+    extra = [f"c{n}" for n in range(40_000)]
+    source = tmp_path / "wide.csv"
+    source.write_text(
+        ",".join(["assistant_id", "customer_identifier", "message", *extra])
+        + "\n"
+        + ",".join(["123", "+1", "hi", *("x" for _ in extra)])
+        + "\n"
+    )
+    started = time.perf_counter()
+    wide = InputFile(source)
+    wide.check()
+    assert time.perf_counter() - started < 5.0
+    notes = DataNotes(unused_columns=wide.extra_columns)
+    (note,) = notes.lines(e164=False)
+    assert "c0, c1," in note and "and 39990 more" in note and len(note) < 300
