@@ -702,8 +702,8 @@ def _busy(exc: sqlite3.Error) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)
     if code is not None:
         return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-    text = str(exc)  # pragma: no cover - Python < 3.11
-    return "locked" in text or "busy" in text
+    text = str(exc)  # pragma: no cover - Python < 3.11 (no sqlite_errorcode)
+    return "locked" in text or "busy" in text  # pragma: no cover
 
 
 _Key = tuple[str, int | None]

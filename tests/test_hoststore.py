@@ -1346,3 +1346,108 @@ def test_a_forked_child_whose_parent_exits_keeps_one_database(tmp_path: Path) ->
     # The child outlives the parent: read its answer from the pipe it inherited.
     assert parent.returncode == 0
     assert out.strip() == "ok", out
+
+
+# ---------------------------------------------------------------------- each failure, its words
+
+
+def test_each_database_failure_says_what_to_do(tmp_path: Path) -> None:
+    store = HostStore(tmp_path / "s")
+    assert repr(store) == f"<HostStore {tmp_path / 's'}>"
+
+    def failure(code: int) -> str:
+        exc = sqlite3.OperationalError("boom")
+        exc.sqlite_errorcode = code  # type: ignore[attr-defined]
+        return str(store._failed(exc))
+
+    assert "file system is full" in failure(sqlite3.SQLITE_FULL)
+    assert "damaged" in failure(sqlite3.SQLITE_CORRUPT) and "remove" in failure(26)
+    assert "read-only" in failure(sqlite3.SQLITE_READONLY)
+    assert "its database failed: boom" in failure(sqlite3.SQLITE_IOERR)
+
+
+def test_small_caches_and_a_store_retired_under_its_users(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The remembered names and states are bounded; a database retired while a store holds
+    it (its files deleted) answers "ask again", and the next ask opens the new one."""
+    monkeypatch.setattr(hoststore, "_NAMES_KEPT", 2)
+    monkeypatch.setattr(hoststore, "_STATES_KEPT", 2)
+    store = HostStore(tmp_path / "s")
+    for n in range(5):
+        assert store.try_update(f"{n:064d}", lambda state, now: setattr(state, "due", now + 9))[0]
+    db = store._db
+    assert db is not None and len(db.names) <= 2 and len(db.states) <= 2
+    db.closed = True
+    assert store.try_update(KEY, lambda state, now: None) == (True, None)
+    assert store._db is not db
+    asyncio.run(store.aclose())
+
+
+def test_a_database_replaced_by_another_file_is_noticed(tmp_path: Path) -> None:
+    directory = tmp_path / "s"
+    store = HostStore(directory)
+    store.try_update(KEY, lambda state, now: setattr(state, "due", now + 9))
+    db = store._db
+    assert db is not None and not db.deleted()
+    copy = tmp_path / "copy"
+    copy.write_bytes((directory / hoststore.DB_NAME).read_bytes())
+    copy.chmod(0o600)
+    os.replace(copy, directory / hoststore.DB_NAME)
+    assert db.deleted()
+    asyncio.run(store.aclose())
+
+
+def test_a_database_made_by_hand_is_made_ready(tmp_path: Path) -> None:
+    """An empty database (schema 0), or one without the key, is made ready under the write
+    lock; an existing directory of ours is used as it is."""
+    directory = tmp_path / "s"
+    directory.mkdir(mode=0o700)
+    with sqlite3.connect(directory / hoststore.DB_NAME, isolation_level=None) as made:
+        made.execute("PRAGMA journal_mode=WAL")
+        made.execute("CREATE TABLE meta(name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        made.execute(f"PRAGMA user_version={hoststore._SCHEMA}")
+    made.close()
+    (directory / hoststore.DB_NAME).chmod(0o600)
+    store = HostStore(directory)
+    assert store.try_update(KEY, lambda state, now: "ready") == (True, "ready")
+    asyncio.run(store.aclose())
+
+
+def test_the_hosts_facts_when_proc_says_little(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = Path.read_text
+
+    def odd(self: Path, *args: Any, **kwargs: Any) -> str:
+        if str(self) == "/proc/self/timens_offsets":
+            return "boottime 5 0\n"
+        if str(self) == "/proc/self/uid_map":
+            raise PermissionError(str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", odd)
+    assert hoststore._timens_offset() == 0.0
+    assert hoststore._host_uid() == os.getuid()
+    assert hoststore._file_system(os.makedev(4095, 4095)) is None
+
+
+def test_a_group_the_process_is_not_in_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    (_, gid) = require_users()
+    monkeypatch.setattr(os, "geteuid", lambda: 12345)
+    monkeypatch.setattr(os, "getegid", lambda: 12345)
+    monkeypatch.setattr(os, "getgroups", list)
+    with pytest.raises(ValueError, match="not a member of group"):
+        hoststore._resolve_group(gid)
+
+
+def test_a_shared_directory_that_cannot_be_used(tmp_path: Path) -> None:
+    """A base that does not exist; our own directory there open to others."""
+    with pytest.raises(hoststore._Refused, match="cannot use"):
+        hoststore._claim_default(tmp_path / "missing")
+    base = tmp_path / "shm"
+    base.mkdir()
+    base.chmod(0o1777)
+    ours = base / f"autocalls-async-{hoststore._host_uid()}"
+    ours.mkdir()
+    ours.chmod(0o777)
+    with pytest.raises(hoststore._Refused, match="writable by others"):
+        hoststore._claim_default(base)
