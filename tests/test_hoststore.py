@@ -374,36 +374,20 @@ def test_token_ids_are_keyed_and_the_same_in_every_process(tmp_path: Path) -> No
     here = client.token_id
     asyncio.run(client.close())
     assert here not in hashlib.sha256(token.encode()).hexdigest()
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from autocalls_async import AsyncAutocalls as A; "
-            "print(A(sys.argv[1], base_url='http://127.0.0.1:9/api').token_id)",
-            token,
-        ],
-        capture_output=True,
-        text=True,
-        env=child_env(),
-        check=True,
-        timeout=60,
+    program = (
+        "import sys; from autocalls_async import AsyncAutocalls as A; "
+        "print(A(sys.argv[1], base_url='http://127.0.0.1:9/api').token_id)"
     )
-    assert out.stdout.strip() == here
-    other = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from autocalls_async import AsyncAutocalls as A; "
-            "print(A(sys.argv[1], base_url='http://127.0.0.1:9/api').token_id)",
-            token,
-        ],
-        capture_output=True,
-        text=True,
-        env=child_env(AUTOCALLS_LIMITER_DIR=str(tmp_path)),
-        check=True,
-        timeout=60,
-    )
-    assert other.stdout.strip() == here
+
+    def shown(env: dict[str, str]) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", program, token],
+            capture_output=True, text=True, env=env, check=True, timeout=60,
+        )  # fmt: skip
+        return done.stdout.strip()
+
+    assert shown(child_env()) == here
+    assert shown(child_env(AUTOCALLS_LIMITER_DIR=str(tmp_path))) == here
 
 
 # ---------------------------------------------------------------------- never a silent second schedule
