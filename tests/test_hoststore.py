@@ -44,6 +44,7 @@ from ._env import child_env
 from .hosts import require_namespaces, require_users
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
 RATE = RateLimit(5, 1.0)
 JITTER = 0.003  # the rolling window, as the server dates requests
 #: Two schedules would put starts ~0 s apart; one keeps them 0.2 s apart, dated at our write.
@@ -220,8 +221,16 @@ async def test_processes_of_one_user_share_whatever_their_environment(
     runtime.mkdir(mode=0o700)
     token = new_token()
     base = {"token": token, "base_url": strict.base_url, "calls": 5}
-    private_tmp = [unshare, "--mount", "--fork", "sh", "-c", 'mount -t tmpfs tmpfs /tmp && "$@"']
-    private_tmp.append("sh")
+    # A private /tmp hides what lives there: the checkout too, when it was cloned under /tmp
+    # (its interpreter, its coverage file). Those are bound back into the new /tmp.
+    keep = str(ROOT) if str(ROOT).startswith("/tmp/") else ""
+    private_tmp = [
+        unshare, "--mount", "--fork", "sh", "-c",
+        'mount --bind /tmp /mnt && mount -t tmpfs tmpfs /tmp && '
+        'if [ -n "$KEEP" ]; then mkdir -p "$KEEP" && mount --bind "/mnt${KEEP#/tmp}" "$KEEP"; '
+        'fi && exec "$@"',
+        "sh",
+    ]  # fmt: skip
     answers = await run_together(
         [
             (
@@ -235,7 +244,7 @@ async def test_processes_of_one_user_share_whatever_their_environment(
                 None,
             ),
             ({**base, "name": "tmpdir"}, default_env(TMPDIR="/var/tmp", HOME="/nonexistent"), None),
-            ({**base, "name": "private"}, default_env(), private_tmp),
+            ({**base, "name": "private"}, default_env(KEEP=keep), private_tmp),
         ]
     )
     arrivals = [round(record.time, 4) for record in strict.requests]
@@ -1137,7 +1146,14 @@ async def test_processes_with_and_without_autocalls_limiter_dir_are_said(
 
     token = new_token()
     again = _ratelimit._NOTE_RENEW + 0.5
-    base = {"token": token, "base_url": strict.base_url, "calls": 2, "again_after": again}
+    # Held open until both answered: a process that exited is no longer a schedule to name.
+    base = {
+        "token": token,
+        "base_url": strict.base_url,
+        "calls": 2,
+        "again_after": again,
+        "hold": True,
+    }
     errs = []
     children = [
         await spawn({**base, "name": "set"}, child_env()),
