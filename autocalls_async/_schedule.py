@@ -2,8 +2,8 @@
 
 Every limiter store (this process, every process of the host, every host through Redis) keeps
 one ``TokenState`` per token and applies these functions to it atomically, with the store's own
-clock as ``now``: the memory store under a lock, the host store under an exclusive ``flock``,
-Redis with a compare-and-set. The waiting, queueing and sending around it live in
+clock as ``now``: the memory store under a lock, the host store in one SQLite transaction
+(``BEGIN IMMEDIATE``), Redis with a compare-and-set. The waiting, queueing and sending around it live in
 ``_ratelimit.Limiter``; this module neither waits nor does I/O.
 
 The rules
@@ -62,7 +62,7 @@ steps: the memory and host stores use the system's monotonic clock, which never 
 store uses Redis's ``TIME``, and a forward step of that clock by more than ``tol`` is the one
 thing that can shorten a gap across processes (NTP slews, it does not step, once synchronised).
 
-A store that lost its state (Redis flushed or restarted, the host file deleted) forgets other
+A store that lost its state (Redis flushed or restarted, the host database deleted) forgets other
 processes' starts; each process also keeps its own last start and pause, and never starts
 sooner than they allow, so one process alone always keeps the limit.
 """

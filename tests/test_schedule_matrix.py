@@ -1,7 +1,7 @@
 """The deployment-shape matrix, on a virtual clock: one schedule, any number of limiters.
 
 Each "process" is a separate limiter object over one shared store (the process store, or the
-host store's file), with its own queue, as real processes have. Hypothesis draws arrivals in
+host store's database), with its own queue, as real processes have. Hypothesis draws arrivals in
 both lanes, late sends, cancellations, 429 pauses, loop stalls past the lease, crashes between
 grant and write, and store flushes; every run is checked against the promises:
 
