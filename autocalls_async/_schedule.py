@@ -3,8 +3,8 @@
 Every limiter store (this process, every process of the host, every host through Redis) keeps
 one ``TokenState`` per token and applies these functions to it atomically, with the store's own
 clock as ``now``: the memory store under a lock, the host store in one SQLite transaction
-(``BEGIN IMMEDIATE``), Redis with a compare-and-set. The waiting, queueing and sending around it live in
-``_ratelimit.Limiter``; this module neither waits nor does I/O.
+(``BEGIN IMMEDIATE``), Redis with a compare-and-set. The waiting, queueing and sending around
+it live in ``_ratelimit.Limiter``; this module neither waits nor does I/O.
 
 The rules
 ---------
