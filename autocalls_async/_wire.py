@@ -7,6 +7,7 @@ without a server (see ``tests/samples/``).
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import html.entities
 import json
@@ -333,41 +334,140 @@ class _Runs:
                     at = text.find(block, at + 1)
 
 
-class _Gate:
-    """Tells cheaply whether a text may hold a long run of one of a family of forms.
+#: The characters every screen lets through: what base64 and hex are made of, and most of a
+#: token. A screen adds the token's other characters (``|`` in ``123|abc...``).
+_ALNUM = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
+_ALNUM_RUNS = re.compile("[A-Za-z0-9]+")
+#: From this length on, every form of a token is at least as long as its masked run (16
+#: characters of the token, 22 of its base64, 32 of its hex): the shared screens hold for it.
+#: A shorter token (the service issues none) is screened by its own forms.
+SCREENED = 24
+#: A UUID (every reply's ``conversation_id``) as a run of its own: its longest stretch without
+#: a dash is 12 characters, so a masked run (16 or more) in it would need a dash in the form.
+_UUID = re.compile(rb"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_HEX_OR_DASH = re.compile(r"[0-9a-fA-F-]{16,}")
+#: A text with more candidate runs than this is searched whole for the blocks.
+_MANY_RUNS = 64
 
-    Such a run is made of the forms' characters only and holds one of their blocks whole: the
-    text's runs of those characters, as long as the shortest run masked, are found in C
-    (``bytes.translate`` and substring searches; a reply has none, or its UUID), and only they
-    are searched for the blocks, with one regex."""
 
-    __slots__ = ("anchors", "blocks", "needle", "table")
+class _Screen:
+    """Finds, cheaply, the runs of a text that may hold a long run of a family of forms.
 
-    def __init__(self, family: list[_Runs]) -> None:
-        alphabet = {char for runs in family for char in runs.form}
-        self.table = bytes(ord("x") if chr(code) in alphabet else 32 for code in range(256))
-        self.needle = b"x" * min(runs.run for runs in family)
-        self.blocks = sorted({block.encode() for runs in family for _, block in runs.blocks})
-        self.anchors = re.compile(b"|".join(re.escape(block) for block in self.blocks))
+    Such a run is made of the forms' characters only and is at least as long as the shortest
+    run masked: a text's runs of an alphabet that holds those characters, as long as that, are
+    found in C (``bytes.translate`` and substring searches). A reply has none, or its UUID.
+    Screens depend on the alphabet only, so tokens that share theirs share a screen."""
 
-    def holds_a_run(self, data: bytes) -> bool:
+    __slots__ = ("needle", "table")
+
+    def __init__(self, alphabet: frozenset[str] | set[str], needle: int) -> None:
+        table = bytearray(b" " * 256)
+        for char in alphabet:
+            if ord(char) < 256:  # pragma: no branch (a token is ASCII)
+                table[ord(char)] = 0x78  # "x"
+        self.table = bytes(table)
+        self.needle = b"x" * needle
+
+    def runs(self, data: bytes) -> list[bytes] | None:
+        """The candidate runs (None: not one); past ``_MANY_RUNS`` of them, the whole text."""
         gated = data.translate(self.table)
         needle = self.needle
         at = gated.find(needle)
         if at < 0:
-            return False
+            return None
         runs: list[bytes] = []
         while at >= 0:  # ``at`` starts a run: the leftmost match of the needle
-            if len(runs) == 64:  # a body of many runs: one C search per block, in the whole
-                return any(block in data for block in self.blocks)
+            if len(runs) == _MANY_RUNS:
+                return [data]
             end = gated.find(b" ", at + len(needle))
             end = len(gated) if end < 0 else end
             runs.append(data[at:end])
             at = gated.find(needle, end)
-        joined = b" ".join(runs)
-        if len(joined) > 4096:  # a long run (random base64): one C search per block is faster
-            return any(block in joined for block in self.blocks)
-        return self.anchors.search(joined) is not None
+        return runs
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_screens(others: frozenset[str]) -> tuple[_Screen, _Screen, _Screen]:
+    """The screens of every long token whose characters other than letters and digits are
+    ``others``, one per family of forms (see ``_families``)."""
+    return (
+        _Screen(_ALNUM | others, MIN_RUN),
+        _Screen(_ALNUM | others | {"+", "/"}, 22),
+        _Screen(_ALNUM | {"-", "_"}, 22),
+    )
+
+
+def _families(secret: str, runs: list[_Runs]) -> tuple[list[_Runs], ...]:
+    """The forms in three families, each found by its own screen: the token's own characters
+    (as is, reversed, hex); base64 (a ``/`` or ``+`` would make every URL path a candidate for
+    the first); URL-safe base64 with a ``-`` or ``_`` the token lacks (its ``-`` would make
+    every UUID a candidate for the others)."""
+    own, standard, urlsafe = [], [], []
+    alphabet = set(secret) | _ALNUM
+    for form in runs:
+        if set(form.form) <= alphabet:
+            own.append(form)
+        elif set(form.form) & {"-", "_"} - set(secret):
+            urlsafe.append(form)
+        else:
+            standard.append(form)
+    return own, standard, urlsafe
+
+
+def _own_screen(family: list[_Runs]) -> _Screen | None:
+    """A short token's screen for one family: its forms' own characters and shortest run."""
+    if not family:
+        return None
+    return _Screen({char for form in family for char in form.form}, min(f.run for f in family))
+
+
+def _uuid_safe(secret: str) -> bool:
+    """True when no form of ``secret`` can have a masked run inside a UUID: none has a stretch
+    of hex digits and dashes, as long as its run, with a dash in it (a UUID's stretches
+    without a dash are 12 characters long). The token itself and its URL-safe base64 are the
+    only forms with a dash; for the tokens the service issues, this is always true."""
+    forms = [(secret, MIN_RUN)] if "-" in secret else []
+    forms += [(core, 22) for core in _base64_cores(secret.encode()) if "-" in core]
+    return not any(
+        len(stretch) >= run and "-" in stretch
+        for form, run in forms
+        for stretch in _HEX_OR_DASH.findall(form)
+    )
+
+
+class _Prepared:
+    """What only a suspicious text needs: the forms, their blocks, the token's pattern."""
+
+    __slots__ = ("_long", "_pattern", "_secret", "blocks", "replace", "runs", "screens")
+
+    def __init__(self, secret: str, long: bool) -> None:
+        self._secret = secret
+        self._long = long
+        self.runs = _forms(secret) if long else []
+        families = _families(secret, self.runs)
+        #: Each screen's blocks: a candidate run that holds none of them is no run of a form.
+        self.blocks = tuple(
+            tuple(sorted({block.encode() for form in family for _, block in form.blocks}))
+            for family in families
+        )
+        #: A token too short for the shared screens gets its own (its forms' exact alphabets).
+        self.screens = () if len(secret) >= SCREENED else tuple(map(_own_screen, families))
+        self.replace = REDACTED if long else rf"\g<1>{REDACTED}"
+        self._pattern: re.Pattern[str] | None = None
+
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        """The token in every escaped form: made on first use, to mask it (milliseconds: its
+        alternatives hold every HTML entity name of each of its characters)."""
+        if self._pattern is None:
+            token = "".join(_char_pattern(char) for char in self._secret)
+            if self._long:
+                source = f"(?:{token})"
+            else:
+                bearer = "[Bb][Ee][Aa][Rr][Ee][Rr]"
+                source = f"({bearer}{_GAP})(?:{token})(?![A-Za-z0-9])"
+            self._pattern = re.compile(source)
+        return self._pattern
 
 
 class Redactor:
@@ -384,58 +484,51 @@ class Redactor:
     once decoded (an escape inside an escape) fails closed: the JSON string holding it becomes
     ``***``, a body that is not JSON becomes ``WITHHELD``. ``repr()`` never shows it.
 
-    Cheap when there is nothing to find: a body that has none of the blocks a long run must
-    hold whole (a few dozen substring searches, in C), not the token's longest alphanumeric
-    run, no escape that may stand for a letter or a digit (or start another escape), and no
-    NUL, cannot hide it; any other is decoded, as far as four rounds of JSON, HTML and URL
-    decoding, and searched.
+    Cheap to make and cheap when there is nothing to find. Making one costs microseconds: what
+    finding the token takes (its forms, their blocks, its pattern) is worked out at the first
+    text that may hold it, and its pattern only to mask it. A text cannot hide the token when
+    it has no NUL, not the token's longest alphanumeric run, no escape that may stand for a
+    letter or a digit (or start another escape), and no run of the characters the forms are
+    made of as long as the shortest run masked, but a UUID or one without the forms' blocks
+    (substring searches in C, on screens shared by every token of the same alphabet); any
+    other is decoded, as far as four rounds of JSON, HTML and URL decoding, and searched.
     """
 
-    __slots__ = (
-        "_gates",
-        "_long",
-        "_pattern",
-        "_raw_run",
-        "_replace",
-        "_run",
-        "_runs",
-        "_secret",
-    )
+    __slots__ = ("_long", "_prepared", "_raw_run", "_run", "_safe_uuids", "_screens", "_secret")
 
     def __init__(self, secret: str) -> None:
-        token = "".join(_char_pattern(char) for char in secret)
         self._secret = secret
         self._long = len(secret) >= MIN_MASKED_ANYWHERE
-        run = max(re.findall("[A-Za-z0-9]+", secret), key=len, default="")
+        run = max(_ALNUM_RUNS.findall(secret), key=len, default="")
         #: The longest alphanumeric run, which encoders leave as is ("" is in any text).
         self._run = run if len(run) >= 4 else ""
         self._raw_run = self._run.encode()
-        self._runs = _forms(secret) if self._long else []
-        #: Where to look for the forms' blocks: see ``_Gate``. URL-safe base64 apart, since
-        #: its '-' would make every UUID a candidate for the others.
-        urlsafe = [runs for runs in self._runs if set(runs.form) & set("-_") - set(secret)]
-        self._gates = tuple(
-            _Gate(family)
-            for family in ([runs for runs in self._runs if runs not in urlsafe], urlsafe)
-            if family
-        )
-        if self._long:
-            pattern = f"(?:{token})"
-            self._replace = REDACTED
+        self._prepared: _Prepared | None = None
+        self._screens: tuple[_Screen | None, ...]
+        #: Whether a UUID can be passed over (see ``_uuid_safe``): worked out at the first one,
+        #: for a token long enough for the shared screens; never for a shorter one.
+        self._safe_uuids: bool | None
+        if len(secret) >= SCREENED:
+            self._screens = _shared_screens(frozenset(secret) - _ALNUM)
+            self._safe_uuids = None
         else:
-            bearer = "[Bb][Ee][Aa][Rr][Ee][Rr]"
-            pattern = f"({bearer}{_GAP})(?:{token})(?![A-Za-z0-9])"
-            self._replace = rf"\g<1>{REDACTED}"
-        self._pattern = re.compile(pattern)
+            self._screens = self._prepare().screens
+            self._safe_uuids = False
 
     def __repr__(self) -> str:
         return "<Redactor ***>"
 
+    def _prepare(self) -> _Prepared:
+        prepared = self._prepared
+        if prepared is None:
+            prepared = self._prepared = _Prepared(self._secret, self._long)
+        return prepared
+
     def _shows(self, text: str) -> bool:
         if not self._long:
-            return self._pattern.search(text) is not None
+            return self._prepare().pattern.search(text) is not None
         return self._secret in text or any(
-            next(runs.spans(text), None) is not None for runs in self._runs
+            next(runs.spans(text), None) is not None for runs in self._prepare().runs
         )
 
     def _clean(self, text: str) -> bool:
@@ -449,7 +542,31 @@ class Redactor:
         )
 
     def _holds_a_run(self, data: bytes) -> bool:
-        return any(gate.holds_a_run(data) for gate in self._gates)
+        family = -1
+        for screen in self._screens:
+            family += 1
+            if screen is None:
+                continue
+            runs = screen.runs(data)
+            if runs is None:
+                continue
+            if self._safe_uuids is not False:
+                kept = [run for run in runs if len(run) != 36 or _UUID.fullmatch(run) is None]
+                if len(kept) < len(runs) and self._uuids_are_safe():
+                    if not kept:
+                        continue
+                    runs = kept
+            joined = b" ".join(runs) if len(runs) > 1 else runs[0]
+            for block in self._prepare().blocks[family]:
+                if block in joined:
+                    return True
+        return False
+
+    def _uuids_are_safe(self) -> bool:
+        safe = self._safe_uuids
+        if safe is None:
+            safe = self._safe_uuids = _uuid_safe(self._secret)
+        return safe
 
     def _reveals(self, text: str) -> bool:
         """Whether ``text`` shows the token, as is or to a reader who decodes it."""
@@ -461,9 +578,10 @@ class Redactor:
         """``text`` with every form of the token masked in place; None when it echoes the
         token more than ``MAX_ECHOES`` times (a hostile body: withheld whole, and the work
         stays bounded)."""
-        text = self._pattern.sub(self._replace, text)
+        prepared = self._prepare()
+        text = prepared.pattern.sub(prepared.replace, text)
         spans: list[tuple[int, int]] = []
-        for runs in self._runs:
+        for runs in prepared.runs:
             for span in runs.spans(text):
                 spans.append(span)
                 if len(spans) > MAX_ECHOES:
