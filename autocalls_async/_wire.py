@@ -92,7 +92,7 @@ def check_token(token: object) -> str:
     token = token.strip()
     if not token:
         raise InvalidRequestError("api_token is empty: set AUTOCALLS_API_TOKEN to your API token")
-    if any(not 0x21 <= ord(ch) <= 0x7E for ch in token):
+    if not (token.isascii() and token.isprintable()) or " " in token:
         # A CR/LF would let the token smuggle headers; anything non-ASCII cannot be a header.
         raise InvalidRequestError(
             "api_token contains a space, a control character (CR, LF, ...) or a non-ASCII "
@@ -101,6 +101,7 @@ def check_token(token: object) -> str:
     return token
 
 
+@functools.lru_cache(maxsize=256)
 def is_loopback(host: str) -> bool:
     if host.lower() in {"localhost", "localhost."} or host.lower().endswith(".localhost"):
         return True
@@ -712,17 +713,32 @@ def check_base_url(base_url: object, redactor: Redactor | None = None) -> URL:
     return url.with_path(path)
 
 
+@functools.lru_cache(maxsize=64)
+def checked_base_url(base_url: str) -> URL:
+    """``check_base_url`` once per base URL: thousands of clients share a few. A refusal is
+    not remembered: check again with the token's redactor for its message."""
+    return check_base_url(base_url)
+
+
+@functools.lru_cache(maxsize=64)
 def endpoint(base_url: URL) -> URL:
     return URL(f"{base_url}/{ENDPOINT}")
 
 
+#: Every request's headers but the token's: a shared session sends them for every client.
+COMMON_HEADERS: Mapping[str, str] = {
+    "Accept": "application/json",
+    "Content-Type": "application/json",
+    "User-Agent": USER_AGENT,
+}
+
+
+def auth_header(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
 def request_headers(token: str) -> dict[str, str]:
-    return {
-        "Authorization": f"Bearer {token}",
-        "Accept": "application/json",
-        "Content-Type": "application/json",
-        "User-Agent": USER_AGENT,
-    }
+    return {**auth_header(token), **COMMON_HEADERS}
 
 
 # --------------------------------------------------------------------------- the request
