@@ -17,7 +17,7 @@ import random
 import time
 from collections.abc import Callable, Hashable, Mapping
 from types import TracebackType
-from typing import Any, Concatenate, ParamSpec, Self
+from typing import Any, Concatenate, ParamSpec, Protocol, Self
 
 import aiohttp
 import attrs
@@ -131,6 +131,13 @@ def _refused_without_frames(
             raise
 
     return construct
+
+
+class _Owner(Protocol):
+    """What a client asks of the ``AutocallsAccounts`` that made it."""
+
+    @property
+    def closed(self) -> bool: ...
 
 
 def _check_limiter_object(limiter: object) -> None:
@@ -440,14 +447,16 @@ class AsyncAutocalls(AsyncOnly):
         self._start(setup, token, redactor, owner=None)
 
     @classmethod
-    def _of_account(cls, setup: _Setup, token: str, owner: object) -> AsyncAutocalls:
+    def _of_account(cls, setup: _Setup, token: str, owner: _Owner) -> AsyncAutocalls:
         """A client of ``AutocallsAccounts``: its token, and everything else shared."""
         client = cls.__new__(cls)
         token = check_token(token)
         client._start(setup, token, Redactor(token), owner=owner)
         return client
 
-    def _start(self, setup: _Setup, token: str, redactor: Redactor, *, owner: object) -> None:
+    def _start(
+        self, setup: _Setup, token: str, redactor: Redactor, *, owner: _Owner | None
+    ) -> None:
         #: The token's name for limiters: the same on every host, shown nowhere.
         self._limiter_key = limiter_key(token)
         self._token_id: str | None = None
@@ -480,7 +489,7 @@ class AsyncAutocalls(AsyncOnly):
         self._conversations = setup.near
         self._scope = None if owner is None else self._limiter_key
         self._store = setup.store
-        self._order = setup.order or KeyedOrder()
+        self._order = setup.order if setup.order is not None else KeyedOrder()
         self.telemetry_attributes = setup.telemetry_attributes
         self.stats = ClientStats()  #: counters for your metrics: see ``ClientStats``
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -573,6 +582,13 @@ class AsyncAutocalls(AsyncOnly):
         return loop
 
     def _check_open(self) -> None:
+        owner = self._owner
+        if owner is not None and owner.closed and not self._closed:
+            raise ClientClosedError(
+                "the AutocallsAccounts this client belongs to is closed; nothing was sent. Keep "
+                "it open for the app's lifetime (`async with AutocallsAccounts() as accounts:` "
+                "in its lifespan)"
+            )
         if self._closed:
             raise ClientClosedError(
                 "the client is closed; nothing was sent. A closed client stays closed: create "

@@ -9,11 +9,20 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import threading
+import traceback
 from typing import Any
 
 import pytest
 
-from autocalls_async import AsyncAutocalls, RateLimit
+from autocalls_async import (
+    AsyncAutocalls,
+    AutocallsAccounts,
+    Budget,
+    BudgetExceededError,
+    ClientClosedError,
+    InvalidRequestError,
+    RateLimit,
+)
 from autocalls_async import _pool as pool
 from autocalls_async.testing import MockAutocalls
 
@@ -23,9 +32,8 @@ def _hash(token: str) -> str:
 
 
 def ask(client: AsyncAutocalls, customer: str = "+14155550100", **options: Any) -> Any:
-    return client.generate_reply(
-        assistant_id=123, customer_identifier=customer, message="Hi", **options
-    )
+    options.setdefault("message", "Hi")
+    return client.generate_reply(assistant_id=123, customer_identifier=customer, **options)
 
 
 async def test_clients_without_session_share_one_pool_until_the_last_closes(
@@ -108,3 +116,123 @@ async def test_a_refused_client_leases_nothing(server: MockAutocalls) -> None:
     with pytest.raises(Exception, match="max_retries"):
         AsyncAutocalls("t", base_url=server.base_url, max_retries=-1)
     assert {key: shared.leases for key, shared in pool._LIMITERS.items()} == before
+
+
+# -- AutocallsAccounts: a platform's entry point ---------------------------------------------
+
+
+async def test_accounts_serve_several_tokens_on_one_pool(server: MockAutocalls) -> None:
+    """Each token's client is made once and kept; all share one pool (the accounts' lease),
+    one limiter and one conversation cache, where no token sees another's conversations."""
+    async with AutocallsAccounts(
+        base_url=server.base_url, rate_limit=RateLimit(100, 1.0)
+    ) as accounts:
+        a, b = accounts.client("tenant-a"), accounts.client("tenant-b")
+        assert accounts.client("tenant-a") is a and len(accounts) == 2
+        replies = await asyncio.gather(ask(a), ask(b))
+        assert {r.token_hash for r in server.requests} == {_hash("tenant-a"), _hash("tenant-b")}
+        assert a._transport._pool is b._transport._pool and a._transport._pool is not None
+        assert a._transport._pool.users == 1  # the accounts' lease, not one per token
+        assert a._limiter is b._limiter
+        assert a.conversation_id(123, "+14155550100") == replies[0].conversation_id
+        assert b.conversation_id(123, "+14155550100") == replies[1].conversation_id
+        # a third token that never talked to this customer sees nothing of theirs
+        assert accounts.client("tenant-c").conversation_id(123, "+14155550100") is None
+        assert accounts.stats.replies == 2 and accounts.usage.billed == 2
+        session = a._transport._pool.session
+    assert session.closed and a.closed and b.closed
+
+
+async def test_idle_tokens_are_forgotten_and_busy_ones_kept(server: MockAutocalls) -> None:
+    """A token not asked for during ``idle_after`` with nothing waiting or in flight is
+    forgotten (its counters stay in ``stats``); a busy one is kept."""
+    server.reply_delay = 0.3
+    async with AutocallsAccounts(
+        base_url=server.base_url, rate_limit=None, idle_after=0.05
+    ) as accounts:
+        idle = accounts.client("idle")
+        await ask(idle)
+        busy = accounts.client("busy")
+        call = asyncio.create_task(ask(busy))
+        await asyncio.sleep(0.1)
+        accounts.client("third")
+        # "idle" was forgotten, "busy" (in flight) kept; a new client for "idle" on demand
+        assert "idle" not in accounts._clients and "busy" in accounts._clients
+        assert accounts.client("idle") is not idle
+        assert (await call).reply
+        assert accounts.stats.replies == 2  # the forgotten client's reply still counted
+        assert len(accounts) <= 3
+
+
+async def test_closing_fails_waiting_calls_and_lets_sent_ones_finish(
+    server: MockAutocalls,
+) -> None:
+    server.reply_delay = 0.3
+    accounts = AutocallsAccounts(base_url=server.base_url, rate_limit=RateLimit(1, 30.0))
+    client = accounts.client("tok")
+    sent = asyncio.create_task(ask(client))
+    await asyncio.sleep(0.1)  # the first call is on the wire; the second waits 30 s for a slot
+    waiting = asyncio.create_task(ask(client, "+14155550111"))
+    await asyncio.sleep(0.05)
+    await accounts.close()
+    assert (await sent).reply
+    with pytest.raises(ClientClosedError):
+        await waiting
+    with pytest.raises(ClientClosedError):
+        accounts.client("tok")
+    with pytest.raises(ClientClosedError):  # a client held past the close
+        await ask(client)
+
+
+async def test_one_budget_for_every_token(server: MockAutocalls) -> None:
+    async with AutocallsAccounts(
+        base_url=server.base_url, rate_limit=None, budget=Budget(replies=3)
+    ) as accounts:
+        results = await asyncio.gather(
+            *(ask(accounts.client(f"t{i}"), f"+1415555{i:04d}") for i in range(5)),
+            return_exceptions=True,
+        )
+        assert sum(isinstance(r, BudgetExceededError) for r in results) == 2
+        usage = accounts.usage
+        assert usage.billed == 3 and usage.budget == Budget(replies=3) and not usage.by_assistant
+        assert "shared by every token" in str(
+            next(r for r in results if isinstance(r, BudgetExceededError))
+        )
+
+
+async def test_two_spellings_of_one_token_keep_one_conversation_in_order(
+    server: MockAutocalls,
+) -> None:
+    """Ordering and the conversation cache are keyed by the token, not by the client: two
+    clients of one token (its spelling with spaces, or a forgotten client still held) send
+    one conversation's messages one at a time, in order."""
+    server.reply_delay = 0.1
+    async with AutocallsAccounts(base_url=server.base_url, rate_limit=None) as accounts:
+        one, other = accounts.client("tok"), accounts.client(" tok ")
+        assert one is not other
+        await asyncio.gather(*(ask(c, message=f"m{i}") for i, c in enumerate([one, other] * 2)))
+        messages = [r.body["message"] for r in server.requests]
+        assert messages == ["m0", "m1", "m2", "m3"]
+        arrivals = [r.time for r in server.requests]  # each after the previous was answered
+        assert all(b - a >= 0.09 for a, b in zip(arrivals, arrivals[1:], strict=False))
+        assert other.conversation_id(123, "+14155550100") == one.conversation_id(
+            123, "+14155550100"
+        )
+
+
+async def test_refusals(server: MockAutocalls) -> None:
+    with pytest.raises(InvalidRequestError, match="from_server"):
+        AutocallsAccounts(base_url=server.base_url, rate_limit=RateLimit.from_server())
+    with pytest.raises(InvalidRequestError, match="idle_after"):
+        AutocallsAccounts(base_url=server.base_url, idle_after=-1)
+    async with AutocallsAccounts(base_url=server.base_url) as accounts:
+        secret = "bad\ntoken-with-a-line-break"
+        with pytest.raises(InvalidRequestError) as caught:
+            accounts.client(secret)
+        frames = traceback.extract_tb(caught.value.__traceback__)
+        assert all(
+            secret not in repr(frame.f_locals)
+            for frame, _ in traceback.walk_tb(caught.value.__traceback__)
+        ), frames
+        with pytest.raises(InvalidRequestError, match="telemetry_attributes"):
+            accounts.client("fine", telemetry_attributes={"tenant": ["not", "a", "value"]})  # type: ignore[dict-item]
