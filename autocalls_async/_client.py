@@ -741,7 +741,9 @@ class AsyncAutocalls(AsyncOnly):
             if self._scope is not None:
                 key = (self._scope, key)
             try:
-                if deadline is None:
+                if self._order.try_acquire(key):
+                    pass  # nobody else is calling for this conversation: the usual case
+                elif deadline is None:
                     await self._order.acquire(key)
                 else:
                     async with asyncio.timeout_at(deadline):

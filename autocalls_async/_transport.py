@@ -12,6 +12,7 @@ may have reached the server, which decides whether it is safe to retry.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from itertools import chain
 from typing import Protocol
 
 import aiohttp
@@ -267,7 +268,12 @@ class Transport:
 
     def _headers_of(self, response: aiohttp.ClientResponse) -> Mapping[str, str]:
         headers = response.headers
-        return headers if self._redactor is None else self._redactor.headers(headers)
+        redactor = self._redactor
+        if redactor is None or redactor.clean(
+            b"\n".join(chain.from_iterable(response.raw_headers))
+        ):
+            return headers  # the usual case, checked on the bytes as they came
+        return redactor.headers(headers)
 
     async def _read(self, response: aiohttp.ClientResponse, headers: Mapping[str, str]) -> bytes:
         """The body, decoded, read in chunks: never more than ``max_response_size`` bytes
@@ -276,6 +282,14 @@ class Transport:
         declared = response.content_length
         if declared is not None and declared > cap:
             raise _Refused(self._too_large(f"declares {declared} bytes, more than"))
+        if (
+            declared is not None
+            and "Content-Encoding" not in headers
+            and "Transfer-Encoding" not in headers
+        ):
+            # The usual reply: its length is declared, within the cap, and it is not encoded:
+            # aiohttp's parser stops at that length, so reading it whole is reading at most it.
+            return await response.read()
         try:
             decoder = BodyDecoder(headers.get("Content-Encoding"), cap)  # a CIMultiDict
         except BadEncodingError as exc:
