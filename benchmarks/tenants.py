@@ -147,14 +147,19 @@ async def _raw(
 
 
 async def _sdk(
-    base_url: str, names: Sequence[str], calls: int, requests: int, period: float
+    base_url: str,
+    names: Sequence[str],
+    calls: int,
+    requests: int,
+    period: float,
+    margin: float = 0.02,
 ) -> dict[str, Any]:
     from autocalls_async import AutocallsAccounts, AutocallsError, RateLimit
 
     waits: list[float] = []
     failed: list[str] = []
     async with AutocallsAccounts(
-        base_url=base_url, rate_limit=RateLimit(requests, period)
+        base_url=base_url, rate_limit=RateLimit(requests, period, margin=margin)
     ) as accounts:
 
         async def tenant(index: int, token: str) -> None:
@@ -182,7 +187,13 @@ async def _sdk(
 
 
 async def _child(
-    kind: str, base_url: str, count: int, calls: int, requests: int, period: float
+    kind: str,
+    base_url: str,
+    count: int,
+    calls: int,
+    requests: int,
+    period: float,
+    margin: float = 0.02,
 ) -> dict[str, Any]:
     warnings = _Warnings()
     logging.getLogger("autocalls_async").addHandler(warnings)
@@ -192,8 +203,10 @@ async def _child(
     fds_before, rss_before = peaks["fds"], peaks["rss"]
     sampler = asyncio.create_task(_sample(peaks))
     cpu, started = time.process_time(), time.perf_counter()
-    run = _raw if kind == "raw" else _sdk
-    outcome = await run(base_url, names, calls, requests, period)
+    if kind == "raw":
+        outcome = await _raw(base_url, names, calls, requests, period)
+    else:
+        outcome = await _sdk(base_url, names, calls, requests, period, margin)
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     sampler.cancel()
     waits = outcome.pop("waits")
@@ -224,10 +237,11 @@ def run_child(
     redis_url: str | None = None,
     requests: int = REQUESTS,
     period: float = PERIOD,
+    margin: float = 0.02,
 ) -> dict[str, Any]:
     """One measurement in a child process at ``ulimit -n 1024``, with a host store of its own
     (or Redis), each token limited to ``requests`` per ``period`` as the emulator at
-    ``base_url`` is; its result."""
+    ``base_url`` is (the SDK with ``margin``); its result."""
     with tempfile.TemporaryDirectory(prefix="autocalls-tenants-") as directory:
         env = {**os.environ, "AUTOCALLS_LIMITER_DIR": directory}
         env.pop("AUTOCALLS_REDIS_URL", None)
@@ -235,7 +249,7 @@ def run_child(
             env["AUTOCALLS_REDIS_URL"] = redis_url
         command = [sys.executable, "-m", "benchmarks.tenants", kind, base_url, str(count)]
         done = subprocess.run(
-            [*command, str(calls), f"{requests}/{period:g}"],
+            [*command, str(calls), f"{requests}/{period:g}", "--margin", str(margin)],
             cwd=ROOT,
             env=env,
             capture_output=True,
@@ -322,12 +336,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("tokens", type=int)
     parser.add_argument("calls", type=int)
     parser.add_argument("rate", help="REQUESTS/PERIOD per token, e.g. 2/1")
+    parser.add_argument("--margin", type=float, default=0.02, help="the SDK's RateLimit margin")
     args = parser.parse_args(argv)
     requests, period = args.rate.split("/")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     limit = DESCRIPTORS if hard == resource.RLIM_INFINITY else min(DESCRIPTORS, hard)
     resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
-    child = _child(args.kind, args.base_url, args.tokens, args.calls, int(requests), float(period))
+    child = _child(
+        args.kind,
+        args.base_url,
+        args.tokens,
+        args.calls,
+        int(requests),
+        float(period),
+        args.margin,
+    )
     print(json.dumps(asyncio.run(child)))
     return 0
 

@@ -243,12 +243,15 @@ def test_five_thousand_tokens_at_ulimit_1024() -> None:
     """5,000 tokens in one process whose descriptor limit is 1024, against the emulator in
     another process with a strict window per token (1 per second): each token sends 2
     messages, so its second waits for its window. Every call is answered, no 429, no WARNING,
-    and descriptors stay a few hundred (one pool of at most 100 connections, one database)."""
+    and descriptors stay a few hundred (one pool of at most 100 connections, one database).
+    The SDK keeps a 10 % margin (100 ms) against the emulator's window: on a loaded 2-core
+    machine its process may read a request tens of milliseconds late (the default 2 % is
+    for a real network's jitter, at the real period of a minute: 1.2 s)."""
     from benchmarks._common import emulator_process
     from benchmarks.tenants import run_child
 
     with emulator_process("1/1", "rolling") as base_url:
-        result = run_child("sdk", base_url, 5_000, 2, requests=1, period=1.0)
+        result = run_child("sdk", base_url, 5_000, 2, requests=1, period=1.0, margin=0.1)
     assert result["calls"] == 10_000
     assert result["failed"] == 0, result
     assert result["rate_limited"] == 0, result
