@@ -21,13 +21,12 @@ from functools import partial
 from http import HTTPStatus
 from ipaddress import ip_address
 from itertools import chain
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import aiohttp
-import attrs
 import cattrs
 from cattrs.preconf.json import make_converter
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from ._errors import (
@@ -837,17 +836,27 @@ def _json_value(value: object, path: str, depth: int = 0, *, check: bool = False
     )
 
 
-@attrs.frozen
-class ReplyRequest:
+class ReplyRequest(NamedTuple):
     """A validated request; ``body`` is the exact bytes that will be sent."""
 
     assistant_id: int
     customer_identifier: str
     message: str
-    body: bytes = attrs.field(repr=False)
+    body: bytes
 
     #: The conversation on the service: it trims the identifier, so " A" and "A" are one.
-    conversation_key: tuple[int, str] = attrs.field(repr=False)
+    conversation_key: tuple[int, str]
+
+    def __repr__(self) -> str:
+        return (
+            f"ReplyRequest(assistant_id={self.assistant_id!r}, "
+            f"customer_identifier={self.customer_identifier!r}, message={self.message!r})"
+        )
+
+
+#: One encoder for every request: ``json.dumps`` with options makes a new one per call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+_DECODER = json.JSONDecoder()
 
 
 def build_request(
@@ -895,7 +904,7 @@ def build_request(
         if not isinstance(variables, Mapping):
             _refuse(f"variables must be a dict (a JSON object), got {type(variables).__name__}")
         payload["variables"] = _json_value(variables, "variables")
-    body = json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    body = _ENCODER.encode(payload)
     try:
         encoded = body.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate somewhere: say where
@@ -980,7 +989,7 @@ def _usual_reply(data: dict[str, Any], customer_identifier: str) -> Reply | None
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
     value = headers.get(name)
-    if value is None:
+    if value is None and not isinstance(headers, CIMultiDict | CIMultiDictProxy):
         lower = name.lower()
         for key, item in headers.items():
             if key.lower() == lower:
@@ -1004,7 +1013,10 @@ def excerpt(body: bytes, content_type: str | None = None) -> str:
 
 def _decode_json(body: bytes) -> Any:
     try:
-        return json.loads(body)
+        try:
+            return _DECODER.decode(body.decode("utf-8"))  # the usual body, read as json.loads
+        except (UnicodeDecodeError, ValueError):
+            return json.loads(body)  # a BOM, UTF-16 or UTF-32 (found as it finds them), or bad
     except (ValueError, RecursionError):
         return None
 
