@@ -39,7 +39,7 @@ from ._lifecycle import AsyncOnly
 from ._log import configure_from_env, logger
 from ._models import Conversation, Priority, RateLimit, Reply
 from ._ordering import KeyedOrder
-from ._pool import LimiterKey, Pool, lease_limiter, release_limiter
+from ._pool import Gate, LimiterKey, Pool, lease_limiter, release_limiter
 from ._ratelimit import Limiter, RateLimiter, default_limiter
 from ._retry import Decision, RetryPolicy, is_retry_safe
 from ._telemetry import http_request, limiter_slot, traced
@@ -150,16 +150,10 @@ def _check_limiter_object(limiter: object) -> None:
         )
 
 
+@functools.lru_cache(maxsize=64)
 def _timeout(seconds: float | None) -> aiohttp.ClientTimeout:
-    timeout = _TIMEOUTS.get(seconds)
-    if timeout is None:
-        if len(_TIMEOUTS) > 64:
-            _TIMEOUTS.clear()
-        timeout = _TIMEOUTS[seconds] = aiohttp.ClientTimeout(total=seconds)
-    return timeout
-
-
-_TIMEOUTS: dict[float | None, aiohttp.ClientTimeout] = {}
+    """One per value, for every client (each request names its client's)."""
+    return aiohttp.ClientTimeout(total=seconds)
 
 
 @functools.lru_cache(maxsize=32)
@@ -673,7 +667,7 @@ class AsyncAutocalls(AsyncOnly):
             key = (self._scope, conversation.assistant_id, conversation.customer_identifier)
             near.put_key(key, conversation)
 
-    async def _remember(self, request: ReplyRequest, reply: Reply) -> None:
+    def _remember(self, request: ReplyRequest, reply: Reply) -> Conversation:
         assistant_id, customer_identifier = request.conversation_key
         conversation = Conversation(
             assistant_id,
@@ -683,11 +677,15 @@ class AsyncAutocalls(AsyncOnly):
             time.time(),
         )
         self._keep(conversation)
-        if self._store is not None:
-            try:
-                await self._store.set(conversation)
-            except Exception:  # the reply was received and paid for: never lose it for a cache
-                logger.warning("could not save the conversation to %r", self._store, exc_info=True)
+        return conversation
+
+    async def _save(self, conversation: Conversation) -> None:
+        """Into the shared ``conversation_store``, for the other workers."""
+        assert self._store is not None
+        try:
+            await self._store.set(conversation)
+        except Exception:  # the reply was received and paid for: never lose it for a cache
+            logger.warning("could not save the conversation to %r", self._store, exc_info=True)
 
     # ------------------------------------------------------------------ the call
 
@@ -755,7 +753,9 @@ class AsyncAutocalls(AsyncOnly):
                 ) from None
             try:
                 reply = await self._attempts(request, task, deadline, lane)
-                await self._remember(request, reply)  # in order, like the calls themselves
+                conversation = self._remember(request, reply)
+                if self._store is not None:  # in order, like the calls themselves
+                    await self._save(conversation)
             finally:
                 self._order.release(key)
         except asyncio.CancelledError:
@@ -954,7 +954,14 @@ class AsyncAutocalls(AsyncOnly):
         # The budget is reserved before queueing for a slot: a call that cannot be paid for
         # fails at once and never takes a slot from the others.
         ticket = self._ledger.reserve(request.assistant_id)
+        connections = self._transport.gate()
+        taken = False
         try:
+            if connections is not None:
+                # A connection first, then the slot: a grant never waits for a connection.
+                if not connections.try_take():
+                    await self._wait_for_connection(connections, deadline, priority)
+                taken = True
             waited_from = loop.time()
             if self._limiter is None:
                 reply = await self._send(request, task, attempt, 0.0, _Billed(OPEN, ticket))
@@ -969,8 +976,27 @@ class AsyncAutocalls(AsyncOnly):
         except BaseException as exc:
             self._ledger.settle(ticket, exc)
             raise
+        finally:
+            if taken:
+                assert connections is not None
+                connections.give()
         self._ledger.settle(ticket, None)
         return reply
+
+    async def _wait_for_connection(
+        self, gate: Gate, deadline: float | None, priority: Priority
+    ) -> None:
+        try:
+            if deadline is None:
+                await gate.take(priority)
+            else:
+                async with asyncio.timeout_at(deadline):
+                    await gate.take(priority)
+        except TimeoutError:
+            raise RateLimitTimeout(
+                "max_wait passed while every connection of the pool was in use by other calls "
+                "(at most 100 at once); nothing was sent"
+            ) from None
 
     async def _send(
         self,

@@ -21,7 +21,7 @@ from yarl import URL
 
 from ._decoding import ACCEPT_ENCODING, BadEncodingError, BodyDecoder, TooLargeError
 from ._errors import APIConnectionError, APIResponseValidationError, APITimeoutError
-from ._pool import Pool, lease_pool, release_pool
+from ._pool import Gate, Pool, gate_of, lease_pool, release_pool
 from ._wire import WITHHELD_MESSAGE, Redactor, auth_header, request_headers, shown_url
 
 __all__ = ["GrantExpiredError", "Response", "SendGate", "Transport"]
@@ -149,6 +149,18 @@ class Transport:
     def shown_text(self, url: URL) -> str:
         """``url`` as messages show it, the token masked if it is in it."""
         return shown_url(url, self._redactor)
+
+    def gate(self) -> Gate | None:
+        """Where a call waits for a connection before asking for a rate-limit slot: its pool's
+        gate (leased now if need be), or the gate of the caller's session (None: unlimited)."""
+        borrowed = self._borrowed
+        if borrowed is not None:
+            return gate_of(borrowed)
+        pool = self._pool
+        if pool is None:
+            pool = self._pool = lease_pool(self.url, trust_env=self._trust_env)
+            self._lease = True
+        return pool.gate
 
     def _session(self) -> tuple[aiohttp.ClientSession, Pool]:
         pool = self._pool

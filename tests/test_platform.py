@@ -12,6 +12,7 @@ import threading
 import traceback
 from typing import Any
 
+import aiohttp
 import pytest
 
 from autocalls_async import (
@@ -22,6 +23,7 @@ from autocalls_async import (
     ClientClosedError,
     InvalidRequestError,
     RateLimit,
+    RateLimitTimeout,
 )
 from autocalls_async import _pool as pool
 from autocalls_async.testing import MockAutocalls
@@ -257,3 +259,89 @@ def test_five_thousand_tokens_at_ulimit_1024() -> None:
     assert result["rate_limited"] == 0, result
     assert result["warnings"] == 0, result
     assert result["fds_peak"] < 400, result
+
+
+async def test_a_closed_client_is_replaced_and_the_accounts_belong_to_one_loop(
+    server: MockAutocalls,
+) -> None:
+    async with AutocallsAccounts(
+        base_url=server.base_url, rate_limit=None, budget=Budget(replies=10)
+    ) as accounts:
+        first = accounts.client("tok")
+        await first.close()
+        second = accounts.client("tok")
+        assert second is not first and not second.closed
+        assert (await ask(second)).reply
+        assert "tokens=1 open" in repr(accounts) and "tok" not in repr(accounts).split("tokens")[1]
+        assert accounts.budget == Budget(replies=10) and len(accounts) == 1
+
+        def elsewhere() -> str:
+            async def use() -> str:
+                try:
+                    accounts.client("tok")
+                except RuntimeError as exc:
+                    return str(exc)
+                return "no error"
+
+            return asyncio.run(use())
+
+        assert "another event loop" in await asyncio.to_thread(elsewhere)
+    assert "closed" in repr(accounts)
+
+
+async def test_the_server_limit_is_in_the_totals() -> None:
+    """``accounts.stats.server_limit``: what a server last stated to any token."""
+    async with (
+        MockAutocalls(rate_limit=(100, 60.0)) as limited,
+        AutocallsAccounts(base_url=limited.base_url, rate_limit=RateLimit(100, 60.0)) as accounts,
+    ):
+        await ask(accounts.client("tok"))
+        assert accounts.stats.server_limit == RateLimit(100, 60.0)
+
+
+async def test_a_call_takes_a_connection_before_its_slot(server: MockAutocalls) -> None:
+    """A pool of 2 connections (your session's), 4 tokens calling at once, replies taking
+    0.5 s: two calls are sent, the other two wait for a connection, not holding a rate-limit
+    grant meanwhile; past their max_wait they fail with RateLimitTimeout, nothing sent."""
+    server.reply_delay = 0.5
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=2)) as session,
+        AutocallsAccounts(
+            base_url=server.base_url, rate_limit=RateLimit(100, 1.0), session=session
+        ) as accounts,
+    ):
+        results = await asyncio.gather(
+            *(ask(accounts.client(f"t{i}"), max_wait=0.2) for i in range(4)),
+            return_exceptions=True,
+        )
+        timeouts = [r for r in results if isinstance(r, RateLimitTimeout)]
+        assert len(timeouts) == 2 and "every connection of the pool" in str(timeouts[0])
+        assert len(server.requests) == 2
+        # without max_wait, the others go as connections come back
+        more = await asyncio.gather(*(ask(accounts.client(f"u{i}")) for i in range(4)))
+        assert len(more) == 4 and len(server.requests) == 6
+
+
+async def test_the_gate_serves_interactive_calls_first_and_skips_the_cancelled() -> None:
+    gate = pool.Gate(1)
+    assert gate.try_take() and not gate.try_take()
+    order: list[str] = []
+
+    async def wait(name: str, lane: int) -> None:
+        await gate.take(lane)
+        order.append(name)
+
+    background = asyncio.create_task(wait("background", 1))
+    gone = asyncio.create_task(wait("cancelled", 0))
+    interactive = asyncio.create_task(wait("interactive", 0))
+    await asyncio.sleep(0)
+    gone.cancel()
+    await asyncio.sleep(0)
+    gate.give()  # to the first live interactive waiter
+    await asyncio.sleep(0)
+    assert order == ["interactive"]
+    gate.give()
+    await asyncio.sleep(0)
+    assert order == ["interactive", "background"]
+    gate.give()
+    assert gate.free == 1 and await asyncio.gather(background, interactive) == [None, None]
