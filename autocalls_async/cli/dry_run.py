@@ -11,6 +11,7 @@ from typing import Any, Final
 
 import attrs
 
+from .._bulkio import RowState
 from .._errors import InvalidRequestError
 from .._models import RateLimit
 from .._wire import DEFAULT_MAX_REQUEST_BYTES
@@ -106,9 +107,8 @@ def _dry_run(
     found = DryRun(hold=hold)
     found.shown = shown
 
-    def count(request: BulkRequest, key: str) -> None:
+    def count(request: BulkRequest, key: str, state: RowState | None) -> None:
         notes.add(request, key)
-        state = ledger.state_of(request, key)
         if state == "answered":
             found.answered_before += 1
             return
@@ -143,7 +143,7 @@ def _dry_run(
     source.check(ledger, out=log.path, allow_foreign=allow_foreign, observe=count)
     found.rows = source.rows
     notes.unused_columns = () if source.extra_as_variables else source.extra_columns
-    notes.find_rows(source.keyed())
+    notes.find_rows(source.keyed(), phones=normalize is None)
     found.notes = notes.lines(e164=normalize is not None)
     return found
 

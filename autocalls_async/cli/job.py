@@ -147,7 +147,7 @@ async def run_job(
         notes = DataNotes()
         source.check(ledger, out=log.path, allow_foreign=allow_foreign, observe=notes.add)
         notes.unused_columns = () if source.extra_as_variables else source.extra_columns
-        notes.find_rows(source.keyed())
+        notes.find_rows(source.keyed(), phones=not client.normalize_identifier)
     except BaseException:
         log.close()
         source.close()
@@ -159,7 +159,7 @@ async def run_job(
     hold = Hold(normalize=client.normalize if client.normalize_identifier else None)
     held_rows: set[int | None] = set()
     if uncertain and not give_up_uncertain:  # rows behind an uncertain row wait (item 7)
-        for request, key in source.keyed():
+        for request, key in source.unanswered():
             state = ledger.state_of(request, key)
             if state == "uncertain":
                 hold.uncertain(request)
@@ -170,7 +170,7 @@ async def run_job(
     pending: set[int | None] = set()  # rows whose "sending" line has no result line yet
 
     def rows() -> Iterator[BulkRequest]:
-        for request, key in source.keyed():
+        for request, key in source.unanswered():  # an answered row is never sent again
             state = ledger.state_of(request, key)
             if (
                 state == "answered"
