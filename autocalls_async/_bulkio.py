@@ -427,11 +427,12 @@ class InputFile:
     def keyed(self) -> Iterator[tuple[BulkRequest, str]]:
         """Each row with its identity: the digest of its content and its occurrence among the
         rows with that content (two identical rows are two rows, each sent once)."""
-        for request, key, _ in self.numbered():
-            yield request, key
+        for request, digest, occurrence in self.numbered():
+            yield request, f"{digest:016x}.{occurrence}"
 
-    def numbered(self) -> Iterator[tuple[BulkRequest, str, int]]:
-        """``keyed()``, and each key's number (``_keys.key_number``). The contents seen are
+    def numbered(self) -> Iterator[tuple[BulkRequest, int, int]]:
+        """Each row with its key as numbers: the digest (``content_number``) and the
+        occurrence (``_keys.number_of`` makes the key's number of them). The contents seen are
         counted in a ``KeyTable``: a few bytes per row, no object."""
         seen = KeyTable(self.snapshot.lines if self.snapshot is not None else 0, "I")
         numbers, counts, mask = seen.numbers, seen.values, seen.mask
@@ -441,14 +442,14 @@ class InputFile:
             i = here & mask
             while found := numbers[i]:
                 if found == here:
-                    occurrence = counts[i] = counts[i] + 1
-                    yield request, f"{digest:016x}.{occurrence}", number_of(digest, occurrence)
+                    counts[i] += 1
+                    yield request, digest, counts[i]
                     break
                 i = (i + 1) & mask
             else:
                 seen.put(i, here, 1)
                 numbers, counts, mask = seen.numbers, seen.values, seen.mask  # it may have grown
-                yield request, f"{digest:016x}.1", here
+                yield request, digest, 1
 
     def unanswered(self) -> Iterator[tuple[BulkRequest, str]]:
         """``keyed()``, for the rows that ``check()`` found OUT does not answer only: their
@@ -474,15 +475,15 @@ class InputFile:
         *,
         out: Path | None = None,
         allow_foreign: bool = False,
-        observe: Callable[[BulkRequest, str, RowState | None], None] | None = None,
+        observe: Callable[[BulkRequest, int, int, RowState | None], None] | None = None,
     ) -> None:
         """Read the whole file once: refuse it (``InputError``) if it cannot be run safely.
 
         Sets ``rows``, and with ``ledger`` (what OUT holds from earlier runs) how many rows
         were ``already_answered``, ``already_failed`` and ``uncertain``; ``observe`` is called
-        with each row, its key and its state. A line of OUT that
-        matches no row of this file means the file was edited or OUT belongs to another
-        input: refused unless ``allow_foreign`` (such lines are then left alone).
+        with each row, its key (digest and occurrence, as ``numbered()``) and its state. A
+        line of OUT that matches no row of this file means the file was edited or OUT belongs
+        to another input: refused unless ``allow_foreign`` (such lines are then left alone).
 
         Ids must be unique. Memory stays small for big files: the first pass keeps only an
         8-byte hash per explicit id (bucketed, sorted a bucket at a time) and a bit per row
@@ -498,17 +499,20 @@ class InputFile:
         # The rows OUT does not answer, and their keys: what a run then reads (``unanswered``).
         left, digests, occurrences = array("I"), array("Q"), array("I")
         with self._refusing():
-            for request, key, number in self.numbered():
+            for request, digest, occurrence in self.numbered():
                 rows = request.row or rows + 1
-                state = ledger.state_at(request, number) if ledger is not None else None
+                state = None
+                if ledger is not None:
+                    number = digest or 1 if occurrence == 1 else number_of(digest, occurrence)
+                    state = ledger.state_at(request, number)
                 if observe is not None:
-                    observe(request, key, state)
+                    observe(request, digest, occurrence, state)
                 if state == "answered":
                     self.already_answered += 1
                 else:
                     left.append(rows)
-                    digests.append(int(key[:16], 16))
-                    occurrences.append(int(key[17:]))
+                    digests.append(digest)
+                    occurrences.append(occurrence)
                 if state == "failed":
                     self.already_failed += 1
                     if request.problem is not None:  # still invalid: only a fix helps

@@ -53,6 +53,19 @@ def _tail(identifier: str) -> str:
     return _NOT_DIGITS.sub("", identifier)[-10:]
 
 
+def _phone_tail(identifier: str) -> str | None:
+    """The last digits of a phone-like identifier with at least 7 of them (None: another
+    identifier). A number written as bare digits, with or without a leading +, is read
+    without a regular expression (a million-row input)."""
+    digits = identifier[1:] if identifier.startswith("+") else identifier
+    if digits.isdecimal():  # what \d matches: phone_like, once long enough
+        return digits[-10:] if len(digits) >= 7 else None
+    if not phone_like(identifier):
+        return None
+    tail = _tail(identifier)
+    return tail if len(tail) >= 7 else None
+
+
 #: A phone's entry in ``DataNotes.phones``: this bit once a second spelling was seen, and the
 #: hash of its first spelling in the others.
 _MERGED: Final = 1 << 31
@@ -72,7 +85,7 @@ class DataNotes:
 
     unused_columns: tuple[str, ...] = ()
     #: digest -> rows with that content (only digests seen at least twice, a few of them)
-    identical: dict[str, list[int]] = attrs.Factory(dict)
+    identical: dict[int, list[int]] = attrs.Factory(dict)
     identical_groups: int = 0  #: contents seen more than once
     identical_rows: int = 0  #: rows that are a copy of an earlier row
     #: Each phone-like identifier's last digits (``_phone_number``) -> ``_MERGED`` | the hash
@@ -82,20 +95,18 @@ class DataNotes:
     #: the first few of them (``_phone_number``) -> their spellings, named by ``find_rows``
     spellings: dict[int, list[str]] = attrs.Factory(dict)
 
-    def add(self, request: BulkRequest, key: str, state: object = None) -> None:
-        """Note one row (an ``InputFile.check`` observer: its state is not needed here)."""
-        digest, _, occurrence = key.rpartition(".")
-        if occurrence != "1" and request.problem is None:
+    def add(self, request: BulkRequest, digest: int, occurrence: int, state: object = None) -> None:
+        """Note one row, by its key's digest and occurrence (an ``InputFile.check`` observer:
+        its state is not needed here)."""
+        if occurrence != 1 and request.problem is None:
             self.identical_rows += 1
-            if occurrence == "2":
+            if occurrence == 2:
                 self.identical_groups += 1
                 if len(self.identical) < GROUPS_SHOWN:
                     self.identical[digest] = []
         customer = request.customer_identifier
-        if request.problem is None and phone_like(customer):
-            tail = _tail(customer)
-            if len(tail) < 7:
-                return
+        tail = _phone_tail(customer) if request.problem is None else None
+        if tail is not None:
             number = _phone_number(tail)
             spelling = hash(customer) & (_MERGED - 1)
             phones = self.phones
@@ -110,7 +121,9 @@ class DataNotes:
                 if len(self.spellings) < GROUPS_SHOWN:
                     self.spellings[number] = []
 
-    def find_rows(self, rows: Iterable[tuple[BulkRequest, str]], *, phones: bool = True) -> None:
+    def find_rows(
+        self, rows: Iterable[tuple[BulkRequest, int, int]], *, phones: bool = True
+    ) -> None:
         """Name the rows of the identical contents shown, and (``phones``: they will be
         shown) the spellings of the phone numbers shown: a second pass, only when there are
         some."""
@@ -118,14 +131,14 @@ class DataNotes:
             self.spellings.clear()
         if not self.identical and not self.spellings:
             return
-        for request, key in rows:
-            group = self.identical.get(key.rpartition(".")[0])
+        for request, digest, _ in rows:  # InputFile.numbered()
+            group = self.identical.get(digest)
             if group is not None and len(group) < ROWS_SHOWN:
                 group.append(request.row or 0)
             customer = request.customer_identifier
-            if self.spellings and request.problem is None and phone_like(customer):
-                tail = _tail(customer)
-                spellings = self.spellings.get(_phone_number(tail)) if len(tail) >= 7 else None
+            tail = _phone_tail(customer) if self.spellings and request.problem is None else None
+            if tail is not None:
+                spellings = self.spellings.get(_phone_number(tail))
                 if spellings is not None and customer not in spellings and len(spellings) < 5:
                     spellings.append(customer)
 

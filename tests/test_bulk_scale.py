@@ -278,9 +278,9 @@ def test_phone_spellings_are_named_in_a_second_pass() -> None:
         BulkRequest(4, 123, "+14155559999", "d", row=4),
         BulkRequest(5, 123, "415-555-1234", "e", row=5),
     ]
-    keyed = [(request, f"{n:016x}.1") for n, request in enumerate(rows)]
-    for request, key in keyed:
-        notes.add(request, key)
+    keyed = [(request, n, 1) for n, request in enumerate(rows)]
+    for request, digest, occurrence in keyed:
+        notes.add(request, digest, occurrence)
     assert notes.merged == 1 and len(notes.phones) == 2
     notes.find_rows(keyed)
     (line,) = notes.lines(e164=False)

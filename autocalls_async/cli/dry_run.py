@@ -107,8 +107,8 @@ def _dry_run(
     found = DryRun(hold=hold)
     found.shown = shown
 
-    def count(request: BulkRequest, key: str, state: RowState | None) -> None:
-        notes.add(request, key)
+    def count(request: BulkRequest, digest: int, occurrence: int, state: RowState | None) -> None:
+        notes.add(request, digest, occurrence)
         if state == "answered":
             found.answered_before += 1
             return
@@ -143,7 +143,7 @@ def _dry_run(
     source.check(ledger, out=log.path, allow_foreign=allow_foreign, observe=count)
     found.rows = source.rows
     notes.unused_columns = () if source.extra_as_variables else source.extra_columns
-    notes.find_rows(source.keyed(), phones=normalize is None)
+    notes.find_rows(source.numbered(), phones=normalize is None)
     found.notes = notes.lines(e164=normalize is not None)
     return found
 

@@ -147,7 +147,7 @@ async def run_job(
         notes = DataNotes()
         source.check(ledger, out=log.path, allow_foreign=allow_foreign, observe=notes.add)
         notes.unused_columns = () if source.extra_as_variables else source.extra_columns
-        notes.find_rows(source.keyed(), phones=not client.normalize_identifier)
+        notes.find_rows(source.numbered(), phones=not client.normalize_identifier)
     except BaseException:
         log.close()
         source.close()
