@@ -55,7 +55,7 @@ class KeyTable:
     after it.
     """
 
-    __slots__ = ("mask", "numbers", "size", "values")
+    __slots__ = ("limit", "mask", "numbers", "size", "values")
 
     def __init__(self, expected: int = 0, typecode: str = "Q") -> None:
         capacity = 16
@@ -64,6 +64,7 @@ class KeyTable:
         self.numbers = array("Q", bytes(8 * capacity))
         self.values = array(typecode, bytes(array(typecode).itemsize * capacity))
         self.mask = capacity - 1
+        self.limit = int(capacity * _LOAD)  #: the size past which it doubles
         self.size = 0
 
     def __len__(self) -> int:
@@ -86,7 +87,7 @@ class KeyTable:
         self.numbers[i] = number
         self.values[i] = value
         self.size += 1
-        if self.size > len(self.numbers) * _LOAD:
+        if self.size > self.limit:
             self._grow()
 
     def _grow(self) -> None:
@@ -95,6 +96,7 @@ class KeyTable:
         self.numbers = numbers = array("Q", bytes(8 * capacity))
         self.values = values = array(old_values.typecode, bytes(old_values.itemsize * capacity))
         self.mask = mask = capacity - 1
+        self.limit = int(capacity * _LOAD)
         for number, value in zip(old_numbers, old_values, strict=True):
             if number:
                 i = number & mask

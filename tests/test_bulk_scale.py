@@ -21,7 +21,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from autocalls_async import _bulkio
 from autocalls_async._bulkio import (
+    InputError,
     InputFile,
     Ledger,
     ResultLog,
@@ -156,6 +158,7 @@ def read_the_long_way(line: bytes) -> tuple[int, int] | None:
             answer("00000000000000ff.12", reply='é \\ " \n \t \x00 \u2028', row_id="A-7"),
             journal(KEY, True),
             journal(KEY, False, error_code="INSUFFICIENT_BALANCE"),
+            answer(KEY, note=-1.5e3),  # another shape: read field by field
             answer(KEY, reply="x", function_calls=[{"name": "f"}]),
             line_of({"id": 1, "ok": False, "key": KEY, "error_code": "X", "status": 500}) + b"\n",
         ]
@@ -186,7 +189,9 @@ def test_a_line_read_without_json_reads_as_json_does(
 
 def test_the_lines_a_run_writes_take_the_shortcut_and_others_do_not() -> None:
     long_way = answer("00000000000000ff.12", reply='é \\ " \n \t \u2028', row_id="A-7")
-    for line in (answer(KEY), long_way, journal(KEY, True), journal(KEY, False, error_code="X")):
+    other_shape = answer(KEY, note=None, more=[], less=1.5)
+    usual = (answer(KEY), long_way, journal(KEY, True))
+    for line in (*usual, journal(KEY, False, error_code="X"), other_shape):
         assert fast_line(line) is not None, line
         assert fast_line(line) == read_the_long_way(line)
     assert fast_line(answer(KEY).rstrip(b"\n")) is not None  # a last line without its newline
@@ -313,5 +318,35 @@ def test_a_resumes_memory_is_a_compact_key_set(tmp_path: Path) -> None:
         tracemalloc.stop()
         source.close()
     assert source.already_answered == rows
-    assert kept / rows < 20, f"OUT: {kept / rows:.0f} bytes a row"
+    assert kept / rows < 30, f"OUT: {kept / rows:.0f} bytes a row"  # and a few free lists
     assert peak / rows < 100, f"OUT and the input: {peak / rows:.0f} bytes a row"
+
+
+def test_a_big_out_reads_as_its_lines_say(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """OUT is read a block of usual lines at a time: a block with another line (a failure, a
+    withdrawal, an old line, damage) is read line by line, and line numbers stay right."""
+    monkeypatch.setattr(_bulkio, "_BLOCK", 1 << 16)  # about 170 lines: 12 blocks
+    source_path, out = write_run(tmp_path, 1000)
+    lines = out.read_bytes().splitlines(keepends=True)
+    keys = [json.loads(line)["key"] for line in lines]
+    lines[1299] = line_of({"id": 650, "ok": False, "key": keys[1299], "status": 503}) + b"\n"
+    lines[1301] = journal(keys[1301], False, error_code="INSUFFICIENT_BALANCE")
+    lines[1303] = b"\n"  # a blank line
+    lines[1304] = line_of({"id": 77, "ok": True}) + b"\n"  # an old line, without a key
+    out.write_bytes(b"".join(lines) + answer(KEY)[:30])  # and a last line cut short
+    ledger = ResultLog(out).peek()
+    expected: dict[str, Any] = {}
+    for line in lines:
+        data, problem = _decode(line)
+        key = data.get("key") if problem is None else None
+        if isinstance(key, str) and expected.get(key) != "answered":
+            expected[key] = _state(data)
+    assert {key: entry.state for key, entry in ledger.by_key.items()} == expected
+    assert expected[keys[1299]] == "failed" and expected[keys[1301]] is None
+    assert list(ledger.legacy) == [77] and ledger.unreadable_lines == 1
+
+    garbled = list(lines)
+    garbled[1800] = b'{"id":901,"ok":tru#garbled\n'
+    out.write_bytes(b"".join(garbled))
+    with pytest.raises(InputError, match="line 1801 cannot be read"):
+        ResultLog(out).peek()
