@@ -27,13 +27,16 @@ from array import array
 from collections.abc import Callable, Collection, Iterator
 from json.encoder import encode_basestring_ascii as _quote
 from pathlib import Path
-from typing import IO, Any, Final, Literal, NoReturn
+from typing import IO, TYPE_CHECKING, Any, Final, Literal, NoReturn
 
 import attrs
 
 from ._keys import KeyTable, key_number, number_of
 from ._snapshot import Snapshot, SnapshotError
 from .bulk import BulkRequest, BulkResult, RowId, error_code
+
+if TYPE_CHECKING:
+    from ._notes import DataNotes
 
 __all__ = [
     "Entry",
@@ -475,15 +478,16 @@ class InputFile:
         *,
         out: Path | None = None,
         allow_foreign: bool = False,
-        observe: Callable[[BulkRequest, int, int, RowState | None], None] | None = None,
+        notes: DataNotes | None = None,
+        observe: Callable[[BulkRequest, RowState | None], None] | None = None,
     ) -> None:
         """Read the whole file once: refuse it (``InputError``) if it cannot be run safely.
 
         Sets ``rows``, and with ``ledger`` (what OUT holds from earlier runs) how many rows
-        were ``already_answered``, ``already_failed`` and ``uncertain``; ``observe`` is called
-        with each row, its key (digest and occurrence, as ``numbered()``) and its state. A
-        line of OUT that matches no row of this file means the file was edited or OUT belongs
-        to another input: refused unless ``allow_foreign`` (such lines are then left alone).
+        were ``already_answered``, ``already_failed`` and ``uncertain``. ``notes`` take every
+        row; ``observe`` every row OUT does not answer, with its state. A line of OUT that
+        matches no row of this file means the file was edited or OUT belongs to another input:
+        refused unless ``allow_foreign`` (such lines are then left alone).
 
         Ids must be unique. Memory stays small for big files: the first pass keeps only an
         8-byte hash per explicit id (bucketed, sorted a bucket at a time) and a bit per row
@@ -505,11 +509,13 @@ class InputFile:
                 if ledger is not None:
                     number = digest or 1 if occurrence == 1 else number_of(digest, occurrence)
                     state = ledger.state_at(request, number)
-                if observe is not None:
-                    observe(request, digest, occurrence, state)
+                if notes is not None:
+                    notes.add(request, digest, occurrence)
                 if state == "answered":
                     self.already_answered += 1
                 else:
+                    if observe is not None:
+                        observe(request, state)
                     left.append(rows)
                     digests.append(digest)
                     occurrences.append(occurrence)

@@ -95,9 +95,8 @@ class DataNotes:
     #: the first few of them (``_phone_number``) -> their spellings, named by ``find_rows``
     spellings: dict[int, list[str]] = attrs.Factory(dict)
 
-    def add(self, request: BulkRequest, digest: int, occurrence: int, state: object = None) -> None:
-        """Note one row, by its key's digest and occurrence (an ``InputFile.check`` observer:
-        its state is not needed here)."""
+    def add(self, request: BulkRequest, digest: int, occurrence: int) -> None:
+        """Note one row, by its key's digest and occurrence (``InputFile.check`` calls it)."""
         if occurrence != 1 and request.problem is None:
             self.identical_rows += 1
             if occurrence == 2:
@@ -110,8 +109,11 @@ class DataNotes:
             number = int(tail) << 4 | len(tail)  # _phone_number, inline: once a row
             spelling = hash(customer) & (_MERGED - 1)
             phones = self.phones
-            i = phones.slot(number)
-            if not phones.numbers[i]:
+            numbers, mask = phones.numbers, phones.mask
+            i = number & mask
+            while (found := numbers[i]) and found != number:  # phones.slot, inline
+                i = (i + 1) & mask
+            if not found:
                 phones.put(i, number, spelling)
                 return
             first = phones.values[i]

@@ -312,7 +312,7 @@ def test_a_resumes_memory_is_a_compact_key_set(tmp_path: Path) -> None:
         source.take_snapshot()
         notes = DataNotes()
         tracemalloc.reset_peak()
-        source.check(ledger, out=out, observe=notes.add)
+        source.check(ledger, out=out, notes=notes)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -5,6 +5,7 @@ send, skip and refuse, and the time at the rate limit; send nothing (no token ne
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from pathlib import Path
 from typing import Any, Final
@@ -13,6 +14,7 @@ import attrs
 
 from .._bulkio import RowState
 from .._errors import InvalidRequestError
+from .._keys import KeyTable
 from .._models import RateLimit
 from .._wire import DEFAULT_MAX_REQUEST_BYTES
 from ..bulk import BulkRequest
@@ -35,8 +37,10 @@ class DryRun:
     uncertain_before: int = 0  #: skipped: may have been processed (without --retry-unsafe-failed)
     invalid: int = 0
     problems: list[str] = attrs.Factory(list)  #: the first invalid rows' messages
-    customers: set[str] = attrs.Factory(set)
-    conversations: set[tuple[int, str]] = attrs.Factory(set)
+    #: Distinct customers and (assistant, customer) conversations to send to, by a 64-bit
+    #: digest each (``distinct``): a few bytes per customer, however big the input.
+    customers: KeyTable = attrs.Factory(KeyTable)
+    conversations: KeyTable = attrs.Factory(KeyTable)
     assistants: set[int] = attrs.Factory(set)
     hold: Any = None  #: rows held behind an uncertain row of their conversation (a ``Hold``)
     notes: list[str] = attrs.Factory(list)  #: what the data means (unused columns, ...)
@@ -107,11 +111,7 @@ def _dry_run(
     found = DryRun(hold=hold)
     found.shown = shown
 
-    def count(request: BulkRequest, digest: int, occurrence: int, state: RowState | None) -> None:
-        notes.add(request, digest, occurrence)
-        if state == "answered":
-            found.answered_before += 1
-            return
+    def count(request: BulkRequest, state: RowState | None) -> None:  # a row not answered
         if state == "failed" and not retry_failed:
             found.failed_before += 1
             return
@@ -135,17 +135,29 @@ def _dry_run(
                 found.problems.append(in_cli_words(" ".join(str(problem).split())))
             return
         found.to_send += 1
-        found.customers.add(customer)
-        found.conversations.add((request.assistant_id, customer))
+        distinct(found.customers, customer)
+        distinct(found.conversations, f"{request.assistant_id} {customer}")
         found.assistants.add(request.assistant_id)
 
     # One pass: the check and the counts (the rows are matched exactly as the run matches them).
-    source.check(ledger, out=log.path, allow_foreign=allow_foreign, observe=count)
+    source.check(ledger, out=log.path, allow_foreign=allow_foreign, notes=notes, observe=count)
     found.rows = source.rows
+    found.answered_before = source.already_answered
     notes.unused_columns = () if source.extra_as_variables else source.extra_columns
     notes.find_rows(source.numbered(), phones=normalize is None)
     found.notes = notes.lines(e164=normalize is not None)
     return found
+
+
+def distinct(seen: KeyTable, text: str) -> None:
+    """Add ``text`` to ``seen`` by its 64-bit digest (``len(seen)``: how many were distinct)."""
+    number = (
+        int.from_bytes(hashlib.blake2b(text.encode(errors="surrogatepass"), digest_size=8).digest())
+        or 1
+    )
+    i = seen.slot(number)
+    if not seen.numbers[i]:
+        seen.put(i, number, 0)
 
 
 def dry_run_report(

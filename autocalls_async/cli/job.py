@@ -145,7 +145,7 @@ async def run_job(
         ledger: Ledger = log.read()
         source.take_snapshot()  # the one read of INPUT: every pass below reads this copy
         notes = DataNotes()
-        source.check(ledger, out=log.path, allow_foreign=allow_foreign, observe=notes.add)
+        source.check(ledger, out=log.path, allow_foreign=allow_foreign, notes=notes)
         notes.unused_columns = () if source.extra_as_variables else source.extra_columns
         notes.find_rows(source.numbered(), phones=not client.normalize_identifier)
     except BaseException:
