@@ -68,7 +68,8 @@ def run(argv: list[str], env: dict[str, str]) -> tuple[float, float, int, str]:
         argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     )
     assert child.stdout is not None
-    output = child.stdout.read()
+    with child.stdout:
+        output = child.stdout.read()
     _, status, usage = os.wait4(child.pid, 0)
     seconds = time.perf_counter() - started
     child.returncode = os.waitstatus_to_exitcode(status)
@@ -78,22 +79,29 @@ def run(argv: list[str], env: dict[str, str]) -> tuple[float, float, int, str]:
 def measure(source: Path, out: Path) -> list[tuple[str, float, float, int, str]]:
     """For the dry run and the resume: seconds, peak MiB, exit code and a line of output."""
     command = [sys.executable, "-m", "autocalls_async", "bulk", str(source), "--out", str(out)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOCALLS_")}
-    resume_env = {
-        **env,
-        "AUTOCALLS_API_TOKEN": "resume-benchmark",
-        "AUTOCALLS_BASE_URL": f"http://127.0.0.1:{closed_port()}/api",
-        "AUTOCALLS_LIMITER_DIR": tempfile.mkdtemp(prefix="resume-scale-"),
+    # As installed: from compiled bytecode (a shell that sets PYTHONDONTWRITEBYTECODE would
+    # otherwise have each run compile every module first).
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("AUTOCALLS_") and k != "PYTHONDONTWRITEBYTECODE"
     }
     results = []
-    for name, argv, run_env in (
-        ("dry run", [*command, "--dry-run"], env),
-        ("resume", [*command, "--progress", "off"], resume_env),
-    ):
-        seconds, peak, code, output = run(argv, run_env)
-        lines = output.strip().splitlines()
-        said = next((line for line in lines if "answered" in line), lines[-1] if lines else "")
-        results.append((name, seconds, peak, code, said.strip()))
+    with tempfile.TemporaryDirectory(prefix="resume-scale-") as limiter:
+        resume_env = {
+            **env,
+            "AUTOCALLS_API_TOKEN": "resume-benchmark",
+            "AUTOCALLS_BASE_URL": f"http://127.0.0.1:{closed_port()}/api",
+            "AUTOCALLS_LIMITER_DIR": limiter,
+        }
+        for name, argv, run_env in (
+            ("dry run", [*command, "--dry-run"], env),
+            ("resume", [*command, "--progress", "off"], resume_env),
+        ):
+            seconds, peak, code, output = run(argv, run_env)
+            lines = output.strip().splitlines()
+            said = next((line for line in lines if "answered" in line), lines[-1] if lines else "")
+            results.append((name, seconds, peak, code, said.strip()))
     return results
 
 

@@ -350,3 +350,17 @@ def test_a_big_out_reads_as_its_lines_say(tmp_path: Path, monkeypatch: pytest.Mo
     out.write_bytes(b"".join(garbled))
     with pytest.raises(InputError, match="line 1801 cannot be read"):
         ResultLog(out).peek()
+
+
+def test_the_resume_benchmark_measures_a_dry_run_and_a_resume(tmp_path: Path) -> None:
+    """``python -m benchmarks.resume_scale``, small: both runs find every row answered."""
+    from benchmarks.resume_scale import measure
+
+    source_path, out = write_run(tmp_path, 300)
+    before = out.read_bytes()
+    (dry, dry_seconds, dry_peak, dry_code, dry_said), resume = measure(source_path, out)
+    assert (dry, dry_code) == ("dry run", 0) and dry_seconds > 0 and dry_peak > 0
+    assert "300 already answered" in dry_said
+    assert (resume[0], resume[3]) == ("resume", 0)
+    assert "0 answered, 0 failed, 300 skipped" in resume[4]
+    assert out.read_bytes() == before  # nothing was sent, nothing written
