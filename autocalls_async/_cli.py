@@ -311,6 +311,36 @@ def _rate_limit(text: str) -> RateLimit | None:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _burst(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a whole number >= 1 (1: evenly spaced starts)"
+        )
+    return value
+
+
+def _with_burst(args: argparse.Namespace) -> str | None:
+    """Apply ``--burst`` to ``--rate-limit``; a problem to say, or None."""
+    burst: int | None = getattr(args, "burst", None)
+    limit: RateLimit | None = getattr(args, "rate_limit", None)
+    if burst is None:
+        return None
+    if limit is None:
+        return "--burst needs a --rate-limit (it shapes the limit; 'none' has no starts to shape)"
+    if burst > limit.requests:
+        return (
+            f"--burst {burst} is more than the {limit.requests} requests of --rate-limit "
+            f"{limit.requests}/{limit.period:g}: at most {limit.requests} can start back to back"
+        )
+    if args.handler is not _mock_server_command:
+        args.rate_limit = attrs.evolve(limit, burst=burst)
+    return None
+
+
 def _read_seconds(text: str, *, allow_zero: bool) -> float:
     try:
         value = float(text)
@@ -460,6 +490,15 @@ def _client_options(parser: argparse.ArgumentParser, *, default_rate: str) -> No
         metavar="N/SECONDS",
         help=f"client-side limit per token, e.g. 5/60 or 5/1m; 'none' disables it "
         f"(default: {default_rate}, the service's documented limit)",
+    )
+    group.add_argument(
+        "--burst",
+        type=_burst,
+        default=None,
+        metavar="N",
+        help="starts allowed back to back (default: N of --rate-limit, the rolling window the "
+        "service counts); 1 spaces every start evenly, for servers that refuse bursts "
+        "(nginx limit_req without burst)",
     )
     group.add_argument(
         "--max-retries",
@@ -745,9 +784,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mock.add_argument(
         "--window",
-        choices=("rolling", "fixed"),
+        choices=("rolling", "fixed", "no-burst"),
         default="rolling",
-        help="rolling: at most N in any period (strict); fixed: Laravel's fixed window",
+        help="rolling: at most N in any period (strict); fixed: Laravel's fixed window; "
+        "no-burst: nginx limit_req without burst (one per period/N)",
+    )
+    mock.add_argument(
+        "--burst",
+        type=_burst,
+        default=None,
+        metavar="N",
+        help="the server lets N come back to back, then one per period/N (nginx's burst=N-1 "
+        "nodelay), on any --window (default: no such bucket; 1 with --window no-burst)",
     )
     mock.add_argument(
         "--assistants",
@@ -859,7 +907,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, usage errors: argparse has printed them
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     handler: Callable[[argparse.Namespace], int] = args.handler
-    problem = resolve_token(args)  # --token-file, --token -
+    problem = resolve_token(args) or _with_burst(args)  # --token-file, --token -, --burst
     if problem is not None:
         return _usage_error(problem)
     warnings = _sdk_warnings_to_stderr()
@@ -1017,9 +1065,14 @@ class TellingLimiter:
         if self.paused:
             return
         limit = self.rate_limit
+        shape = (
+            f"one every {limit.interval:.0f}s"
+            if limit.bursts == 1
+            else f"the last {limit.requests} started within {limit.period:g}s"
+        )
         self.tell(
             f"waiting for a rate-limit slot ({limit.requests} per {limit.period:g}s for this "
-            f"token, shared by this host's processes: one every {limit.interval:.0f}s); "
+            f"token, shared by this host's processes: {shape}); "
             "--max-wait bounds the wait, Ctrl-C stops"
         )
 
@@ -2206,6 +2259,7 @@ async def _mock_server(args: argparse.Namespace) -> int:
         port=args.port,
         rate_limit=None if limit is None else (limit.requests, limit.period),
         window=args.window,
+        burst=args.burst,
         assistants=args.assistants,
         tokens=args.token,
         balance=args.balance,
