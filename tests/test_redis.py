@@ -248,8 +248,9 @@ async def test_max_wait_while_a_grant_is_unsent(redis_server: RedisServer, prefi
 async def test_cancelled_waiters_do_not_hold_the_queue(
     redis_server: RedisServer, prefix: str
 ) -> None:
-    """Waiters cancelled while queued leave at once; the next caller is not held up by them."""
-    rate = RateLimit(5, 0.5)
+    """Waiters cancelled while queued leave at once; the next caller is not held up by them
+    (evenly spaced: the others were all queued)."""
+    rate = RateLimit(5, 0.5, burst=1)
     loop = asyncio.get_running_loop()
     async with RedisRateLimiter(redis_server.url, rate_limit=rate, prefix=prefix) as limiter:
         async with limiter.slot("tok") as slot:
