@@ -25,10 +25,14 @@ real period it leaves 120 ms.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import json
 import random
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -221,3 +225,65 @@ def run(config: Config) -> BenchResult:
         "retries a 429 (2 retries), AsyncLimiter's client does not (a 429 is a failed call)"
     )
     return result
+
+
+# -- the figure on the limiter page -------------------------------------------------------------
+
+COLORS = {"window": "tab:blue", "burst=1": "tab:orange", "AsyncLimiter": "tab:purple"}
+
+
+def draw(data: dict[str, Any], path: Path) -> None:
+    """The wait distribution: for each load, the fraction of calls that waited at most x
+    seconds, per client, against Laravel's fixed window (how the service's throttle counts)."""
+    from .plots import _pyplot, _save
+
+    plt = _pyplot()
+    loads = list(LOADS)
+    fig, axes = plt.subplots(1, len(loads), figsize=(11.0, 3.4), sharey=True)
+    period = data["period"]
+    for ax, load in zip(axes, loads, strict=True):
+        for client, color in COLORS.items():
+            case = data["cases"][f"{load}|{client}|fixed"]
+            waits = sorted(case["waits"])
+            if not waits:
+                continue
+            xs = [0.0, *waits]
+            ys = [0.0, *((n + 1) / case["calls"] for n in range(len(waits)))]
+            label = f"{client} ({case['429s']} × 429)"
+            ax.step(xs, ys, where="post", color=color, label=label)
+        ax.set_title(f"{load} of the limit", fontsize=10)
+        ax.set_xlabel(f"wait for a slot (s; period {period:g} s)")
+        ax.set_xlim(0, period * 1.2)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0].set_ylabel("calls answered within")
+    fig.suptitle(
+        f"One token, {REQUESTS} per {period:g} s, Poisson arrivals, Laravel's fixed window "
+        f"(python -m benchmarks.latency --figure)",
+        fontsize=10,
+    )
+    _save(fig, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.latency")
+    parser.add_argument("--figure", type=Path, default=Path("docs/img/wait-latency.png"))
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    data = latency_data(args.quick)
+    args.figure.parent.mkdir(parents=True, exist_ok=True)
+    draw(data, args.figure)
+    summary = {
+        key: {k: case[k] for k in ("p50", "p95", "p99", "429s", "most_in_window", "answered")}
+        for key, case in data["cases"].items()
+    }
+    args.figure.with_suffix(".json").write_text(
+        json.dumps({"period": data["period"], "calls": data["calls"], "cases": summary}, indent=1)
+        + "\n"
+    )
+    print(f"wrote {args.figure}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

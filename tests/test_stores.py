@@ -189,5 +189,8 @@ def test_limiter_arguments_are_checked() -> None:
         Limiter(store, RATE, background_share=-1)
     assert repr(LocalRateLimiter(RATE)) == "<LocalRateLimiter process 5/1s evenly spaced>"
     host = HostRateLimiter("/some/where", rate_limit=RATE)
-    assert host.path == "/some/where" and repr(host) == "<HostRateLimiter /some/where 5/1s evenly spaced>"
+    assert (
+        host.path == "/some/where"
+        and repr(host) == "<HostRateLimiter /some/where 5/1s evenly spaced>"
+    )
     assert host.kind == "host"

@@ -354,3 +354,90 @@ async def test_a_long_wait_is_said_once_at_info(
     assert "interactive lane" in second and "calls ahead in this process: 0" in second
     assert "calls ahead in this process: 1" in third
     assert said[1].autocalls_wait > 2.0  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------- the emulator's shapes
+
+
+def test_the_emulator_speaks_three_server_shapes() -> None:
+    """rolling: 5 in any period; fixed: Laravel's window from the first hit; no-burst: one per
+    period / N (nginx ``limit_req``); ``burst=2``: two back to back, then one per period / N."""
+    from autocalls_async.testing._laravel import Throttle
+
+    clock = [0.0]
+
+    def hits(throttle: Throttle, times: list[float]) -> list[bool]:
+        allowed = []
+        for at in times:
+            clock[0] = at
+            allowed.append(throttle.hit("k").allowed)
+        return allowed
+
+    rolling = Throttle(2, 1.0, "rolling", lambda: clock[0])
+    assert hits(rolling, [0.0, 0.1, 0.5, 1.05, 1.2]) == [True, True, False, True, True]
+    fixed = Throttle(2, 1.0, "fixed", lambda: clock[0])
+    # Laravel: the window opened at 0.0 closes at 1.0; a new one opens at the next hit.
+    assert hits(fixed, [0.0, 0.9, 0.95, 1.0, 1.01]) == [True, True, False, True, True]
+    no_burst = Throttle(2, 1.0, "no-burst", lambda: clock[0])
+    assert hits(no_burst, [0.0, 0.1, 0.5, 0.9, 1.0]) == [True, False, True, False, True]
+    decision = Throttle(2, 1.0, "no-burst", lambda: clock[0])
+    clock[0] = 5.0
+    decision.hit("k")
+    clock[0] = 5.2
+    refused = decision.hit("k")
+    assert not refused.allowed and refused.retry_after == pytest.approx(0.3)
+    two = Throttle(4, 1.0, "no-burst", lambda: clock[0], burst=2)
+    assert hits(two, [10.0, 10.0, 10.0, 10.25, 10.26, 10.5]) == [
+        True,
+        True,
+        False,
+        True,
+        False,
+        True,
+    ]
+    with pytest.raises(ValueError, match="between 1 and 2"):
+        Throttle(2, 1.0, "rolling", lambda: 0.0, burst=3)
+    with pytest.raises(ValueError, match="'no-burst'"):
+        Throttle(2, 1.0, "leaky", lambda: 0.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'no-burst'"):
+        MockAutocalls(window="leaky")  # type: ignore[arg-type]
+
+
+async def test_mock_server_window_and_burst_from_the_command_line() -> None:
+    """``mock-server --window no-burst``: a second request at once is refused with a
+    Retry-After; ``--burst 2`` lets two through."""
+    import aiohttp
+
+    from .test_cli import mock_server
+
+    body = {"assistant_id": 123, "customer_identifier": "+1", "message": "Hi"}
+    headers = {"Authorization": "Bearer T", "Accept": "application/json"}
+    for extra, expected in (([], [200, 429]), (["--burst", "2"], [200, 200, 429])):
+        options = ["--rate-limit", "5/60", "--window", "no-burst", "--token", "T", *extra]
+        async with mock_server(*options) as (_, base_url), aiohttp.ClientSession() as session:
+            statuses = []
+            for _ in expected:
+                async with session.post(
+                    base_url + "/ai/generate-reply", json=body, headers=headers
+                ) as response:
+                    statuses.append(response.status)
+            assert statuses == expected
+
+
+async def test_burst_on_the_command_line_is_checked(token: str) -> None:
+    """``--burst`` larger than the limit, with no limit, or not a whole number >= 1: a usage
+    error (exit 2) that says how to fix it, nothing sent."""
+    from .test_cli import run_cli
+
+    async with MockAutocalls(rate_limit=None) as server:
+        env = {"AUTOCALLS_API_TOKEN": token, "AUTOCALLS_BASE_URL": server.base_url}
+        reply = ("reply", "--assistant-id", "123", "--customer", "+1")
+        too_many = await run_cli(*reply, "--rate-limit", "5/1", "--burst", "6", "Hi", **env)
+        no_limit = await run_cli(*reply, "--rate-limit", "none", "--burst", "1", "Hi", **env)
+        zero = await run_cli(*reply, "--burst", "0", "Hi", **env)
+        ok = await run_cli(*reply, "--rate-limit", "5/1", "--burst", "1", "Hi", **env)
+        assert len(server.requests) == 1
+    assert too_many.code == 2 and "at most 5 can start back to back" in too_many.err
+    assert no_limit.code == 2 and "--burst needs a --rate-limit" in no_limit.err
+    assert zero.code == 2 and "whole number >= 1" in zero.err
+    assert ok.code == 0, ok.err
