@@ -527,20 +527,31 @@ async def test_mock_server_port_in_use() -> None:
 async def test_reply_subprocess_unknown_assistant() -> None:
     """python -m autocalls_async reply: the reply on stdout; an unknown assistant is one
     stderr line with ASSISTANT_NOT_FOUND, no traceback, a non-zero exit; the token never
-    shows. The second call waits for the host-wide limit's next slot (5/60: one every 12 s)
-    and says so on stderr first."""
+    shows. The second call goes at once (the window has room: 5 per 60 s); with a full window
+    (1 per 2 s here) a call waits for the host-wide limit's next slot and says so on stderr
+    first, evenly spaced or not."""
     token = f"{TOKEN}-{os.getpid()}-{time.time_ns()}"  # no slot of the host limiter used yet
     async with MockAutocalls(rate_limit=None) as server:
         env = {"AUTOCALLS_API_TOKEN": token, "AUTOCALLS_BASE_URL": server.base_url}
         ok = await run_cli("reply", "--assistant-id", "123", "--customer", "+1", "Hi", **env)
+        began = time.monotonic()
         bad = await run_cli("reply", "--assistant-id", "77", "--customer", "+1", "Hi", **env)
+        assert time.monotonic() - began < 10  # no wait for a slot (12 s, evenly spaced)
+        limited = ("reply", "--assistant-id", "123", "--customer", "+1", "--rate-limit", "1/2")
+        await run_cli(*limited, "Hi", **env)
+        waited = await run_cli(*limited, "Hi", **env)
+        await run_cli(*limited, "Hi", **env)
+        even = await run_cli(*limited, "--burst", "1", "Hi", **env)
     assert (ok.code, ok.out) == (0, "Hi there! Thanks for your message: Hi\n")
     assert (bad.code, bad.out, ok.err) == (4, "", "")
-    waiting, error = bad.err.splitlines()
-    assert waiting.startswith("autocalls-async: waiting for a rate-limit slot (5 per 60s")
-    assert "one every 12s" in waiting
+    (error,) = bad.err.splitlines()
     assert "ASSISTANT_NOT_FOUND" in error and "Traceback" not in bad.err
-    assert token not in ok.out + ok.err + bad.out + bad.err
+    assert waited.code == 0 and even.code == 0, waited.err + even.err
+    assert waited.err.startswith("autocalls-async: waiting for a rate-limit slot (1 per 2s")
+    assert "the last 1 started within 2s" in waited.err or "one every 2s" in waited.err
+    assert even.err.startswith("autocalls-async: waiting for a rate-limit slot (1 per 2s")
+    assert "one every 2s" in even.err
+    assert token not in ok.out + ok.err + bad.out + bad.err + waited.err + even.err
 
 
 async def test_demo_end_to_end() -> None:

@@ -81,10 +81,13 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 def check_arrivals(times: list[float], rate: RateLimit = RATE) -> None:
-    """The rolling window, and the gap a no-burst leaky bucket needs, as the server saw them."""
+    """The rolling window, and evenly spaced (``burst=1``) the gap a no-burst leaky bucket
+    needs, as the server saw them."""
     times = sorted(times)
     for first, last in zip(times, times[rate.requests :], strict=False):
         assert last - first >= rate.period - JITTER, (first, last)
+    if rate.bursts > 1:
+        return
     spacing = rate.period / rate.requests
     for a, b in itertools.pairwise(times):
         assert b - a >= spacing - JITTER, (a, b)
@@ -94,14 +97,14 @@ CHILD = """
 import asyncio, json, sys
 from autocalls_async import AsyncAutocalls, RateLimit
 
-async def main(base_url, token, name, calls, store, margin):
-    rate = RateLimit(5, 1.0, margin=margin)
+async def main(base_url, token, name, calls, store, margin, burst, retries):
+    rate = RateLimit(5, 1.0, margin=margin, burst=None if burst == "none" else int(burst))
     limiter = None
     if store.startswith("redis://"):
         from autocalls_async import RedisRateLimiter
         limiter = RedisRateLimiter(store, rate_limit=rate, prefix="deploy:")
     async with AsyncAutocalls(token, base_url=base_url, rate_limit=rate, limiter=limiter,
-                              max_retries=0) as client:
+                              max_retries=retries) as client:
         print("ready", flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
 
@@ -117,12 +120,19 @@ async def main(base_url, token, name, calls, store, margin):
     if limiter is not None:
         await limiter.aclose()
 
-asyncio.run(main(*sys.argv[1:4], int(sys.argv[4]), sys.argv[5], float(sys.argv[6])))
+asyncio.run(main(*sys.argv[1:4], int(sys.argv[4]), sys.argv[5], float(sys.argv[6]),
+                 sys.argv[7], int(sys.argv[8])))
 """
 
 
 async def run_children(
-    base_url: str, store: str, processes: int = 3, calls: int = 6, margin: float = 0.02
+    base_url: str,
+    store: str,
+    processes: int = 3,
+    calls: int = 6,
+    margin: float = 0.02,
+    burst: int | None = None,
+    retries: int = 0,
 ) -> None:
     """``processes`` OS processes with ``calls`` concurrent calls each, started together."""
     children = [
@@ -136,6 +146,8 @@ async def run_children(
             str(calls),
             store,
             str(margin),
+            "none" if burst is None else str(burst),
+            str(retries),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -185,8 +197,9 @@ async def test_processes_share_one_token(
 async def test_processes_on_one_host_behind_a_no_burst_nginx(
     nginx: NginxLimiter, open_server: MockAutocalls
 ) -> None:
-    """The same behind nginx limit_req rate=5r/s without burst: every request accepted."""
-    await run_children(nginx.base_url, "host", margin=NGINX_MARGIN)
+    """The same behind nginx limit_req rate=5r/s without burst, told so (``burst=1``): every
+    request accepted."""
+    await run_children(nginx.base_url, "host", margin=NGINX_MARGIN, burst=1)
     assert len(open_server.requests) == 18
 
 
@@ -194,7 +207,7 @@ async def test_processes_via_redis_behind_a_no_burst_nginx(
     nginx: NginxLimiter, open_server: MockAutocalls, redis_server: RedisServer
 ) -> None:
     """3 processes sharing one token through Redis, behind nginx without burst: no 429."""
-    await run_children(nginx.base_url, redis_server.url, margin=NGINX_MARGIN)
+    await run_children(nginx.base_url, redis_server.url, margin=NGINX_MARGIN, burst=1)
     assert len(open_server.requests) == 18
 
 
@@ -361,7 +374,7 @@ async def test_a_busy_event_loop_behind_a_no_burst_nginx(
         async with AsyncAutocalls(
             "busy",
             base_url=nginx.base_url,
-            rate_limit=RateLimit(5, 1.0, margin=NGINX_MARGIN),
+            rate_limit=RateLimit(5, 1.0, margin=NGINX_MARGIN, burst=1),
             max_retries=0,
         ) as client:
             await asyncio.gather(
@@ -591,11 +604,12 @@ async def test_a_deleted_host_file_is_noticed(open_server: MockAutocalls) -> Non
 
 async def test_callers_who_gave_up_do_not_count_ahead(open_server: MockAutocalls) -> None:
     """Another process queued 10 calls and cancelled them: a max_wait beside it is not refused
-    for callers who are gone."""
+    for callers who are gone (evenly spaced: one of them started, the others were queued)."""
+    even = RateLimit(5, 1.0, burst=1)
     async with (
-        HostRateLimiter(rate_limit=RATE) as theirs,
+        HostRateLimiter(rate_limit=even) as theirs,
         AsyncAutocalls("gone", base_url=open_server.base_url, limiter=theirs) as other,
-        AsyncAutocalls("gone", base_url=open_server.base_url, rate_limit=RATE) as web,
+        AsyncAutocalls("gone", base_url=open_server.base_url, rate_limit=even) as web,
     ):
         queued = [
             asyncio.create_task(

@@ -332,8 +332,9 @@ def _post(url: str) -> tuple[int, dict[str, str], dict[str, object]]:
 def test_app_serves_and_shuts_down(
     block: Block, emulator: MockServer, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    """Served by uvicorn as users run it: a reply, then 503 while the token is busy, then a
-    clean shutdown on SIGINT (the lifespan closes the client)."""
+    """Served by uvicorn as users run it: replies while the window has room (5 per minute: at
+    once), then 503 while the token is busy, then a clean shutdown on SIGINT (the lifespan
+    closes the client)."""
     extra = {}
     if block.arg == "redis":
         from .redis_server import RedisServer, require_redis_server
@@ -364,10 +365,13 @@ def test_app_serves_and_shuts_down(
             base = found[1] if found else None
         assert base is not None, "uvicorn did not start:\n" + "".join(log)
 
-        status, _, body = _post(f"{base}/chat/+15550001234?text=Hi")
-        assert status == 200, body
-        assert body["reply"] == "Hi there! Thanks for your message: Hi"
-        # The next slot is ~12 s away, longer than the app's max_wait: an answer at once.
+        for n in range(5):  # the window's five, each at once
+            started = time.monotonic()
+            status, _, body = _post(f"{base}/chat/+1555000123{n}?text=Hi")
+            assert status == 200, body
+            assert body["reply"] == "Hi there! Thanks for your message: Hi"
+            assert time.monotonic() - started < 5.0
+        # The next slot is a minute away, longer than the app's max_wait: an answer at once.
         started = time.monotonic()
         status, headers, body = _post(f"{base}/chat/+15550005678?text=Hello")
         assert status == 503, body

@@ -63,6 +63,8 @@ def check_arrivals(times: list[float], rate: RateLimit = RATE) -> None:
     times = sorted(times)
     for first, last in zip(times, times[rate.requests :], strict=False):
         assert last - first >= rate.period - JITTER, (first, last)
+    if rate.bursts > 1:
+        return  # the window is the schedule; two schedules would show as 6+ in one
     spacing = rate.period / rate.requests
     for a, b in itertools.pairwise(times):
         assert b - a >= spacing - GAP_JITTER, (a, b)
@@ -460,7 +462,9 @@ def test_forged_times_cannot_stall_a_token_for_good(tmp_path: Path) -> None:
         "last": far,
         "holder": "x",
         "lease": far,
-        "users": {"ghost:1:2:3:4": [1, 9.0, 0.02, "nowhere", far]},
+        "records": [[far, 5]],
+        "clear": far,
+        "users": {"ghost:1:2:3:4": [1, 9.0, 0.02, 1, "nowhere", far]},
         "queued": {"ghost:1:2:3:4": [[100, 0.0, 0.0, 0.0], None, far]},
     }
     store.try_update(KEY, lambda state, now: setattr(state, "due", now + 1))

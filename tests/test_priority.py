@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
 from autocalls_async import (
@@ -156,7 +157,7 @@ def test_eta_counts_the_slots_other_traffic_took() -> None:
 
 
 async def test_the_start_clock_keeps_the_last_starts(server: MockAutocalls, token: str) -> None:
-    clock = cli_progress.StartClock(LocalRateLimiter(FAST))
+    clock = cli_progress.StartClock(LocalRateLimiter(attrs.evolve(FAST, burst=1)))
     for _ in range(cli_progress.PACE_WINDOW + 2):
         async with clock.slot(token) as slot:
             slot.sent()
@@ -250,7 +251,7 @@ async def test_from_server_adopts_the_stated_limit_after_the_first_response(
     """Default 5/1s; the server states 150 per minute (2.5/s): from the second call on, starts
     are 0.4 s apart (never faster than stated), no 429; a later 429 still pauses."""
     caplog.set_level(logging.INFO, logger="autocalls_async")
-    follow = RateLimit.from_server(default=RateLimit(5, 1.0))
+    follow = RateLimit.from_server(default=RateLimit(5, 1.0, burst=1))
     async with (
         MockAutocalls(rate_limit=(150, 60.0)) as server,
         AsyncAutocalls(token, base_url=server.base_url, rate_limit=follow) as client,
@@ -259,7 +260,8 @@ async def test_from_server_adopts_the_stated_limit_after_the_first_response(
         assert client.stats.server_limit == RateLimit(150, 60.0)
         limiter = client._limiter
         assert isinstance(limiter, Limiter) and isinstance(limiter.fallback, Limiter)
-        assert limiter.rate_limit == limiter.fallback.rate_limit == RateLimit(150, 60.0)
+        adopted = RateLimit(150, 60.0, burst=1)  # the burst stays ours
+        assert limiter.rate_limit == limiter.fallback.rate_limit == adopted
         await asyncio.gather(*(call(client, n) for n in range(1, 5)))
         gaps = [b.time - a.time for a, b in itertools.pairwise(server.requests)]
         assert all(gap >= 0.4 - 0.003 for gap in gaps), gaps

@@ -25,6 +25,7 @@ from .._token_input import resolve_token
 from .._version import __version__
 from . import bulk, demo, mock_server, reply, results
 from .exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, exit_codes_help
+from .options import with_burst
 from .output import ENVIRONMENT_HELP, PROG, CliWordsFormatter, usage_error
 
 __all__ = ["build_parser", "main"]
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, usage errors: argparse has printed them
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     handler: Callable[[argparse.Namespace], int] = args.handler
-    problem = resolve_token(args)  # --token-file, --token -
+    problem = resolve_token(args) or with_burst(args)  # --token-file, --token -, --burst
     if problem is not None:
         return usage_error(problem)
     warnings = _sdk_warnings_to_stderr()

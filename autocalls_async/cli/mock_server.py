@@ -23,7 +23,7 @@ import attrs
 
 from .._models import RateLimit
 from .exits import EXIT_FAILED, EXIT_OK, exit_codes_help
-from .options import parse_count, parse_rate_limit, parse_seconds
+from .options import parse_burst, parse_count, parse_rate_limit, parse_seconds
 from .output import PROG, plural
 
 __all__ = ["RequestLog", "add_parser", "listen_problem", "mock_server_command"]
@@ -69,9 +69,18 @@ def add_parser(commands: Any) -> None:
     )
     mock.add_argument(
         "--window",
-        choices=("rolling", "fixed"),
+        choices=("rolling", "fixed", "no-burst"),
         default="rolling",
-        help="rolling: at most N in any period (strict); fixed: Laravel's fixed window",
+        help="rolling: at most N in any period (strict); fixed: Laravel's fixed window; "
+        "no-burst: nginx limit_req without burst (one per period/N)",
+    )
+    mock.add_argument(
+        "--burst",
+        type=parse_burst,
+        default=None,
+        metavar="N",
+        help="the server lets N come back to back, then one per period/N (nginx's burst=N-1 "
+        "nodelay), on any --window (default: no such bucket; 1 with --window no-burst)",
     )
     mock.add_argument(
         "--assistants",
@@ -229,6 +238,7 @@ async def _mock_server(args: argparse.Namespace) -> int:
         port=args.port,
         rate_limit=None if limit is None else (limit.requests, limit.period),
         window=args.window,
+        burst=args.burst,
         assistants=args.assistants,
         tokens=args.token,
         balance=args.balance,

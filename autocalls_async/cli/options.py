@@ -11,6 +11,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import attrs
+
 from .._errors import InvalidRequestError
 from .._models import RateLimit
 from .._wire import DEFAULT_MAX_REQUEST_BYTES, check_token
@@ -19,6 +21,7 @@ from .output import PROG
 __all__ = [
     "client_options",
     "input_problem",
+    "parse_burst",
     "parse_count",
     "parse_delimiter",
     "parse_positive_seconds",
@@ -29,6 +32,7 @@ __all__ = [
     "phone_extra_problem",
     "redis_problem",
     "token_problem",
+    "with_burst",
 ]
 
 
@@ -39,6 +43,36 @@ def parse_rate_limit(text: str) -> RateLimit | None:
         return RateLimit.parse(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def parse_burst(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a whole number >= 1 (1: evenly spaced starts)"
+        )
+    return value
+
+
+def with_burst(args: argparse.Namespace) -> str | None:
+    """Apply ``--burst`` to ``--rate-limit``; a problem to say, or None."""
+    burst: int | None = getattr(args, "burst", None)
+    limit: RateLimit | None = getattr(args, "rate_limit", None)
+    if burst is None:
+        return None
+    if limit is None:
+        return "--burst needs a --rate-limit (it shapes the limit; 'none' has no starts to shape)"
+    if burst > limit.requests:
+        return (
+            f"--burst {burst} is more than the {limit.requests} requests of --rate-limit "
+            f"{limit.requests}/{limit.period:g}: at most {limit.requests} can start back to back"
+        )
+    if args.command != "mock-server":  # the emulator takes its own burst as it is
+        args.rate_limit = attrs.evolve(limit, burst=burst)
+    return None
 
 
 def _read_seconds(text: str, *, allow_zero: bool) -> float:
@@ -124,6 +158,15 @@ def client_options(parser: argparse.ArgumentParser, *, default_rate: str) -> Non
         metavar="N/SECONDS",
         help=f"client-side limit per token, e.g. 5/60 or 5/1m; 'none' disables it "
         f"(default: {default_rate}, the service's documented limit)",
+    )
+    group.add_argument(
+        "--burst",
+        type=parse_burst,
+        default=None,
+        metavar="N",
+        help="starts allowed back to back (default: N of --rate-limit, the rolling window the "
+        "service counts); 1 spaces every start evenly, for servers that refuse bursts "
+        "(nginx limit_req without burst)",
     )
     group.add_argument(
         "--max-retries",

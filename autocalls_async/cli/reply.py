@@ -174,9 +174,14 @@ class TellingLimiter:
         if self.paused:
             return
         limit = self.rate_limit
+        shape = (
+            f"one every {limit.interval:.0f}s"
+            if limit.bursts == 1
+            else f"the last {limit.requests} started within {limit.period:g}s"
+        )
         self.tell(
             f"waiting for a rate-limit slot ({limit.requests} per {limit.period:g}s for this "
-            f"token, shared by this host's processes: one every {limit.interval:.0f}s); "
+            f"token, shared by this host's processes: {shape}); "
             "--max-wait bounds the wait, Ctrl-C stops"
         )
 
