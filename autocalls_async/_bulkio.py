@@ -530,7 +530,7 @@ class InputFile:
                     self.uncertain += 1
                     self._example("uncertain", request)
                 if request.id == request.row:
-                    byte = rows >> 3  # _set_bit, inline: once a row
+                    byte = rows >> 3  # bit `rows` set (once a row: inline)
                     if byte >= len(implicit):
                         implicit.extend(bytes(byte - len(implicit) + 1024))
                     implicit[byte] |= 1 << (rows & 7)
@@ -967,13 +967,6 @@ def _delimiter_hint(header: list[str], delimiter: str) -> str:
 
 def _bad(row: int, problem: str) -> BulkRequest:
     return BulkRequest(row, 0, "", "", row=row, problem=problem)
-
-
-def _set_bit(bits: bytearray, index: int) -> None:
-    byte = index >> 3
-    if byte >= len(bits):
-        bits.extend(bytes(byte - len(bits) + 1024))
-    bits[byte] |= 1 << (index & 7)
 
 
 def _bit(bits: bytearray, index: int) -> bool:

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from autocalls_async import _bulkio
+from autocalls_async import _bulkio, _notes
 from autocalls_async._bulkio import (
     InputError,
     InputFile,
@@ -212,6 +212,17 @@ def test_the_lines_a_run_writes_take_the_shortcut_and_others_do_not() -> None:
         assert fast_line(line) is None, line
 
 
+@SETTINGS
+@given(
+    st.text(st.sampled_from("0123456789+-() ./٣²x@"), max_size=16)
+    | st.from_regex(r"\+?[0-9]{5,14}", fullmatch=True)
+)
+def test_a_phone_numbers_last_digits_are_read_as_the_long_way_reads_them(text: str) -> None:
+    tail = _notes._tail(text)
+    expected = tail if _notes.phone_like(text) and len(tail) >= 7 else None
+    assert _notes._phone_tail(text) == expected
+
+
 def test_key_numbers_and_the_key_table() -> None:
     assert key_number("00000000000000ff.1") == 0xFF
     assert key_number("00000000000000ff.2") == number_of(0xFF, 2) != 0xFF
@@ -332,6 +343,7 @@ def test_a_big_out_reads_as_its_lines_say(tmp_path: Path, monkeypatch: pytest.Mo
     lines[1299] = line_of({"id": 650, "ok": False, "key": keys[1299], "status": 503}) + b"\n"
     lines[1301] = journal(keys[1301], False, error_code="INSUFFICIENT_BALANCE")
     lines[1303] = b"\n"  # a blank line
+    lines[1701] = lines[1701].replace(b'.1"', b'.2"')  # the second of two identical rows
     lines[1304] = line_of({"id": 77, "ok": True}) + b"\n"  # an old line, without a key
     out.write_bytes(b"".join(lines) + answer(KEY)[:30])  # and a last line cut short
     ledger = ResultLog(out).peek()
