@@ -31,11 +31,14 @@ from autocalls_async import (
     RateLimit,
     RateLimitError,
     RateLimitTimeout,
-    _cli,
 )
 from autocalls_async._bulkio import ResultLog
-from autocalls_async._cli import main
 from autocalls_async.bulk import error_code
+from autocalls_async.cli import demo as cli_demo
+from autocalls_async.cli import errors as cli_errors
+from autocalls_async.cli import main
+from autocalls_async.cli import output as cli_output
+from autocalls_async.cli import progress as cli_progress
 from autocalls_async.testing import MockAutocalls
 
 from ._env import child_env
@@ -404,24 +407,24 @@ def test_progress_modes(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The bar needs rich; without it (or off a terminal) progress is plain lines."""
-    meter = _cli.Meter(10, RateLimit(5, 60.0), ClientStats())
-    assert isinstance(_cli.make_progress("off", meter, "x"), _cli.NoProgress)
-    assert isinstance(_cli.make_progress("auto", meter, "x"), _cli.PlainProgress)
-    bar = _cli.make_progress("bar", meter, "x")
-    assert isinstance(bar, _cli.RichProgress)
+    meter = cli_progress.Meter(10, RateLimit(5, 60.0), ClientStats())
+    assert isinstance(cli_progress.make_progress("off", meter, "x"), cli_progress.NoProgress)
+    assert isinstance(cli_progress.make_progress("auto", meter, "x"), cli_progress.PlainProgress)
+    bar = cli_progress.make_progress("bar", meter, "x")
+    assert isinstance(bar, cli_progress.RichProgress)
     meter.answered = 4
     bar.update()
     bar.note("a note")
     bar.close()
     monkeypatch.setitem(sys.modules, "rich", None)  # as if the cli extra were not installed
-    assert isinstance(_cli.make_progress("bar", meter, "x"), _cli.PlainProgress)
+    assert isinstance(cli_progress.make_progress("bar", meter, "x"), cli_progress.PlainProgress)
     assert "no progress bar without rich" in capsys.readouterr().err
     assert meter.eta() == pytest.approx(5 * 12 * 1.02)  # 6 rows left: the first at once
     assert meter.rate_text() == "rate not measured"  # no request yet: no rate to show
-    meter.stats.requests = _cli.PACE_MIN_STARTS
+    meter.stats.requests = cli_progress.PACE_MIN_STARTS
     assert meter.rate_text().endswith("req/min")
-    assert _cli._duration(3725) == "1h02m" and _cli._duration(75) == "1m15s"
-    assert _cli._duration(None) == "?"
+    assert cli_output.duration(3725) == "1h02m" and cli_output.duration(75) == "1m15s"
+    assert cli_output.duration(None) == "?"
 
 
 # -- mock-server, as a subprocess driven by curl and raw aiohttp ------------------------------
@@ -706,8 +709,8 @@ async def test_sigterm_then_sigint_stops_at_once(tmp_path: Path) -> None:
 )
 def test_exit_codes_and_hints(error: AutocallsError, code: int, hint: str) -> None:
     """Each error class maps to its documented exit code and a hint, on one line."""
-    assert _cli.exit_code_for(error) == code
-    line = _cli.describe(error)
+    assert cli_errors.exit_code_for(error) == code
+    line = cli_errors.describe(error)
     assert hint in line and "\n" not in line
     assert line.startswith(f"autocalls-async: {error_code(error)}")
 
@@ -720,11 +723,11 @@ def test_demo_output_on_a_terminal(
         {"id": 1, "ok": True, "customer_identifier": "+1", "reply": "Hello"},
         {"id": 2, "ok": False, "customer_identifier": "+2", "error_code": "X", "error": "bad"},
     ]
-    plain = _cli._Show()
+    plain = cli_demo.Show()
     plain.heading("title")
     plain.table(results)
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
-    rich = _cli._Show()
+    rich = cli_demo.Show()
     assert rich.console is not None
     rich.heading("title")
     rich.line("a line")

@@ -29,8 +29,12 @@ from autocalls_async import (
     AsyncAutocalls,
     InvalidRequestError,
     NotFoundError,
-    _cli,
+    cli,
 )
+from autocalls_async.cli import exits as cli_exits
+from autocalls_async.cli import mock_server as cli_mock
+from autocalls_async.cli import output as cli_output
+from autocalls_async.cli import reply as cli_reply
 from autocalls_async.testing import AccessRecord, Fault, MockAutocalls
 
 from ._env import child_env
@@ -311,7 +315,7 @@ def test_the_retry_notices_without_retry_after_and_for_other_errors() -> None:
     from autocalls_async import APIConnectionError, RateLimitError
 
     told: list[str] = []
-    policy = _cli.TellingRetryPolicy(max_retries=2, tell=told.append)
+    policy = cli_reply.TellingRetryPolicy(max_retries=2, tell=told.append)
     assert policy.decide(RateLimitError("slow", status=429), 0, lambda: 0.0) is not None
     assert policy.decide(APIConnectionError("refused", sent=False), 1, lambda: 0.0) is not None
     assert policy.decide(APIConnectionError("refused", sent=False), 2, lambda: 0.0) is None
@@ -340,7 +344,7 @@ async def test_a_wrong_base_url_says_so_with_its_own_exit_code(tmp_path: Path) -
             env=env_for(server),
         )
         sent = server.count()
-    assert no_api.code == 2 == _cli.EXIT_USAGE
+    assert no_api.code == 2 == cli_exits.EXIT_USAGE
     assert "NOT_FOUND (HTTP 404)" in no_api.err and "the base URL looks wrong" in no_api.err
     assert "https://app.autocalls.ai/api" in no_api.err and "--base-url" in no_api.err
     assert "see the message above" not in no_api.err
@@ -589,12 +593,12 @@ def test_listen_problems_name_the_cause() -> None:
     import errno
 
     args = argparse.Namespace(host="127.0.0.1", port=80)
-    denied = _cli._listen_problem(args, OSError(errno.EACCES, "Permission denied"))
+    denied = cli_mock.listen_problem(args, OSError(errno.EACCES, "Permission denied"))
     assert "permission denied; use a port above 1023" in denied
-    other = _cli._listen_problem(args, OSError(errno.EADDRNOTAVAIL, "Cannot assign address"))
+    other = cli_mock.listen_problem(args, OSError(errno.EADDRNOTAVAIL, "Cannot assign address"))
     assert other == "cannot listen on 127.0.0.1:80: Cannot assign address"
     args.port = 0
-    assert "--port 8001" in _cli._listen_problem(args, OSError(errno.EADDRINUSE, "in use"))
+    assert "--port 8001" in cli_mock.listen_problem(args, OSError(errno.EADDRINUSE, "in use"))
 
 
 async def test_the_emulator_reports_every_request_to_on_request(token: str) -> None:
@@ -672,7 +676,7 @@ def test_the_demo_says_when_it_cannot_write_its_files(
     """--dir that cannot be created: one line, exit 2, nothing run."""
     blocker = tmp_path / "file"
     blocker.write_text("")
-    assert _cli.main(["demo", "--dir", str(blocker / "sub")]) == 2
+    assert cli.main(["demo", "--dir", str(blocker / "sub")]) == 2
     assert "cannot write the demo's files in" in capsys.readouterr().err
 
 
@@ -683,7 +687,7 @@ def test_notices_wrap_between_words_on_a_terminal(
     notice = "waiting for a rate-limit slot (5 per 60s for this token: one every 12s)"
     monkeypatch.setenv("COLUMNS", "40")
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    _cli._tell(notice)
+    cli_output.tell(notice)
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) > 1 and all(len(line) < 40 for line in lines)
     assert " ".join(line.strip() for line in lines) == f"autocalls-async: {notice}"
