@@ -258,6 +258,7 @@ class _Front:
         "loop",
         "noted",
         "offset",
+        "prune_at",
         "queues",
         "tickets",
         "used",
@@ -274,6 +275,7 @@ class _Front:
         self.where = f"pid {os.getpid()} on {host}"
         self.noted: dict[str, float] = {}  # key -> when its schedule's place was last noted
         self.queues: dict[str, _Queue] = {}
+        self.prune_at = 64  # idle queues are pruned when there are more than this
         self.tickets = itertools.count(1)
         self.used: set[str] = set()  # keys registered in the store, to unregister on close
         self.offset = 0.0  # store clock minus loop clock, from the last store operation
@@ -282,11 +284,15 @@ class _Front:
     def queue(self, key: str) -> _Queue:
         queue = self.queues.get(key)
         if queue is None:
-            if len(self.queues) > 64:
+            if len(self.queues) > self.prune_at:
                 now = self.loop.time()
                 for name, other in list(self.queues.items()):
                     if other.idle(now):
                         del self.queues[name]
+                # Pruned again once as many more queues were made: each prune walks them all,
+                # so 10,000 tokens in use at once cost a walk per 10,000 new queues, not one
+                # per new queue (50 million checks).
+                self.prune_at = max(64, 2 * len(self.queues))
             queue = self.queues[key] = _Queue()
         return queue
 

@@ -478,7 +478,7 @@ async def test_close_from_another_event_loop_changes_nothing(server: MockAutocal
         assert not client.closed
         assert (await in_its_loop(ask(client, message="still open"))).reply
         await in_its_loop(client.close())
-        assert client.closed and client._transport._own is None  # its session closed
+        assert client.closed and client._transport._pool is None  # its pool given back
         with pytest.raises(sdk.ClientClosedError):
             await in_its_loop(ask(client))
     finally:
