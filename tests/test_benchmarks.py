@@ -153,6 +153,7 @@ def png_size(path: Path) -> tuple[int, int]:
     return width, height
 
 
+@pytest.mark.timing
 @pytest.mark.slow
 def test_plots_draw_the_figures_from_real_runs(tmp_path: Path) -> None:
     """`python -m benchmarks.plots --quick` draws the three figures and writes the numbers behind

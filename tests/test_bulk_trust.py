@@ -821,6 +821,7 @@ def test_the_snapshot_tells_how_the_input_changed(tmp_path: Path) -> None:
     assert not snapshot.path.parent.exists()
 
 
+@pytest.mark.timing
 def test_the_header_check_is_linear(tmp_path: Path) -> None:
     """A header of 40,000 columns took 33 s (each name counted against all the others); it is
     checked in one pass now, and the note names the first unused columns, not all of them."""

@@ -443,6 +443,7 @@ async def mock_server(*args: str) -> AsyncIterator[tuple[asyncio.subprocess.Proc
                 await process.wait()
 
 
+@pytest.mark.timing
 async def test_mock_server_as_documented() -> None:
     """Strict limit with Retry-After, 401 for a wrong token, 404 and 402 as documented; Ctrl-C
     stops it with exit 0."""
@@ -540,6 +541,7 @@ async def test_reply_subprocess_unknown_assistant() -> None:
     assert token not in ok.out + ok.err + bad.out + bad.err
 
 
+@pytest.mark.timing
 async def test_demo_end_to_end() -> None:
     """demo: no environment, exit 0 well under 45 s, replies and the failing row shown."""
     started = time.monotonic()
@@ -560,6 +562,7 @@ async def wait_for_lines(out: Path, count: int, process: asyncio.subprocess.Proc
             await asyncio.sleep(0.02)
 
 
+@pytest.mark.timing
 @pytest.mark.slow
 async def test_sigkill_sigint_resume_exactly_once(tmp_path: Path) -> None:
     """SIGKILL mid-run, resume, SIGINT, resume: no message is sent twice. The rows in flight
@@ -639,6 +642,7 @@ async def test_sigkill_sigint_resume_exactly_once(tmp_path: Path) -> None:
             assert deduplicated == [f"msg {n + 1}" for n in range(40) if n % 5 == c]
 
 
+@pytest.mark.timing
 async def test_sigterm_then_sigint_stops_at_once(tmp_path: Path) -> None:
     """SIGTERM stops gracefully; a second signal stops at once: exit 130, nothing half-done
     is written, and a rerun sends the rows again."""

@@ -135,6 +135,7 @@ async def test_bare_command_prints_the_help_on_stdout() -> None:
     assert "exit codes:" in bare.out and "start here: autocalls-async demo" in bare.out
 
 
+@pytest.mark.timing
 async def test_a_one_row_run_shows_no_rate_and_says_1_row(tmp_path: Path) -> None:
     """One row: no "12924% of the limit", no "1 rows"; the summary adds up. Twenty rows at a
     scaled limit: a measured rate, near the limit, never an absurd percentage."""
@@ -269,6 +270,7 @@ async def test_after_ctrl_c_the_summary_accounts_for_every_row(
 # -- reply: waits said out loud ----------------------------------------------------------------
 
 
+@pytest.mark.timing
 async def test_reply_says_it_waits_for_a_429_and_for_how_long() -> None:
     """A 429 with Retry-After: one stderr line says it waits and how long, then the reply;
     with no retry left, the hint quotes the Retry-After instead of "wait a minute"."""
@@ -291,6 +293,7 @@ async def test_reply_says_it_waits_for_a_429_and_for_how_long() -> None:
     assert "minute" not in refused.err
 
 
+@pytest.mark.timing
 async def test_after_a_429_the_limiter_wait_is_not_announced_twice() -> None:
     """With the client-side limiter (its limit above the server's), a 429 pauses the token:
     the retry's notice says why and how long; the slot wait that follows is not announced
@@ -597,6 +600,7 @@ def test_listen_problems_name_the_cause() -> None:
     assert "--port 8001" in _cli._listen_problem(args, OSError(errno.EADDRINUSE, "in use"))
 
 
+@pytest.mark.timing
 async def test_the_emulator_reports_every_request_to_on_request(token: str) -> None:
     """on_request gets one AccessRecord per request on any route: the endpoint, the admin
     routes, an unknown route, a dropped connection (status None); the token only as an id."""

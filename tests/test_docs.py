@@ -328,6 +328,7 @@ def _post(url: str) -> tuple[int, dict[str, str], dict[str, object]]:
             return exc.code, dict(exc.headers), json.loads(exc.read())
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("block", _params(_of("app")))
 def test_app_serves_and_shuts_down(
     block: Block, emulator: MockServer, tmp_path: Path, request: pytest.FixtureRequest

@@ -210,6 +210,7 @@ def new_token() -> str:
 # ---------------------------------------------------------------------- one place per user
 
 
+@pytest.mark.timing
 async def test_processes_of_one_user_share_whatever_their_environment(
     strict: MockAutocalls, tmp_path: Path
 ) -> None:
@@ -640,6 +641,7 @@ async def test_autocalls_redis_url_makes_the_default_redis(
 # ---------------------------------------------------------------------- kernels' namespaces
 
 
+@pytest.mark.timing
 async def test_a_process_in_a_time_namespace_keeps_one_schedule(
     strict: MockAutocalls, tmp_path: Path
 ) -> None:
@@ -715,6 +717,7 @@ def outside() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.mark.timing
 async def test_two_os_users_share_one_token_through_a_group_directory(
     strict: MockAutocalls, outside: Path
 ) -> None:
@@ -819,6 +822,7 @@ print(json.dumps({"failed": failed, "before": before, "after": after, "results":
 """
 
 
+@pytest.mark.timing
 async def test_a_full_disk_keeps_the_schedule_and_never_resets_it(
     strict: MockAutocalls, tmp_path: Path
 ) -> None:

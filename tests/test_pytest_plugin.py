@@ -30,6 +30,7 @@ async def ask(client: AsyncAutocalls, customer: str = "+14155551234") -> str:
 # -- the client fixture, here -----------------------------------------------------------------
 
 
+@pytest.mark.timing
 async def test_two_calls_are_instant(
     autocalls_client: AsyncAutocalls, autocalls_server: MockAutocalls
 ) -> None:
@@ -43,6 +44,7 @@ async def test_two_calls_are_instant(
     assert autocalls_client.base_url.port == int(autocalls_server.base_url.split(":")[2][:-4])
 
 
+@pytest.mark.timing
 @pytest.mark.autocalls_server(rate_limit=(4, 0.5))
 async def test_the_client_keeps_the_emulators_limit_in_its_own_store(
     autocalls_client: AsyncAutocalls, autocalls_server: MockAutocalls
@@ -65,6 +67,7 @@ async def test_the_client_uses_the_emulators_token(
     assert autocalls_server.count(200) == 1
 
 
+@pytest.mark.timing
 async def test_retries_do_not_back_off_for_seconds(
     autocalls_client: AsyncAutocalls, autocalls_server: MockAutocalls
 ) -> None:
@@ -163,6 +166,7 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.mark.timing
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("mode", "scope"), [("strict", "function"), ("auto", "function"), ("strict", "session")]

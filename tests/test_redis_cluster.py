@@ -39,6 +39,7 @@ def assert_rolling(starts: list[float], rate: RateLimit) -> None:
         assert last - first >= rate.period - 0.002, (first, last, starts)
 
 
+@pytest.mark.timing
 async def test_limiters_share_a_schedule_through_a_cluster_url(
     cluster: RedisCluster, prefix: str
 ) -> None:
@@ -73,6 +74,7 @@ async def test_limiters_share_a_schedule_through_a_cluster_url(
     assert_rolling(starts, rate)
 
 
+@pytest.mark.timing
 async def test_client_on_a_cluster_keeps_a_strict_server_happy(
     cluster: RedisCluster, prefix: str
 ) -> None:

@@ -26,6 +26,8 @@ from ._env import child_env
 from .latency_proxy import LatencyProxy
 from .redis_server import RedisServer, require_redis_server
 
+#: Throughput floors and the strict window, measured in real time.
+pytestmark = pytest.mark.timing
 CHILD = Path(__file__).with_name("redis_network_child.py")
 PROCESSES = 3
 
