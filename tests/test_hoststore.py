@@ -583,6 +583,7 @@ async def test_a_deleted_database_is_noticed_and_joined_again(tmp_path: Path) ->
     await newcomer.aclose()
 
 
+@pytest.mark.serial
 async def test_two_schedules_for_one_token_are_said(
     strict: MockAutocalls, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
@@ -973,6 +974,7 @@ def redis_server() -> Iterator[Any]:
     server.stop()
 
 
+@pytest.mark.serial
 async def test_a_redis_process_beside_the_host_store_is_said(
     strict: MockAutocalls, redis_server: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1141,6 +1143,7 @@ def test_an_unusable_default_store_leaves_ids_and_notes_working(
 # ---------------------------------------------------------------------- found by the break round
 
 
+@pytest.mark.serial
 async def test_processes_with_and_without_autocalls_limiter_dir_are_said(
     strict: MockAutocalls, tmp_path: Path
 ) -> None:
