@@ -40,7 +40,10 @@ from autocalls_async.testing import MockAutocalls
 
 from ._env import child_env
 
-TOKEN = "s3cret-token-never-printed"
+#: This process's own: pytest-xdist's workers run these tests at the same time, each test with
+#: its own limiter directory, and one token kept in two places at once is said on the stderr
+#: the tests read ("two rate-limit schedules").
+TOKEN = f"s3cret-token-never-printed-{os.getpid()}"
 
 
 # -- helpers ----------------------------------------------------------------------------------

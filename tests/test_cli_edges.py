@@ -35,7 +35,10 @@ from autocalls_async.testing import AccessRecord, Fault, MockAutocalls
 
 from ._env import child_env
 
-TOKEN = "edge-token-never-printed"
+#: This process's own: pytest-xdist's workers run these tests at the same time, each test with
+#: its own limiter directory, and one token kept in two places at once is said on the stderr
+#: the tests read ("two rate-limit schedules").
+TOKEN = f"edge-token-never-printed-{os.getpid()}"
 SUMMARY = re.compile(
     r"(?P<state>Done|Interrupted) in \S+: (?P<total>\d+) rows?: (?P<answered>\d+) answered, "
     r"(?P<failed>\d+) failed, (?P<skipped>\d+) skipped \(already in [^)]*\)"
