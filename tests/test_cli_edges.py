@@ -575,7 +575,15 @@ def test_mock_server_piped_into_head_stops_without_a_traceback() -> None:
     try:
         assert server.stdout is not None and server.stderr is not None
         assert server.stdout.readline().startswith(b"Autocalls emulator listening on")
-        server.stdout.close()  # as `head -1` does after its line
+        # The rest of the banner first: a reader gone while the banner is still being written
+        # (a loaded machine) fails the banner's own write, the server exits 1 at once, and the
+        # SIGTERM below may then find it exiting, its handler removed (-15). Then, as `head -1`
+        # does, it goes away: only the summary has nowhere to go.
+        banner = [b""]
+        while b"Ctrl-C stops" not in banner[-1]:
+            banner.append(server.stdout.readline())
+            assert banner[-1], banner  # not at its end: the server is still there
+        server.stdout.close()
         time.sleep(0.3)
         server.send_signal(signal.SIGTERM)
         err = server.stderr.read().decode()
