@@ -62,6 +62,8 @@ from pathlib import Path
 
 import pytest
 
+from ._shared import once_per_run
+
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
 TIMEOUT = 60.0
@@ -230,17 +232,20 @@ OUTPUTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """messages.csv and the outputs of the tutorial's bulk commands, run once."""
-    work = tmp_path_factory.mktemp("bulk")
+def _run_the_tutorial(work: Path) -> None:
     for name, content in _files().items():
         (work / name).write_text(content, encoding="utf-8")
     outputs = {}
     for name, (out, options, server) in OUTPUTS.items():
         outputs[name] = _bulk(work / out, work, *options, server=server, token=f"docs-{name}")
     (work / "outputs.json").write_text(json.dumps(outputs), encoding="utf-8")
-    return work
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """messages.csv and the outputs of the tutorial's bulk commands, run once (for all the
+    workers of a parallel run)."""
+    return once_per_run(tmp_path_factory, "docs-bulk", _run_the_tutorial)
 
 
 def _program_dir(tmp_path: Path, workdir: Path) -> Path:
@@ -329,6 +334,7 @@ def _post(url: str) -> tuple[int, dict[str, str], dict[str, object]]:
             return exc.code, dict(exc.headers), json.loads(exc.read())
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("block", _params(_of("app")))
 def test_app_serves_and_shuts_down(
     block: Block, emulator: MockServer, tmp_path: Path, request: pytest.FixtureRequest
