@@ -34,6 +34,8 @@ from .nginx_server import NginxLimiter, require_nginx
 from .test_deployments import check_arrivals, run_children
 from .virtual_time import run_virtual
 
+#: Real servers and real time (the virtual-clock tests are quick and run here too).
+pytestmark = pytest.mark.timing
 RATE = RateLimit(5, 1.0)
 EVEN = RateLimit(5, 1.0, burst=1)
 JITTER = 0.003
