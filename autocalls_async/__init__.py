@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ._accounts import AutocallsAccounts
 from ._budget import AssistantUsage, Budget, Usage
 from ._client import AsyncAutocalls, ClientStats
 from ._conversations import ConversationStore, MemoryConversationStore
@@ -51,6 +52,7 @@ __all__ = [
     "AssistantUsage",
     "AsyncAutocalls",
     "AuthenticationError",
+    "AutocallsAccounts",
     "AutocallsError",
     "Budget",
     "BudgetExceededError",

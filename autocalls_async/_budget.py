@@ -88,64 +88,100 @@ def refused(error: APIError) -> bool:
 
 
 class Ledger:
-    """A client's reservations and counts (one event loop: no locking needed)."""
+    """A client's reservations and counts (one event loop: no locking needed).
 
-    def __init__(self, budget: Budget | None) -> None:
+    ``parent`` is a ledger shared by several clients (``AutocallsAccounts(budget=...)``): each
+    reservation and outcome counts there too, and its budget caps them all together. A ledger
+    made with ``by_assistant=False`` keeps totals only (its usage names no assistant), so that
+    its memory does not grow with the assistants of thousands of accounts.
+    """
+
+    def __init__(
+        self,
+        budget: Budget | None,
+        *,
+        parent: Ledger | None = None,
+        by_assistant: bool = True,
+        scope: str = "",
+    ) -> None:
         self.budget = budget
+        self.parent = parent
+        self._scope = scope
         self._in_flight = 0
         self._charged = 0  # billed or possibly billed
-        self._by_assistant: dict[int, list[int]] = {}  # [sent, billed, possibly, refused]
+        self._totals = [0, 0, 0, 0]  # [sent, billed, possibly, refused]
+        #: assistant -> [sent, billed, possibly, refused]; None: totals only
+        self._by_assistant: dict[int, list[int]] | None = {} if by_assistant else None
 
     def check(self) -> None:
         """Raise ``BudgetExceededError`` if no call could be reserved now."""
         if self.budget is not None and self._charged + self._in_flight >= self.budget.replies:
             raise BudgetExceededError(self._refusal())
+        if self.parent is not None:
+            self.parent.check()
 
     def _refusal(self) -> str:
         assert self.budget is not None
         charged = self._charged
         return (
-            f"the budget of {self.budget.replies} replies is used up ({charged} billed or "
-            f"possibly billed, {self._in_flight} in flight); nothing was sent. Raise "
+            f"the budget of {self.budget.replies} replies{self._scope} is used up ({charged} "
+            f"billed or possibly billed, {self._in_flight} in flight); nothing was sent. Raise "
             "Budget(replies=...) or use a new client to send more"
         )
 
     def reserve(self, assistant_id: int) -> Ticket:
         """Reserve one call before it queues for a slot, or raise ``BudgetExceededError``."""
         self.check()
-        self._in_flight += 1
+        ledger: Ledger | None = self
+        while ledger is not None:
+            ledger._in_flight += 1
+            ledger = ledger.parent
         return Ticket(assistant_id)
 
     def settle(self, ticket: Ticket, error: BaseException | None) -> None:
         """Record the attempt's outcome and release its reservation (call once per ticket)."""
-        self._in_flight -= 1
-        row = self._by_assistant.setdefault(ticket.assistant_id, [0, 0, 0, 0])
         if error is None:
-            row[0] += 1
-            row[1] += 1
+            outcome = 1  # billed
         elif isinstance(error, APIError):
-            row[0] += 1
-            row[3 if refused(error) else 2] += 1
+            outcome = 3 if refused(error) else 2
         elif isinstance(error, APIConnectionError):
-            if error.sent:
+            outcome = 2 if error.sent else 0
+        else:  # cancelled or closed: possibly billed once the bytes left
+            outcome = 2 if ticket.sent else 0
+        ledger: Ledger | None = self
+        while ledger is not None:
+            ledger._count(ticket.assistant_id, outcome)
+            ledger = ledger.parent
+
+    def _count(self, assistant_id: int, outcome: int) -> None:
+        self._in_flight -= 1
+        if not outcome:  # never sent: nothing to count
+            return
+        if outcome in (1, 2):
+            self._charged += 1
+        for row in (self._totals, self._row(assistant_id)):
+            if row is not None:
                 row[0] += 1
-                row[2] += 1
-        elif ticket.sent:  # cancelled or closed after the bytes left: the outcome is unknown
-            row[0] += 1
-            row[2] += 1
-        if not any(row):
-            del self._by_assistant[ticket.assistant_id]
-        self._charged = sum(r[1] + r[2] for r in self._by_assistant.values())
+                row[outcome] += 1
+
+    def _row(self, assistant_id: int) -> list[int] | None:
+        rows = self._by_assistant
+        if rows is None:
+            return None
+        row = rows.get(assistant_id)
+        if row is None:
+            row = rows[assistant_id] = [0, 0, 0, 0]
+        return row
 
     def usage(self) -> Usage:
-        by_assistant = {
-            assistant: AssistantUsage(*row) for assistant, row in sorted(self._by_assistant.items())
-        }
+        rows = self._by_assistant or {}
+        by_assistant = {assistant: AssistantUsage(*row) for assistant, row in sorted(rows.items())}
+        sent, billed, possibly, refused_ = self._totals
         return Usage(
-            sent=sum(u.sent for u in by_assistant.values()),
-            billed=sum(u.billed for u in by_assistant.values()),
-            possibly_billed=sum(u.possibly_billed for u in by_assistant.values()),
-            refused=sum(u.refused for u in by_assistant.values()),
+            sent=sent,
+            billed=billed,
+            possibly_billed=possibly,
+            refused=refused_,
             in_flight=self._in_flight,
             budget=self.budget,
             by_assistant=by_assistant,

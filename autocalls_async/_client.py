@@ -7,6 +7,7 @@ validate (``_wire``) → per-conversation order (``_ordering``) → rate limiter
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import logging
@@ -14,12 +15,13 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from types import TracebackType
-from typing import Any, Concatenate, ParamSpec, Self
+from typing import Any, Concatenate, ParamSpec, Protocol, Self
 
 import aiohttp
 import attrs
+from yarl import URL
 
 from ._budget import Budget, Ledger, Ticket, Usage
 from ._conversations import ConversationStore, MemoryConversationStore
@@ -37,6 +39,7 @@ from ._lifecycle import AsyncOnly
 from ._log import configure_from_env, logger
 from ._models import Conversation, Priority, RateLimit, Reply
 from ._ordering import KeyedOrder
+from ._pool import Gate, LimiterKey, Pool, lease_limiter, release_limiter
 from ._ratelimit import Limiter, RateLimiter, default_limiter
 from ._retry import Decision, RetryPolicy, is_retry_safe
 from ._telemetry import http_request, limiter_slot, traced
@@ -49,11 +52,10 @@ from ._wire import (
     build_request,
     check_base_url,
     check_token,
+    checked_base_url,
     endpoint,
     is_loopback,
     parse_reply,
-    request_headers,
-    shown_url,
     stated_limit,
     stated_limit_text,
     trim,
@@ -69,6 +71,8 @@ on_send: contextvars.ContextVar[Callable[[], None] | None] = contextvars.Context
 )
 
 DEFAULT_RATE_LIMIT = RateLimit(5, 60.0)
+#: The retries' jitter: one generator for every client (each of its own was 2.5 KB).
+_RANDOM = random.Random()
 DEFAULT_MAX_RESPONSE_SIZE = 10 * 1024 * 1024
 _UNSET: Any = object()
 
@@ -129,6 +133,210 @@ def _refused_without_frames(
     return construct
 
 
+class _Owner(Protocol):
+    """What a client asks of the ``AutocallsAccounts`` that made it."""
+
+    @property
+    def closed(self) -> bool: ...
+
+
+def _check_limiter_object(limiter: object) -> None:
+    if isinstance(limiter, RateLimit) or (
+        limiter is not None and not callable(getattr(limiter, "slot", None))
+    ):
+        raise InvalidRequestError(
+            f"limiter must be a rate limiter object (e.g. RedisRateLimiter(...)), got "
+            f"{type(limiter).__name__}; to set the rate, pass rate_limit=RateLimit(...)"
+        )
+
+
+@functools.lru_cache(maxsize=64)
+def _timeout(seconds: float | None) -> aiohttp.ClientTimeout:
+    """One per value, for every client (each request names its client's)."""
+    return aiohttp.ClientTimeout(total=seconds)
+
+
+@functools.lru_cache(maxsize=32)
+def _policy(max_retries: int, retry_unsafe: bool) -> RetryPolicy:
+    return RetryPolicy(max_retries=max_retries, retry_unsafe=retry_unsafe)
+
+
+TelemetryAttributes = Mapping[str, str | bool | int | float]
+
+
+def _check_attributes(attributes: object) -> dict[str, str | bool | int | float] | None:
+    if attributes is None:
+        return None
+    if not isinstance(attributes, Mapping) or not all(
+        isinstance(key, str) and isinstance(value, str | bool | int | float)
+        for key, value in attributes.items()
+    ):
+        raise InvalidRequestError(
+            "telemetry_attributes must map attribute names (str) to str, bool, int or float "
+            f"values, e.g. {{'tenant.id': 'acme'}}, got {attributes!r}"
+        )
+    return dict(attributes) or None
+
+
+class _Setup:
+    """What a client is made of besides its token, checked: one per client, or one for every
+    client of an ``AutocallsAccounts``, which also shares its limiter, pool, stores and budget.
+    """
+
+    __slots__ = (
+        "base_url",
+        "budget",
+        "cache_size",
+        "endpoint",
+        "follows_server",
+        "limiter",
+        "limiter_lease",
+        "max_request_bytes",
+        "max_response_size",
+        "max_wait",
+        "near",
+        "normalize_identifier",
+        "order",
+        "parent_ledger",
+        "pool",
+        "priority",
+        "rate_limit",
+        "retry_policy",
+        "session",
+        "store",
+        "telemetry_attributes",
+        "timeout",
+        "trust_env",
+    )
+
+    def __init__(
+        self,
+        redactor: Redactor | None,
+        *,
+        base_url: str | None,
+        rate_limit: RateLimit | None,
+        limiter: RateLimiter | None,
+        priority: Priority,
+        max_retries: int,
+        timeout: float | None,
+        session: aiohttp.ClientSession | None,
+        retry_unsafe: bool,
+        max_wait: float | None,
+        retry_policy: RetryPolicy | None,
+        conversation_store: ConversationStore | None,
+        conversation_cache_size: int,
+        max_response_size: int,
+        max_request_bytes: int | None,
+        budget: Budget | None,
+        normalize_identifier: Callable[[str], str] | None,
+        telemetry_attributes: TelemetryAttributes | None,
+    ) -> None:
+        base = base_url or os.environ.get("AUTOCALLS_BASE_URL") or DEFAULT_BASE_URL
+        url: URL | None = None
+        if isinstance(base, str):
+            with contextlib.suppress(InvalidRequestError):
+                url = checked_base_url(base)
+        #: Refused, or not a str: checked again, for a message that masks the token.
+        self.base_url = url if url is not None else check_base_url(base, redactor)
+        self.endpoint = endpoint(self.base_url)
+        self.trust_env = not is_loopback(self.base_url.host or "")
+        if rate_limit is not None and not isinstance(rate_limit, RateLimit):
+            raise InvalidRequestError(
+                f"rate_limit must be a RateLimit(requests, period) or None, got {rate_limit!r}"
+            )
+        if limiter is not None and not (
+            callable(getattr(limiter, "slot", None)) and callable(getattr(limiter, "pause", None))
+        ):
+            raise InvalidRequestError(
+                f"limiter must be a rate limiter such as HostRateLimiter(rate_limit=...) or "
+                f"RedisRateLimiter(...), got {limiter!r}; to set the limit, pass rate_limit="
+            )
+        self.rate_limit = rate_limit
+        self.limiter = limiter  # None with a rate_limit: the default, made by ``own_limiter``
+        self.limiter_lease: LimiterKey | None = None
+        self.priority = _check_priority(priority)
+        #: Adopt the limit the server states (``RateLimit.from_server``): own limiter only.
+        self.follows_server = rate_limit is not None and rate_limit.follows_server
+        if self.follows_server and limiter is not None:
+            raise InvalidRequestError(
+                "RateLimit.from_server() adopts the server's limit in the client's own limiter: "
+                "pass it as rate_limit= without limiter= (a limiter you pass keeps its rate)"
+            )
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise InvalidRequestError(f"max_retries must be an int >= 0, got {max_retries!r}")
+        self.retry_policy = retry_policy or _policy(max_retries, bool(retry_unsafe))
+        self.max_wait = _check_seconds("max_wait", max_wait)
+        seconds = _check_seconds("timeout", timeout)
+        if seconds == 0:
+            raise InvalidRequestError("timeout must be > 0 seconds (or None for no limit)")
+        self.timeout = _timeout(seconds)
+        if (
+            isinstance(max_response_size, bool)
+            or not isinstance(max_response_size, int)
+            or max_response_size < 1
+        ):
+            raise InvalidRequestError(
+                f"max_response_size must be a positive int (bytes), got {max_response_size!r}"
+            )
+        self.max_response_size = max_response_size
+        if max_request_bytes is not None and (
+            isinstance(max_request_bytes, bool)
+            or not isinstance(max_request_bytes, int)
+            or max_request_bytes < 1
+        ):
+            raise InvalidRequestError(
+                "max_request_bytes must be a positive int (bytes) or None (no limit), got "
+                f"{max_request_bytes!r}"
+            )
+        self.max_request_bytes = max_request_bytes
+        if session is not None and not isinstance(session, aiohttp.ClientSession):
+            raise InvalidRequestError("session must be an aiohttp.ClientSession")
+        self.session = session
+        self.pool: Pool | None = None  # an AutocallsAccounts' lease, shared by its clients
+        if budget is not None and not isinstance(budget, Budget):
+            raise InvalidRequestError(f"budget must be a Budget(replies=N) or None, got {budget!r}")
+        self.budget = budget
+        self.parent_ledger: Ledger | None = None
+        if normalize_identifier is not None and not callable(normalize_identifier):
+            raise InvalidRequestError(
+                "normalize_identifier must be a callable str -> str (e.g. "
+                f"autocalls_async.identifiers.e164('US')), got {normalize_identifier!r}"
+            )
+        self.normalize_identifier = normalize_identifier
+        if (
+            isinstance(conversation_cache_size, bool)
+            or not isinstance(conversation_cache_size, int)
+            or conversation_cache_size < 1
+        ):
+            MemoryConversationStore(conversation_cache_size)  # says why (a ValueError)
+        self.cache_size = conversation_cache_size
+        self.near: MemoryConversationStore | None = None  # shared: an AutocallsAccounts'
+        self.store = conversation_store
+        self.order: KeyedOrder | None = None  # shared: an AutocallsAccounts'
+        self.telemetry_attributes = _check_attributes(telemetry_attributes)
+
+    def own_limiter(self) -> None:
+        """Lease the process's default limiter for this rate (``_pool``), or make a limiter
+        of its own for a client that adopts the server's limit (it changes its rate)."""
+        if self.limiter is not None or self.rate_limit is None:
+            return
+        if self.follows_server:
+            self.limiter = default_limiter(self.rate_limit)
+        else:
+            self.limiter, self.limiter_lease = lease_limiter(self.rate_limit)
+
+    async def release_limiter(self) -> None:
+        lease, self.limiter_lease = self.limiter_lease, None
+        limiter = self.limiter
+        if lease is not None and isinstance(limiter, Limiter):
+            await release_limiter(lease, limiter)
+        elif self.follows_server and isinstance(limiter, Limiter):
+            # Its own: it stops counting as a user of the token, so that another client may
+            # then use another rate limit for it.
+            self.follows_server = False
+            await limiter.aclose()
+
+
 class AsyncAutocalls(AsyncOnly):
     """An async client for ``POST /ai/generate-reply``; share one per process and event loop.
 
@@ -136,11 +344,49 @@ class AsyncAutocalls(AsyncOnly):
     conversation's earlier calls, then for a rate-limit slot shared by every client using the
     same token, then is sent; only failures the server cannot have processed are retried.
 
+    Clients are cheap (microseconds, about a kilobyte): clients made without ``session=`` in
+    one event loop share one connection pool per base URL, and clients made without
+    ``limiter=`` share the process's default limiter for their rate. For many tokens in one
+    process, ``AutocallsAccounts`` makes them for you.
+
     ``max_request_bytes`` (default 1 MiB, nginx's default ``client_max_body_size``) bounds the
     encoded JSON body of a call: a bigger one raises ``InvalidRequestError`` before anything
     is sent, instead of travelling only to be refused with a 413. Raise it if the server you
     talk to accepts more; None removes the check.
+
+    ``telemetry_attributes`` (e.g. ``{"tenant.id": "acme"}``) are added to every span and
+    metric point of this client's calls: per-token figures, when you want them (each value
+    is a time series more in your metrics backend).
     """
+
+    __slots__ = (
+        "__weakref__",
+        "_closed",
+        "_conversations",
+        "_drained",
+        "_interrupted",
+        "_ledger",
+        "_limiter",
+        "_limiter_key",
+        "_loop",
+        "_order",
+        "_owner",
+        "_scope",
+        "_setup",
+        "_stated",
+        "_store",
+        "_token_id",
+        "_transport",
+        "_waiting",
+        "base_url",
+        "max_request_bytes",
+        "max_wait",
+        "normalize_identifier",
+        "priority",
+        "retry_policy",
+        "stats",
+        "telemetry_attributes",
+    )
 
     @_refused_without_frames
     def __init__(
@@ -163,112 +409,88 @@ class AsyncAutocalls(AsyncOnly):
         max_request_bytes: int | None = DEFAULT_MAX_REQUEST_BYTES,
         budget: Budget | None = None,
         normalize_identifier: Callable[[str], str] | None = None,
+        telemetry_attributes: TelemetryAttributes | None = None,
     ) -> None:
         configure_from_env()
-        if isinstance(limiter, RateLimit) or (
-            limiter is not None and not callable(getattr(limiter, "slot", None))
-        ):
-            raise InvalidRequestError(
-                f"limiter must be a rate limiter object (e.g. RedisRateLimiter(...)), got "
-                f"{type(limiter).__name__}; to set the rate, pass rate_limit=RateLimit(...)"
-            )
+        _check_limiter_object(limiter)
         token = check_token(
             api_token if api_token is not None else os.environ.get("AUTOCALLS_API_TOKEN")
         )
+        redactor = Redactor(token)  # kept to mask the token in whatever comes back
+        setup = _Setup(
+            redactor,
+            base_url=base_url,
+            rate_limit=rate_limit,
+            limiter=limiter,
+            priority=priority,
+            max_retries=max_retries,
+            timeout=timeout,
+            session=session,
+            retry_unsafe=retry_unsafe,
+            max_wait=max_wait,
+            retry_policy=retry_policy,
+            conversation_store=conversation_store,
+            conversation_cache_size=conversation_cache_size,
+            max_response_size=max_response_size,
+            max_request_bytes=max_request_bytes,
+            budget=budget,
+            normalize_identifier=normalize_identifier,
+            telemetry_attributes=telemetry_attributes,
+        )
+        setup.own_limiter()  # last: a refused client leases nothing
+        self._start(setup, token, redactor, owner=None)
+
+    @classmethod
+    def _of_account(cls, setup: _Setup, token: str, owner: _Owner) -> AsyncAutocalls:
+        """A client of ``AutocallsAccounts``: its token, and everything else shared."""
+        client = cls.__new__(cls)
+        token = check_token(token)
+        client._start(setup, token, Redactor(token), owner=owner)
+        return client
+
+    def _start(
+        self, setup: _Setup, token: str, redactor: Redactor, *, owner: _Owner | None
+    ) -> None:
         #: The token's name for limiters: the same on every host, shown nowhere.
         self._limiter_key = limiter_key(token)
         self._token_id: str | None = None
-        headers = request_headers(token)  # the token is kept there, inside aiohttp,
-        redactor = Redactor(token)  # and there, to mask it in whatever comes back
-        base = base_url or os.environ.get("AUTOCALLS_BASE_URL") or DEFAULT_BASE_URL
-        self.base_url = check_base_url(base, redactor)
-        self._shown_base_url = shown_url(self.base_url, redactor)  # for repr()
-        if rate_limit is not None and not isinstance(rate_limit, RateLimit):
-            raise InvalidRequestError(
-                f"rate_limit must be a RateLimit(requests, period) or None, got {rate_limit!r}"
-            )
-        if limiter is not None and not (
-            callable(getattr(limiter, "slot", None)) and callable(getattr(limiter, "pause", None))
-        ):
-            raise InvalidRequestError(
-                f"limiter must be a rate limiter such as HostRateLimiter(rate_limit=...) or "
-                f"RedisRateLimiter(...), got {limiter!r}; to set the limit, pass rate_limit="
-            )
-        # The default is host-wide: every process of this user on this host shares the limit.
-        self._owns_limiter = limiter is None and rate_limit is not None
-        self._limiter: RateLimiter | None = limiter or (
-            default_limiter(rate_limit) if rate_limit is not None else None
-        )
-        self.priority = _check_priority(priority)
-        #: Adopt the limit the server states (``RateLimit.from_server``): own limiter only.
-        self._follows_server = rate_limit is not None and rate_limit.follows_server
-        if self._follows_server and limiter is not None:
-            raise InvalidRequestError(
-                "RateLimit.from_server() adopts the server's limit in the client's own limiter: "
-                "pass it as rate_limit= without limiter= (a limiter you pass keeps its rate)"
-            )
+        self._setup = setup
+        self._owner = owner  # an AutocallsAccounts, whose resources these are; None: ours
+        self.base_url = setup.base_url
+        self._limiter = setup.limiter
+        self.priority = setup.priority
         self._stated: str | None = None  # the last X-RateLimit-Limit acted on, as received
-        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-            raise InvalidRequestError(f"max_retries must be an int >= 0, got {max_retries!r}")
-        self.retry_policy = retry_policy or RetryPolicy(
-            max_retries=max_retries, retry_unsafe=retry_unsafe
-        )
-        self.max_wait = _check_seconds("max_wait", max_wait)
-        timeout = _check_seconds("timeout", timeout)
-        if timeout == 0:
-            raise InvalidRequestError("timeout must be > 0 seconds (or None for no limit)")
-        if (
-            isinstance(max_response_size, bool)
-            or not isinstance(max_response_size, int)
-            or max_response_size < 1
-        ):
-            raise InvalidRequestError(
-                f"max_response_size must be a positive int (bytes), got {max_response_size!r}"
-            )
-        if max_request_bytes is not None and (
-            isinstance(max_request_bytes, bool)
-            or not isinstance(max_request_bytes, int)
-            or max_request_bytes < 1
-        ):
-            raise InvalidRequestError(
-                "max_request_bytes must be a positive int (bytes) or None (no limit), got "
-                f"{max_request_bytes!r}"
-            )
+        self.retry_policy = setup.retry_policy
+        self.max_wait = setup.max_wait
         #: The largest request body sent, in bytes (None: no limit): a bigger one is refused
         #: with ``InvalidRequestError`` before anything is sent.
-        self.max_request_bytes = max_request_bytes
-        if session is not None and not isinstance(session, aiohttp.ClientSession):
-            raise InvalidRequestError("session must be an aiohttp.ClientSession")
+        self.max_request_bytes = setup.max_request_bytes
         self._transport = Transport(
-            session,
-            url=endpoint(self.base_url),
-            headers=headers,
-            timeout=timeout,
-            max_response_size=max_response_size,
-            trust_env=not is_loopback(self.base_url.host or ""),
+            setup.session,
+            url=setup.endpoint,
+            token=token,  # kept there, in the headers, and in the redactor, to mask it
+            timeout=setup.timeout,
+            max_response_size=setup.max_response_size,
+            trust_env=setup.trust_env,
             redactor=redactor,
+            pool=setup.pool,
         )
-        if budget is not None and not isinstance(budget, Budget):
-            raise InvalidRequestError(f"budget must be a Budget(replies=N) or None, got {budget!r}")
-        self._ledger = Ledger(budget)
-        if normalize_identifier is not None and not callable(normalize_identifier):
-            raise InvalidRequestError(
-                "normalize_identifier must be a callable str -> str (e.g. "
-                f"autocalls_async.identifiers.e164('US')), got {normalize_identifier!r}"
-            )
+        self._ledger = Ledger(setup.budget if owner is None else None, parent=setup.parent_ledger)
         #: Applied to every customer identifier before anything else (see ``normalize``).
-        self.normalize_identifier = normalize_identifier
-        self._conversations = MemoryConversationStore(conversation_cache_size)
-        self._store = conversation_store
-        self._order = KeyedOrder()
-        self._random = random.Random()
+        self.normalize_identifier = setup.normalize_identifier
+        #: Conversations this client saw: its own cache, made at the first reply, or one its
+        #: ``AutocallsAccounts`` shares, where its entries are under its token's key.
+        self._conversations = setup.near
+        self._scope = None if owner is None else self._limiter_key
+        self._store = setup.store
+        self._order = setup.order if setup.order is not None else KeyedOrder()
+        self.telemetry_attributes = setup.telemetry_attributes
         self.stats = ClientStats()  #: counters for your metrics: see ``ClientStats``
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
-        self._closing: asyncio.Future[None] | None = None
-        self._waiting: set[asyncio.Task[Any]] = set()
-        self._interrupted: set[asyncio.Task[Any]] = set()
-        self._drained: asyncio.Event | None = None
+        self._waiting: set[asyncio.Task[Any]] | None = None  # made at the first call
+        self._interrupted: set[asyncio.Task[Any]] | None = None  # made by close()
+        self._drained: asyncio.Event | None = None  # made by close(), if it must wait
 
     @property
     def token_id(self) -> str:
@@ -280,7 +502,8 @@ class AsyncAutocalls(AsyncOnly):
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
-        return f"<AsyncAutocalls {self._shown_base_url} token_id={self.token_id} {state}>"
+        shown = self._transport.shown_text(self.base_url)
+        return f"<AsyncAutocalls {shown} token_id={self.token_id} {state}>"
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -320,23 +543,22 @@ class AsyncAutocalls(AsyncOnly):
             )
         if not self._closed:
             self._closed = True
-            for task in list(self._waiting):
-                self._interrupted.add(task)
-                task.cancel()
-        if self._drained is not None and self.stats.in_flight:
+            if self._waiting:
+                self._interrupted = set(self._waiting)
+                for task in self._interrupted:
+                    task.cancel()
+        if self.stats.in_flight:
+            if self._drained is None:
+                self._drained = asyncio.Event()
             await self._drained.wait()
-        await self._transport.close()
-        if self._owns_limiter and isinstance(self._limiter, Limiter):
-            # Our own limiter: it stops counting as a user of the token, so that another
-            # client may then use another rate limit for it.
-            self._owns_limiter = False
-            await self._limiter.aclose()
+        await self._transport.close()  # gives its pool back, if it leased one
+        if self._owner is None:
+            await self._setup.release_limiter()
 
     def _bind_loop(self) -> asyncio.AbstractEventLoop:
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop
-            self._drained = asyncio.Event()
         elif self._loop is not loop:
             if self._loop.is_closed():
                 raise RuntimeError(
@@ -354,6 +576,13 @@ class AsyncAutocalls(AsyncOnly):
         return loop
 
     def _check_open(self) -> None:
+        owner = self._owner
+        if owner is not None and owner.closed and not self._closed:
+            raise ClientClosedError(
+                "the AutocallsAccounts this client belongs to is closed; nothing was sent. Keep "
+                "it open for the app's lifetime (`async with AutocallsAccounts() as accounts:` "
+                "in its lifespan)"
+            )
         if self._closed:
             raise ClientClosedError(
                 "the client is closed; nothing was sent. A closed client stays closed: create "
@@ -403,7 +632,12 @@ class AsyncAutocalls(AsyncOnly):
     def conversation(self, assistant_id: int, customer_identifier: str) -> Conversation | None:
         """What this client last saw of the conversation, from its in-memory cache."""
         customer_identifier = self.normalize(customer_identifier)
-        return self._conversations.peek(assistant_id, trim(customer_identifier))
+        near = self._conversations
+        if near is None:
+            return None
+        if self._scope is None:
+            return near.peek(assistant_id, trim(customer_identifier))
+        return near.peek_key((self._scope, assistant_id, trim(customer_identifier)))
 
     def conversation_id(self, assistant_id: int, customer_identifier: str) -> str | None:
         """The conversation's id, from the cache, or None if this client has not seen it."""
@@ -420,10 +654,20 @@ class AsyncAutocalls(AsyncOnly):
         if conversation is None and self._store is not None:
             conversation = await self._store.get(assistant_id, trim(customer_identifier))
             if conversation is not None:
-                self._conversations.put(conversation)
+                self._keep(conversation)
         return conversation
 
-    async def _remember(self, request: ReplyRequest, reply: Reply) -> None:
+    def _keep(self, conversation: Conversation) -> None:
+        near = self._conversations
+        if near is None:
+            near = self._conversations = MemoryConversationStore(self._setup.cache_size)
+        if self._scope is None:
+            near.put(conversation)
+        else:
+            key = (self._scope, conversation.assistant_id, conversation.customer_identifier)
+            near.put_key(key, conversation)
+
+    def _remember(self, request: ReplyRequest, reply: Reply) -> Conversation:
         assistant_id, customer_identifier = request.conversation_key
         conversation = Conversation(
             assistant_id,
@@ -432,12 +676,16 @@ class AsyncAutocalls(AsyncOnly):
             reply.ai_disabled,
             time.time(),
         )
-        self._conversations.put(conversation)
-        if self._store is not None:
-            try:
-                await self._store.set(conversation)
-            except Exception:  # the reply was received and paid for: never lose it for a cache
-                logger.warning("could not save the conversation to %r", self._store, exc_info=True)
+        self._keep(conversation)
+        return conversation
+
+    async def _save(self, conversation: Conversation) -> None:
+        """Into the shared ``conversation_store``, for the other workers."""
+        assert self._store is not None
+        try:
+            await self._store.set(conversation)
+        except Exception:  # the reply was received and paid for: never lose it for a cache
+            logger.warning("could not save the conversation to %r", self._store, exc_info=True)
 
     # ------------------------------------------------------------------ the call
 
@@ -487,9 +735,13 @@ class AsyncAutocalls(AsyncOnly):
         assert task is not None  # a coroutine awaited in asyncio always runs in a task
         self._enter_waiting(task)
         try:
-            key = request.conversation_key
+            key: Hashable = request.conversation_key
+            if self._scope is not None:
+                key = (self._scope, key)
             try:
-                if deadline is None:
+                if self._order.try_acquire(key):
+                    pass  # nobody else is calling for this conversation: the usual case
+                elif deadline is None:
                     await self._order.acquire(key)
                 else:
                     async with asyncio.timeout_at(deadline):
@@ -501,7 +753,9 @@ class AsyncAutocalls(AsyncOnly):
                 ) from None
             try:
                 reply = await self._attempts(request, task, deadline, lane)
-                await self._remember(request, reply)  # in order, like the calls themselves
+                conversation = self._remember(request, reply)
+                if self._store is not None:  # in order, like the calls themselves
+                    await self._save(conversation)
             finally:
                 self._order.release(key)
         except asyncio.CancelledError:
@@ -520,18 +774,22 @@ class AsyncAutocalls(AsyncOnly):
         return reply
 
     def _enter_waiting(self, task: asyncio.Task[Any]) -> None:
-        if task not in self._waiting:
-            self._waiting.add(task)
+        waiting = self._waiting
+        if waiting is None:
+            waiting = self._waiting = set()
+        if task not in waiting:
+            waiting.add(task)
             self.stats.waiting += 1
 
     def _leave_waiting(self, task: asyncio.Task[Any]) -> None:
-        if task in self._waiting:
-            self._waiting.discard(task)
+        waiting = self._waiting
+        if waiting is not None and task in waiting:
+            waiting.discard(task)
             self.stats.waiting -= 1
 
     def _take_interruption(self, task: asyncio.Task[Any]) -> bool:
         """True if close() cancelled this task and nobody else did."""
-        if task not in self._interrupted:
+        if self._interrupted is None or task not in self._interrupted:
             return False
         self._interrupted.discard(task)
         return task.uncancel() == 0
@@ -570,7 +828,7 @@ class AsyncAutocalls(AsyncOnly):
             except AutocallsError as exc:
                 decision = None
                 if not isinstance(exc, ClientClosedError | RateLimitTimeout | BudgetExceededError):
-                    decision = self.retry_policy.decide(exc, retries, self._random.random)
+                    decision = self.retry_policy.decide(exc, retries, _RANDOM.random)
                 if isinstance(exc, RateLimitError):
                     # Every 429 pauses the token for every process sharing it, retried or not.
                     await self._pause_limiter(exc, decision)
@@ -637,7 +895,7 @@ class AsyncAutocalls(AsyncOnly):
         if ours.same_rate(stated) and _keeps(ours, stated):
             return
         extra = {"autocalls_token_id": self.token_id, "autocalls_server_limit": str(stated)}
-        if self._follows_server and isinstance(limiter, Limiter):
+        if self._setup.follows_server and isinstance(limiter, Limiter):
             try:
                 other = await limiter.adopt(self._limiter_key, stated)
             except (InvalidRequestError, LimiterUnavailableError) as exc:
@@ -701,7 +959,14 @@ class AsyncAutocalls(AsyncOnly):
         # The budget is reserved before queueing for a slot: a call that cannot be paid for
         # fails at once and never takes a slot from the others.
         ticket = self._ledger.reserve(request.assistant_id)
+        connections = self._transport.gate()
+        taken = False
         try:
+            if connections is not None:
+                # A connection first, then the slot: a grant never waits for a connection.
+                if not connections.try_take():
+                    await self._wait_for_connection(connections, deadline, priority)
+                taken = True
             waited_from = loop.time()
             if self._limiter is None:
                 reply = await self._send(request, task, attempt, 0.0, _Billed(OPEN, ticket))
@@ -716,8 +981,27 @@ class AsyncAutocalls(AsyncOnly):
         except BaseException as exc:
             self._ledger.settle(ticket, exc)
             raise
+        finally:
+            if taken:
+                assert connections is not None
+                connections.give()
         self._ledger.settle(ticket, None)
         return reply
+
+    async def _wait_for_connection(
+        self, gate: Gate, deadline: float | None, priority: Priority
+    ) -> None:
+        try:
+            if deadline is None:
+                await gate.take(priority)
+            else:
+                async with asyncio.timeout_at(deadline):
+                    await gate.take(priority)
+        except TimeoutError:
+            raise RateLimitTimeout(
+                "max_wait passed while every connection of the pool was in use by other calls "
+                "(at most 100 at once); nothing was sent"
+            ) from None
 
     async def _send(
         self,
@@ -736,8 +1020,6 @@ class AsyncAutocalls(AsyncOnly):
         started = loop.time()
         self.stats.requests += 1
         self.stats.in_flight += 1
-        assert self._drained is not None
-        self._drained.clear()
         status: int | str = "error"
         try:
             post = self._transport.post(request.body, gate)
@@ -759,8 +1041,8 @@ class AsyncAutocalls(AsyncOnly):
             raise
         finally:
             self.stats.in_flight -= 1
-            if not self.stats.in_flight:
-                self._drained.set()
+            if not self.stats.in_flight and self._drained is not None:
+                self._drained.set()  # close() waits for it
             if logger.isEnabledFor(logging.DEBUG):  # the hot path pays nothing when off
                 logger.debug(
                     "POST %s -> %s attempt=%d waited=%.3fs latency=%.3fs",

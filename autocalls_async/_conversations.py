@@ -9,6 +9,7 @@ plain synchronous lookup.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Hashable
 from typing import Protocol, runtime_checkable
 
 from ._models import Conversation
@@ -36,21 +37,27 @@ class MemoryConversationStore:
         if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
             raise ValueError(f"maxsize must be a positive int, got {maxsize!r}")
         self.maxsize = maxsize
-        self._entries: OrderedDict[ConversationKey, Conversation] = OrderedDict()
+        self._entries: OrderedDict[Hashable, Conversation] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def peek(self, assistant_id: int, customer_identifier: str) -> Conversation | None:
         """The cached conversation, without waiting (marks it recently used)."""
-        key = (assistant_id, customer_identifier)
+        return self.peek_key((assistant_id, customer_identifier))
+
+    def put(self, conversation: Conversation) -> None:
+        self.put_key((conversation.assistant_id, conversation.customer_identifier), conversation)
+
+    def peek_key(self, key: Hashable) -> Conversation | None:
+        """``peek`` by a key of the caller's: an ``AutocallsAccounts`` keeps every token's
+        conversations in one cache, each under (its token's key, assistant, customer)."""
         conversation = self._entries.get(key)
         if conversation is not None:
             self._entries.move_to_end(key)
         return conversation
 
-    def put(self, conversation: Conversation) -> None:
-        key = (conversation.assistant_id, conversation.customer_identifier)
+    def put_key(self, key: Hashable, conversation: Conversation) -> None:
         self._entries[key] = conversation
         self._entries.move_to_end(key)
         while len(self._entries) > self.maxsize:

@@ -41,6 +41,12 @@ def _burst(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
         )
 
 
+def _number(value: float) -> str:
+    """``60`` for 60.0, and every digit a value needs to be read back as itself."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
+
+
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d+(?:\.\d+)?|\.\d+)\s*(s|m|h)?\s*$")
 _UNIT = {"s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
@@ -80,6 +86,9 @@ class RateLimit:
                 f"RateLimit.burst must be between 1 and requests ({self.requests}), got "
                 f"{self.burst!r}: no more than requests can start in one period"
             )
+        if self.burst == self.requests:
+            # The same limit as None (the window): equal, and one hash.
+            object.__setattr__(self, "burst", None)
 
     @property
     def bursts(self) -> int:
@@ -159,7 +168,10 @@ class RateLimit:
 
     def __repr__(self) -> str:
         burst = "" if self.burst is None else f", burst={self.burst}"
-        text = f"RateLimit({self.requests}, {self.period:g}, margin={self.margin:g}{burst})"
+        text = (
+            f"RateLimit({self.requests}, {_number(self.period)}, "
+            f"margin={_number(self.margin)}{burst})"
+        )
         return f"RateLimit.from_server(default={text})" if self.follows_server else text
 
 

@@ -18,8 +18,9 @@ class _Entry:
     __slots__ = ("gate", "users")
 
     def __init__(self) -> None:
-        self.gate = FifoGate()
-        self.users = 0
+        #: Made when a second call for the key arrives; until then the first holds the key.
+        self.gate: FifoGate | None = None
+        self.users = 1
 
 
 class KeyedOrder:
@@ -32,21 +33,37 @@ class KeyedOrder:
         """Keys with a running or waiting call (0 when idle: nothing is left behind)."""
         return len(self._entries)
 
+    def try_acquire(self, key: Hashable) -> bool:
+        """Take the turn of ``key`` now if no call has it (the usual case), without waiting;
+        False: ``acquire`` waits for it. Every success must be paired with release()."""
+        if key in self._entries:
+            return False
+        self._entries[key] = _Entry()
+        return True
+
     async def acquire(self, key: Hashable) -> None:
         """Wait for the turn of ``key``; every successful call must be paired with release()."""
         entry = self._entries.get(key)
         if entry is None:
-            entry = self._entries[key] = _Entry()
+            self._entries[key] = _Entry()
+            return
         entry.users += 1
         try:
-            await entry.gate.acquire()
+            gate = entry.gate
+            if gate is None:
+                # A new gate is free: taken at once, for the call that holds the key now,
+                # whose release() hands it on.
+                gate = entry.gate = FifoGate()
+                await gate.acquire()
+            await gate.acquire()
         except BaseException:
             self._leave(key, entry)
             raise
 
     def release(self, key: Hashable) -> None:
         entry = self._entries[key]
-        entry.gate.release()
+        if entry.gate is not None:
+            entry.gate.release()
         self._leave(key, entry)
 
     def _leave(self, key: Hashable, entry: _Entry) -> None:

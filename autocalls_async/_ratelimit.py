@@ -29,6 +29,8 @@ import itertools
 import math
 import os
 import socket
+import threading
+import time
 import uuid
 import weakref
 from collections import deque
@@ -75,6 +77,8 @@ _NOTE_RENEW = 5.0
 _NOTED_MAX = 50_000
 #: Tokens a limiter remembers as refusing bursts; past it, forgotten (and relearned).
 _EVEN_MAX = 100_000
+#: Floors kept before the first sweep of those that no longer constrain anything.
+_OWNS_MIN = 1024
 #: A call that waits longer than this for its slot says so (INFO).
 _SAY_WAIT = 1.0
 #: The stores this process said were unavailable, until one of their limiters works again.
@@ -181,7 +185,6 @@ class _Queue:
         "holding",
         "lanes",
         "next_free",
-        "own",
         "peeking",
         "stale",
         "waiting",
@@ -195,8 +198,6 @@ class _Queue:
         self.holding: _Grant | None = None
         self.asking = False  # a caller is asking the store directly (nobody else waited)
         self.wake: asyncio.Future[None] | None = None  # set to interrupt the dispatcher's sleep
-        #: loop clock: this process's own last starts, spacing and 429 pause (its floor)
-        self.own = schedule.TokenState()
         self.next_free = -float("inf")  # loop clock: the next grant, as last seen
         self.stale = False  # a waiter gave up: the store may still count it as waiting
         #: per lane, the store's answer to a newcomer's ``max_wait`` check, while one is asked:
@@ -216,12 +217,7 @@ class _Queue:
         )
 
     def idle(self, now: float) -> bool:
-        return (
-            not self.total()
-            and self.holding is None
-            and self.dispatcher is None
-            and self.own.latest() <= now
-        )
+        return not self.total() and self.holding is None and self.dispatcher is None
 
     def summary(self, lane: int) -> Lane | None:
         waiters = self.lanes[lane]
@@ -262,6 +258,7 @@ class _Front:
         "loop",
         "noted",
         "offset",
+        "prune_at",
         "queues",
         "tickets",
         "used",
@@ -278,6 +275,7 @@ class _Front:
         self.where = f"pid {os.getpid()} on {host}"
         self.noted: dict[str, float] = {}  # key -> when its schedule's place was last noted
         self.queues: dict[str, _Queue] = {}
+        self.prune_at = 64  # idle queues are pruned when there are more than this
         self.tickets = itertools.count(1)
         self.used: set[str] = set()  # keys registered in the store, to unregister on close
         self.offset = 0.0  # store clock minus loop clock, from the last store operation
@@ -286,11 +284,15 @@ class _Front:
     def queue(self, key: str) -> _Queue:
         queue = self.queues.get(key)
         if queue is None:
-            if len(self.queues) > 64:
+            if len(self.queues) > self.prune_at:
                 now = self.loop.time()
                 for name, other in list(self.queues.items()):
                     if other.idle(now):
                         del self.queues[name]
+                # Pruned again once as many more queues were made: each prune walks them all,
+                # so 10,000 tokens in use at once cost a walk per 10,000 new queues, not one
+                # per new queue (50 million checks).
+                self.prune_at = max(64, 2 * len(self.queues))
             queue = self.queues[key] = _Queue()
         return queue
 
@@ -336,7 +338,7 @@ class _Grant:
         if self._done:
             return
         now = self._front.loop.time()
-        schedule.own_start(self._queue.own, self._limiter.rules, now)
+        self._limiter._own_started(self._key, now)
         self._close(
             functools.partial(
                 schedule.sent,
@@ -480,6 +482,9 @@ class Limiter(AsyncOnly):
         )
         #: tokens whose server refused a burst: spaced evenly for the life of this limiter
         self._even: set[str] = set()
+        self._owns: dict[str, schedule.TokenState] = {}
+        self._owns_lock = threading.Lock()
+        self._owns_prune = _OWNS_MIN
         self.store = store
         self.fallback = fallback
         self._fronts: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Front] = (
@@ -712,8 +717,8 @@ class Limiter(AsyncOnly):
             await self._own_floor(key, deadline, int(priority))
             async with self.fallback.slot(key, deadline=deadline, priority=priority) as slot:
                 yield slot
-            queue = self._front().queue(key)  # as if it was sent: the store will not know
-            schedule.own_start(queue.own, self.rules, self._front().loop.time())
+            # As if it was sent: the store will not know.
+            self._own_started(key, self._front().loop.time())
             return
         self._recovered()
         try:
@@ -721,14 +726,42 @@ class Limiter(AsyncOnly):
         finally:
             await grant.finish()
 
-    def _own_free(self, queue: _Queue, lane: int) -> float:
+    # ------------------------------------------------------------------ this process's floor
+
+    def _own(self, key: str) -> schedule.TokenState:
+        """This process's own last starts, spacing and 429 pause of ``key`` (its floor), kept
+        once per limiter and process, whatever the event loop: after a store forgot (a flush),
+        the process alone still keeps the limit. On the monotonic clock every loop reads
+        (``loop.time()``); call with ``_owns_lock`` held."""
+        own = self._owns.get(key)
+        if own is None:
+            if len(self._owns) >= self._owns_prune:
+                now = time.monotonic()
+                for name in [name for name, state in self._owns.items() if state.latest() <= now]:
+                    del self._owns[name]
+                # Amortised: the next sweep once as many more were made (never per new token).
+                self._owns_prune = max(_OWNS_MIN, 2 * len(self._owns))
+            own = self._owns[key] = schedule.TokenState()
+        return own
+
+    def _own_started(self, key: str, at: float) -> None:
+        with self._owns_lock:
+            schedule.own_start(self._own(key), self.rules, at)
+
+    def _own_paused(self, key: str, until: float) -> None:
+        with self._owns_lock:
+            own = self._own(key)
+            own.pause = max(own.pause, until)
+
+    def _own_free(self, key: str, lane: int) -> float:
         """When this process's own last starts and pause let ``lane`` start (loop clock)."""
-        return schedule.own_free(queue.own, self.rules, lane)
+        with self._owns_lock:
+            own = self._owns.get(key)
+            return -math.inf if own is None else schedule.own_free(own, self.rules, lane)
 
     async def _own_floor(self, key: str, deadline: float | None, lane: int) -> None:
         front = self._front()
-        queue = front.queue(key)
-        wait = self._own_free(queue, lane) - front.loop.time()
+        wait = self._own_free(key, lane) - front.loop.time()
         if wait > 0:
             if deadline is not None and front.loop.time() + wait > deadline:
                 raise self._timeout(wait)
@@ -742,7 +775,7 @@ class Limiter(AsyncOnly):
         limiter of the store, and by this one for the rest of its life, with one WARNING."""
         front = self._front()
         queue = front.queue(key)
-        queue.own.pause = max(queue.own.pause, front.loop.time() + seconds)
+        self._own_paused(key, front.loop.time() + seconds)
         switched = False
         try:
             _, switched = await self._apply(
@@ -756,7 +789,9 @@ class Limiter(AsyncOnly):
         if key in self._even or self.rules.burst <= 1:
             return
         # The store says so, or this process's own last starts went as a burst.
-        own = schedule.refused(queue.own, front.loop.time(), self.rules, seconds=0.0)[1]
+        with self._owns_lock:
+            mine = self._own(key)
+            own = schedule.refused(mine, front.loop.time(), self.rules, seconds=0.0)[1]
         if switched or own:
             self._learned(key, queue)
 
@@ -765,7 +800,9 @@ class Limiter(AsyncOnly):
         if len(self._even) >= _EVEN_MAX:
             self._even.clear()  # relearned at the cost of one more refused burst each
         self._even.add(key)
-        queue.own.even = True
+        with self._owns_lock:
+            own = self._own(key)
+            own.even = max(own.even, time.monotonic() + schedule.EVEN_KEEP)
         rate = self.rate_limit
         fix = RateLimit(rate.requests, rate.period, margin=rate.margin, burst=1)
         logger.warning(
@@ -825,7 +862,7 @@ class Limiter(AsyncOnly):
         loop = front.loop
         queue = front.queue(key)
         lane = int(priority)
-        direct = queue.quiet() and self._own_free(queue, lane) <= loop.time()
+        direct = queue.quiet() and self._own_free(key, lane) <= loop.time()
         if deadline is not None and not direct:
             try:
                 async with asyncio.timeout_at(_grace(deadline, loop)):
@@ -969,7 +1006,7 @@ class Limiter(AsyncOnly):
         # A grant already made is counted by the store: it spaces the next one.
         local = queue.waiting[0] if lane == 0 else queue.total()
         ahead = seen.ahead + local
-        wait = max(seen.wait(ahead), self._own_free(queue, lane) - now)
+        wait = max(seen.wait(ahead), self._own_free(key, lane) - now)
         if wait > 0 and now + wait > deadline:
             raise self._timeout(wait, ahead)
 
@@ -1021,7 +1058,7 @@ class Limiter(AsyncOnly):
                 ticket = f"{front.who}#{next(front.tickets)}"
                 answer = await self._ask(front, key, ticket, lanes)
                 if answer.granted:
-                    floor = self._own_free(queue, answer.lane)
+                    floor = self._own_free(key, answer.lane)
                     grant = _Grant(self, front, queue, key, ticket, now)
                     if floor > now:  # the store forgot our last start or pause (a flush)
                         grant.give_back()
@@ -1043,7 +1080,7 @@ class Limiter(AsyncOnly):
                     queue.next_free = now + answer.wait
                 else:
                     floor = min(
-                        (self._own_free(queue, lane) for lane in (0, 1) if queue.waiting[lane]),
+                        (self._own_free(key, lane) for lane in (0, 1) if queue.waiting[lane]),
                         default=now,
                     )
                     due = max(front.answered_at + answer.wait, floor)

@@ -140,6 +140,9 @@ BACKGROUND = 1
 QUEUE_GRACE = 1.0
 #: Records kept exactly up to this many requests per window; above, counted per ``W / 64``.
 EXACT_RECORDS = 64
+#: How long a token found to refuse bursts stays evenly spaced after its last grant (rule 5):
+#: its state is kept that long, so that the next process does not pay the 429s again.
+EVEN_KEEP = 86_400.0
 
 
 @attrs.frozen
@@ -218,7 +221,8 @@ class TokenState:
     #: the last ``requests`` starts as recorded (rule 3): [time, count], oldest first
     records: list[list[float]] = attrs.field(factory=list)
     clear: float = _NEVER  #: when the newest record leaves the window
-    even: bool = False  #: the server refused a burst: every start is evenly spaced
+    #: until when every start is evenly spaced (the server refused a burst; rule 5)
+    even: float = _NEVER
     holder: str | None = None  #: the outstanding grant's ticket
     holder_lane: int = INTERACTIVE  #: the lane the outstanding grant was made to
     lease: float = _NEVER  #: when the outstanding grant runs out
@@ -241,7 +245,7 @@ class TokenState:
             "last": _out(self.last),
             "records": self.records,
             "clear": _out(self.clear),
-            "even": self.even,
+            "even": _out(self.even),
             "holder": self.holder,
             "holder_lane": self.holder_lane,
             "lease": _out(self.lease),
@@ -265,7 +269,7 @@ class TokenState:
             last=_in(data.get("last")),
             records=[_record_in(entry) for entry in data.get("records") or ()],
             clear=_in(data.get("clear")),
-            even=data.get("even") is True,
+            even=_in(data.get("even")),
             holder=None if holder is None else str(holder),
             holder_lane=int(data.get("holder_lane") or INTERACTIVE),
             lease=_in(data.get("lease")),
@@ -282,6 +286,7 @@ class TokenState:
             self.due,
             self.pause,
             self.clear,
+            self.even,
             self.lease if self.holder is not None else _NEVER,
         ]
         times.extend(float(entry[-1]) for entry in self.users.values())
@@ -410,7 +415,7 @@ def _free(state: TokenState, rules: Rules, lane: int) -> float:
     """The earliest a grant to ``lane`` may be made (rule 2)."""
     requests = rules.rate_limit.requests
     free = max(state.pause, _nth_latest(state.records, requests) + rules.window)
-    burst = 1 if lane == BACKGROUND or state.even else rules.burst
+    burst = 1 if lane == BACKGROUND or state.even != _NEVER else rules.burst
     if burst < requests:
         free = max(free, state.due - (burst - 1) * rules.interval)
     if lane == BACKGROUND and rules.headroom:
@@ -467,6 +472,9 @@ def _bound(state: TokenState, now: float, rules: Rules) -> None:
             record[0] = min(float(record[0]), latest)
             record[1] = min(int(record[1]), rate.requests)
     state.clear = min(state.clear, latest + window)
+    state.even = min(state.even, now + EVEN_KEEP)
+    if state.even <= now:
+        state.even = _NEVER
     state.due = min(state.due, max(now, state.pause) + MAX_LEASE + 2 * window)
     state.streak = min(max(state.streak, 0), 1 << 16)
     user_ttl = max(60.0, 2 * rate.period + MAX_LEASE)
@@ -588,8 +596,8 @@ def grant(
         # Already ours: a retry of this grant whose write committed but whose answer was lost.
         return Grant(True, lane=state.holder_lane)
     _check_rate(state, now, rules, who, where)
-    if even:
-        state.even = True
+    if even and state.even == _NEVER:
+        state.even = now + EVEN_KEEP
     interactive = _first(state, INTERACTIVE, who, lanes[INTERACTIVE])
     background = _first(state, BACKGROUND, who, lanes[BACKGROUND])
     owed = background is not None and rules.share > 0 and state.streak >= rules.share - 1
@@ -609,6 +617,9 @@ def grant(
     state.scheduled = earliest
     state.granted = now
     state.streak = 0 if turn == BACKGROUND else state.streak + (background is not None)
+    if state.even != _NEVER:
+        # Learned (rule 5): kept a day past the token's last grant, for every process.
+        state.even = now + EVEN_KEEP
     left = list(lanes)
     served = left[turn]
     left[turn] = None if served is None else served.served()
@@ -677,9 +688,9 @@ def refused(state: TokenState, now: float, rules: Rules, *, seconds: float) -> t
     closer than one spacing, take it that the server refuses bursts and space the token
     evenly from now on. Returns the pause's length and whether this switched the token."""
     length = pause(state, now, rules, seconds=seconds)
-    if state.even or rules.burst <= 1 or not _bursty(state, now, rules):
+    if state.even != _NEVER or rules.burst <= 1 or not _bursty(state, now, rules):
         return length, False
-    state.even = True
+    state.even = now + EVEN_KEEP
     return length, True
 
 

@@ -24,7 +24,7 @@ import asyncio
 import functools
 import inspect
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar
 from types import TracebackType
@@ -59,8 +59,14 @@ HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5
 WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
+Attributes = dict[str, str | bool | int | float]
+
+
 class _Client(Protocol):
     priority: Priority
+
+    @property
+    def telemetry_attributes(self) -> Mapping[str, str | bool | int | float] | None: ...
 
 
 C = TypeVar("C", bound=_Client)
@@ -179,15 +185,23 @@ def _signals() -> _Signals | None:
 class _Call:
     """One ``generate_reply`` being recorded: what its steps add to."""
 
-    __slots__ = ("attempts", "lane", "meters", "store", "tracer")
+    __slots__ = ("attempts", "extra", "lane", "meters", "store", "tracer")
 
-    def __init__(self, signals: _Signals, priority: object) -> None:
+    def __init__(
+        self,
+        signals: _Signals,
+        priority: object,
+        extra: Mapping[str, str | bool | int | float] | None = None,
+    ) -> None:
         self.tracer = signals.tracer
         self.meters = signals.meters
+        #: The client's ``telemetry_attributes`` (opt-in, e.g. a tenant's id): on every span
+        #: and metric point of the call, under the SDK's own (which they never replace).
+        self.extra: Attributes = dict(extra) if extra else {}
         #: ``autocalls.priority``, unless the call named none that is valid (it then fails)
-        self.lane: dict[str, str] = (
-            {"autocalls.priority": priority.name.lower()} if isinstance(priority, Priority) else {}
-        )
+        self.lane: Attributes = {**self.extra}
+        if isinstance(priority, Priority):
+            self.lane["autocalls.priority"] = priority.name.lower()
         self.store = "none"
         self.attempts = 0
 
@@ -237,8 +251,9 @@ async def _traced_call(
     from opentelemetry import context, trace
 
     priority = kwargs.get("priority")
-    call = _Call(signals, client.priority if priority is None else priority)
-    attributes: dict[str, str | int] = {**call.lane}
+    extra = getattr(client, "telemetry_attributes", None)
+    call = _Call(signals, client.priority if priority is None else priority, extra)
+    attributes: Attributes = {**call.lane}
     assistant_id = kwargs.get("assistant_id")
     if type(assistant_id) is int:  # what was asked for, valid or not; never anything else
         attributes["autocalls.assistant_id"] = assistant_id
@@ -266,7 +281,7 @@ async def _traced_call(
         _CALL.reset(reset)
         if attached is not None:
             context.detach(attached)
-        ended: dict[str, str | int] = {"autocalls.outcome": outcome}
+        ended: Attributes = {"autocalls.outcome": outcome}
         if error_type is not None:
             ended["error.type"] = error_type
         if span is not None:
@@ -276,7 +291,7 @@ async def _traced_call(
                 span.set_status(trace.StatusCode.ERROR)
             span.end()
         if call.meters is not None:
-            call.meters.calls.add(1, {**ended, **call.lane})
+            call.meters.calls.add(1, {**call.lane, **ended})
 
 
 # ---------------------------------------------------------------------- hook 2: the wait
@@ -295,7 +310,7 @@ def limiter_slot(
     if call is None:
         return slot
     call.store = store_kind(limiter)
-    attributes = {"autocalls.rate_limit.store": call.store, **call.lane}
+    attributes: Attributes = {**call.lane, "autocalls.rate_limit.store": call.store}
     return _ObservedWait(call, slot, attributes)
 
 
@@ -311,7 +326,7 @@ class _ObservedWait(AbstractAsyncContextManager["Slot"]):
     __slots__ = ("_attributes", "_call", "_slot")
 
     def __init__(
-        self, call: _Call, slot: AbstractAsyncContextManager[Slot], attributes: dict[str, str]
+        self, call: _Call, slot: AbstractAsyncContextManager[Slot], attributes: Attributes
     ) -> None:
         self._call = call
         self._slot = slot
@@ -402,7 +417,8 @@ async def _observed_request(
     from opentelemetry.context import _SUPPRESS_HTTP_INSTRUMENTATION_KEY
 
     call.attempts += 1
-    common: dict[str, str | int] = {
+    common: Attributes = {
+        **call.extra,
         "http.request.method": "POST",
         "server.address": url.host or "",
         "server.port": url.port or 0,
@@ -444,9 +460,9 @@ async def _observed_request(
             ended["error.type"] = str(status)
         if status == 429 and call.meters is not None:
             exceeded = {
+                **call.lane,
                 "server.address": common["server.address"],
                 "autocalls.rate_limit.store": call.store,
-                **call.lane,
             }
             call.meters.exceeded.add(1, exceeded)
         return status, headers, body

@@ -11,18 +11,18 @@ may have reached the server, which decides whether it is safe to retry.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
+from itertools import chain
 from typing import Protocol
 
 import aiohttp
 from aiohttp.abc import AbstractStreamWriter
-from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
 
 from ._decoding import ACCEPT_ENCODING, BadEncodingError, BodyDecoder, TooLargeError
 from ._errors import APIConnectionError, APIResponseValidationError, APITimeoutError
-from ._wire import WITHHELD_MESSAGE, Redactor, shown_url
+from ._pool import Gate, Pool, gate_of, lease_pool, release_pool
+from ._wire import WITHHELD_MESSAGE, Redactor, auth_header, request_headers, shown_url
 
 __all__ = ["GrantExpiredError", "Response", "SendGate", "Transport"]
 
@@ -91,60 +91,89 @@ class _Body(aiohttp.BytesPayload):
 
 
 class Transport:
-    """Sends to one endpoint with fixed headers, on its own ``ClientSession`` or a caller's."""
+    """Sends to one endpoint with one token's headers: on a pool shared by the process's
+    clients (``_pool``), an ``AutocallsAccounts``' pool, or a caller's ``ClientSession``."""
+
+    __slots__ = (
+        "_borrowed",
+        "_headers",
+        "_lease",
+        "_pool",
+        "_redactor",
+        "_shown",
+        "_trust_env",
+        "max_response_size",
+        "timeout",
+        "url",
+    )
 
     def __init__(
         self,
         session: aiohttp.ClientSession | None,
         *,
         url: URL,
-        headers: Mapping[str, str],
-        timeout: float | None,
+        token: str,
+        timeout: aiohttp.ClientTimeout,
         max_response_size: int,
         trust_env: bool = True,
         redactor: Redactor | None = None,
+        pool: Pool | None = None,
     ) -> None:
         self.url = url
-        #: The URL as logs, messages and spans show it: the token masked if it is in it.
-        self.shown = URL(shown_url(url, redactor))
         #: Masks the token in every response's body and headers, and in failures' messages,
         #: before anything else sees them: the one place where the SDK reads what came back.
         self._redactor = redactor
-        self._headers = dict(headers)
-        # Only what _decoding can decode within the cap (aiohttp would add br and zstd
-        # when their libraries are installed).
-        self._headers["Accept-Encoding"] = ACCEPT_ENCODING
         self._borrowed = session
+        self._pool = pool  # given: someone else's lease (an AutocallsAccounts')
+        self._lease = False  # the pool is leased by this transport, to give back on close
         self._trust_env = trust_env
-        self._own: aiohttp.ClientSession | None = None
-        self._proxy: URL | None = None
-        self._proxy_auth: aiohttp.BasicAuth | None = None
-        self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self._shown: URL | None = None
+        if session is None:
+            # The pool's session sends the rest.
+            self._headers: Mapping[str, str] = auth_header(token)
+        else:
+            # Only what _decoding can decode within the cap (aiohttp would add br and zstd
+            # when their libraries are installed).
+            self._headers = {**request_headers(token), "Accept-Encoding": ACCEPT_ENCODING}
+        self.timeout = timeout
         self.max_response_size = max_response_size
 
-    def _own_session(self) -> aiohttp.ClientSession:
-        if self._own is None:
-            if self._trust_env:
-                # The environment's proxy (HTTPS_PROXY, NO_PROXY, ~/.netrc) is looked up once
-                # here: aiohttp's trust_env would look it up in a worker thread on every
-                # request, which costs more than the rest of a call. Never for a loopback base
-                # URL, where a plain-http proxy would see the token.
-                with contextlib.suppress(LookupError):  # no proxy for this URL
-                    self._proxy, self._proxy_auth = get_env_proxy_for_url(self.url)
-            self._own = aiohttp.ClientSession(
-                # Headers and timeout live on the session: nothing to merge per request.
-                headers=self._headers,
-                timeout=self.timeout,
-                trust_env=False,
-                # The API is stateless; a cookie jar would only grow.
-                cookie_jar=aiohttp.DummyCookieJar(),
-            )
-        return self._own
+    @property
+    def shown(self) -> URL:
+        """The URL as logs, messages and spans show it: the token masked if it is in it."""
+        shown = self._shown
+        if shown is None:
+            shown = self._shown = URL(shown_url(self.url, self._redactor))
+        return shown
+
+    def shown_text(self, url: URL) -> str:
+        """``url`` as messages show it, the token masked if it is in it."""
+        return shown_url(url, self._redactor)
+
+    def gate(self) -> Gate | None:
+        """Where a call waits for a connection before asking for a rate-limit slot: its pool's
+        gate (leased now if need be), or the gate of the caller's session (None: unlimited)."""
+        borrowed = self._borrowed
+        if borrowed is not None:
+            return gate_of(borrowed)
+        pool = self._pool
+        if pool is None:
+            pool = self._pool = lease_pool(self.url, trust_env=self._trust_env)
+            self._lease = True
+        return pool.gate
+
+    def _session(self) -> tuple[aiohttp.ClientSession, Pool]:
+        pool = self._pool
+        if pool is None:
+            pool = self._pool = lease_pool(self.url, trust_env=self._trust_env)
+            self._lease = True
+        return pool.session, pool
 
     async def close(self) -> None:
-        own, self._own = self._own, None
-        if own is not None:
-            await own.close()
+        pool, self._pool = self._pool, None
+        if pool is not None and self._lease:
+            self._lease = False
+            await release_pool(pool)
 
     async def post(self, body: bytes, gate: SendGate = OPEN) -> Response:
         """Send ``body``; the response, or raise ``APIConnectionError`` or
@@ -176,12 +205,15 @@ class Transport:
         borrowed = self._borrowed
         try:
             if borrowed is None:
-                request = self._own_session().post(
+                session, pool = self._session()
+                request = session.post(
                     self.url,
                     data=payload,
+                    headers=self._headers,
+                    timeout=self.timeout,
                     allow_redirects=False,
-                    proxy=self._proxy,
-                    proxy_auth=self._proxy_auth,
+                    proxy=pool.proxy,
+                    proxy_auth=pool.proxy_auth,
                     auto_decompress=False,  # decoded by _decoding, within the cap
                 )
             else:
@@ -248,7 +280,12 @@ class Transport:
 
     def _headers_of(self, response: aiohttp.ClientResponse) -> Mapping[str, str]:
         headers = response.headers
-        return headers if self._redactor is None else self._redactor.headers(headers)
+        redactor = self._redactor
+        if redactor is None or redactor.clean(
+            b"\n".join(chain.from_iterable(response.raw_headers))
+        ):
+            return headers  # the usual case, checked on the bytes as they came
+        return redactor.headers(headers)
 
     async def _read(self, response: aiohttp.ClientResponse, headers: Mapping[str, str]) -> bytes:
         """The body, decoded, read in chunks: never more than ``max_response_size`` bytes
@@ -257,6 +294,14 @@ class Transport:
         declared = response.content_length
         if declared is not None and declared > cap:
             raise _Refused(self._too_large(f"declares {declared} bytes, more than"))
+        if (
+            declared is not None
+            and "Content-Encoding" not in headers
+            and "Transfer-Encoding" not in headers
+        ):
+            # The usual reply: its length is declared, within the cap, and it is not encoded:
+            # aiohttp's parser stops at that length, so reading it whole is reading at most it.
+            return await response.read()
         try:
             decoder = BodyDecoder(headers.get("Content-Encoding"), cap)  # a CIMultiDict
         except BadEncodingError as exc:

@@ -7,6 +7,7 @@ without a server (see ``tests/samples/``).
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import html.entities
 import json
@@ -20,13 +21,12 @@ from functools import partial
 from http import HTTPStatus
 from ipaddress import ip_address
 from itertools import chain
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import aiohttp
-import attrs
 import cattrs
 from cattrs.preconf.json import make_converter
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from ._errors import (
@@ -91,7 +91,7 @@ def check_token(token: object) -> str:
     token = token.strip()
     if not token:
         raise InvalidRequestError("api_token is empty: set AUTOCALLS_API_TOKEN to your API token")
-    if any(not 0x21 <= ord(ch) <= 0x7E for ch in token):
+    if not (token.isascii() and token.isprintable()) or " " in token:
         # A CR/LF would let the token smuggle headers; anything non-ASCII cannot be a header.
         raise InvalidRequestError(
             "api_token contains a space, a control character (CR, LF, ...) or a non-ASCII "
@@ -100,6 +100,7 @@ def check_token(token: object) -> str:
     return token
 
 
+@functools.lru_cache(maxsize=256)
 def is_loopback(host: str) -> bool:
     if host.lower() in {"localhost", "localhost."} or host.lower().endswith(".localhost"):
         return True
@@ -333,41 +334,140 @@ class _Runs:
                     at = text.find(block, at + 1)
 
 
-class _Gate:
-    """Tells cheaply whether a text may hold a long run of one of a family of forms.
+#: The characters every screen lets through: what base64 and hex are made of, and most of a
+#: token. A screen adds the token's other characters (``|`` in ``123|abc...``).
+_ALNUM = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
+_ALNUM_RUNS = re.compile("[A-Za-z0-9]+")
+#: From this length on, every form of a token is at least as long as its masked run (16
+#: characters of the token, 22 of its base64, 32 of its hex): the shared screens hold for it.
+#: A shorter token (the service issues none) is screened by its own forms.
+SCREENED = 24
+#: A UUID (every reply's ``conversation_id``) as a run of its own: its longest stretch without
+#: a dash is 12 characters, so a masked run (16 or more) in it would need a dash in the form.
+_UUID = re.compile(rb"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_HEX_OR_DASH = re.compile(r"[0-9a-fA-F-]{16,}")
+#: A text with more candidate runs than this is searched whole for the blocks.
+_MANY_RUNS = 64
 
-    Such a run is made of the forms' characters only and holds one of their blocks whole: the
-    text's runs of those characters, as long as the shortest run masked, are found in C
-    (``bytes.translate`` and substring searches; a reply has none, or its UUID), and only they
-    are searched for the blocks, with one regex."""
 
-    __slots__ = ("anchors", "blocks", "needle", "table")
+class _Screen:
+    """Finds, cheaply, the runs of a text that may hold a long run of a family of forms.
 
-    def __init__(self, family: list[_Runs]) -> None:
-        alphabet = {char for runs in family for char in runs.form}
-        self.table = bytes(ord("x") if chr(code) in alphabet else 32 for code in range(256))
-        self.needle = b"x" * min(runs.run for runs in family)
-        self.blocks = sorted({block.encode() for runs in family for _, block in runs.blocks})
-        self.anchors = re.compile(b"|".join(re.escape(block) for block in self.blocks))
+    Such a run is made of the forms' characters only and is at least as long as the shortest
+    run masked: a text's runs of an alphabet that holds those characters, as long as that, are
+    found in C (``bytes.translate`` and substring searches). A reply has none, or its UUID.
+    Screens depend on the alphabet only, so tokens that share theirs share a screen."""
 
-    def holds_a_run(self, data: bytes) -> bool:
+    __slots__ = ("needle", "table")
+
+    def __init__(self, alphabet: frozenset[str] | set[str], needle: int) -> None:
+        table = bytearray(b" " * 256)
+        for char in alphabet:
+            if ord(char) < 256:  # pragma: no branch (a token is ASCII)
+                table[ord(char)] = 0x78  # "x"
+        self.table = bytes(table)
+        self.needle = b"x" * needle
+
+    def runs(self, data: bytes) -> list[bytes] | None:
+        """The candidate runs (None: not one); past ``_MANY_RUNS`` of them, the whole text."""
         gated = data.translate(self.table)
         needle = self.needle
         at = gated.find(needle)
         if at < 0:
-            return False
+            return None
         runs: list[bytes] = []
         while at >= 0:  # ``at`` starts a run: the leftmost match of the needle
-            if len(runs) == 64:  # a body of many runs: one C search per block, in the whole
-                return any(block in data for block in self.blocks)
+            if len(runs) == _MANY_RUNS:
+                return [data]
             end = gated.find(b" ", at + len(needle))
             end = len(gated) if end < 0 else end
             runs.append(data[at:end])
             at = gated.find(needle, end)
-        joined = b" ".join(runs)
-        if len(joined) > 4096:  # a long run (random base64): one C search per block is faster
-            return any(block in joined for block in self.blocks)
-        return self.anchors.search(joined) is not None
+        return runs
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_screens(others: frozenset[str]) -> tuple[_Screen, _Screen, _Screen]:
+    """The screens of every long token whose characters other than letters and digits are
+    ``others``, one per family of forms (see ``_families``)."""
+    return (
+        _Screen(_ALNUM | others, MIN_RUN),
+        _Screen(_ALNUM | others | {"+", "/"}, 22),
+        _Screen(_ALNUM | {"-", "_"}, 22),
+    )
+
+
+def _families(secret: str, runs: list[_Runs]) -> tuple[list[_Runs], ...]:
+    """The forms in three families, each found by its own screen: the token's own characters
+    (as is, reversed, hex); base64 (a ``/`` or ``+`` would make every URL path a candidate for
+    the first); URL-safe base64 with a ``-`` or ``_`` the token lacks (its ``-`` would make
+    every UUID a candidate for the others)."""
+    own, standard, urlsafe = [], [], []
+    alphabet = set(secret) | _ALNUM
+    for form in runs:
+        if set(form.form) <= alphabet:
+            own.append(form)
+        elif set(form.form) & {"-", "_"} - set(secret):
+            urlsafe.append(form)
+        else:
+            standard.append(form)
+    return own, standard, urlsafe
+
+
+def _own_screen(family: list[_Runs]) -> _Screen | None:
+    """A short token's screen for one family: its forms' own characters and shortest run."""
+    if not family:
+        return None
+    return _Screen({char for form in family for char in form.form}, min(f.run for f in family))
+
+
+def _uuid_safe(secret: str) -> bool:
+    """True when no form of ``secret`` can have a masked run inside a UUID: none has a stretch
+    of hex digits and dashes, as long as its run, with a dash in it (a UUID's stretches
+    without a dash are 12 characters long). The token itself and its URL-safe base64 are the
+    only forms with a dash; for the tokens the service issues, this is always true."""
+    forms = [(secret, MIN_RUN)] if "-" in secret else []
+    forms += [(core, 22) for core in _base64_cores(secret.encode()) if "-" in core]
+    return not any(
+        len(stretch) >= run and "-" in stretch
+        for form, run in forms
+        for stretch in _HEX_OR_DASH.findall(form)
+    )
+
+
+class _Prepared:
+    """What only a suspicious text needs: the forms, their blocks, the token's pattern."""
+
+    __slots__ = ("_long", "_pattern", "_secret", "blocks", "replace", "runs", "screens")
+
+    def __init__(self, secret: str, long: bool) -> None:
+        self._secret = secret
+        self._long = long
+        self.runs = _forms(secret) if long else []
+        families = _families(secret, self.runs)
+        #: Each screen's blocks: a candidate run that holds none of them is no run of a form.
+        self.blocks = tuple(
+            tuple(sorted({block.encode() for form in family for _, block in form.blocks}))
+            for family in families
+        )
+        #: A token too short for the shared screens gets its own (its forms' exact alphabets).
+        self.screens = () if len(secret) >= SCREENED else tuple(map(_own_screen, families))
+        self.replace = REDACTED if long else rf"\g<1>{REDACTED}"
+        self._pattern: re.Pattern[str] | None = None
+
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        """The token in every escaped form: made on first use, to mask it (milliseconds: its
+        alternatives hold every HTML entity name of each of its characters)."""
+        if self._pattern is None:
+            token = "".join(_char_pattern(char) for char in self._secret)
+            if self._long:
+                source = f"(?:{token})"
+            else:
+                bearer = "[Bb][Ee][Aa][Rr][Ee][Rr]"
+                source = f"({bearer}{_GAP})(?:{token})(?![A-Za-z0-9])"
+            self._pattern = re.compile(source)
+        return self._pattern
 
 
 class Redactor:
@@ -384,58 +484,51 @@ class Redactor:
     once decoded (an escape inside an escape) fails closed: the JSON string holding it becomes
     ``***``, a body that is not JSON becomes ``WITHHELD``. ``repr()`` never shows it.
 
-    Cheap when there is nothing to find: a body that has none of the blocks a long run must
-    hold whole (a few dozen substring searches, in C), not the token's longest alphanumeric
-    run, no escape that may stand for a letter or a digit (or start another escape), and no
-    NUL, cannot hide it; any other is decoded, as far as four rounds of JSON, HTML and URL
-    decoding, and searched.
+    Cheap to make and cheap when there is nothing to find. Making one costs microseconds: what
+    finding the token takes (its forms, their blocks, its pattern) is worked out at the first
+    text that may hold it, and its pattern only to mask it. A text cannot hide the token when
+    it has no NUL, not the token's longest alphanumeric run, no escape that may stand for a
+    letter or a digit (or start another escape), and no run of the characters the forms are
+    made of as long as the shortest run masked, but a UUID or one without the forms' blocks
+    (substring searches in C, on screens shared by every token of the same alphabet); any
+    other is decoded, as far as four rounds of JSON, HTML and URL decoding, and searched.
     """
 
-    __slots__ = (
-        "_gates",
-        "_long",
-        "_pattern",
-        "_raw_run",
-        "_replace",
-        "_run",
-        "_runs",
-        "_secret",
-    )
+    __slots__ = ("_long", "_prepared", "_raw_run", "_run", "_safe_uuids", "_screens", "_secret")
 
     def __init__(self, secret: str) -> None:
-        token = "".join(_char_pattern(char) for char in secret)
         self._secret = secret
         self._long = len(secret) >= MIN_MASKED_ANYWHERE
-        run = max(re.findall("[A-Za-z0-9]+", secret), key=len, default="")
+        run = max(_ALNUM_RUNS.findall(secret), key=len, default="")
         #: The longest alphanumeric run, which encoders leave as is ("" is in any text).
         self._run = run if len(run) >= 4 else ""
         self._raw_run = self._run.encode()
-        self._runs = _forms(secret) if self._long else []
-        #: Where to look for the forms' blocks: see ``_Gate``. URL-safe base64 apart, since
-        #: its '-' would make every UUID a candidate for the others.
-        urlsafe = [runs for runs in self._runs if set(runs.form) & set("-_") - set(secret)]
-        self._gates = tuple(
-            _Gate(family)
-            for family in ([runs for runs in self._runs if runs not in urlsafe], urlsafe)
-            if family
-        )
-        if self._long:
-            pattern = f"(?:{token})"
-            self._replace = REDACTED
+        self._prepared: _Prepared | None = None
+        self._screens: tuple[_Screen | None, ...]
+        #: Whether a UUID can be passed over (see ``_uuid_safe``): worked out at the first one,
+        #: for a token long enough for the shared screens; never for a shorter one.
+        self._safe_uuids: bool | None
+        if len(secret) >= SCREENED:
+            self._screens = _shared_screens(frozenset(secret) - _ALNUM)
+            self._safe_uuids = None
         else:
-            bearer = "[Bb][Ee][Aa][Rr][Ee][Rr]"
-            pattern = f"({bearer}{_GAP})(?:{token})(?![A-Za-z0-9])"
-            self._replace = rf"\g<1>{REDACTED}"
-        self._pattern = re.compile(pattern)
+            self._screens = self._prepare().screens
+            self._safe_uuids = False
 
     def __repr__(self) -> str:
         return "<Redactor ***>"
 
+    def _prepare(self) -> _Prepared:
+        prepared = self._prepared
+        if prepared is None:
+            prepared = self._prepared = _Prepared(self._secret, self._long)
+        return prepared
+
     def _shows(self, text: str) -> bool:
         if not self._long:
-            return self._pattern.search(text) is not None
+            return self._prepare().pattern.search(text) is not None
         return self._secret in text or any(
-            next(runs.spans(text), None) is not None for runs in self._runs
+            next(runs.spans(text), None) is not None for runs in self._prepare().runs
         )
 
     def _clean(self, text: str) -> bool:
@@ -448,8 +541,43 @@ class Redactor:
             and not self._holds_a_run(text.encode("utf-8", errors="replace"))
         )
 
+    def clean(self, data: bytes) -> bool:
+        """True when ``data`` (as it came: a body, or headers' names and values) cannot show
+        the token nor a long run of it: the usual case, checked in C (see ``_clean``)."""
+        return (
+            self._long
+            and b"\x00" not in data  # UTF-16 and UTF-32 have one in every ASCII character
+            and self._raw_run not in data  # part of the token: not there, nor is the token
+            and not _may_disguise_bytes(data)
+            and not self._holds_a_run(data)
+        )
+
     def _holds_a_run(self, data: bytes) -> bool:
-        return any(gate.holds_a_run(data) for gate in self._gates)
+        family = -1
+        for screen in self._screens:
+            family += 1
+            if screen is None:
+                continue
+            runs = screen.runs(data)
+            if runs is None:
+                continue
+            if self._safe_uuids is not False:
+                kept = [run for run in runs if len(run) != 36 or _UUID.fullmatch(run) is None]
+                if len(kept) < len(runs) and self._uuids_are_safe():
+                    if not kept:
+                        continue
+                    runs = kept
+            joined = b" ".join(runs) if len(runs) > 1 else runs[0]
+            for block in self._prepare().blocks[family]:
+                if block in joined:
+                    return True
+        return False
+
+    def _uuids_are_safe(self) -> bool:
+        safe = self._safe_uuids
+        if safe is None:
+            safe = self._safe_uuids = _uuid_safe(self._secret)
+        return safe
 
     def _reveals(self, text: str) -> bool:
         """Whether ``text`` shows the token, as is or to a reader who decodes it."""
@@ -461,9 +589,10 @@ class Redactor:
         """``text`` with every form of the token masked in place; None when it echoes the
         token more than ``MAX_ECHOES`` times (a hostile body: withheld whole, and the work
         stays bounded)."""
-        text = self._pattern.sub(self._replace, text)
+        prepared = self._prepare()
+        text = prepared.pattern.sub(prepared.replace, text)
         spans: list[tuple[int, int]] = []
-        for runs in self._runs:
+        for runs in prepared.runs:
             for span in runs.spans(text):
                 spans.append(span)
                 if len(spans) > MAX_ECHOES:
@@ -491,13 +620,7 @@ class Redactor:
     def body(self, body: bytes) -> bytes:
         """The body with the token masked: the same bytes when it holds none (the usual case);
         a body in UTF-16 or UTF-32 is handed on as UTF-8."""
-        if (  # the usual case, on the bytes: see _clean
-            self._long
-            and b"\x00" not in body  # UTF-16 and UTF-32 have one in every ASCII character
-            and self._raw_run not in body  # part of the token: not there, nor is the token
-            and not _may_disguise_bytes(body)
-            and not self._holds_a_run(body)
-        ):
+        if self.clean(body):
             return body
         text, transcoded = _text_of(body)
         if not self._reveals(text):
@@ -594,17 +717,32 @@ def check_base_url(base_url: object, redactor: Redactor | None = None) -> URL:
     return url.with_path(path)
 
 
+@functools.lru_cache(maxsize=64)
+def checked_base_url(base_url: str) -> URL:
+    """``check_base_url`` once per base URL: thousands of clients share a few. A refusal is
+    not remembered: check again with the token's redactor for its message."""
+    return check_base_url(base_url)
+
+
+@functools.lru_cache(maxsize=64)
 def endpoint(base_url: URL) -> URL:
     return URL(f"{base_url}/{ENDPOINT}")
 
 
+#: Every request's headers but the token's: a shared session sends them for every client.
+COMMON_HEADERS: Mapping[str, str] = {
+    "Accept": "application/json",
+    "Content-Type": "application/json",
+    "User-Agent": USER_AGENT,
+}
+
+
+def auth_header(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
 def request_headers(token: str) -> dict[str, str]:
-    return {
-        "Authorization": f"Bearer {token}",
-        "Accept": "application/json",
-        "Content-Type": "application/json",
-        "User-Agent": USER_AGENT,
-    }
+    return {**auth_header(token), **COMMON_HEADERS}
 
 
 # --------------------------------------------------------------------------- the request
@@ -638,12 +776,14 @@ def _check_text(name: str, value: str) -> None:
         _refuse(f"{name} contains a lone surrogate character and cannot be encoded as UTF-8")
 
 
-def _json_value(value: object, path: str, depth: int = 0) -> Any:
+def _json_value(value: object, path: str, depth: int = 0, *, check: bool = False) -> Any:
     """``value`` as plain JSON data (any ``Mapping`` becomes a dict, a tuple a list), or refuse.
 
     Only what serialises as strict JSON and means the same on the other side is accepted;
     ``json.dumps`` knows only ``dict`` and ``list``, so a ``MappingProxyType`` or a nested
     ``ChainMap`` is copied here rather than left to fail later with a bare ``TypeError``.
+    ``check`` also refuses a string that cannot be encoded, naming it (``build_request``
+    asks only once the whole body could not be).
     """
     if depth > MAX_JSON_DEPTH:
         _refuse(f"{path} is nested more than {MAX_JSON_DEPTH} levels deep")
@@ -668,11 +808,13 @@ def _json_value(value: object, path: str, depth: int = 0) -> Any:
         return real
     if isinstance(value, str):
         text = str.__str__(value)
-        _check_text(path, text)
+        if check:
+            _check_text(path, text)
         return text
     if isinstance(value, list | tuple):
         return [
-            _json_value(item, f"{path}[{index}]", depth + 1) for index, item in enumerate(value)
+            _json_value(item, f"{path}[{index}]", depth + 1, check=check)
+            for index, item in enumerate(value)
         ]
     if isinstance(value, Mapping):
         plain: dict[str, Any] = {}
@@ -684,8 +826,9 @@ def _json_value(value: object, path: str, depth: int = 0) -> Any:
             if not isinstance(key, str):
                 _refuse(f"{path} has a key {key!r} of type {type(key).__name__}; keys must be str")
             name = str.__str__(key)  # as a value: the string data, whatever the subclass says
-            _check_text(f"{path} key {name!r}", name)
-            plain[name] = _json_value(item, f"{path}[{name!r}]", depth + 1)
+            if check:
+                _check_text(f"{path} key {name!r}", name)
+            plain[name] = _json_value(item, f"{path}[{name!r}]", depth + 1, check=check)
         return plain
     _refuse(
         f"{path} is a {type(value).__name__}, which is not JSON: use str, int, float, bool, "
@@ -693,17 +836,27 @@ def _json_value(value: object, path: str, depth: int = 0) -> Any:
     )
 
 
-@attrs.frozen
-class ReplyRequest:
+class ReplyRequest(NamedTuple):
     """A validated request; ``body`` is the exact bytes that will be sent."""
 
     assistant_id: int
     customer_identifier: str
     message: str
-    body: bytes = attrs.field(repr=False)
+    body: bytes
 
     #: The conversation on the service: it trims the identifier, so " A" and "A" are one.
-    conversation_key: tuple[int, str] = attrs.field(repr=False)
+    conversation_key: tuple[int, str]
+
+    def __repr__(self) -> str:
+        return (
+            f"ReplyRequest(assistant_id={self.assistant_id!r}, "
+            f"customer_identifier={self.customer_identifier!r}, message={self.message!r})"
+        )
+
+
+#: One encoder for every request: ``json.dumps`` with options makes a new one per call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+_DECODER = json.JSONDecoder()
 
 
 def build_request(
@@ -737,13 +890,11 @@ def build_request(
             f"customer_identifier is {len(customer_identifier)} characters long; "
             f"the service accepts at most {MAX_CUSTOMER_IDENTIFIER}"
         )
-    _check_text("customer_identifier", customer_identifier)
     if not isinstance(message, str):
         _refuse(f"message must be a str, got {type(message).__name__}")
     message = str.__str__(message)
     if not trim(message):
         _refuse("message is empty (the service trims whitespace and then requires text)")
-    _check_text("message", message)
     payload: dict[str, Any] = {
         "assistant_id": assistant_id,
         "customer_identifier": customer_identifier,
@@ -753,8 +904,14 @@ def build_request(
         if not isinstance(variables, Mapping):
             _refuse(f"variables must be a dict (a JSON object), got {type(variables).__name__}")
         payload["variables"] = _json_value(variables, "variables")
-    body = json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    encoded = body.encode("utf-8")
+    body = _ENCODER.encode(payload)
+    try:
+        encoded = body.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate somewhere: say where
+        _check_text("customer_identifier", customer_identifier)
+        _check_text("message", message)
+        _json_value(variables, "variables", check=True)
+        raise  # pragma: no cover (one of the checks above refuses it)
     if max_bytes is not None and len(encoded) > max_bytes:
         _refuse(too_large(len(encoded), max_bytes))
     return ReplyRequest(
@@ -804,9 +961,35 @@ def _make_converter() -> cattrs.Converter:
 _converter = _make_converter()
 
 
+def _usual_reply(data: dict[str, Any], customer_identifier: str) -> Reply | None:
+    """The ``Reply`` of a body shaped as the service documents it, made directly (a few µs
+    less than the converter per call); None for any other body, which the converter then
+    structures, or explains."""
+    get = data.get
+    conversation_id, text = get("conversation_id"), get("reply")
+    echoed = get("customer_identifier", customer_identifier)
+    calls, ai_disabled = get("function_calls", ()), get("ai_disabled", False)
+    if (
+        type(conversation_id) is not str
+        or type(text) is not str
+        or type(ai_disabled) is not bool
+        or type(echoed) is not str
+        or (calls != () and type(calls) is not list)
+    ):
+        return None
+    return Reply(
+        conversation_id,
+        echoed,
+        text,
+        tuple(FunctionCall.from_data(item) for item in calls) if calls else (),
+        ai_disabled,
+        data,
+    )
+
+
 def _header(headers: Mapping[str, str], name: str) -> str | None:
     value = headers.get(name)
-    if value is None:
+    if value is None and not isinstance(headers, CIMultiDict | CIMultiDictProxy):
         lower = name.lower()
         for key, item in headers.items():
             if key.lower() == lower:
@@ -830,7 +1013,10 @@ def excerpt(body: bytes, content_type: str | None = None) -> str:
 
 def _decode_json(body: bytes) -> Any:
     try:
-        return json.loads(body)
+        try:
+            return _DECODER.decode(body.decode("utf-8"))  # the usual body, read as json.loads
+        except (UnicodeDecodeError, ValueError):
+            return json.loads(body)  # a BOM, UTF-16 or UTF-32 (found as it finds them), or bad
     except (ValueError, RecursionError):
         return None
 
@@ -1042,6 +1228,9 @@ def parse_reply(
         )
     if data.get("success") is False:
         raise api_error(status, headers, body, now=now)
+    reply = _usual_reply(data, customer_identifier)
+    if reply is not None:
+        return reply
     fields = dict(data)
     fields["raw"] = data  # the whole body, unknown fields included (structured as is)
     fields.setdefault("customer_identifier", customer_identifier)

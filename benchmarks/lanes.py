@@ -111,7 +111,7 @@ async def _web(
         n += 1
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(running), WEB_EVERY)
-    await asyncio.gather(*calls)
+    await asyncio.gather(*calls, return_exceptions=True)  # a 429 is counted, not fatal
     return made
 
 

@@ -13,6 +13,12 @@
 3. ``waiters-memory.png``: memory against the number of calls waiting for a slot, 0 to 100,000,
    as ``waiting.py`` queues them (one token, ``RateLimit(5, 60)``, each its own customer), in a
    child process that grows: its RSS, and in a second child the bytes ``tracemalloc`` counts.
+4. ``tenants.png``: ``tenants.py``'s run, 1,000 and 10,000 tokens in one process at
+   ``ulimit -n 1024`` (200 with ``--quick``): calls per second and CPU per call of the SDK on
+   the host store and on Redis, beside raw aiohttp making the same calls.
+
+``--only NAME ...`` redraws those figures alone and keeps the others' numbers in
+``figures.json``.
 
 ``figures.json`` beside them holds the numbers behind each figure (every arrival, every point)
 and a summary, which is also printed, so that the figures and the text can agree.
@@ -48,7 +54,12 @@ from .rate import MAX_RETRIES, _hand_written, _max_in_window, _sdk
 __all__ = ["DEFAULT_OUT", "FILES", "main", "make_figures"]
 
 DEFAULT_OUT = Path("docs/img")
-FILES = {"arrivals": "arrivals.png", "bulk": "bulk-rate.png", "waiters": "waiters-memory.png"}
+FILES = {
+    "arrivals": "arrivals.png",
+    "bulk": "bulk-rate.png",
+    "waiters": "waiters-memory.png",
+    "tenants": "tenants.png",
+}
 SUMMARY = "figures.json"
 DPI = 100
 WIDTH = 9.0  # inches: 900 px at DPI, the width of a README
@@ -473,6 +484,70 @@ def draw_waiters(data: dict[str, Any], path: Path) -> None:
     _save(fig, path)
 
 
+# -- 4. many tokens in one process ---------------------------------------------------------------
+
+
+def tenants_data(quick: bool) -> dict[str, Any]:
+    from . import tenants
+    from ._common import Config
+
+    result = tenants.run(Config(quick=quick))
+    return {
+        "params": {key: value for key, value in result.params.items() if key != "measured"},
+        "measured": result.params["measured"],
+        "notes": result.notes,
+    }
+
+
+def draw_tenants(data: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    measured = data["measured"]
+    sizes = data["params"]["tokens"]
+    series = [
+        ("raw aiohttp", "raw aiohttp, paced by hand", "tab:gray"),
+        ("host store", "SDK, host store (default)", "tab:blue"),
+        ("Redis", "SDK, Redis", "tab:red"),
+    ]
+    series = [s for s in series if f"{s[0]}, {sizes[0]:,}" in measured]
+    fig, (rate, cpu) = plt.subplots(1, 2, figsize=(WIDTH, 4.4))
+    width = 0.8 / len(series)
+    for offset, (key, label, color) in enumerate(series):
+        runs = [measured[f"{key}, {size:,}"] for size in sizes]
+        xs = [index + (offset - (len(series) - 1) / 2) * width for index in range(len(sizes))]
+        rate.bar(xs, [r["calls_per_s"] for r in runs], width, color=color, label=label)
+        bars = cpu.bar(xs, [r["cpu_per_call_us"] / 1000 for r in runs], width, color=color)
+        if key != "raw aiohttp":
+            for bar, r in zip(bars, runs, strict=True):
+                cpu.annotate(
+                    f"{r['fds_peak']} fds\n{r['rss_per_token_kib']:.0f} KiB/token",
+                    (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center",
+                    va="bottom",
+                    fontsize=7.5,
+                )
+    for axes, ylabel in ((rate, "calls per second, all tokens"), (cpu, "client CPU per call (ms)")):
+        axes.set_xticks(range(len(sizes)), [f"{size:,} tokens" for size in sizes])
+        axes.set_ylabel(ylabel)
+        axes.grid(axis="y", alpha=0.3)
+        axes.set_ylim(bottom=0, top=axes.get_ylim()[1] * 1.15)
+    rate.legend(loc="upper right", fontsize=8.5)
+    params = data["params"]
+    sdk = [run for case, run in measured.items() if not case.startswith("raw")]
+    failed = sum(run["failed"] for run in sdk)
+    refused = sum(run["rate_limited"] for run in sdk)
+    warned = sum(run["warnings"] for run in sdk)
+    outcome = (
+        "the SDK: every call answered" if not failed else f"the SDK: {failed} calls failed"
+    ) + f", {refused} × 429, {warned} WARNING lines"
+    fig.suptitle(
+        f"Many tokens in one process at ulimit -n {params['ulimit_n']}: each token "
+        f"{params['calls_per_token']} calls, {params['rate_limit']}\n{outcome} (the emulator "
+        "and Redis in other processes)",
+        fontsize=11.5,
+    )
+    _save(fig, path)
+
+
 # -- running -------------------------------------------------------------------------------------
 
 
@@ -504,53 +579,81 @@ def summary_lines(document: dict[str, Any]) -> list[str]:
                 f"{client['max_in_window']} in {arrivals['period']:g}s (limit "
                 f"{arrivals['requests']}), last accepted at {client['last_accepted_s']:.2f}s"
             )
-    bulk = document["bulk"]
-    lines.append(
-        f"bulk: {bulk['rows']} rows in {bulk['seconds']:.1f}s, {bulk['ok']} ok, "
-        f"{bulk['rejected']} × 429, max {bulk['max_in_window']} in {bulk['period']:g}s (limit "
-        f"{bulk['requests']}), sustained {bulk['sustained_over_limit']:.3f}× the limit"
-    )
-    waiters = document["waiters"]
-    lines.append(
-        f"waiters: {waiters['total']:,} waiting calls: RSS +{waiters['rss_at_total_mib']:.1f} MiB "
-        f"({waiters['rss_per_call_bytes'] / 1024:.2f} KiB per call), tracemalloc "
-        f"+{waiters['tracemalloc_at_total_mib']:.1f} MiB "
-        f"({waiters['tracemalloc_per_call_bytes'] / 1024:.2f} KiB per call)"
-    )
+    bulk = document.get("bulk")
+    if bulk is not None:
+        lines.append(
+            f"bulk: {bulk['rows']} rows in {bulk['seconds']:.1f}s, {bulk['ok']} ok, "
+            f"{bulk['rejected']} × 429, max {bulk['max_in_window']} in {bulk['period']:g}s "
+            f"(limit {bulk['requests']}), sustained {bulk['sustained_over_limit']:.3f}× the limit"
+        )
+    tenants = document.get("tenants")
+    if tenants is not None:
+        for case, run in tenants["measured"].items():
+            lines.append(
+                f"tenants: {case} tokens: {run['calls_per_s']:.0f} calls/s, "
+                f"{run['cpu_per_call_us']:.0f} µs CPU/call, grant wait p50 "
+                f"{run['wait_p50_ms'] or 0:.1f} ms p99 {run['wait_p99_ms'] or 0:.0f} ms, "
+                f"{run['fds_peak']} fds, {run['rss_per_token_kib']:.1f} KiB/token, "
+                f"{run['rate_limited']} × 429, {run['failed']} failed, {run['warnings']} warnings"
+            )
+    waiters = document.get("waiters")
+    if waiters is not None:
+        lines.append(
+            f"waiters: {waiters['total']:,} waiting calls: RSS "
+            f"+{waiters['rss_at_total_mib']:.1f} MiB "
+            f"({waiters['rss_per_call_bytes'] / 1024:.2f} KiB per call), tracemalloc "
+            f"+{waiters['tracemalloc_at_total_mib']:.1f} MiB "
+            f"({waiters['tracemalloc_per_call_bytes'] / 1024:.2f} KiB per call)"
+        )
     return lines
 
 
-def make_figures(out: Path, *, quick: bool) -> dict[str, Any]:
-    """Run the three set-ups, draw the figures into ``out``, write ``figures.json``."""
+def make_figures(out: Path, *, quick: bool, only: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the set-ups, draw the figures into ``out``, write ``figures.json``; with ``only``,
+    just those figures, the others' numbers kept from the ``figures.json`` there."""
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    document: dict[str, Any] = {
-        "environment": {
-            "command": "python -m benchmarks.plots" + (" --quick" if quick else ""),
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "autocalls_async": __version__,
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        }
+    wanted = set(FILES) if not only else set(only)
+    document: dict[str, Any] = {}
+    if only and (out / SUMMARY).exists():
+        document = json.loads((out / SUMMARY).read_text())
+    command = "python -m benchmarks.plots" + (" --quick" if quick else "")
+    if only:
+        command += " --only " + " ".join(only)
+    document["environment"] = {
+        "command": command,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "autocalls_async": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
     }
-    binary = find_nginx()
-    if binary is None:
-        print("arrivals: skipped, nginx is not installed (apt-get install nginx-light)")
-        document["arrivals"] = None
-    else:
-        # The SDK's margin leaves margin / 2 of the interval for jitter between its write and
-        # nginx's clock: 120 ms at the real 5 per minute, 4 ms at 5 per 2 s, 2 ms at 5 per 1 s,
-        # which a busy machine's scheduler can take (nginx dates a request when it wakes).
-        # The quick run, a test on a shared machine, asks for a 10 ms allowance and says so.
-        requests, period, calls, margin = (5, 1.0, 8, 0.1) if quick else (5, 2.0, 20, 0.02)
-        document["arrivals"] = asyncio.run(_arrivals_run(binary, requests, period, calls, margin))
-        draw_arrivals(document["arrivals"], out / FILES["arrivals"])
-    requests, period, rows = (10, 0.5, 30) if quick else (10, 1.0, 240)
-    document["bulk"] = asyncio.run(_bulk_run(requests, period, rows))
-    draw_bulk(document["bulk"], out / FILES["bulk"])
-    total, step = (2_000, 500) if quick else (100_000, 10_000)
-    document["waiters"] = waiters_data(total, step)
-    draw_waiters(document["waiters"], out / FILES["waiters"])
+    if "arrivals" in wanted:
+        binary = find_nginx()
+        if binary is None:
+            print("arrivals: skipped, nginx is not installed (apt-get install nginx-light)")
+            document["arrivals"] = None
+        else:
+            # The SDK's margin leaves margin / 2 of the interval for jitter between its write
+            # and nginx's clock: 120 ms at the real 5 per minute, 4 ms at 5 per 2 s, 2 ms at 5
+            # per 1 s, which a busy machine's scheduler can take (nginx dates a request when it
+            # wakes). The quick run, a test on a shared machine, asks for a 10 ms allowance
+            # and says so.
+            requests, period, calls, margin = (5, 1.0, 8, 0.1) if quick else (5, 2.0, 20, 0.02)
+            document["arrivals"] = asyncio.run(
+                _arrivals_run(binary, requests, period, calls, margin)
+            )
+            draw_arrivals(document["arrivals"], out / FILES["arrivals"])
+    if "bulk" in wanted:
+        requests, period, rows = (10, 0.5, 30) if quick else (10, 1.0, 240)
+        document["bulk"] = asyncio.run(_bulk_run(requests, period, rows))
+        draw_bulk(document["bulk"], out / FILES["bulk"])
+    if "waiters" in wanted:
+        total, step = (2_000, 500) if quick else (100_000, 10_000)
+        document["waiters"] = waiters_data(total, step)
+        draw_waiters(document["waiters"], out / FILES["waiters"])
+    if "tenants" in wanted:
+        document["tenants"] = tenants_data(quick)
+        draw_tenants(document["tenants"], out / FILES["tenants"])
     document["summary"] = summary_lines(document)
     document["seconds"] = round(time.perf_counter() - started, 1)
     (out / SUMMARY).write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n")
@@ -561,10 +664,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.plots",
         description="Draw the docs' figures from real runs (arrivals at a strict server, the "
-        "bulk runner's rate, memory of waiting calls) and write figures.json beside them.",
+        "bulk runner's rate, memory of waiting calls, many tokens in one process) and write "
+        "figures.json beside them.",
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes: seconds, for tests")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"directory ({DEFAULT_OUT})")
+    parser.add_argument(
+        "--only", nargs="+", choices=sorted(FILES), help="draw these figures alone (all)"
+    )
     parser.add_argument("--waiters-child", nargs=2, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--traced", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -572,7 +679,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         total, step = args.waiters_child
         print(json.dumps(asyncio.run(_waiters_child(total, step, args.traced))))
         return 0
-    document = make_figures(args.out, quick=args.quick)
+    document = make_figures(args.out, quick=args.quick, only=args.only)
     for line in document["summary"]:
         print(line)
     print(f"wrote {args.out} in {document['seconds']:.1f}s", file=sys.stderr)

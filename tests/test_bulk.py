@@ -102,6 +102,7 @@ async def test_streams_with_a_bounded_window(server: MockAutocalls, make_client:
     assert not runner_tasks()
 
 
+@pytest.mark.timing
 async def test_runs_at_the_full_rate_without_429(make_client: Maker) -> None:
     """A strict server with the client's limit: the rate is the limit's and no 429 happens."""
     limit = RateLimit(10, 0.5)

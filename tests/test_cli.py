@@ -43,7 +43,10 @@ from autocalls_async.testing import MockAutocalls
 
 from ._env import child_env
 
-TOKEN = "s3cret-token-never-printed"
+#: This process's own: pytest-xdist's workers run these tests at the same time, each test with
+#: its own limiter directory, and one token kept in two places at once is said on the stderr
+#: the tests read ("two rate-limit schedules").
+TOKEN = f"s3cret-token-never-printed-{os.getpid()}"
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -446,6 +449,7 @@ async def mock_server(*args: str) -> AsyncIterator[tuple[asyncio.subprocess.Proc
                 await process.wait()
 
 
+@pytest.mark.timing
 async def test_mock_server_as_documented() -> None:
     """Strict limit with Retry-After, 401 for a wrong token, 404 and 402 as documented; Ctrl-C
     stops it with exit 0."""
@@ -554,6 +558,7 @@ async def test_reply_subprocess_unknown_assistant() -> None:
     assert token not in ok.out + ok.err + bad.out + bad.err + waited.err + even.err
 
 
+@pytest.mark.timing
 async def test_demo_end_to_end() -> None:
     """demo: no environment, exit 0 well under 45 s, replies and the failing row shown."""
     started = time.monotonic()
@@ -574,6 +579,7 @@ async def wait_for_lines(out: Path, count: int, process: asyncio.subprocess.Proc
             await asyncio.sleep(0.02)
 
 
+@pytest.mark.timing
 @pytest.mark.slow
 async def test_sigkill_sigint_resume_exactly_once(tmp_path: Path) -> None:
     """SIGKILL mid-run, resume, SIGINT, resume: no message is sent twice. The rows in flight
@@ -653,6 +659,7 @@ async def test_sigkill_sigint_resume_exactly_once(tmp_path: Path) -> None:
             assert deduplicated == [f"msg {n + 1}" for n in range(40) if n % 5 == c]
 
 
+@pytest.mark.timing
 async def test_sigterm_then_sigint_stops_at_once(tmp_path: Path) -> None:
     """SIGTERM stops gracefully; a second signal stops at once: exit 130, nothing half-done
     is written, and a rerun sends the rows again."""

@@ -179,6 +179,7 @@ async def run_children(
 # ---------------------------------------------------------------------- processes
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("store", ["host", "redis"])
 async def test_processes_share_one_token(
     strict: MockAutocalls, store: str, request: pytest.FixtureRequest
@@ -194,6 +195,7 @@ async def test_processes_share_one_token(
     assert time.monotonic() - began < 17 * 0.2 * 1.3 + 10  # the full rate (+ start-up)
 
 
+@pytest.mark.timing
 async def test_processes_on_one_host_behind_a_no_burst_nginx(
     nginx: NginxLimiter, open_server: MockAutocalls
 ) -> None:
@@ -203,6 +205,7 @@ async def test_processes_on_one_host_behind_a_no_burst_nginx(
     assert len(open_server.requests) == 18
 
 
+@pytest.mark.timing
 async def test_processes_via_redis_behind_a_no_burst_nginx(
     nginx: NginxLimiter, open_server: MockAutocalls, redis_server: RedisServer
 ) -> None:
@@ -211,6 +214,7 @@ async def test_processes_via_redis_behind_a_no_burst_nginx(
     assert len(open_server.requests) == 18
 
 
+@pytest.mark.timing
 async def test_back_to_back_command_lines_share_the_limit(strict: MockAutocalls) -> None:
     """Five `autocalls-async reply` runs in a row on one token: spaced, no 429."""
     env = {**os.environ, "AUTOCALLS_API_TOKEN": "cli-token", "AUTOCALLS_BASE_URL": strict.base_url}
@@ -239,6 +243,7 @@ async def test_back_to_back_command_lines_share_the_limit(strict: MockAutocalls)
     check_arrivals([r.time for r in strict.requests], RateLimit(2, 1.0))
 
 
+@pytest.mark.timing
 async def test_max_wait_is_refused_at_once_when_another_process_is_busy(
     open_server: MockAutocalls, tmp_path: Path
 ) -> None:
@@ -281,6 +286,7 @@ async def test_max_wait_is_refused_at_once_when_another_process_is_busy(
 # ---------------------------------------------------------------------- loops and threads
 
 
+@pytest.mark.timing
 async def test_event_loops_in_threads_share_the_limit(strict: MockAutocalls) -> None:
     """asyncio.run per task in four threads (Celery, a thread pool), plus this loop: no 429."""
     rate = RateLimit(2, 1.0)
@@ -335,6 +341,7 @@ class SlowFirstResolver(aiohttp.abc.AbstractResolver):
         pass
 
 
+@pytest.mark.timing
 async def test_a_callers_session_with_a_slow_first_connection(strict: MockAutocalls) -> None:
     """session= keeps the start-is-the-write rule: a 0.5 s DNS lookup delays the next start."""
     connector = aiohttp.TCPConnector(resolver=SlowFirstResolver(), force_close=True)
@@ -358,6 +365,7 @@ async def test_a_callers_session_with_a_slow_first_connection(strict: MockAutoca
     check_arrivals([r.time for r in strict.requests])
 
 
+@pytest.mark.timing
 async def test_a_busy_event_loop_behind_a_no_burst_nginx(
     nginx: NginxLimiter, open_server: MockAutocalls
 ) -> None:
@@ -394,6 +402,7 @@ async def test_a_busy_event_loop_behind_a_no_burst_nginx(
 # ---------------------------------------------------------------------- 429s and rate changes
 
 
+@pytest.mark.timing
 async def test_a_429_that_is_raised_still_pauses_every_waiter(strict: MockAutocalls) -> None:
     """max_retries=0: the 429 is raised, and no other call starts before its Retry-After."""
     strict.inject(Fault.rate_limited(retry_after=1))
@@ -460,6 +469,7 @@ async def test_a_dead_process_does_not_block_a_rate_change(
 # ---------------------------------------------------------------------- the store itself
 
 
+@pytest.mark.timing
 async def test_an_unusable_directory(
     open_server: MockAutocalls,
     tmp_path: Path,
@@ -535,6 +545,7 @@ async def test_a_directory_others_can_write_is_refused(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------- found in review
 
 
+@pytest.mark.timing
 async def test_a_stalled_lock_holder_makes_others_wait_not_fall_back(
     strict: MockAutocalls, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -572,6 +583,7 @@ async def test_a_stalled_lock_holder_makes_others_wait_not_fall_back(
     check_arrivals([r.time for r in strict.requests])
 
 
+@pytest.mark.timing
 async def test_a_deleted_host_file_is_noticed(open_server: MockAutocalls) -> None:
     """`rm -rf` of the limiter directory between calls: a long-lived process joins the new file
     that a newcomer creates, instead of keeping a schedule of its own."""
@@ -602,6 +614,7 @@ async def test_a_deleted_host_file_is_noticed(open_server: MockAutocalls) -> Non
     check_arrivals([r.time for r in open_server.requests if r.time >= since])
 
 
+@pytest.mark.timing
 async def test_callers_who_gave_up_do_not_count_ahead(open_server: MockAutocalls) -> None:
     """Another process queued 10 calls and cancelled them: a max_wait beside it is not refused
     for callers who are gone (evenly spaced: one of them started, the others were queued)."""
@@ -627,6 +640,7 @@ async def test_callers_who_gave_up_do_not_count_ahead(open_server: MockAutocalls
         )
 
 
+@pytest.mark.timing
 async def test_a_callers_session_that_raises_for_status(strict: MockAutocalls) -> None:
     """session=ClientSession(raise_for_status=True): a 429 still pauses and is retried, and a
     404 is still a typed error."""

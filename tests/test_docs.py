@@ -17,9 +17,10 @@ fence (invisible on the site), ``<!-- docs-test: KIND ... -->``:
 ``skip (WHY)``
     a complete program that needs what CI does not have (an OTLP collector, exporter packages):
     it is compiled, not run. WHY is required, so that a reader of the Markdown sees it.
-``app [redis]``
+``app [redis|tenants]``
     a FastAPI application: saved as ``app.py``, served by ``uvicorn app:app`` in a subprocess
-    (``redis``: with ``REDIS_URL`` pointing at a ``redis-server`` of its own), sent real HTTP
+    (``redis``: with ``REDIS_URL`` pointing at a ``redis-server`` of its own; ``tenants``: the
+    many-accounts how-to's routes, ``/tenants/{name}/chat/{customer}``), sent real HTTP
     requests, then stopped with SIGINT; it must shut down cleanly.
 ``pytest``
     a test module: the page's ``pytest`` blocks and its ``conftest`` block are written to a
@@ -60,6 +61,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from ._shared import once_per_run
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
@@ -229,17 +232,20 @@ OUTPUTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """messages.csv and the outputs of the tutorial's bulk commands, run once."""
-    work = tmp_path_factory.mktemp("bulk")
+def _run_the_tutorial(work: Path) -> None:
     for name, content in _files().items():
         (work / name).write_text(content, encoding="utf-8")
     outputs = {}
     for name, (out, options, server) in OUTPUTS.items():
         outputs[name] = _bulk(work / out, work, *options, server=server, token=f"docs-{name}")
     (work / "outputs.json").write_text(json.dumps(outputs), encoding="utf-8")
-    return work
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """messages.csv and the outputs of the tutorial's bulk commands, run once (for all the
+    workers of a parallel run)."""
+    return once_per_run(tmp_path_factory, "docs-bulk", _run_the_tutorial)
 
 
 def _program_dir(tmp_path: Path, workdir: Path) -> Path:
@@ -328,6 +334,7 @@ def _post(url: str) -> tuple[int, dict[str, str], dict[str, object]]:
             return exc.code, dict(exc.headers), json.loads(exc.read())
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("block", _params(_of("app")))
 def test_app_serves_and_shuts_down(
     block: Block, emulator: MockServer, tmp_path: Path, request: pytest.FixtureRequest
@@ -365,20 +372,29 @@ def test_app_serves_and_shuts_down(
             base = found[1] if found else None
         assert base is not None, "uvicorn did not start:\n" + "".join(log)
 
+        chat = f"{base}/chat"
+        if block.arg == "tenants":  # the many-accounts how-to: two tenants, two tokens
+            chat = f"{base}/tenants/acme/chat"
+            status, _, body = _post(f"{base}/tenants/nobody/chat/+15550001234?text=Hi")
+            assert status == 404, body
         for n in range(5):  # the window's five, each at once
             started = time.monotonic()
-            status, _, body = _post(f"{base}/chat/+1555000123{n}?text=Hi")
+            status, _, body = _post(f"{chat}/+1555000123{n}?text=Hi")
             assert status == 200, body
             assert body["reply"] == "Hi there! Thanks for your message: Hi"
             assert time.monotonic() - started < 5.0
+        if block.arg == "tenants":  # another token: its own window, answered at once
+            status, _, other = _post(f"{base}/tenants/globex/chat/+15550001234?text=Hi")
+            assert status == 200, other
+            assert other["conversation"] != body["conversation"]
         # The next slot is a minute away, longer than the app's max_wait: an answer at once.
         started = time.monotonic()
-        status, headers, body = _post(f"{base}/chat/+15550005678?text=Hello")
+        status, headers, body = _post(f"{chat}/+15550005678?text=Hello")
         assert status == 503, body
         assert time.monotonic() - started < 5.0
         assert {k.lower(): v for k, v in headers.items()}.get("retry-after")
         if "HTTPException(422" in block.code:  # the caller's input: 422, never 502
-            status, _, body = _post(f"{base}/chat/{'9' * 300}?text=Hi")
+            status, _, body = _post(f"{chat}/{'9' * 300}?text=Hi")
             assert status == 422, body
             assert "customer_identifier" in body["detail"], body
     finally:

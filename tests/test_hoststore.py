@@ -212,6 +212,7 @@ def new_token() -> str:
 # ---------------------------------------------------------------------- one place per user
 
 
+@pytest.mark.timing
 async def test_processes_of_one_user_share_whatever_their_environment(
     strict: MockAutocalls, tmp_path: Path
 ) -> None:
@@ -586,6 +587,7 @@ async def test_a_deleted_database_is_noticed_and_joined_again(tmp_path: Path) ->
     await newcomer.aclose()
 
 
+@pytest.mark.serial
 async def test_two_schedules_for_one_token_are_said(
     strict: MockAutocalls, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
@@ -644,6 +646,7 @@ async def test_autocalls_redis_url_makes_the_default_redis(
 # ---------------------------------------------------------------------- kernels' namespaces
 
 
+@pytest.mark.timing
 async def test_a_process_in_a_time_namespace_keeps_one_schedule(
     strict: MockAutocalls, tmp_path: Path
 ) -> None:
@@ -719,6 +722,7 @@ def outside() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.mark.timing
 async def test_two_os_users_share_one_token_through_a_group_directory(
     strict: MockAutocalls, outside: Path
 ) -> None:
@@ -823,6 +827,7 @@ print(json.dumps({"failed": failed, "before": before, "after": after, "results":
 """
 
 
+@pytest.mark.timing
 async def test_a_full_disk_keeps_the_schedule_and_never_resets_it(
     strict: MockAutocalls, tmp_path: Path
 ) -> None:
@@ -973,6 +978,7 @@ def redis_server() -> Iterator[Any]:
     server.stop()
 
 
+@pytest.mark.serial
 async def test_a_redis_process_beside_the_host_store_is_said(
     strict: MockAutocalls, redis_server: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1141,6 +1147,7 @@ def test_an_unusable_default_store_leaves_ids_and_notes_working(
 # ---------------------------------------------------------------------- found by the break round
 
 
+@pytest.mark.serial
 async def test_processes_with_and_without_autocalls_limiter_dir_are_said(
     strict: MockAutocalls, tmp_path: Path
 ) -> None:

@@ -101,6 +101,7 @@ call = st.fixed_dictionaries(
 )
 
 
+@pytest.mark.timing
 @pytest.mark.slow
 @settings(
     max_examples=8,
@@ -309,6 +310,7 @@ def check_run(server: MockAutocalls, delays: list[float]) -> None:
     assert statistics.median(delays) < 1.5, delays
 
 
+@pytest.mark.timing
 @pytest.mark.slow
 async def test_a_bulk_command_never_delays_a_web_process_on_the_host_store(
     tmp_path: Path,
@@ -357,6 +359,7 @@ async def test_a_bulk_command_never_delays_a_web_process_on_the_host_store(
         check_run(server, delays)
 
 
+@pytest.mark.timing
 @pytest.mark.slow
 async def test_a_bulk_process_never_delays_a_web_process_via_redis(
     redis_server: RedisServer,

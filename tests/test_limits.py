@@ -18,6 +18,8 @@ import pytest
 from autocalls_async import AsyncAutocalls, RateLimit
 from autocalls_async.testing import MockAutocalls
 
+#: Every test here judges real time: elapsed times, spacing, the server's window.
+pytestmark = pytest.mark.timing
 Make = Callable[..., AsyncAutocalls]
 FIVE_PER_SECOND = RateLimit(5, 1.0)
 IDEAL_INTERVAL = 1.0 / 5

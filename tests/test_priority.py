@@ -156,6 +156,7 @@ def test_eta_counts_the_slots_other_traffic_took() -> None:
     assert meter.eta() == 0.0
 
 
+@pytest.mark.timing
 async def test_the_start_clock_keeps_the_last_starts(server: MockAutocalls, token: str) -> None:
     clock = cli_progress.StartClock(LocalRateLimiter(attrs.evolve(FAST, burst=1)))
     for _ in range(cli_progress.PACE_WINDOW + 2):
@@ -245,6 +246,7 @@ async def test_a_server_limit_that_matches_is_silent(
     assert not warnings_of(caplog)
 
 
+@pytest.mark.timing
 async def test_from_server_adopts_the_stated_limit_after_the_first_response(
     token: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -16,6 +16,7 @@ import logging
 import re
 import sys
 import traceback
+import uuid
 from collections.abc import AsyncIterator, Callable
 from urllib.parse import quote, unquote
 
@@ -718,6 +719,7 @@ def test_the_quick_check_never_skips_a_long_run(
         assert probe not in shown or probe in before + after, (name, shown)
 
 
+@pytest.mark.timing
 async def test_a_body_of_many_partial_echoes_is_withheld_quickly() -> None:
     """A hostile 10 MiB body of 16-character runs of the token (600,000 echoes) took 14 s of
     the event loop to mask echo by echo: past 1,000 echoes it is withheld whole."""
@@ -743,3 +745,57 @@ async def test_a_body_of_many_partial_echoes_is_withheld_quickly() -> None:
         await runner.cleanup()
     assert WITHHELD in str(caught.value) and not _leaked(str(caught.value))
     assert took < 5.0, f"{took:.1f}s"
+
+
+# -- what the redactor costs: made in microseconds, prepared only for a suspicious text -------
+
+_REPLY_BODY = json.dumps(
+    {
+        "success": True,
+        "conversation_id": "7c9e6679-7425-40de-944b-e07fc1f90ae7",
+        "customer_identifier": "+14155551234",
+        "reply": "Your table for Friday is booked: https://example.com/booking?id=42",
+        "function_calls": [],
+        "ai_disabled": False,
+    }
+).encode()
+
+
+def test_a_reply_its_headers_and_the_url_need_nothing_prepared() -> None:
+    """The token's forms and its pattern (milliseconds, for thousands of tokens) are worked
+    out at the first text that may hold the token, never for the usual ones."""
+    redactor = Redactor(LONG_TOKEN)
+    assert redactor.body(_REPLY_BODY) is _REPLY_BODY
+    headers = {"Date": "Mon, 07 Dec 2026 17:00:00 GMT", "X-Request-Id": str(uuid.uuid4())}
+    assert redactor.headers(headers) is headers
+    url = "https://app.autocalls.ai/api/ai/generate-reply"
+    assert redactor.text(url) == url
+    assert redactor._prepared is None
+    # then a body that echoes part of the token: found, and the forms are kept for next time
+    echo = f'{{"message":"bad token {LONG_TOKEN[3:25]}"}}'.encode()
+    assert redactor.body(echo) == b'{"message":"bad token ***"}'
+    assert redactor._prepared is not None
+
+
+def test_a_uuid_is_searched_when_the_token_could_hide_in_one() -> None:
+    """A UUID is passed over only when no form of the token can have a masked run in one: a
+    token that itself holds a UUID-like stretch (hex digits and dashes, 16 or more with a
+    dash) gets its UUIDs searched like any other text."""
+    inner = "a1b2c3d4-e5f6-a7b8-c9d0-e1f2a3b4c5d6"
+    redactor = Redactor(f"77|{inner}|andthelongestalphanumericrun")
+    assert redactor.body(f'{{"conversation_id":"{inner}"}}'.encode()) == (
+        f'{{"conversation_id":"{REDACTED}"}}'.encode()
+    )
+    # and a usual token passes over a UUID that merely shares a few of its characters
+    plain = Redactor(LONG_TOKEN)
+    body = f'{{"conversation_id":"{uuid.UUID(bytes=LONG_TOKEN[3:19].encode())}"}}'.encode()
+    assert plain.body(body) is body
+
+
+def test_tokens_of_one_alphabet_share_their_screens() -> None:
+    """What every body is screened with depends on the token's alphabet only: 10,000 tokens
+    of the service's shape share one set."""
+    first = Redactor("1|" + "a" * 38)
+    second = Redactor("2|" + "b" * 38)
+    assert first._screens is second._screens
+    assert Redactor("3-" + "c" * 38)._screens is not first._screens

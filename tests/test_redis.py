@@ -69,6 +69,7 @@ def assert_rolling(starts: list[float], rate: RateLimit) -> None:
 # ---------------------------------------------------------------------- the limiter alone
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("burst", [1, None])
 async def test_two_limiters_share_one_schedule(
     redis_server: RedisServer, prefix: str, burst: int | None
@@ -102,6 +103,7 @@ async def test_two_limiters_share_one_schedule(
     assert starts[-1] - t0 < 11 * rate.interval + 0.5  # the full rate
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize(("limiters", "late"), [(6, 0.03), (2, 0.86), (3, 0.65), (4, 0.45)])
 async def test_many_limiters_and_one_late_send(
     redis_server: RedisServer, prefix: str, limiters: int, late: float
@@ -153,6 +155,7 @@ async def test_fifo_within_a_process(redis_server: RedisServer, prefix: str) -> 
     assert order == list(range(8))
 
 
+@pytest.mark.timing
 async def test_the_schedule_is_one_key_that_expires(
     redis_server: RedisServer, prefix: str, inspector: Redis
 ) -> None:
@@ -177,6 +180,7 @@ async def test_the_schedule_is_one_key_that_expires(
     assert await inspector.exists(key) == 0
 
 
+@pytest.mark.timing
 async def test_pause_is_shared(redis_server: RedisServer, prefix: str) -> None:
     """A 429 seen through one limiter holds back another's next slot for Retry-After."""
     rate = RateLimit(10, 1.0)
@@ -192,6 +196,7 @@ async def test_pause_is_shared(redis_server: RedisServer, prefix: str) -> None:
             slot.sent()
 
 
+@pytest.mark.timing
 async def test_max_wait_sees_other_processes_queues(redis_server: RedisServer, prefix: str) -> None:
     """Six calls queued in another process make a short max_wait fail at once, not at the end."""
     rate = RateLimit(5, 1.0)
@@ -230,6 +235,7 @@ async def test_max_wait_zero_takes_a_free_slot_only(redis_server: RedisServer, p
                 pytest.fail("must not be granted")
 
 
+@pytest.mark.timing
 async def test_max_wait_while_a_grant_is_unsent(redis_server: RedisServer, prefix: str) -> None:
     """A grant held unsent (a slow connect) holds the queue; a waiter with max_wait times out."""
     loop = asyncio.get_running_loop()
@@ -245,6 +251,7 @@ async def test_max_wait_while_a_grant_is_unsent(redis_server: RedisServer, prefi
         slot.sent()
 
 
+@pytest.mark.timing
 async def test_cancelled_waiters_do_not_hold_the_queue(
     redis_server: RedisServer, prefix: str
 ) -> None:
@@ -270,6 +277,7 @@ async def test_cancelled_waiters_do_not_hold_the_queue(
         assert loop.time() - started < rate.interval + 0.1
 
 
+@pytest.mark.timing
 async def test_late_send_moves_the_schedule(redis_server: RedisServer, prefix: str) -> None:
     """A send 0.3 s late (a slow TLS handshake) spaces the next start from the real write."""
     rate = RateLimit(5, 1.0, burst=1)
@@ -287,6 +295,7 @@ async def test_late_send_moves_the_schedule(redis_server: RedisServer, prefix: s
             slot.sent()
 
 
+@pytest.mark.timing
 async def test_a_flush_never_lets_a_process_go_faster(
     redis_server: RedisServer, prefix: str, inspector: Redis
 ) -> None:
@@ -314,6 +323,7 @@ def refused_url() -> str:
     return f"redis://:s3cret-pw@127.0.0.1:{port}/0"
 
 
+@pytest.mark.timing
 async def test_unreachable_redis_raises_clearly_and_hides_the_password(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -341,6 +351,7 @@ async def test_unreachable_redis_raises_clearly_and_hides_the_password(
     assert "s3cret" not in caplog.text
 
 
+@pytest.mark.timing
 async def test_a_busy_redis_keeps_max_wait(redis_server: RedisServer, prefix: str) -> None:
     """Redis paused for 0.8 s (CLIENT PAUSE, as a slow script would): max_wait=0.3 holds."""
     loop = asyncio.get_running_loop()
@@ -369,6 +380,7 @@ def silent_port() -> Iterator[int]:
     listener.close()
 
 
+@pytest.mark.timing
 async def test_unresponsive_redis_fails_every_waiter_promptly(silent_port: int) -> None:
     """A Redis that accepts but never answers: all queued waiters fail within about the timeout."""
     loop = asyncio.get_running_loop()
@@ -386,6 +398,7 @@ async def test_unresponsive_redis_fails_every_waiter_promptly(silent_port: int) 
     assert elapsed < 0.3 * 2 + 0.5 + 0.5, elapsed
 
 
+@pytest.mark.timing
 async def test_unresponsive_redis_keeps_max_wait(silent_port: int) -> None:
     """A max_wait shorter than the Redis timeout is kept: RateLimitTimeout at the deadline."""
     loop = asyncio.get_running_loop()
@@ -397,6 +410,7 @@ async def test_unresponsive_redis_keeps_max_wait(silent_port: int) -> None:
         assert loop.time() - started < 0.2 + 0.1 + 0.3
 
 
+@pytest.mark.timing
 async def test_fallback_limiter_is_used_and_logged(caplog: pytest.LogCaptureFixture) -> None:
     """With an explicit fallback, a Redis outage uses it (and says so) instead of failing."""
     fallback = LocalRateLimiter(RateLimit(2, 0.5))
@@ -436,6 +450,7 @@ async def test_limiter_belongs_to_one_event_loop(redis_server: RedisServer, pref
 # ---------------------------------------------------------------------- with the client
 
 
+@pytest.mark.timing
 async def test_client_on_redis_keeps_a_strict_server_happy(
     redis_server: RedisServer, prefix: str, inspector: Redis
 ) -> None:
@@ -462,6 +477,7 @@ async def test_client_on_redis_keeps_a_strict_server_happy(
         assert "tok-client" not in key
 
 
+@pytest.mark.timing
 async def test_redis_killed_mid_run_fails_promptly_without_a_burst(prefix: str) -> None:
     """Redis killed mid-run: LimiterUnavailableError promptly, no burst; recovers once back."""
     redis = RedisServer(require_redis_server()).start()
@@ -508,6 +524,7 @@ async def test_redis_killed_mid_run_fails_promptly_without_a_burst(prefix: str) 
 # ---------------------------------------------------------------------- conversations
 
 
+@pytest.mark.timing
 async def test_conversation_store_is_shared_and_expires(
     redis_server: RedisServer, prefix: str, inspector: Redis
 ) -> None:

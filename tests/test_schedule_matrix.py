@@ -152,9 +152,7 @@ def keeps_every_promise(
                             if slot._renewal is not None:
                                 slot._renewal.cancel()
                             slot._reported()  # this process goes on (its own floor knows)
-                            schedule.own_start(
-                                limiter._front().queue(KEY).own, limiter.rules, loop.time()
-                            )
+                            limiter._own_started(KEY, loop.time())
                         else:
                             slot.sent()
                 finally:

@@ -107,6 +107,7 @@ def children(recorded: Recorded, parent: ReadableSpan) -> list[ReadableSpan]:
     return sorted(found, key=lambda s: s.start_time or 0)
 
 
+@pytest.mark.timing
 async def test_a_run_with_a_retry_a_429_and_a_404_is_traced_and_measured(
     server: MockAutocalls,
     make_client: Make,
@@ -555,3 +556,77 @@ def test_generate_reply_is_still_a_coroutine_function_to_mocks() -> None:
     assert _asyncio.iscoroutinefunction(AsyncAutocalls.generate_reply)
     fake = mock.create_autospec(AsyncAutocalls, instance=True)
     assert isinstance(fake.generate_reply, mock.AsyncMock)
+
+
+def _series(recorded: Recorded) -> dict[str, int]:
+    """How many time series (distinct attribute sets) each metric has."""
+    return {
+        name: len({tuple(sorted(attributes.items())) for attributes, _ in recorded.points(name)})
+        for name in recorded.metric_names()
+    }
+
+
+async def _platform_run(
+    server: MockAutocalls,
+    tokens: int,
+    customers: int,
+    labels: Callable[[int], dict[str, str]] | None = None,
+) -> None:
+    async with sdk.AutocallsAccounts(
+        base_url=server.base_url, rate_limit=RateLimit(100, 1.0)
+    ) as accounts:
+        await asyncio.gather(
+            *(
+                ask(
+                    accounts.client(
+                        f"{t}|tenant-token-{t:04d}",
+                        telemetry_attributes=None if labels is None else labels(t),
+                    ),
+                    customer_identifier=f"+1415555{t:02d}{c:02d}",
+                )
+                for t in range(tokens)
+                for c in range(customers)
+            )
+        )
+
+
+async def test_metrics_do_not_grow_with_tokens_or_customers(server: MockAutocalls) -> None:
+    """By default no metric attribute names a token or a customer: 20 tokens with 3
+    customers each make exactly the series one token with one customer makes."""
+    one = Recorded()
+    telemetry.SIGNALS.use(one.tracer_provider, one.meter_provider)
+    try:
+        await _platform_run(server, tokens=1, customers=1)
+        many = Recorded()
+        telemetry.SIGNALS.use(many.tracer_provider, many.meter_provider)
+        await _platform_run(server, tokens=20, customers=3)
+    finally:
+        telemetry.SIGNALS.use()
+    assert _series(many) == _series(one)
+    assert _series(many)["autocalls.calls"] == 1
+    for name in many.metric_names():
+        for attributes, _ in many.points(name):
+            assert not any("tenant-token" in str(value) for value in attributes.values())
+            assert not any(str(value).startswith("+1415555") for value in attributes.values())
+
+
+async def test_per_token_figures_are_an_opt_in(server: MockAutocalls, otel: Recorded) -> None:
+    """``telemetry_attributes`` (here one per tenant) label every metric point and span of
+    that client's calls: one series per tenant, when asked for; the SDK's own attributes are
+    never replaced by them."""
+    await _platform_run(
+        server,
+        tokens=3,
+        customers=2,
+        labels=lambda t: {"tenant.id": f"tenant-{t}", "autocalls.outcome": "x"},
+    )
+    calls = otel.points("autocalls.calls")
+    assert sorted(a["tenant.id"] for a, _ in calls) == ["tenant-0", "tenant-1", "tenant-2"]
+    assert {a["autocalls.outcome"] for a, _ in calls} == {"reply"}
+    assert all(p.value == 2 for _, p in calls)
+    durations = otel.points("http.client.request.duration")
+    assert {a["tenant.id"] for a, _ in durations} == {"tenant-0", "tenant-1", "tenant-2"}
+    for span in otel.spans():
+        assert span.attributes is not None and str(span.attributes["tenant.id"]).startswith(
+            "tenant-"
+        )

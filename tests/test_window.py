@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import tempfile
 from collections.abc import AsyncIterator
 
 import pytest
@@ -26,13 +27,15 @@ from autocalls_async import (
     RateLimitTimeout,
 )
 from autocalls_async._ratelimit import Limiter
-from autocalls_async._stores import MemoryStore
+from autocalls_async._stores import HostStore, MemoryStore
 from autocalls_async.testing import MockAutocalls
 
 from .nginx_server import NginxLimiter, require_nginx
 from .test_deployments import check_arrivals, run_children
 from .virtual_time import run_virtual
 
+#: Real servers and real time (the virtual-clock tests are quick and run here too).
+pytestmark = pytest.mark.timing
 RATE = RateLimit(5, 1.0)
 EVEN = RateLimit(5, 1.0, burst=1)
 JITTER = 0.003
@@ -441,3 +444,93 @@ async def test_burst_on_the_command_line_is_checked(token: str) -> None:
     assert no_limit.code == 2 and "--burst needs a --rate-limit" in no_limit.err
     assert zero.code == 2 and "whole number >= 1" in zero.err
     assert ok.code == 0, ok.err
+
+
+def test_a_limit_reads_back_as_itself() -> None:
+    """repr() is what the conflict message tells the other client to use: it must be the same
+    limit, to every digit; burst=requests is the window (equal, one hash)."""
+    odd = RateLimit(5, 0.1234567891, margin=0.0123456789, burst=2)
+    assert eval(repr(odd)) == odd  # noqa: S307 (our own repr)
+    assert repr(RateLimit(5, 60.0)) == "RateLimit(5, 60, margin=0.02)"
+    assert RateLimit(5, 1.0, burst=5) == RateLimit(5, 1.0)
+    assert hash(RateLimit(5, 1.0, burst=5)) == hash(RateLimit(5, 1.0))
+
+
+def test_a_flush_never_lets_a_process_with_several_loops_go_faster() -> None:
+    """The process's own floor is one per limiter and process, not per event loop: two loops
+    in two threads sharing a limiter whose store keeps being flushed still keep 5 in any
+    period together (they made 10 in one before)."""
+    import threading
+    import time
+
+    rate = RateLimit(5, 0.5)
+    store = MemoryStore(time.monotonic)
+    limiter = Limiter(store, rate)
+    starts: list[float] = []
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def flusher() -> None:
+        while not done.is_set():
+            store._states.clear()
+            time.sleep(0.02)
+
+    def loop() -> None:
+        async def one() -> None:
+            async with limiter.slot("k") as slot:
+                with lock:
+                    starts.append(time.monotonic())
+                slot.sent()
+
+        async def main() -> None:
+            await asyncio.gather(*(one() for _ in range(6)))
+
+        asyncio.run(main())
+
+    threads = [threading.Thread(target=loop) for _ in range(2)]
+    flushing = threading.Thread(target=flusher)
+    flushing.start()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    done.set()
+    flushing.join(5)
+    assert len(starts) == 12
+    starts.sort()
+    for first, last in zip(starts, starts[5:], strict=False):
+        assert last - first >= rate.period - JITTER, (first, last)
+
+
+def test_a_learned_no_burst_server_is_remembered_by_the_next_process() -> None:
+    """The token found to refuse bursts stays evenly spaced in the store a day past its last
+    grant, whatever happens to other tokens: the next process pays no burst of 429s (it paid
+    one per process once the window had passed)."""
+
+    async def scenario() -> list[float]:
+        loop = asyncio.get_running_loop()
+        # The host store: its sweep deletes rows that no longer constrain anything.
+        store = HostStore(directory, clock=loop.time)
+        first = Limiter(store, RATE)
+        for _ in range(3):
+            async with first.slot("k") as slot:
+                slot.sent()
+        await first.pause("k", 0.1)  # a 429 right after a burst: learned
+        await first.aclose()
+        await asyncio.sleep(30 * RATE.window)  # long idle; other tokens come and go
+        for n in range(50):
+            async with first.slot(f"other{n}") as slot:
+                slot.sent()
+        second = Limiter(store, RATE)  # another process, later
+        starts = []
+        for _ in range(3):
+            async with second.slot("k") as slot:
+                starts.append(loop.time())
+                slot.sent()
+        await store.aclose()
+        return starts
+
+    with tempfile.TemporaryDirectory() as directory:
+        starts = run_virtual(scenario)
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert min(gaps) >= RATE.period / RATE.requests, gaps

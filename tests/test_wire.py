@@ -9,9 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import autocalls_async as sdk
 from autocalls_async import APIError, InvalidRequestError, Reply
+from autocalls_async import _wire as wire
 from autocalls_async._wire import (
     build_request,
     check_base_url,
@@ -588,3 +591,59 @@ def test_subclasses_are_sent_as_the_data_they_hold() -> None:
     }
     assert request.conversation_key == (123, "+14155551234")
     assert type(request.conversation_key[1]) is str and type(request.assistant_id) is int
+
+
+_FIELD_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-2, 2),
+    st.text(max_size=5),
+    st.lists(
+        st.one_of(
+            st.text(max_size=3),
+            st.dictionaries(st.sampled_from(["name", "args"]), st.text(max_size=3)),
+        ),
+        max_size=2,
+    ),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+
+
+_DOCUMENTED = st.fixed_dictionaries(
+    {"conversation_id": st.text(max_size=5), "reply": st.text(max_size=5)},
+    optional={
+        "customer_identifier": st.text(max_size=5),
+        "function_calls": st.lists(
+            st.dictionaries(st.sampled_from(["name", "args", "function"]), _FIELD_VALUES),
+            max_size=3,
+        ),
+        "ai_disabled": st.booleans(),
+        "extra": _FIELD_VALUES,
+    },
+)
+_ANY_SHAPE = st.dictionaries(
+    st.sampled_from(
+        ["conversation_id", "customer_identifier", "reply", "function_calls", "ai_disabled"]
+    ),
+    _FIELD_VALUES,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(_DOCUMENTED, _ANY_SHAPE))
+def test_the_usual_replys_shortcut_agrees_with_the_converter(fields: dict[str, Any]) -> None:
+    """A body of the documented shape is made into a ``Reply`` without the converter; any
+    body, that shape or not, gives what the converter gives: the same reply or an error."""
+    body = json.dumps({"success": True, **fields}).encode()
+
+    def outcome() -> Any:
+        try:
+            reply = parse_reply(200, {}, body, customer_identifier="+1415", now=0.0)
+        except APIError as exc:
+            return type(exc)
+        return (reply, reply.raw, reply.function_calls)
+
+    fast = outcome()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(wire, "_usual_reply", lambda data, customer: None)
+        assert outcome() == fast

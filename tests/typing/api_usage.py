@@ -13,6 +13,7 @@ from autocalls_async import (
     APIError,
     AssistantUsage,
     AsyncAutocalls,
+    AutocallsAccounts,
     AutocallsError,
     Budget,
     BudgetExceededError,
@@ -143,3 +144,28 @@ async def cost_control() -> int:
         budget: Budget | None = client.budget
         del left, per, spelled, budget, by_mail
         return usage.sent + usage.billed + usage.possibly_billed + usage.refused + usage.charged
+
+
+async def a_platform(tokens: dict[str, str]) -> int:
+    async with AutocallsAccounts(
+        rate_limit=RateLimit(5, 60.0), max_wait=10.0, budget=Budget(replies=10_000), idle_after=600
+    ) as accounts:
+        for tenant, token in tokens.items():
+            client: AsyncAutocalls = accounts.client(
+                token, telemetry_attributes={"tenant.id": tenant}
+            )
+            reply: Reply = await client.generate_reply(
+                assistant_id=1, customer_identifier="+14155551234", message="m"
+            )
+            del reply
+        totals: ClientStats = accounts.stats
+        usage: Usage = accounts.usage
+        kept: int = len(accounts)
+        budget: Budget | None = accounts.budget
+        closed: bool = accounts.closed
+        del usage, kept, budget, closed
+        return totals.replies
+
+
+def per_client_labels() -> AsyncAutocalls:
+    return AsyncAutocalls("token", telemetry_attributes={"tenant.id": "acme", "tier": 2})
