@@ -887,7 +887,12 @@ class AsyncAutocalls(AsyncOnly):
         if stated is None:
             return
         self.stats.server_limit = stated
-        if limiter is None or ours is None or ours.same_rate(stated):
+        if limiter is None or ours is None:
+            return
+        # The server states a count per period; the burst stays ours (never above the count).
+        burst = None if ours.burst is None else min(ours.burst, stated.requests)
+        stated = attrs.evolve(stated, burst=burst)
+        if ours.same_rate(stated) and _keeps(ours, stated):
             return
         extra = {"autocalls_token_id": self.token_id, "autocalls_server_limit": str(stated)}
         if self._setup.follows_server and isinstance(limiter, Limiter):
@@ -1097,3 +1102,15 @@ def _ended_by(processed: AutocallsError, reason: str) -> AutocallsError:
 
 def _short(error: AutocallsError) -> str:
     return f"{type(error).__name__}({error})"
+
+
+def _keeps(ours: RateLimit, stated: RateLimit) -> bool:
+    """True when every schedule ``ours`` allows keeps ``stated`` too: at most
+    ``stated.requests`` starts in any ``stated.period`` (5/1s keeps 300/60s; with bursts,
+    300/60s does not keep 5/1s)."""
+    period = stated.period * (1 - 1e-9)
+    if ours.bursts == 1:
+        most = math.floor(period / ours.interval) + 1
+    else:
+        most = math.ceil(period / ours.window) * ours.requests
+    return most <= stated.requests

@@ -33,6 +33,20 @@ def _margin(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
         raise ValueError(f"RateLimit.margin must be in [0, 1), got {value!r}")
 
 
+def _burst(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(
+            "RateLimit.burst must be None (the exact rolling window) or an int >= 1 "
+            f"(1: evenly spaced), got {value!r}"
+        )
+
+
+def _number(value: float) -> str:
+    """``60`` for 60.0, and every digit a value needs to be read back as itself."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
+
+
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d+(?:\.\d+)?|\.\d+)\s*(s|m|h)?\s*$")
 _UNIT = {"s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
@@ -41,21 +55,55 @@ _UNIT = {"s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 class RateLimit:
     """At most ``requests`` requests may *start* in any rolling ``period`` seconds.
 
-    ``margin`` widens the spacing between starts by that fraction (default 2 %) so that network
-    and scheduling jitter cannot push a sixth request into a strict server's window.
+    ``margin`` widens the window by that fraction (default 2 %): at most ``requests`` starts in
+    any ``period x (1 + margin)``, so that network and scheduling jitter cannot push one more
+    request into a strict server's window.
+
+    ``burst`` is how many starts may go back to back. ``None`` (the default) means
+    ``requests``: the exact rolling window, which is how the service counts ("5 per minute")
+    and what a fixed-window throttle (Laravel's) or a strict rolling window accepts; a burst
+    on an idle token starts at once. ``burst=1`` spaces every start ``period / requests x
+    (1 + margin)`` apart, for servers that refuse bursts (nginx ``limit_req`` without
+    ``burst``, a token bucket of one). In between, at most ``burst`` starts go back to back:
+    any ``k + 1`` consecutive starts, ``k >= burst``, span at least ``(k + 1 - burst)``
+    spacings, and never more than ``requests`` start in the window.
     """
 
     requests: int = attrs.field(validator=_positive_int)  #: requests allowed per ``period``
     period: float = attrs.field(converter=float, validator=_positive_finite)  #: seconds
     #: Fraction added to the spacing of starts (0.02: starts ``1.02 * period / requests`` apart).
     margin: float = attrs.field(default=0.02, converter=float, validator=_margin, kw_only=True)
+    #: Starts allowed back to back (``None``: ``requests``, the exact rolling window; 1: evenly
+    #: spaced, for servers that refuse bursts).
+    burst: int | None = attrs.field(default=None, kw_only=True, validator=_burst)
     #: Set by ``from_server``: the client adopts the limit the server states. Not part of the
     #: limit's value (two clients at 5/60s use the same limit, whichever follows the server).
     follows_server: bool = attrs.field(default=False, kw_only=True, eq=False, repr=False)
 
+    def __attrs_post_init__(self) -> None:
+        if self.burst is not None and self.burst > self.requests:
+            raise ValueError(
+                f"RateLimit.burst must be between 1 and requests ({self.requests}), got "
+                f"{self.burst!r}: no more than requests can start in one period"
+            )
+        if self.burst == self.requests:
+            # The same limit as None (the window): equal, and one hash.
+            object.__setattr__(self, "burst", None)
+
+    @property
+    def bursts(self) -> int:
+        """How many starts may go back to back: ``burst``, or ``requests`` when it is None."""
+        return self.requests if self.burst is None else self.burst
+
+    @property
+    def window(self) -> float:
+        """The rolling window the schedule keeps, margin included: ``period x (1 + margin)``."""
+        return self.period * (1.0 + self.margin)
+
     @property
     def interval(self) -> float:
-        """Seconds between two starts at the full sustained rate, margin included."""
+        """Seconds between two evenly spaced starts at the full rate, margin included (the
+        spacing of ``burst=1``, and of background work whatever ``burst``)."""
         return self.period / self.requests * (1.0 + self.margin)
 
     @classmethod
@@ -75,6 +123,22 @@ class RateLimit:
             raise TypeError(f"default must be a RateLimit(requests, period), got {base!r}")
         return attrs.evolve(base, follows_server=True)
 
+    def same_schedule(self, other: RateLimit) -> bool:
+        """True when limiters at ``self`` and ``other`` may share one token's schedule.
+
+        Evenly spaced (``burst=1`` on both), only the rate and margin matter: 5/60s and 1/12s
+        space every start alike. With bursts, the window is the schedule: the same
+        ``requests``, ``period``, ``margin`` and ``burst``."""
+        if not math.isclose(self.margin, other.margin):
+            return False
+        if self.bursts == 1 and other.bursts == 1:
+            return self.same_rate(other)
+        return (
+            self.requests == other.requests
+            and math.isclose(self.period, other.period)
+            and self.bursts == other.bursts
+        )
+
     def same_rate(self, other: RateLimit) -> bool:
         """True when both allow the same requests per second (5/60s and 1/12s do).
 
@@ -84,21 +148,30 @@ class RateLimit:
         return math.isclose(self.requests / self.period, other.requests / other.period)
 
     @classmethod
-    def parse(cls, text: str) -> RateLimit:
-        """Parse ``"5/60"`` (5 per 60 s), ``"5/1m"``, ``"100/0.5"``."""
+    def parse(cls, text: str, *, burst: int | None = None) -> RateLimit:
+        """Parse ``"5/60"`` (5 per 60 s), ``"5/1m"``, ``"100/0.5"``; ``burst`` as in the class."""
         match = _RATE.match(text)
         if match is None:
             raise ValueError(
                 f"rate limit {text!r} is not REQUESTS/SECONDS, e.g. '5/60' for 5 per minute"
             )
         requests, period, unit = match.groups()
-        return cls(int(requests), float(period) * _UNIT[unit])
+        return cls(int(requests), float(period) * _UNIT[unit], burst=burst)
 
     def __str__(self) -> str:
-        return f"{self.requests}/{self.period:g}s"
+        text = f"{self.requests}/{self.period:g}s"
+        if self.bursts == 1 and self.requests > 1:
+            return f"{text} evenly spaced"
+        if self.bursts < self.requests:
+            return f"{text} burst {self.bursts}"
+        return text
 
     def __repr__(self) -> str:
-        text = f"RateLimit({self.requests}, {self.period:g}, margin={self.margin:g})"
+        burst = "" if self.burst is None else f", burst={self.burst}"
+        text = (
+            f"RateLimit({self.requests}, {_number(self.period)}, "
+            f"margin={_number(self.margin)}{burst})"
+        )
         return f"RateLimit.from_server(default={text})" if self.follows_server else text
 
 

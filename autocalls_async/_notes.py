@@ -10,8 +10,8 @@
   ``415-555-1234``): the service keeps one conversation per spelling; ``--e164`` writes them
   one way.
 
-Memory: a few digests and row numbers, and one entry per distinct phone-like identifier up to
-``PHONES_TRACKED``.
+Memory: a few digests and row numbers, and a ``KeyTable`` slot (12 bytes, at most 70 % of
+them used) per distinct phone number.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Final
 
 import attrs
 
+from ._keys import KeyTable
 from .bulk import BulkRequest
 
 __all__ = ["DataNotes", "phone_like"]
@@ -29,11 +30,11 @@ __all__ = ["DataNotes", "phone_like"]
 GROUPS_SHOWN: Final = 5
 COLUMNS_SHOWN: Final = 10
 ROWS_SHOWN: Final = 10
-PHONES_TRACKED: Final = 200_000
 #: A phone number as people write it: digits, spaces, dots, dashes, slashes, parentheses and
 #: a leading +; at least 7 digits.
 _PHONE: Final = re.compile(r"^\+?[\d\s().\-/]+$")
 _DIGITS: Final = re.compile(r"\d")
+_NOT_DIGITS: Final = re.compile(r"\D")
 
 
 def phone_like(identifier: str) -> bool:
@@ -49,45 +50,99 @@ def phone_like(identifier: str) -> bool:
 
 def _tail(identifier: str) -> str:
     """The last 10 digits: what two spellings of one national number share."""
-    return "".join(_DIGITS.findall(identifier))[-10:]
+    return _NOT_DIGITS.sub("", identifier)[-10:]
+
+
+def _phone_tail(identifier: str) -> str | None:
+    """The last digits of a phone-like identifier with at least 7 of them (None: another
+    identifier). A number written as bare digits, with or without a leading +, is read
+    without a regular expression (a million-row input)."""
+    digits = identifier[1:] if identifier.startswith("+") else identifier
+    if digits.isdecimal():  # what \d matches: phone_like, once long enough
+        return digits[-10:] if len(digits) >= 7 else None
+    if not phone_like(identifier):
+        return None
+    tail = _tail(identifier)
+    return tail if len(tail) >= 7 else None
+
+
+#: A phone's entry in ``DataNotes.phones``: this bit once a second spelling was seen, and the
+#: hash of its first spelling in the others.
+_MERGED: Final = 1 << 31
+
+
+def _phone_number(tail: str) -> int:
+    """A phone's last digits as a ``KeyTable`` number (their count kept: ``0012345`` is not
+    ``12345``)."""
+    return int(tail) << 4 | len(tail)
 
 
 @attrs.define
 class DataNotes:
-    """Collects, row by row (``add``), what to tell about the input."""
+    """Collects, row by row (``add``), what to tell about the input; ``find_rows`` then names
+    the rows and spellings of the first few findings, in a second pass, only when there are
+    some."""
 
     unused_columns: tuple[str, ...] = ()
     #: digest -> rows with that content (only digests seen at least twice, a few of them)
-    identical: dict[str, list[int]] = attrs.Factory(dict)
+    identical: dict[int, list[int]] = attrs.Factory(dict)
     identical_groups: int = 0  #: contents seen more than once
     identical_rows: int = 0  #: rows that are a copy of an earlier row
-    phones: dict[str, list[str]] = attrs.Factory(dict)  #: last digits -> spellings
+    #: Each phone-like identifier's last digits (``_phone_number``) -> ``_MERGED`` | the hash
+    #: of its first spelling: 17 to 34 bytes per number.
+    phones: KeyTable = attrs.Factory(lambda: KeyTable(0, "I"))
+    merged: int = 0  #: numbers written in more than one way
+    #: the first few of them (``_phone_number``) -> their spellings, named by ``find_rows``
+    spellings: dict[int, list[str]] = attrs.Factory(dict)
 
-    def add(self, request: BulkRequest, key: str) -> None:
-        digest, _, occurrence = key.rpartition(".")
-        if occurrence != "1" and request.problem is None:
+    def add(self, request: BulkRequest, digest: int, occurrence: int) -> None:
+        """Note one row, by its key's digest and occurrence (``InputFile.check`` calls it)."""
+        if occurrence != 1 and request.problem is None:
             self.identical_rows += 1
-            if occurrence == "2":
+            if occurrence == 2:
                 self.identical_groups += 1
                 if len(self.identical) < GROUPS_SHOWN:
                     self.identical[digest] = []
         customer = request.customer_identifier
-        if request.problem is None and phone_like(customer) and len(_tail(customer)) >= 7:
-            spellings = self.phones.get(_tail(customer))
-            if spellings is None:
-                if len(self.phones) < PHONES_TRACKED:
-                    self.phones[_tail(customer)] = [customer]
-            elif customer not in spellings and len(spellings) < 5:
-                spellings.append(customer)
+        tail = _phone_tail(customer) if request.problem is None else None
+        if tail is not None:
+            number = int(tail) << 4 | len(tail)  # _phone_number, inline: once a row
+            spelling = hash(customer) & (_MERGED - 1)
+            phones = self.phones
+            numbers, mask = phones.numbers, phones.mask
+            i = number & mask
+            while (found := numbers[i]) and found != number:  # phones.slot, inline
+                i = (i + 1) & mask
+            if not found:
+                phones.put(i, number, spelling)
+                return
+            first = phones.values[i]
+            if not first & _MERGED and first != spelling:
+                phones.values[i] = first | _MERGED
+                self.merged += 1
+                if len(self.spellings) < GROUPS_SHOWN:
+                    self.spellings[number] = []
 
-    def find_rows(self, rows: Iterable[tuple[BulkRequest, str]]) -> None:
-        """Name the rows of the identical contents shown (a second pass, only when some)."""
-        if not self.identical:
+    def find_rows(
+        self, rows: Iterable[tuple[BulkRequest, int, int]], *, phones: bool = True
+    ) -> None:
+        """Name the rows of the identical contents shown, and (``phones``: they will be
+        shown) the spellings of the phone numbers shown: a second pass, only when there are
+        some."""
+        if not phones:
+            self.spellings.clear()
+        if not self.identical and not self.spellings:
             return
-        for request, key in rows:
-            group = self.identical.get(key.rpartition(".")[0])
+        for request, digest, _ in rows:  # InputFile.numbered()
+            group = self.identical.get(digest)
             if group is not None and len(group) < ROWS_SHOWN:
                 group.append(request.row or 0)
+            customer = request.customer_identifier
+            tail = _phone_tail(customer) if self.spellings and request.problem is None else None
+            if tail is not None:
+                spellings = self.spellings.get(_phone_number(tail))
+                if spellings is not None and customer not in spellings and len(spellings) < 5:
+                    spellings.append(customer)
 
     def lines(self, *, e164: bool) -> list[str]:
         notes: list[str] = []
@@ -111,13 +166,14 @@ class DataNotes:
                 + (f"; and {more} more group(s)" if more > 0 else "")
                 + ". To send such a message once, delete its copies"
             )
-        merged = [spellings for spellings in self.phones.values() if len(spellings) > 1]
-        if merged and not e164:
-            shown = "; ".join(" = ".join(spellings) for spellings in merged[:GROUPS_SHOWN])
+        if self.merged and not e164:
+            shown = "; ".join(
+                " = ".join(spellings) for spellings in self.spellings.values() if spellings
+            )
             notes.append(
-                f"{len(merged)} phone number(s) written in several ways, each way its own "
+                f"{self.merged} phone number(s) written in several ways, each way its own "
                 f"conversation: {shown}"
-                + (f"; and {len(merged) - GROUPS_SHOWN} more" if len(merged) > GROUPS_SHOWN else "")
+                + (f"; and {self.merged - GROUPS_SHOWN} more" if self.merged > GROUPS_SHOWN else "")
                 + ". Add --e164 REGION (e.g. --e164 US) to write them one way"
             )
         return notes

@@ -29,6 +29,8 @@ import itertools
 import math
 import os
 import socket
+import threading
+import time
 import uuid
 import weakref
 from collections import deque
@@ -73,6 +75,12 @@ _NOTE_TTL = 120.0
 #: How often a limiter in use renews its note, and so sees a schedule noted elsewhere since.
 _NOTE_RENEW = 5.0
 _NOTED_MAX = 50_000
+#: Tokens a limiter remembers as refusing bursts; past it, forgotten (and relearned).
+_EVEN_MAX = 100_000
+#: Floors kept before the first sweep of those that no longer constrain anything.
+_OWNS_MIN = 1024
+#: A call that waits longer than this for its slot says so (INFO).
+_SAY_WAIT = 1.0
 #: The stores this process said were unavailable, until one of their limiters works again.
 _DOWN: set[tuple[str, bool]] = set()
 #: (token, one place, another place): warned once per process.
@@ -177,8 +185,6 @@ class _Queue:
         "holding",
         "lanes",
         "next_free",
-        "own_next",
-        "own_pause",
         "peeking",
         "stale",
         "waiting",
@@ -192,8 +198,6 @@ class _Queue:
         self.holding: _Grant | None = None
         self.asking = False  # a caller is asking the store directly (nobody else waited)
         self.wake: asyncio.Future[None] | None = None  # set to interrupt the dispatcher's sleep
-        self.own_next = -float("inf")  # loop clock: this process's own spacing
-        self.own_pause = -float("inf")  # loop clock: this process's own 429 pause
         self.next_free = -float("inf")  # loop clock: the next grant, as last seen
         self.stale = False  # a waiter gave up: the store may still count it as waiting
         #: per lane, the store's answer to a newcomer's ``max_wait`` check, while one is asked:
@@ -213,12 +217,7 @@ class _Queue:
         )
 
     def idle(self, now: float) -> bool:
-        return (
-            not self.total()
-            and self.holding is None
-            and self.dispatcher is None
-            and max(self.own_next, self.own_pause) <= now
-        )
+        return not self.total() and self.holding is None and self.dispatcher is None
 
     def summary(self, lane: int) -> Lane | None:
         waiters = self.lanes[lane]
@@ -339,7 +338,7 @@ class _Grant:
         if self._done:
             return
         now = self._front.loop.time()
-        self._queue.own_next = now + self._limiter.rules.min_gap
+        self._limiter._own_started(self._key, now)
         self._close(
             functools.partial(
                 schedule.sent,
@@ -446,6 +445,7 @@ class Limiter(AsyncOnly):
         *,
         lease: float = DEFAULT_LEASE,
         background_share: int = 5,
+        background_headroom: int = 0,
         fallback: RateLimiter | None = None,
     ) -> None:
         if not isinstance(rate_limit, RateLimit):
@@ -467,8 +467,24 @@ class Limiter(AsyncOnly):
                 "background_share must be an int >= 0 (one slot in N for background work "
                 f"while interactive calls wait; 0: none), got {background_share!r}"
             )
+        if (
+            isinstance(background_headroom, bool)
+            or not isinstance(background_headroom, int)
+            or background_headroom < 0
+        ):
+            raise ValueError(
+                "background_headroom must be an int >= 0 (starts of each window that background "
+                f"work leaves to interactive calls; 0: none), got {background_headroom!r}"
+            )
         self.rate_limit = rate_limit
-        self.rules = Rules.of(rate_limit, lease=float(lease), share=background_share)
+        self.rules = Rules.of(
+            rate_limit, lease=float(lease), share=background_share, headroom=background_headroom
+        )
+        #: tokens whose server refused a burst: spaced evenly for the life of this limiter
+        self._even: set[str] = set()
+        self._owns: dict[str, schedule.TokenState] = {}
+        self._owns_lock = threading.Lock()
+        self._owns_prune = _OWNS_MIN
         self.store = store
         self.fallback = fallback
         self._fronts: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Front] = (
@@ -698,11 +714,11 @@ class Limiter(AsyncOnly):
             if self.fallback is None:
                 raise
             # The fallback does not know this process's last start or pause: wait for them.
-            await self._own_floor(key, deadline)
+            await self._own_floor(key, deadline, int(priority))
             async with self.fallback.slot(key, deadline=deadline, priority=priority) as slot:
                 yield slot
-            queue = self._front().queue(key)  # as if it was sent: the store will not know
-            queue.own_next = max(queue.own_next, self._front().loop.time() + self.rules.min_gap)
+            # As if it was sent: the store will not know.
+            self._own_started(key, self._front().loop.time())
             return
         self._recovered()
         try:
@@ -710,29 +726,95 @@ class Limiter(AsyncOnly):
         finally:
             await grant.finish()
 
-    async def _own_floor(self, key: str, deadline: float | None) -> None:
+    # ------------------------------------------------------------------ this process's floor
+
+    def _own(self, key: str) -> schedule.TokenState:
+        """This process's own last starts, spacing and 429 pause of ``key`` (its floor), kept
+        once per limiter and process, whatever the event loop: after a store forgot (a flush),
+        the process alone still keeps the limit. On the monotonic clock every loop reads
+        (``loop.time()``); call with ``_owns_lock`` held."""
+        own = self._owns.get(key)
+        if own is None:
+            if len(self._owns) >= self._owns_prune:
+                now = time.monotonic()
+                for name in [name for name, state in self._owns.items() if state.latest() <= now]:
+                    del self._owns[name]
+                # Amortised: the next sweep once as many more were made (never per new token).
+                self._owns_prune = max(_OWNS_MIN, 2 * len(self._owns))
+            own = self._owns[key] = schedule.TokenState()
+        return own
+
+    def _own_started(self, key: str, at: float) -> None:
+        with self._owns_lock:
+            schedule.own_start(self._own(key), self.rules, at)
+
+    def _own_paused(self, key: str, until: float) -> None:
+        with self._owns_lock:
+            own = self._own(key)
+            own.pause = max(own.pause, until)
+
+    def _own_free(self, key: str, lane: int) -> float:
+        """When this process's own last starts and pause let ``lane`` start (loop clock)."""
+        with self._owns_lock:
+            own = self._owns.get(key)
+            return -math.inf if own is None else schedule.own_free(own, self.rules, lane)
+
+    async def _own_floor(self, key: str, deadline: float | None, lane: int) -> None:
         front = self._front()
-        queue = front.queue(key)
-        wait = max(queue.own_next, queue.own_pause) - front.loop.time()
+        wait = self._own_free(key, lane) - front.loop.time()
         if wait > 0:
             if deadline is not None and front.loop.time() + wait > deadline:
                 raise self._timeout(wait)
             await asyncio.sleep(wait)
 
     async def pause(self, key: str, seconds: float) -> None:
-        """Pause this token everywhere it is shared: nobody starts until ``seconds`` passed."""
+        """Pause this token everywhere it is shared: nobody starts until ``seconds`` passed.
+
+        A pause (a 429) right after starts that went closer than an even spacing means that
+        the server refuses bursts: the token is then spaced evenly (``burst=1``) by every
+        limiter of the store, and by this one for the rest of its life, with one WARNING."""
         front = self._front()
         queue = front.queue(key)
-        queue.own_pause = max(queue.own_pause, front.loop.time() + seconds)
+        self._own_paused(key, front.loop.time() + seconds)
+        switched = False
         try:
-            await self._apply(
-                front, key, functools.partial(schedule.pause, rules=self.rules, seconds=seconds)
+            _, switched = await self._apply(
+                front, key, functools.partial(schedule.refused, rules=self.rules, seconds=seconds)
             )
         except LimiterUnavailableError as exc:
             self._outage(exc)
             if self.fallback is not None:
                 await self.fallback.pause(key, seconds)
             # Otherwise this process's own pause still holds.
+        if key in self._even or self.rules.burst <= 1:
+            return
+        # The store says so, or this process's own last starts went as a burst.
+        with self._owns_lock:
+            mine = self._own(key)
+            own = schedule.refused(mine, front.loop.time(), self.rules, seconds=0.0)[1]
+        if switched or own:
+            self._learned(key, queue)
+
+    def _learned(self, key: str, queue: _Queue) -> None:
+        """The server refused a burst on ``key``: space it evenly from now on, and say so."""
+        if len(self._even) >= _EVEN_MAX:
+            self._even.clear()  # relearned at the cost of one more refused burst each
+        self._even.add(key)
+        with self._owns_lock:
+            own = self._own(key)
+            own.even = max(own.even, time.monotonic() + schedule.EVEN_KEEP)
+        rate = self.rate_limit
+        fix = RateLimit(rate.requests, rate.period, margin=rate.margin, burst=1)
+        logger.warning(
+            "the server refused a burst (429) although the rolling window had room "
+            "(token_id=%s): it is stricter than a window of %s (a no-burst limiter, such as "
+            "nginx limit_req, or a token bucket). This token's starts are evenly spaced from now "
+            "on. To start that way, use rate_limit=%r (CLI: --burst 1)",
+            token_id(key),
+            rate,
+            fix,
+            extra={"autocalls_token_id": token_id(key)},
+        )
 
     async def adopt(self, key: str, rate_limit: RateLimit) -> str | None:
         """Switch this limiter to ``rate_limit``, unless another live limiter uses ``key``.
@@ -743,7 +825,9 @@ class Limiter(AsyncOnly):
         next grant spaces itself from the token's last start at the new rate.
         """
         front = self._front()
-        rules = Rules.of(rate_limit, lease=self.rules.lease, share=self.rules.share)
+        rules = Rules.of(
+            rate_limit, lease=self.rules.lease, share=self.rules.share, headroom=self.rules.headroom
+        )
         other = await self._apply(
             front,
             key,
@@ -758,7 +842,12 @@ class Limiter(AsyncOnly):
             # Switched without registering in its store (it may never be used): it serves
             # this limiter's tokens only while this store is down.
             fallback.rate_limit = rate_limit
-            fallback.rules = Rules.of(rate_limit, lease=fallback.rules.lease, share=rules.share)
+            fallback.rules = Rules.of(
+                rate_limit,
+                lease=fallback.rules.lease,
+                share=rules.share,
+                headroom=fallback.rules.headroom,
+            )
         return None
 
     async def acquire(
@@ -773,7 +862,7 @@ class Limiter(AsyncOnly):
         loop = front.loop
         queue = front.queue(key)
         lane = int(priority)
-        direct = queue.quiet() and max(queue.own_next, queue.own_pause) <= loop.time()
+        direct = queue.quiet() and self._own_free(key, lane) <= loop.time()
         if deadline is not None and not direct:
             try:
                 async with asyncio.timeout_at(_grace(deadline, loop)):
@@ -811,6 +900,7 @@ class Limiter(AsyncOnly):
             if certain and deadline is not None and now + answer.wait > deadline:
                 raise self._timeout(answer.wait)
         waiter = _Waiter(arrival, loop.create_future())
+        ahead = queue.waiting[0] if lane == 0 else queue.total()
         if asked:  # first in: whoever queued while the store answered arrived later (FIFO)
             queue.lanes[lane].appendleft(waiter)
         else:
@@ -826,7 +916,7 @@ class Limiter(AsyncOnly):
             queue.interrupt()
         try:
             async with asyncio.timeout_at(deadline):
-                return await waiter.future
+                grant = await waiter.future
         except BaseException as exc:
             future = waiter.future
             if future.done() and not future.cancelled():
@@ -841,6 +931,26 @@ class Limiter(AsyncOnly):
             if isinstance(exc, TimeoutError):
                 raise self._timeout(queue.next_free - loop.time()) from None
             raise
+        waited = loop.time() - now
+        if waited > _SAY_WAIT:
+            name = token_id(key)
+            logger.info(
+                "waited %.1fs for a rate-limit slot (token_id=%s, %s lane, calls ahead in "
+                "this process: %d; limit %s, shared by %s)",
+                waited,
+                name,
+                "background" if lane else "interactive",
+                ahead,
+                self.rate_limit,
+                self.kind,
+                extra={
+                    "autocalls_token_id": name,
+                    "autocalls_wait": waited,
+                    "autocalls_lane": "background" if lane else "interactive",
+                    "autocalls_ahead": ahead,
+                },
+            )
+        return grant
 
     async def _ask(
         self,
@@ -865,6 +975,7 @@ class Limiter(AsyncOnly):
             where=front.where,
             ticket=ticket,
             lanes=lanes,
+            even=key in self._even,
         )
         if deadline is None:
             return await self._apply(front, key, ask)
@@ -875,14 +986,14 @@ class Limiter(AsyncOnly):
             state: schedule.TokenState, now: float
         ) -> tuple[schedule.Peek, schedule.Grant | None]:
             seen = schedule.peek(state, now, rules, who=front.who, lane=lane)
-            wait = seen.free_in + seen.ahead * rules.min_gap
+            wait = seen.wait(seen.ahead)
             if wait > 0 and asked + wait > deadline:
                 return seen, None
             return seen, ask(state, now)
 
         seen, answer = await self._apply(front, key, peek_then_ask)
         if answer is None:
-            raise self._timeout(seen.free_in + seen.ahead * rules.min_gap, seen.ahead)
+            raise self._timeout(seen.wait(seen.ahead), seen.ahead)
         return answer
 
     async def _check_deadline(
@@ -895,8 +1006,7 @@ class Limiter(AsyncOnly):
         # A grant already made is counted by the store: it spaces the next one.
         local = queue.waiting[0] if lane == 0 else queue.total()
         ahead = seen.ahead + local
-        free = max(seen.free_in, max(queue.own_next, queue.own_pause) - now)
-        wait = free + ahead * self.rules.min_gap
+        wait = max(seen.wait(ahead), self._own_free(key, lane) - now)
         if wait > 0 and now + wait > deadline:
             raise self._timeout(wait, ahead)
 
@@ -947,8 +1057,8 @@ class Limiter(AsyncOnly):
                 lanes = (queue.summary(0), queue.summary(1))
                 ticket = f"{front.who}#{next(front.tickets)}"
                 answer = await self._ask(front, key, ticket, lanes)
-                floor = max(queue.own_next, queue.own_pause)
                 if answer.granted:
+                    floor = self._own_free(key, answer.lane)
                     grant = _Grant(self, front, queue, key, ticket, now)
                     if floor > now:  # the store forgot our last start or pause (a flush)
                         grant.give_back()
@@ -967,8 +1077,12 @@ class Limiter(AsyncOnly):
                     # Someone else's turn: ask again soon (it reports in about a round trip).
                     wait = min(answer.wait, poll) if answer.held else poll
                     poll = min(poll * 2, _POLL_MAX)
-                    queue.next_free = max(now + answer.wait, now + self.rules.min_gap)
+                    queue.next_free = now + answer.wait
                 else:
+                    floor = min(
+                        (self._own_free(key, lane) for lane in (0, 1) if queue.waiting[lane]),
+                        default=now,
+                    )
                     due = max(front.answered_at + answer.wait, floor)
                     wait = due - loop.time()
                     poll = _POLL_MIN
@@ -1062,10 +1176,17 @@ class LocalRateLimiter(Limiter):
         *,
         lease: float = DEFAULT_LEASE,
         background_share: int = 5,
+        background_headroom: int = 0,
         clock: Callable[[], float] | None = None,
     ) -> None:
         store = PROCESS_STORE if clock is None else MemoryStore(clock)
-        super().__init__(store, rate_limit, lease=lease, background_share=background_share)
+        super().__init__(
+            store,
+            rate_limit,
+            lease=lease,
+            background_share=background_share,
+            background_headroom=background_headroom,
+        )
 
 
 class HostRateLimiter(Limiter):
@@ -1091,6 +1212,7 @@ class HostRateLimiter(Limiter):
         group: str | int | None = None,
         lease: float = DEFAULT_LEASE,
         background_share: int = 5,
+        background_headroom: int = 0,
         fallback: RateLimiter | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
@@ -1104,6 +1226,7 @@ class HostRateLimiter(Limiter):
             rate_limit,
             lease=lease,
             background_share=background_share,
+            background_headroom=background_headroom,
             fallback=fallback,
         )
 
@@ -1120,10 +1243,13 @@ class HostRateLimiter(Limiter):
 
 def _conflict(conflict: RateConflict, mine: RateLimit) -> str:
     """Why ``mine`` may not be used beside another live limiter of the token: naming what
-    differs, the rate or the margin, on both sides."""
+    differs, the rate, the burst or the margin, on both sides."""
     theirs = conflict.theirs
     margins = not math.isclose(theirs.margin, mine.margin)
-    rates = not theirs.same_rate(mine)
+    rates = not theirs.same_rate(mine) or (
+        max(theirs.bursts, mine.bursts) > 1 and not math.isclose(theirs.period, mine.period)
+    )
+    bursts = theirs.bursts != mine.bursts
 
     def shown(rate_limit: RateLimit) -> str:
         return f"{rate_limit} with margin={rate_limit.margin:g}" if margins else str(rate_limit)
@@ -1131,9 +1257,13 @@ def _conflict(conflict: RateConflict, mine: RateLimit) -> str:
     if rates and margins:
         rule = "the same rate and the same margin"
     elif margins:
-        rule = "the same margin too (it spaces every start: two margins cannot share a schedule)"
+        rule = "the same margin too (it widens the window: two margins cannot share a schedule)"
+    elif bursts and not rates:
+        rule = "the same burst (a token is kept by one window, or evenly spaced)"
+    elif theirs.same_rate(mine):
+        rule = "the same rate and period (with bursts, 10/2s lets 10 start in one second)"
     else:
-        rule = "the same rate (requests per second: 5/60s and 1/12s are one rate)"
+        rule = "the same rate (requests per second: evenly spaced, 5/60s and 1/12s are one)"
     return (
         f"this API token is already limited to {shown(theirs)} by another live client "
         f"({conflict.where}); every client using one token must use {rule}, got {shown(mine)}. "

@@ -445,9 +445,13 @@ def _decode(text: str, reports: dict[str, str]) -> TokenState:
             if field.startswith("q:")
         }
         return TokenState.from_json(data)
-    except (ValueError, TypeError, KeyError, IndexError):
-        logger.warning("Redis rate limiter: an unreadable schedule was started afresh")
-        return TokenState()
+    except (ValueError, TypeError, KeyError, IndexError, RecursionError):
+        # Never a fresh start: nobody knows how many starts the window already holds.
+        logger.warning(
+            "Redis rate limiter: a token's schedule could not be read; waiting one period "
+            "before that token's next start, to be safe"
+        )
+        return TokenState(suspect=True)
 
 
 class RedisRateLimiter(Limiter):
@@ -484,6 +488,7 @@ class RedisRateLimiter(Limiter):
         fallback: RateLimiter | None = None,
         lease: float = DEFAULT_LEASE,
         background_share: int = 5,
+        background_headroom: int = 0,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         if not isinstance(rate_limit, RateLimit):
@@ -496,6 +501,7 @@ class RedisRateLimiter(Limiter):
             rate_limit,
             lease=lease,
             background_share=background_share,
+            background_headroom=background_headroom,
             fallback=fallback,
         )
         self.prefix = prefix

@@ -57,6 +57,7 @@ class Snapshot:
     path: Path
     stamp: Stamp
     digest: str  #: blake2b of the bytes copied, hex
+    lines: int = 0  #: line breaks in the copy: no more rows than this (to size tables)
 
     @classmethod
     def take(cls, original: Path) -> Snapshot:
@@ -66,8 +67,8 @@ class Snapshot:
             for _ in range(_ATTEMPTS):
                 taken = cls._copy(original, copy)
                 if taken is not None:
-                    stamp, digest = taken
-                    return cls(original, copy, stamp, digest)
+                    stamp, digest, lines = taken
+                    return cls(original, copy, stamp, digest, lines)
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise
@@ -78,7 +79,7 @@ class Snapshot:
         )
 
     @staticmethod
-    def _copy(original: Path, copy: Path) -> tuple[Stamp, str] | None:
+    def _copy(original: Path, copy: Path) -> tuple[Stamp, str, int] | None:
         """Copy once; None if the file changed during the copy."""
         try:
             source = original.open("rb")
@@ -91,17 +92,18 @@ class Snapshot:
                 before = None  # a pipe or a device: read once, as it comes; nothing to re-check
             fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "wb") as target:
-                size = 0
+                size = lines = 0
                 while chunk := source.read(_CHUNK):
                     hasher.update(chunk)
                     target.write(chunk)
                     size += len(chunk)
+                    lines += chunk.count(b"\n") or chunk.count(b"\r")  # CR only: old Macs
             if before is None:
-                return Stamp(size, 0, 0, 0), hasher.hexdigest()
+                return Stamp(size, 0, 0, 0), hasher.hexdigest(), lines
             after = os.fstat(source.fileno())
         if Stamp.of(before) != Stamp.of(after) or after.st_size != size:
             return None
-        return Stamp.of(after), hasher.hexdigest()
+        return Stamp.of(after), hasher.hexdigest(), lines
 
     def changed(self) -> str | None:
         """How the original differs from the copy now (None: it does not, as far as its

@@ -31,6 +31,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "lanes": ("benchmarks.lanes", "a web app and a bulk job on one token, lanes on and off"),
     "hoststore": ("benchmarks.hoststore", "the host store: SQLite against hardened files"),
     "redaction": ("benchmarks.redaction", "what masking the token costs per response"),
+    "latency": (
+        "benchmarks.latency",
+        "live replies: the wait for a slot, window against even spacing and AsyncLimiter",
+    ),
     "tenants": ("benchmarks.tenants", "1,000 and 10,000 tokens in one process, ulimit -n 1024"),
 }
 

@@ -92,7 +92,10 @@ def nginx_rate(requests: int, period: float) -> str:
 
 
 def client_label(key: str, requests: int, period: float, margin: float = 0.02) -> str:
-    tail = "" if margin == 0.02 else f", margin={margin:g}"
+    # Behind nginx the SDK is told the server refuses bursts (burst=1): its default, the
+    # rolling window the service counts, would send a burst nginx answers with 429s once,
+    # before the limiter learns the server's shape.
+    tail = ", burst=1" if margin == 0.02 else f", margin={margin:g}, burst=1"
     return {
         "sdk": f"SDK, RateLimit({requests}, {period:g}{tail})",
         "asynclimiter": f"aiohttp + AsyncLimiter({requests}, {period:g})",
@@ -113,7 +116,7 @@ async def _arrivals_run(
                 seen = len(proxy.arrivals())
                 token = _token(key)
                 if key == "sdk":
-                    limit = RateLimit(requests, period, margin=margin)
+                    limit = RateLimit(requests, period, margin=margin, burst=1)
                     _, failed = await _sdk(proxy.base_url, token, limit, calls)
                 else:
                     limiter = AsyncLimiter(requests, period) if key == "asynclimiter" else None

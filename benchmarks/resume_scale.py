@@ -1,9 +1,13 @@
-"""Resuming a bulk run on a big OUT (issue 21 item 8): time and peak memory of the check.
+"""Resuming a bulk run on a big OUT (issue 21 item 8): time and peak memory before a send.
 
 Builds an input of N rows and the OUT a finished run leaves (a "sending" line and an answer per
-row), then runs ``autocalls-async bulk IN --out OUT --dry-run`` in a child process, which reads
-OUT, snapshots and checks the input against it exactly as a run does before sending, and reports
-its wall time and peak RSS (``ru_maxrss`` of the child).
+row), then runs in a child process, each measured alone (wall time, and the child's own peak
+RSS from ``wait4``):
+
+* ``autocalls-async bulk IN --out OUT --dry-run``: reads OUT, snapshots the input and checks
+  it against OUT exactly as a run does before sending, and reports;
+* ``autocalls-async bulk IN --out OUT``: the resume itself, which finds every row answered and
+  sends nothing (its base URL is a closed loopback port: a send would fail, and say so).
 
     python -m benchmarks.resume_scale [ROWS]      # default 1,000,000
 """
@@ -12,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-import resource
+import socket
 import subprocess
 import sys
 import tempfile
@@ -51,17 +55,54 @@ def build(directory: Path, rows: int) -> tuple[Path, Path]:
     return source, out
 
 
-def measure(source: Path, out: Path) -> tuple[float, float, str]:
-    """Seconds, peak MiB and the last line of the dry run's report."""
-    command = [sys.executable, "-m", "autocalls_async", "bulk", str(source), "--out", str(out)]
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def run(argv: list[str], env: dict[str, str]) -> tuple[float, float, int, str]:
+    """Seconds, the child's peak RSS in MiB, its exit code and its output."""
     started = time.perf_counter()
-    done = subprocess.run(
-        [*command, "--dry-run"], capture_output=True, text=True, check=False, env=os.environ
+    child = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     )
+    assert child.stdout is not None
+    with child.stdout:
+        output = child.stdout.read()
+    _, status, usage = os.wait4(child.pid, 0)
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    lines = done.stdout.strip().splitlines() or done.stderr.strip().splitlines()
-    return seconds, peak, lines[2] if len(lines) > 2 else "\n".join(lines)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    return seconds, usage.ru_maxrss / 1024, child.returncode, output
+
+
+def measure(source: Path, out: Path) -> list[tuple[str, float, float, int, str]]:
+    """For the dry run and the resume: seconds, peak MiB, exit code and a line of output."""
+    command = [sys.executable, "-m", "autocalls_async", "bulk", str(source), "--out", str(out)]
+    # As installed: from compiled bytecode (a shell that sets PYTHONDONTWRITEBYTECODE would
+    # otherwise have each run compile every module first).
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("AUTOCALLS_") and k != "PYTHONDONTWRITEBYTECODE"
+    }
+    results = []
+    with tempfile.TemporaryDirectory(prefix="resume-scale-") as limiter:
+        resume_env = {
+            **env,
+            "AUTOCALLS_API_TOKEN": "resume-benchmark",
+            "AUTOCALLS_BASE_URL": f"http://127.0.0.1:{closed_port()}/api",
+            "AUTOCALLS_LIMITER_DIR": limiter,
+        }
+        for name, argv, run_env in (
+            ("dry run", [*command, "--dry-run"], env),
+            ("resume", [*command, "--progress", "off"], resume_env),
+        ):
+            seconds, peak, code, output = run(argv, run_env)
+            lines = output.strip().splitlines()
+            said = next((line for line in lines if "answered" in line), lines[-1] if lines else "")
+            results.append((name, seconds, peak, code, said.strip()))
+    return results
 
 
 def main() -> None:
@@ -69,9 +110,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         source, out = build(Path(folder), rows)
         size = out.stat().st_size / 2**20
-        seconds, peak, said = measure(source, out)
-    print(f"resume check on {rows:,} rows (OUT {size:.0f} MiB, 2 lines per row):")
-    print(f"  {seconds:.1f} s, peak RSS {peak:.0f} MiB; the dry run said: {said.strip()}")
+        results = measure(source, out)
+    print(f"resume on {rows:,} rows (OUT {size:.0f} MiB, 2 lines per row):")
+    for name, seconds, peak, code, said in results:
+        print(f"  {name + ':':9} {seconds:5.1f} s, peak RSS {peak:4.0f} MiB, exit {code}: {said}")
 
 
 if __name__ == "__main__":

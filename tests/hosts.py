@@ -5,13 +5,17 @@ is set (CI, which runs as root)."""
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import grp
 import os
 import pwd
 import shutil
 import subprocess
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -63,6 +67,27 @@ GROUP = "autocalls-test"
 USERS = ("autocalls-test1", "autocalls-test2", "autocalls-test3")
 
 
+#: Held while the users are made: pytest-xdist's workers (and other checkouts' runs on this
+#: host) may all ask at once, and a second ``groupadd`` of one name fails.
+LOCK = Path(tempfile.gettempdir()) / "autocalls-async-test-users.lock"
+
+
+def _add(command: list[str], exists: Callable[[], object]) -> None:
+    """Run ``groupadd``/``useradd`` unless it exists; made meanwhile by someone else is fine."""
+    try:
+        exists()
+        return
+    except KeyError:
+        pass
+    done = subprocess.run(command, check=False, capture_output=True, text=True)
+    try:
+        exists()
+    except KeyError:
+        raise subprocess.CalledProcessError(
+            done.returncode, command, done.stdout, done.stderr
+        ) from None
+
+
 @functools.cache
 def _make_users() -> tuple[tuple[TestUser, ...], int] | str:
     if os.geteuid() != 0:
@@ -70,23 +95,18 @@ def _make_users() -> tuple[tuple[TestUser, ...], int] | str:
     for tool in ("useradd", "groupadd"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed"
-    try:
-        grp.getgrnam(GROUP)
-    except KeyError:
-        subprocess.run(["groupadd", "--system", GROUP], check=True, capture_output=True)
-    gid = grp.getgrnam(GROUP).gr_gid
-    users = []
-    for name in USERS:
-        try:
-            pwd.getpwnam(name)
-        except KeyError:
-            subprocess.run(
+    with LOCK.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _add(["groupadd", "--system", GROUP], functools.partial(grp.getgrnam, GROUP))
+        gid = grp.getgrnam(GROUP).gr_gid
+        users = []
+        for name in USERS:
+            _add(
                 ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-                check=True,
-                capture_output=True,
+                functools.partial(pwd.getpwnam, name),
             )
-        entry = pwd.getpwnam(name)
-        users.append(TestUser(name, entry.pw_uid, entry.pw_gid))
+            entry = pwd.getpwnam(name)
+            users.append(TestUser(name, entry.pw_uid, entry.pw_gid))
     return tuple(users), gid
 
 

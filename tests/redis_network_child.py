@@ -1,7 +1,8 @@
 """One saturating worker process for ``test_redis_network``: ``python redis_network_child.py
-REDIS_URL BASE_URL PREFIX INDEX START_AT SECONDS``. From the wall-clock ``START_AT`` for
-``SECONDS``, three tasks call the emulator back to back through a ``RedisRateLimiter`` at 10 per
-second; then prints one JSON line: calls answered, errors by type."""
+REDIS_URL BASE_URL PREFIX INDEX SECONDS``. Prints ``ready`` once set up, then reads the
+wall-clock ``START_AT`` from stdin; from then for ``SECONDS``, three tasks call the emulator back
+to back through a ``RedisRateLimiter`` at 10 per second; then prints one JSON line: calls
+answered, errors by type."""
 
 from __future__ import annotations
 
@@ -17,9 +18,7 @@ from autocalls_async import AsyncAutocalls, RateLimit, RedisRateLimiter
 RATE = RateLimit(10, 1.0)
 
 
-async def main(
-    redis_url: str, base_url: str, prefix: str, index: int, start_at: float, seconds: float
-) -> None:
+async def main(redis_url: str, base_url: str, prefix: str, index: int, seconds: float) -> None:
     answered = 0
     errors: Counter[str] = Counter()
     async with (
@@ -28,6 +27,8 @@ async def main(
             "tok-network", base_url=base_url, limiter=limiter, rate_limit=RATE
         ) as client,
     ):
+        print("ready", flush=True)
+        start_at = float(await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline))
         await asyncio.sleep(max(0.0, start_at - time.time()))
         end = start_at + seconds
 
@@ -57,5 +58,5 @@ async def main(
 
 
 if __name__ == "__main__":
-    url, base, prefix, index, start_at, seconds = sys.argv[1:7]
-    asyncio.run(main(url, base, prefix, int(index), float(start_at), float(seconds)))
+    url, base, prefix, index, seconds = sys.argv[1:6]
+    asyncio.run(main(url, base, prefix, int(index), float(seconds)))

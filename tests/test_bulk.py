@@ -102,6 +102,7 @@ async def test_streams_with_a_bounded_window(server: MockAutocalls, make_client:
     assert not runner_tasks()
 
 
+@pytest.mark.timing
 async def test_runs_at_the_full_rate_without_429(make_client: Maker) -> None:
     """A strict server with the client's limit: the rate is the limit's and no 429 happens."""
     limit = RateLimit(10, 0.5)
@@ -475,7 +476,7 @@ def test_result_log_resumes_after_a_cut_line(tmp_path: Path) -> None:
 def test_result_log_is_locked_before_it_is_read(tmp_path: Path) -> None:
     """A second writer is refused; a missing output means nothing was done yet."""
     out = tmp_path / "out.jsonl"
-    assert ResultLog(out).read() == Ledger()
+    assert len(ResultLog(out).read()) == 0
     first = ResultLog(out)
     first.open()
     try:

@@ -21,7 +21,9 @@ from typing import Any
 import pytest
 
 from autocalls_async._bulkio import InputFile, Ledger, ResultLog
-from autocalls_async._cli import EXIT_BALANCE, EXIT_INTERRUPTED, main
+from autocalls_async.cli import job as cli_job
+from autocalls_async.cli import main
+from autocalls_async.cli.exits import EXIT_BALANCE, EXIT_INTERRUPTED
 from autocalls_async.testing import Fault, MockAutocalls
 from tests.test_cli import TOKEN, ThreadedServer, read_lines, write_csv
 
@@ -170,12 +172,11 @@ def test_stopped_while_waiting_to_retry_is_withdrawn_not_reported(
         os.kill(os.getpid(), signal.SIGINT)
 
     async def run() -> int:
-        from autocalls_async import _cli
 
         interrupter = asyncio.create_task(interrupt_when_refused())
         try:
-            client, starts = _cli.bulk_client(TOKEN, emulator.base_url, None)
-            outcome = await _cli.run_job(
+            client, starts = cli_job.bulk_client(TOKEN, emulator.base_url, None)
+            outcome = await cli_job.run_job(
                 client,
                 InputFile(source),
                 ResultLog(out),
@@ -299,21 +300,3 @@ def test_keys_are_the_rows_as_read_so_e164_does_not_change_them(
     assert bulk(source, out, "--rate-limit", "none", "--e164", "US", "--retry-failed") == 1
     assert len(emulator.requests) == 2
     assert states(source, out) == ["answered", "answered", "failed"]
-
-
-# -- one exit-code table -----------------------------------------------------------------------
-
-
-def test_one_exit_code_table_in_help_and_docs(capsys: pytest.CaptureFixture[str]) -> None:
-    """Both sides added bulk exit codes: one table, printed by every --help, and the docs'
-    table (docs/reference/cli.md) lists the same codes."""
-    from autocalls_async._cli import EXIT_CODES_HELP
-
-    for command in ([], ["reply"], ["bulk"]):
-        assert main([*command, "--help"]) == 0
-        assert EXIT_CODES_HELP in capsys.readouterr().out
-    documented = {line.split()[0] for line in EXIT_CODES_HELP.splitlines()[1:] if line[2] != " "}
-    page = Path(__file__).parents[1] / "docs" / "reference" / "cli.md"
-    table = page.read_text(encoding="utf-8").split("## Exit codes", 1)[1].split("\n\n", 3)[2]
-    rows = [line.split("|")[1].strip() for line in table.splitlines()[2:]]
-    assert rows == sorted(documented, key=int)

@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from autocalls_async._bulkio import InputError, InputFile, ResultLog
-from autocalls_async._cli import Outcome, bulk_client, run_job
+from autocalls_async.cli.job import Outcome, bulk_client, run_job
 from autocalls_async.testing import MockAutocalls
 
 Row = tuple[str, str]  # (customer, message)

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from autocalls_async._bulkio import ResultLog
-from autocalls_async._cli import main
+from autocalls_async.cli import main
 from autocalls_async.testing import Fault, MockAutocalls
 from tests.test_cli import TOKEN, ThreadedServer, read_lines, run_cli, write_csv
 

@@ -10,6 +10,7 @@ import collections
 import csv
 import json
 import os
+import signal
 import stat
 import sys
 from collections.abc import Iterator
@@ -253,8 +254,15 @@ async def test_moving_out_away_during_a_run_does_not_let_a_second_run_start(
         **env_for(emulator),
     )
     await wait_for_lines(out, 1)
-    out.rename(tmp_path / "out.old")
-    second = await bulk(emulator, source, out)
+    # Held still (and alive, its locks held) while the second run starts: the whole first run
+    # takes 2 s at 10/1, less than a second command may take to start on a loaded machine,
+    # which then found no run left to refuse.
+    first.send_signal(signal.SIGSTOP)
+    try:
+        out.rename(tmp_path / "out.old")
+        second = await bulk(emulator, source, out)
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert second.code == 2 and "being written by another run" in second.err, second
     async with asyncio.timeout(30):
         await first.communicate()
@@ -821,6 +829,7 @@ def test_the_snapshot_tells_how_the_input_changed(tmp_path: Path) -> None:
     assert not snapshot.path.parent.exists()
 
 
+@pytest.mark.timing
 def test_the_header_check_is_linear(tmp_path: Path) -> None:
     """A header of 40,000 columns took 33 s (each name counted against all the others); it is
     checked in one pass now, and the note names the first unused columns, not all of them."""

@@ -31,16 +31,22 @@ from autocalls_async import (
     RateLimit,
     RateLimitError,
     RateLimitTimeout,
-    _cli,
 )
 from autocalls_async._bulkio import ResultLog
-from autocalls_async._cli import main
 from autocalls_async.bulk import error_code
+from autocalls_async.cli import demo as cli_demo
+from autocalls_async.cli import errors as cli_errors
+from autocalls_async.cli import main
+from autocalls_async.cli import output as cli_output
+from autocalls_async.cli import progress as cli_progress
 from autocalls_async.testing import MockAutocalls
 
 from ._env import child_env
 
-TOKEN = "s3cret-token-never-printed"
+#: This process's own: pytest-xdist's workers run these tests at the same time, each test with
+#: its own limiter directory, and one token kept in two places at once is said on the stderr
+#: the tests read ("two rate-limit schedules").
+TOKEN = f"s3cret-token-never-printed-{os.getpid()}"
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -404,24 +410,24 @@ def test_progress_modes(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The bar needs rich; without it (or off a terminal) progress is plain lines."""
-    meter = _cli.Meter(10, RateLimit(5, 60.0), ClientStats())
-    assert isinstance(_cli.make_progress("off", meter, "x"), _cli.NoProgress)
-    assert isinstance(_cli.make_progress("auto", meter, "x"), _cli.PlainProgress)
-    bar = _cli.make_progress("bar", meter, "x")
-    assert isinstance(bar, _cli.RichProgress)
+    meter = cli_progress.Meter(10, RateLimit(5, 60.0), ClientStats())
+    assert isinstance(cli_progress.make_progress("off", meter, "x"), cli_progress.NoProgress)
+    assert isinstance(cli_progress.make_progress("auto", meter, "x"), cli_progress.PlainProgress)
+    bar = cli_progress.make_progress("bar", meter, "x")
+    assert isinstance(bar, cli_progress.RichProgress)
     meter.answered = 4
     bar.update()
     bar.note("a note")
     bar.close()
     monkeypatch.setitem(sys.modules, "rich", None)  # as if the cli extra were not installed
-    assert isinstance(_cli.make_progress("bar", meter, "x"), _cli.PlainProgress)
+    assert isinstance(cli_progress.make_progress("bar", meter, "x"), cli_progress.PlainProgress)
     assert "no progress bar without rich" in capsys.readouterr().err
     assert meter.eta() == pytest.approx(5 * 12 * 1.02)  # 6 rows left: the first at once
     assert meter.rate_text() == "rate not measured"  # no request yet: no rate to show
-    meter.stats.requests = _cli.PACE_MIN_STARTS
+    meter.stats.requests = cli_progress.PACE_MIN_STARTS
     assert meter.rate_text().endswith("req/min")
-    assert _cli._duration(3725) == "1h02m" and _cli._duration(75) == "1m15s"
-    assert _cli._duration(None) == "?"
+    assert cli_output.duration(3725) == "1h02m" and cli_output.duration(75) == "1m15s"
+    assert cli_output.duration(None) == "?"
 
 
 # -- mock-server, as a subprocess driven by curl and raw aiohttp ------------------------------
@@ -443,6 +449,7 @@ async def mock_server(*args: str) -> AsyncIterator[tuple[asyncio.subprocess.Proc
                 await process.wait()
 
 
+@pytest.mark.timing
 async def test_mock_server_as_documented() -> None:
     """Strict limit with Retry-After, 401 for a wrong token, 404 and 402 as documented; Ctrl-C
     stops it with exit 0."""
@@ -524,22 +531,34 @@ async def test_mock_server_port_in_use() -> None:
 async def test_reply_subprocess_unknown_assistant() -> None:
     """python -m autocalls_async reply: the reply on stdout; an unknown assistant is one
     stderr line with ASSISTANT_NOT_FOUND, no traceback, a non-zero exit; the token never
-    shows. The second call waits for the host-wide limit's next slot (5/60: one every 12 s)
-    and says so on stderr first."""
+    shows. The second call goes at once (the window has room: 5 per 60 s); with a full window
+    (1 per 2 s here) a call waits for the host-wide limit's next slot and says so on stderr
+    first, evenly spaced or not."""
     token = f"{TOKEN}-{os.getpid()}-{time.time_ns()}"  # no slot of the host limiter used yet
     async with MockAutocalls(rate_limit=None) as server:
         env = {"AUTOCALLS_API_TOKEN": token, "AUTOCALLS_BASE_URL": server.base_url}
         ok = await run_cli("reply", "--assistant-id", "123", "--customer", "+1", "Hi", **env)
+        began = time.monotonic()
         bad = await run_cli("reply", "--assistant-id", "77", "--customer", "+1", "Hi", **env)
+        assert time.monotonic() - began < 10  # no wait for a slot (12 s, evenly spaced)
+        limited = ("reply", "--assistant-id", "123", "--customer", "+1", "--rate-limit", "1/2")
+        await run_cli(*limited, "Hi", **env)
+        waited = await run_cli(*limited, "Hi", **env)
+        await run_cli(*limited, "Hi", **env)
+        even = await run_cli(*limited, "--burst", "1", "Hi", **env)
     assert (ok.code, ok.out) == (0, "Hi there! Thanks for your message: Hi\n")
     assert (bad.code, bad.out, ok.err) == (4, "", "")
-    waiting, error = bad.err.splitlines()
-    assert waiting.startswith("autocalls-async: waiting for a rate-limit slot (5 per 60s")
-    assert "one every 12s" in waiting
+    (error,) = bad.err.splitlines()
     assert "ASSISTANT_NOT_FOUND" in error and "Traceback" not in bad.err
-    assert token not in ok.out + ok.err + bad.out + bad.err
+    assert waited.code == 0 and even.code == 0, waited.err + even.err
+    assert waited.err.startswith("autocalls-async: waiting for a rate-limit slot (1 per 2s")
+    assert "the last 1 started within 2s" in waited.err or "one every 2s" in waited.err
+    assert even.err.startswith("autocalls-async: waiting for a rate-limit slot (1 per 2s")
+    assert "one every 2s" in even.err
+    assert token not in ok.out + ok.err + bad.out + bad.err + waited.err + even.err
 
 
+@pytest.mark.timing
 async def test_demo_end_to_end() -> None:
     """demo: no environment, exit 0 well under 45 s, replies and the failing row shown."""
     started = time.monotonic()
@@ -560,6 +579,7 @@ async def wait_for_lines(out: Path, count: int, process: asyncio.subprocess.Proc
             await asyncio.sleep(0.02)
 
 
+@pytest.mark.timing
 @pytest.mark.slow
 async def test_sigkill_sigint_resume_exactly_once(tmp_path: Path) -> None:
     """SIGKILL mid-run, resume, SIGINT, resume: no message is sent twice. The rows in flight
@@ -639,6 +659,7 @@ async def test_sigkill_sigint_resume_exactly_once(tmp_path: Path) -> None:
             assert deduplicated == [f"msg {n + 1}" for n in range(40) if n % 5 == c]
 
 
+@pytest.mark.timing
 async def test_sigterm_then_sigint_stops_at_once(tmp_path: Path) -> None:
     """SIGTERM stops gracefully; a second signal stops at once: exit 130, nothing half-done
     is written, and a rerun sends the rows again."""
@@ -695,8 +716,8 @@ async def test_sigterm_then_sigint_stops_at_once(tmp_path: Path) -> None:
 )
 def test_exit_codes_and_hints(error: AutocallsError, code: int, hint: str) -> None:
     """Each error class maps to its documented exit code and a hint, on one line."""
-    assert _cli.exit_code_for(error) == code
-    line = _cli.describe(error)
+    assert cli_errors.exit_code_for(error) == code
+    line = cli_errors.describe(error)
     assert hint in line and "\n" not in line
     assert line.startswith(f"autocalls-async: {error_code(error)}")
 
@@ -709,11 +730,11 @@ def test_demo_output_on_a_terminal(
         {"id": 1, "ok": True, "customer_identifier": "+1", "reply": "Hello"},
         {"id": 2, "ok": False, "customer_identifier": "+2", "error_code": "X", "error": "bad"},
     ]
-    plain = _cli._Show()
+    plain = cli_demo.Show()
     plain.heading("title")
     plain.table(results)
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
-    rich = _cli._Show()
+    rich = cli_demo.Show()
     assert rich.console is not None
     rich.heading("title")
     rich.line("a line")

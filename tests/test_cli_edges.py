@@ -29,13 +29,20 @@ from autocalls_async import (
     AsyncAutocalls,
     InvalidRequestError,
     NotFoundError,
-    _cli,
+    cli,
 )
+from autocalls_async.cli import exits as cli_exits
+from autocalls_async.cli import mock_server as cli_mock
+from autocalls_async.cli import output as cli_output
+from autocalls_async.cli import reply as cli_reply
 from autocalls_async.testing import AccessRecord, Fault, MockAutocalls
 
 from ._env import child_env
 
-TOKEN = "edge-token-never-printed"
+#: This process's own: pytest-xdist's workers run these tests at the same time, each test with
+#: its own limiter directory, and one token kept in two places at once is said on the stderr
+#: the tests read ("two rate-limit schedules").
+TOKEN = f"edge-token-never-printed-{os.getpid()}"
 SUMMARY = re.compile(
     r"(?P<state>Done|Interrupted) in \S+: (?P<total>\d+) rows?: (?P<answered>\d+) answered, "
     r"(?P<failed>\d+) failed, (?P<skipped>\d+) skipped \(already in [^)]*\)"
@@ -135,6 +142,7 @@ async def test_bare_command_prints_the_help_on_stdout() -> None:
     assert "exit codes:" in bare.out and "start here: autocalls-async demo" in bare.out
 
 
+@pytest.mark.timing
 async def test_a_one_row_run_shows_no_rate_and_says_1_row(tmp_path: Path) -> None:
     """One row: no "12924% of the limit", no "1 rows"; the summary adds up. Twenty rows at a
     scaled limit: a measured rate, near the limit, never an absurd percentage."""
@@ -269,6 +277,7 @@ async def test_after_ctrl_c_the_summary_accounts_for_every_row(
 # -- reply: waits said out loud ----------------------------------------------------------------
 
 
+@pytest.mark.timing
 async def test_reply_says_it_waits_for_a_429_and_for_how_long() -> None:
     """A 429 with Retry-After: one stderr line says it waits and how long, then the reply;
     with no retry left, the hint quotes the Retry-After instead of "wait a minute"."""
@@ -291,6 +300,7 @@ async def test_reply_says_it_waits_for_a_429_and_for_how_long() -> None:
     assert "minute" not in refused.err
 
 
+@pytest.mark.timing
 async def test_after_a_429_the_limiter_wait_is_not_announced_twice() -> None:
     """With the client-side limiter (its limit above the server's), a 429 pauses the token:
     the retry's notice says why and how long; the slot wait that follows is not announced
@@ -311,7 +321,7 @@ def test_the_retry_notices_without_retry_after_and_for_other_errors() -> None:
     from autocalls_async import APIConnectionError, RateLimitError
 
     told: list[str] = []
-    policy = _cli.TellingRetryPolicy(max_retries=2, tell=told.append)
+    policy = cli_reply.TellingRetryPolicy(max_retries=2, tell=told.append)
     assert policy.decide(RateLimitError("slow", status=429), 0, lambda: 0.0) is not None
     assert policy.decide(APIConnectionError("refused", sent=False), 1, lambda: 0.0) is not None
     assert policy.decide(APIConnectionError("refused", sent=False), 2, lambda: 0.0) is None
@@ -340,7 +350,7 @@ async def test_a_wrong_base_url_says_so_with_its_own_exit_code(tmp_path: Path) -
             env=env_for(server),
         )
         sent = server.count()
-    assert no_api.code == 2 == _cli.EXIT_USAGE
+    assert no_api.code == 2 == cli_exits.EXIT_USAGE
     assert "NOT_FOUND (HTTP 404)" in no_api.err and "the base URL looks wrong" in no_api.err
     assert "https://app.autocalls.ai/api" in no_api.err and "--base-url" in no_api.err
     assert "see the message above" not in no_api.err
@@ -569,7 +579,15 @@ def test_mock_server_piped_into_head_stops_without_a_traceback() -> None:
     try:
         assert server.stdout is not None and server.stderr is not None
         assert server.stdout.readline().startswith(b"Autocalls emulator listening on")
-        server.stdout.close()  # as `head -1` does after its line
+        # The rest of the banner first: a reader gone while the banner is still being written
+        # (a loaded machine) fails the banner's own write, the server exits 1 at once, and the
+        # SIGTERM below may then find it exiting, its handler removed (-15). Then, as `head -1`
+        # does, it goes away: only the summary has nowhere to go.
+        banner = [b""]
+        while b"Ctrl-C stops" not in banner[-1]:
+            banner.append(server.stdout.readline())
+            assert banner[-1], banner  # not at its end: the server is still there
+        server.stdout.close()
         time.sleep(0.3)
         server.send_signal(signal.SIGTERM)
         err = server.stderr.read().decode()
@@ -589,14 +607,15 @@ def test_listen_problems_name_the_cause() -> None:
     import errno
 
     args = argparse.Namespace(host="127.0.0.1", port=80)
-    denied = _cli._listen_problem(args, OSError(errno.EACCES, "Permission denied"))
+    denied = cli_mock.listen_problem(args, OSError(errno.EACCES, "Permission denied"))
     assert "permission denied; use a port above 1023" in denied
-    other = _cli._listen_problem(args, OSError(errno.EADDRNOTAVAIL, "Cannot assign address"))
+    other = cli_mock.listen_problem(args, OSError(errno.EADDRNOTAVAIL, "Cannot assign address"))
     assert other == "cannot listen on 127.0.0.1:80: Cannot assign address"
     args.port = 0
-    assert "--port 8001" in _cli._listen_problem(args, OSError(errno.EADDRINUSE, "in use"))
+    assert "--port 8001" in cli_mock.listen_problem(args, OSError(errno.EADDRINUSE, "in use"))
 
 
+@pytest.mark.timing
 async def test_the_emulator_reports_every_request_to_on_request(token: str) -> None:
     """on_request gets one AccessRecord per request on any route: the endpoint, the admin
     routes, an unknown route, a dropped connection (status None); the token only as an id."""
@@ -672,7 +691,7 @@ def test_the_demo_says_when_it_cannot_write_its_files(
     """--dir that cannot be created: one line, exit 2, nothing run."""
     blocker = tmp_path / "file"
     blocker.write_text("")
-    assert _cli.main(["demo", "--dir", str(blocker / "sub")]) == 2
+    assert cli.main(["demo", "--dir", str(blocker / "sub")]) == 2
     assert "cannot write the demo's files in" in capsys.readouterr().err
 
 
@@ -683,7 +702,7 @@ def test_notices_wrap_between_words_on_a_terminal(
     notice = "waiting for a rate-limit slot (5 per 60s for this token: one every 12s)"
     monkeypatch.setenv("COLUMNS", "40")
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    _cli._tell(notice)
+    cli_output.tell(notice)
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) > 1 and all(len(line) < 40 for line in lines)
     assert " ".join(line.strip() for line in lines) == f"autocalls-async: {notice}"

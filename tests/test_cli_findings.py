@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from autocalls_async import _cli
 from autocalls_async._bulkio import InputFile
+from autocalls_async.cli import progress as cli_progress
 from autocalls_async.testing import MockAutocalls
 
 from .test_cli_edges import TOKEN, Run, env_for, result_lines, run, start
@@ -172,10 +172,10 @@ async def test_bulk_and_its_dry_run_honour_max_request_bytes(tmp_path: Path) -> 
 
 
 def test_send_time_the_first_request_starts_at_once() -> None:
-    assert _cli.send_time(0, 12.0) == 0.0
-    assert _cli.send_time(1, 12.0) == 0.0
-    assert _cli.send_time(4, 12.0) == 36.0
-    assert _cli.send_time(4, 12.0, first_at_once=False) == 48.0
+    assert cli_progress.send_time(0, 12.0) == 0.0
+    assert cli_progress.send_time(1, 12.0) == 0.0
+    assert cli_progress.send_time(4, 12.0) == 36.0
+    assert cli_progress.send_time(4, 12.0, first_at_once=False) == 48.0
 
 
 @pytest.mark.parametrize(

@@ -197,6 +197,7 @@ async def test_503_exhausts_retries(server: MockAutocalls, make_client: Make) ->
     assert len(server.requests) == 3
 
 
+@pytest.mark.timing
 async def test_429_is_retried_after_retry_after_and_pauses_everyone(
     server: MockAutocalls, make_client: Make
 ) -> None:
@@ -227,6 +228,7 @@ async def test_429_after_retries_raises_rate_limit_error(
     assert client.stats.rate_limited == 3
 
 
+@pytest.mark.timing
 async def test_429_longer_than_max_wait_is_raised_at_once(
     server: MockAutocalls, make_client: Make
 ) -> None:

@@ -255,6 +255,7 @@ async def test_refused_calls_give_the_budget_back(server: MockAutocalls, make_cl
     assert refused.usage.sent == 0 and refused.usage.remaining == 1
 
 
+@pytest.mark.timing
 async def test_budget_waiters_do_not_take_slots(make_client: Make) -> None:
     """Over budget, a call fails at once instead of waiting for a rate-limit slot first."""
     async with MockAutocalls(rate_limit=None) as server:

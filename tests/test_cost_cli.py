@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from autocalls_async import _cli
+from autocalls_async import cli
+from autocalls_async.cli import exits as cli_exits
 from autocalls_async.testing import MockAutocalls
 
 from .test_cli import TOKEN, read_lines, run_cli, write_csv
@@ -42,7 +43,7 @@ async def test_balance_3_stops_after_4_requests_and_a_rerun_sends_the_rest(
     argv = ("bulk", str(source), "--out", str(out), *FAST)
     async with MockAutocalls(rate_limit=None, balance=3) as server:
         first = await run_cli(*argv, **env_for(server))
-        assert first.code == _cli.EXIT_BALANCE == 5, first.err
+        assert first.code == cli_exits.EXIT_BALANCE == 5, first.err
         assert server.count() == 4 and server.count(402) == 1
         assert [line["ok"] for line in read_lines(out)] == [True] * 3
         assert "Stopped at the first INSUFFICIENT_BALANCE: 7 rows left unsent" in first.out
@@ -83,7 +84,7 @@ async def test_max_replies_dry_run_and_e164(tmp_path: Path) -> None:
     argv = ("bulk", str(source), "--out", str(out), "--e164", "US", *FAST)
     async with MockAutocalls(rate_limit=None) as server:
         first = await run_cli(*argv, "--max-replies", "2", **env_for(server))
-        assert first.code == _cli.EXIT_MAX_REPLIES == 9, first.err
+        assert first.code == cli_exits.EXIT_MAX_REPLIES == 9, first.err
         assert server.count() == 2
         assert "Stopped at --max-replies: 4 rows left unsent" in first.out
         by_row = {line["row"]: line for line in read_lines(out)}
@@ -162,7 +163,7 @@ async def test_a_wrong_token_stops_at_the_first_401(tmp_path: Path) -> None:
     argv = ("bulk", str(source), "--out", str(out), *FAST)
     async with MockAutocalls(rate_limit=None, tokens=[TOKEN]) as server:
         wrong = await run_cli(*argv, **env_for(server, token="not-the-token"))
-        assert wrong.code == _cli.EXIT_AUTH == 3, wrong.err
+        assert wrong.code == cli_exits.EXIT_AUTH == 3, wrong.err
         assert server.count() == 1 and server.count(401) == 1
         assert "Stopped at the first UNAUTHENTICATED: 5 rows left unsent" in wrong.out
         assert "check AUTOCALLS_API_TOKEN" in wrong.out
@@ -184,7 +185,7 @@ def test_cost_option_errors(
 ) -> None:
     """Bad cost options are usage errors that say what is wrong."""
     source = write_csv(tmp_path / "in.csv", [{"assistant_id": 1, "customer_identifier": "x"}])
-    code = _cli.main(["bulk", str(source), "--out", str(tmp_path / "o.jsonl"), *extra])
+    code = cli.main(["bulk", str(source), "--out", str(tmp_path / "o.jsonl"), *extra])
     assert code == 2
     assert says in capsys.readouterr().err
 
@@ -194,9 +195,9 @@ def test_dry_run_refuses_a_bad_file(tmp_path: Path, capsys: pytest.CaptureFixtur
     bad = tmp_path / "bad.csv"
     bad.write_text("assistant_id,message\n1,hi\n", encoding="utf-8")
     out = str(tmp_path / "o.jsonl")
-    assert _cli.main(["bulk", str(bad), "--out", out, "--dry-run"]) == 2
+    assert cli.main(["bulk", str(bad), "--out", out, "--dry-run"]) == 2
     assert "lacks the required column(s) customer_identifier" in capsys.readouterr().err
-    assert _cli.main(["bulk", str(tmp_path / "none.csv"), "--out", out, "--dry-run"]) == 2
+    assert cli.main(["bulk", str(tmp_path / "none.csv"), "--out", out, "--dry-run"]) == 2
     assert "no such file" in capsys.readouterr().err
     assert not (tmp_path / "o.jsonl").exists()
 
@@ -207,7 +208,7 @@ def test_dry_run_without_a_rate_limit(tmp_path: Path, capsys: pytest.CaptureFixt
         tmp_path / "in.csv", [{"assistant_id": 1, "customer_identifier": "x", "message": "m"}]
     )
     argv = ["bulk", str(source), "--out", str(tmp_path / "o.jsonl"), "--dry-run"]
-    assert _cli.main([*argv, "--rate-limit", "none"]) == 0
+    assert cli.main([*argv, "--rate-limit", "none"]) == 0
     assert "time: no client-side rate limit" in capsys.readouterr().out
 
 

@@ -81,10 +81,13 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 def check_arrivals(times: list[float], rate: RateLimit = RATE) -> None:
-    """The rolling window, and the gap a no-burst leaky bucket needs, as the server saw them."""
+    """The rolling window, and evenly spaced (``burst=1``) the gap a no-burst leaky bucket
+    needs, as the server saw them."""
     times = sorted(times)
     for first, last in zip(times, times[rate.requests :], strict=False):
         assert last - first >= rate.period - JITTER, (first, last)
+    if rate.bursts > 1:
+        return
     spacing = rate.period / rate.requests
     for a, b in itertools.pairwise(times):
         assert b - a >= spacing - JITTER, (a, b)
@@ -94,14 +97,14 @@ CHILD = """
 import asyncio, json, sys
 from autocalls_async import AsyncAutocalls, RateLimit
 
-async def main(base_url, token, name, calls, store, margin):
-    rate = RateLimit(5, 1.0, margin=margin)
+async def main(base_url, token, name, calls, store, margin, burst, retries):
+    rate = RateLimit(5, 1.0, margin=margin, burst=None if burst == "none" else int(burst))
     limiter = None
     if store.startswith("redis://"):
         from autocalls_async import RedisRateLimiter
         limiter = RedisRateLimiter(store, rate_limit=rate, prefix="deploy:")
     async with AsyncAutocalls(token, base_url=base_url, rate_limit=rate, limiter=limiter,
-                              max_retries=0) as client:
+                              max_retries=retries) as client:
         print("ready", flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
 
@@ -117,12 +120,19 @@ async def main(base_url, token, name, calls, store, margin):
     if limiter is not None:
         await limiter.aclose()
 
-asyncio.run(main(*sys.argv[1:4], int(sys.argv[4]), sys.argv[5], float(sys.argv[6])))
+asyncio.run(main(*sys.argv[1:4], int(sys.argv[4]), sys.argv[5], float(sys.argv[6]),
+                 sys.argv[7], int(sys.argv[8])))
 """
 
 
 async def run_children(
-    base_url: str, store: str, processes: int = 3, calls: int = 6, margin: float = 0.02
+    base_url: str,
+    store: str,
+    processes: int = 3,
+    calls: int = 6,
+    margin: float = 0.02,
+    burst: int | None = None,
+    retries: int = 0,
 ) -> None:
     """``processes`` OS processes with ``calls`` concurrent calls each, started together."""
     children = [
@@ -136,6 +146,8 @@ async def run_children(
             str(calls),
             store,
             str(margin),
+            "none" if burst is None else str(burst),
+            str(retries),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -167,6 +179,7 @@ async def run_children(
 # ---------------------------------------------------------------------- processes
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("store", ["host", "redis"])
 async def test_processes_share_one_token(
     strict: MockAutocalls, store: str, request: pytest.FixtureRequest
@@ -182,22 +195,26 @@ async def test_processes_share_one_token(
     assert time.monotonic() - began < 17 * 0.2 * 1.3 + 10  # the full rate (+ start-up)
 
 
+@pytest.mark.timing
 async def test_processes_on_one_host_behind_a_no_burst_nginx(
     nginx: NginxLimiter, open_server: MockAutocalls
 ) -> None:
-    """The same behind nginx limit_req rate=5r/s without burst: every request accepted."""
-    await run_children(nginx.base_url, "host", margin=NGINX_MARGIN)
+    """The same behind nginx limit_req rate=5r/s without burst, told so (``burst=1``): every
+    request accepted."""
+    await run_children(nginx.base_url, "host", margin=NGINX_MARGIN, burst=1)
     assert len(open_server.requests) == 18
 
 
+@pytest.mark.timing
 async def test_processes_via_redis_behind_a_no_burst_nginx(
     nginx: NginxLimiter, open_server: MockAutocalls, redis_server: RedisServer
 ) -> None:
     """3 processes sharing one token through Redis, behind nginx without burst: no 429."""
-    await run_children(nginx.base_url, redis_server.url, margin=NGINX_MARGIN)
+    await run_children(nginx.base_url, redis_server.url, margin=NGINX_MARGIN, burst=1)
     assert len(open_server.requests) == 18
 
 
+@pytest.mark.timing
 async def test_back_to_back_command_lines_share_the_limit(strict: MockAutocalls) -> None:
     """Five `autocalls-async reply` runs in a row on one token: spaced, no 429."""
     env = {**os.environ, "AUTOCALLS_API_TOKEN": "cli-token", "AUTOCALLS_BASE_URL": strict.base_url}
@@ -226,6 +243,7 @@ async def test_back_to_back_command_lines_share_the_limit(strict: MockAutocalls)
     check_arrivals([r.time for r in strict.requests], RateLimit(2, 1.0))
 
 
+@pytest.mark.timing
 async def test_max_wait_is_refused_at_once_when_another_process_is_busy(
     open_server: MockAutocalls, tmp_path: Path
 ) -> None:
@@ -268,6 +286,7 @@ async def test_max_wait_is_refused_at_once_when_another_process_is_busy(
 # ---------------------------------------------------------------------- loops and threads
 
 
+@pytest.mark.timing
 async def test_event_loops_in_threads_share_the_limit(strict: MockAutocalls) -> None:
     """asyncio.run per task in four threads (Celery, a thread pool), plus this loop: no 429."""
     rate = RateLimit(2, 1.0)
@@ -322,6 +341,7 @@ class SlowFirstResolver(aiohttp.abc.AbstractResolver):
         pass
 
 
+@pytest.mark.timing
 async def test_a_callers_session_with_a_slow_first_connection(strict: MockAutocalls) -> None:
     """session= keeps the start-is-the-write rule: a 0.5 s DNS lookup delays the next start."""
     connector = aiohttp.TCPConnector(resolver=SlowFirstResolver(), force_close=True)
@@ -345,6 +365,7 @@ async def test_a_callers_session_with_a_slow_first_connection(strict: MockAutoca
     check_arrivals([r.time for r in strict.requests])
 
 
+@pytest.mark.timing
 async def test_a_busy_event_loop_behind_a_no_burst_nginx(
     nginx: NginxLimiter, open_server: MockAutocalls
 ) -> None:
@@ -361,7 +382,7 @@ async def test_a_busy_event_loop_behind_a_no_burst_nginx(
         async with AsyncAutocalls(
             "busy",
             base_url=nginx.base_url,
-            rate_limit=RateLimit(5, 1.0, margin=NGINX_MARGIN),
+            rate_limit=RateLimit(5, 1.0, margin=NGINX_MARGIN, burst=1),
             max_retries=0,
         ) as client:
             await asyncio.gather(
@@ -381,6 +402,7 @@ async def test_a_busy_event_loop_behind_a_no_burst_nginx(
 # ---------------------------------------------------------------------- 429s and rate changes
 
 
+@pytest.mark.timing
 async def test_a_429_that_is_raised_still_pauses_every_waiter(strict: MockAutocalls) -> None:
     """max_retries=0: the 429 is raised, and no other call starts before its Retry-After."""
     strict.inject(Fault.rate_limited(retry_after=1))
@@ -447,6 +469,7 @@ async def test_a_dead_process_does_not_block_a_rate_change(
 # ---------------------------------------------------------------------- the store itself
 
 
+@pytest.mark.timing
 async def test_an_unusable_directory(
     open_server: MockAutocalls,
     tmp_path: Path,
@@ -522,6 +545,7 @@ async def test_a_directory_others_can_write_is_refused(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------- found in review
 
 
+@pytest.mark.timing
 async def test_a_stalled_lock_holder_makes_others_wait_not_fall_back(
     strict: MockAutocalls, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -559,6 +583,7 @@ async def test_a_stalled_lock_holder_makes_others_wait_not_fall_back(
     check_arrivals([r.time for r in strict.requests])
 
 
+@pytest.mark.timing
 async def test_a_deleted_host_file_is_noticed(open_server: MockAutocalls) -> None:
     """`rm -rf` of the limiter directory between calls: a long-lived process joins the new file
     that a newcomer creates, instead of keeping a schedule of its own."""
@@ -589,13 +614,15 @@ async def test_a_deleted_host_file_is_noticed(open_server: MockAutocalls) -> Non
     check_arrivals([r.time for r in open_server.requests if r.time >= since])
 
 
+@pytest.mark.timing
 async def test_callers_who_gave_up_do_not_count_ahead(open_server: MockAutocalls) -> None:
     """Another process queued 10 calls and cancelled them: a max_wait beside it is not refused
-    for callers who are gone."""
+    for callers who are gone (evenly spaced: one of them started, the others were queued)."""
+    even = RateLimit(5, 1.0, burst=1)
     async with (
-        HostRateLimiter(rate_limit=RATE) as theirs,
+        HostRateLimiter(rate_limit=even) as theirs,
         AsyncAutocalls("gone", base_url=open_server.base_url, limiter=theirs) as other,
-        AsyncAutocalls("gone", base_url=open_server.base_url, rate_limit=RATE) as web,
+        AsyncAutocalls("gone", base_url=open_server.base_url, rate_limit=even) as web,
     ):
         queued = [
             asyncio.create_task(
@@ -613,6 +640,7 @@ async def test_callers_who_gave_up_do_not_count_ahead(open_server: MockAutocalls
         )
 
 
+@pytest.mark.timing
 async def test_a_callers_session_that_raises_for_status(strict: MockAutocalls) -> None:
     """session=ClientSession(raise_for_status=True): a 429 still pauses and is retried, and a
     404 is still a typed error."""

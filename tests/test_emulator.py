@@ -202,6 +202,7 @@ async def test_disable_ai_records_message_without_reply(
     assert server.balance_remaining == 0
 
 
+@pytest.mark.timing
 async def test_reply_delay_is_observed(session: aiohttp.ClientSession) -> None:
     """reply_delay makes a successful reply take that long."""
     async with MockAutocalls(rate_limit=None, reply_delay=0.2) as server:
@@ -518,6 +519,7 @@ async def test_unknown_route_and_wrong_method_get_laravel_messages(
 # -- throttle --------------------------------------------------------------------------------
 
 
+@pytest.mark.timing
 async def test_rolling_limit_in_real_time(session: aiohttp.ClientSession) -> None:
     """5 per 1.5 s (scaled): the 6th gets a full 429; once the window rolls on it passes."""
     async with MockAutocalls(rate_limit=(5, 1.5)) as server:
@@ -557,6 +559,7 @@ async def test_rolling_window_boundaries(session: aiohttp.ClientSession) -> None
         assert server.requests[0].time == 1000.0
 
 
+@pytest.mark.timing
 async def test_fixed_window_is_laravels(session: aiohttp.ClientSession) -> None:
     """Fixed: a window opens at the first hit; a burst at a window edge is allowed."""
     clock = FakeClock()
@@ -688,6 +691,7 @@ async def test_status_fault_bodies(server: MockAutocalls, session: aiohttp.Clien
         Fault.status(101)
 
 
+@pytest.mark.timing
 async def test_rate_limited_fault_looks_like_the_throttle(
     session: aiohttp.ClientSession,
 ) -> None:
@@ -736,6 +740,7 @@ async def test_malformed_json_fault(server: MockAutocalls, session: aiohttp.Clie
         assert server.requests[-1].processed is expected_processed
 
 
+@pytest.mark.timing
 async def test_slow_fault_is_processed_before_the_delay(
     server: MockAutocalls, session: aiohttp.ClientSession
 ) -> None:

@@ -96,6 +96,7 @@ async def test_streamed_body_past_the_cap_is_not_read_whole(hostile: Start) -> N
     assert sent < 200 * 1024 * 1024  # the client stopped reading long before the end
 
 
+@pytest.mark.timing
 async def test_dripping_server_is_bounded_by_the_timeout(hostile: Start) -> None:
     """One byte a second never completes: the attempt ends at `timeout`, not retried."""
 
@@ -162,6 +163,7 @@ async def test_truncated_body_is_a_connection_error_not_retried(hostile: Start) 
     assert server.hits == 1
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize(
     ("retry_after", "retried"),
     [("garbage", True), ("-5", True), ("Wed, 21 Oct 2015 07:28:00 GMT", True), ("86400", False)],

@@ -63,6 +63,8 @@ def check_arrivals(times: list[float], rate: RateLimit = RATE) -> None:
     times = sorted(times)
     for first, last in zip(times, times[rate.requests :], strict=False):
         assert last - first >= rate.period - JITTER, (first, last)
+    if rate.bursts > 1:
+        return  # the window is the schedule; two schedules would show as 6+ in one
     spacing = rate.period / rate.requests
     for a, b in itertools.pairwise(times):
         assert b - a >= spacing - GAP_JITTER, (a, b)
@@ -210,6 +212,7 @@ def new_token() -> str:
 # ---------------------------------------------------------------------- one place per user
 
 
+@pytest.mark.timing
 async def test_processes_of_one_user_share_whatever_their_environment(
     strict: MockAutocalls, tmp_path: Path
 ) -> None:
@@ -460,7 +463,9 @@ def test_forged_times_cannot_stall_a_token_for_good(tmp_path: Path) -> None:
         "last": far,
         "holder": "x",
         "lease": far,
-        "users": {"ghost:1:2:3:4": [1, 9.0, 0.02, "nowhere", far]},
+        "records": [[far, 5]],
+        "clear": far,
+        "users": {"ghost:1:2:3:4": [1, 9.0, 0.02, 1, "nowhere", far]},
         "queued": {"ghost:1:2:3:4": [[100, 0.0, 0.0, 0.0], None, far]},
     }
     store.try_update(KEY, lambda state, now: setattr(state, "due", now + 1))
@@ -582,6 +587,7 @@ async def test_a_deleted_database_is_noticed_and_joined_again(tmp_path: Path) ->
     await newcomer.aclose()
 
 
+@pytest.mark.serial
 async def test_two_schedules_for_one_token_are_said(
     strict: MockAutocalls, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
@@ -640,6 +646,7 @@ async def test_autocalls_redis_url_makes_the_default_redis(
 # ---------------------------------------------------------------------- kernels' namespaces
 
 
+@pytest.mark.timing
 async def test_a_process_in_a_time_namespace_keeps_one_schedule(
     strict: MockAutocalls, tmp_path: Path
 ) -> None:
@@ -715,6 +722,7 @@ def outside() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.mark.timing
 async def test_two_os_users_share_one_token_through_a_group_directory(
     strict: MockAutocalls, outside: Path
 ) -> None:
@@ -819,6 +827,7 @@ print(json.dumps({"failed": failed, "before": before, "after": after, "results":
 """
 
 
+@pytest.mark.timing
 async def test_a_full_disk_keeps_the_schedule_and_never_resets_it(
     strict: MockAutocalls, tmp_path: Path
 ) -> None:
@@ -969,6 +978,7 @@ def redis_server() -> Iterator[Any]:
     server.stop()
 
 
+@pytest.mark.serial
 async def test_a_redis_process_beside_the_host_store_is_said(
     strict: MockAutocalls, redis_server: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1137,6 +1147,7 @@ def test_an_unusable_default_store_leaves_ids_and_notes_working(
 # ---------------------------------------------------------------------- found by the break round
 
 
+@pytest.mark.serial
 async def test_processes_with_and_without_autocalls_limiter_dir_are_said(
     strict: MockAutocalls, tmp_path: Path
 ) -> None:

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
 from autocalls_async import (
@@ -22,12 +23,14 @@ from autocalls_async import (
     RateLimit,
     RateLimiter,
     Slot,
-    _cli,
+    cli,
 )
 from autocalls_async._client import ClientStats
 from autocalls_async._ratelimit import Limiter
 from autocalls_async._wire import stated_limit
 from autocalls_async.bulk import BulkRunner, generated_requests
+from autocalls_async.cli import job as cli_job
+from autocalls_async.cli import progress as cli_progress
 from autocalls_async.testing import Fault, MockAutocalls
 
 from .test_cli import ThreadedServer
@@ -108,12 +111,12 @@ def test_bulk_command_priority(
             super().__init__(*args, **kwargs)
             seen.append(self.priority)
 
-    monkeypatch.setattr(_cli, "BulkRunner", Runner)
+    monkeypatch.setattr(cli_job, "BulkRunner", Runner)
     source = tmp_path / "in.csv"
     source.write_text("assistant_id,customer_identifier,message\n123,a,hi\n")
     argv = ["bulk", str(source), "--out", str(tmp_path / "out.jsonl"), "--progress", "off"]
     argv += ["--rate-limit", "100/1", *option]
-    assert _cli.main(argv) == 0
+    assert cli.main(argv) == 0
     assert seen == [expected]
 
 
@@ -124,12 +127,12 @@ def test_eta_counts_the_slots_other_traffic_took() -> None:
     """Before a few starts: the limit's pace. Then the pace this run measured (never faster
     than the limit), and the share of slots others took in the progress figures."""
     rate = RateLimit(5, 1.0)
-    clock = _cli.StartClock(LocalRateLimiter(rate))
-    meter = _cli.Meter(100, rate, ClientStats(), starts=clock)
+    clock = cli_progress.StartClock(LocalRateLimiter(rate))
+    meter = cli_progress.Meter(100, rate, ClientStats(), starts=clock)
     # nothing started yet: the first row starts at once, the 99 others an interval apart
     assert meter.eta() == pytest.approx(99 * rate.interval)
     assert meter.share() is None and "other traffic" not in meter.figures()
-    for n in range(_cli.PACE_MIN_STARTS):  # interactive calls took every other slot
+    for n in range(cli_progress.PACE_MIN_STARTS):  # interactive calls took every other slot
         clock.recent.append(n * 2 * rate.interval)
         clock.recent_lost.append(1)  # each start waited through one slot another call took
     clock.count = len(clock.recent)
@@ -137,7 +140,7 @@ def test_eta_counts_the_slots_other_traffic_took() -> None:
     assert meter.share() == pytest.approx(0.5)
     assert "(50% of slots to other traffic)" in meter.figures()
     clock.recent.clear()
-    for n in range(_cli.PACE_WINDOW + 3):  # alone again: the last starts at the full rate
+    for n in range(cli_progress.PACE_WINDOW + 3):  # alone again: the last starts at the full rate
         clock.recent.append(1000 + n * rate.interval * 0.99)
         clock.recent_lost.append(0)
     assert meter.eta() == pytest.approx(100 * rate.interval)
@@ -145,7 +148,7 @@ def test_eta_counts_the_slots_other_traffic_took() -> None:
     # Slow, but no slot went to anyone else (reply latency, a small --concurrency): no
     # "other traffic" (it said 76% when nothing else used the token).
     clock.recent.clear()
-    for n in range(_cli.PACE_WINDOW):
+    for n in range(cli_progress.PACE_WINDOW):
         clock.recent.append(2000 + n * 4 * rate.interval)
         clock.recent_lost.append(0)
     assert meter.share() == pytest.approx(0.25) and "other traffic" not in meter.figures()
@@ -153,12 +156,13 @@ def test_eta_counts_the_slots_other_traffic_took() -> None:
     assert meter.eta() == 0.0
 
 
+@pytest.mark.timing
 async def test_the_start_clock_keeps_the_last_starts(server: MockAutocalls, token: str) -> None:
-    clock = _cli.StartClock(LocalRateLimiter(FAST))
-    for _ in range(_cli.PACE_WINDOW + 2):
+    clock = cli_progress.StartClock(LocalRateLimiter(attrs.evolve(FAST, burst=1)))
+    for _ in range(cli_progress.PACE_WINDOW + 2):
         async with clock.slot(token) as slot:
             slot.sent()
-    assert len(clock.recent) == _cli.PACE_WINDOW
+    assert len(clock.recent) == cli_progress.PACE_WINDOW
     pace = clock.pace()
     assert pace is not None and pace >= FAST.interval * 0.5
 
@@ -242,13 +246,14 @@ async def test_a_server_limit_that_matches_is_silent(
     assert not warnings_of(caplog)
 
 
+@pytest.mark.timing
 async def test_from_server_adopts_the_stated_limit_after_the_first_response(
     token: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Default 5/1s; the server states 150 per minute (2.5/s): from the second call on, starts
     are 0.4 s apart (never faster than stated), no 429; a later 429 still pauses."""
     caplog.set_level(logging.INFO, logger="autocalls_async")
-    follow = RateLimit.from_server(default=RateLimit(5, 1.0))
+    follow = RateLimit.from_server(default=RateLimit(5, 1.0, burst=1))
     async with (
         MockAutocalls(rate_limit=(150, 60.0)) as server,
         AsyncAutocalls(token, base_url=server.base_url, rate_limit=follow) as client,
@@ -257,7 +262,8 @@ async def test_from_server_adopts_the_stated_limit_after_the_first_response(
         assert client.stats.server_limit == RateLimit(150, 60.0)
         limiter = client._limiter
         assert isinstance(limiter, Limiter) and isinstance(limiter.fallback, Limiter)
-        assert limiter.rate_limit == limiter.fallback.rate_limit == RateLimit(150, 60.0)
+        adopted = RateLimit(150, 60.0, burst=1)  # the burst stays ours
+        assert limiter.rate_limit == limiter.fallback.rate_limit == adopted
         await asyncio.gather(*(call(client, n) for n in range(1, 5)))
         gaps = [b.time - a.time for a, b in itertools.pairwise(server.requests)]
         assert all(gap >= 0.4 - 0.003 for gap in gaps), gaps

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,7 @@ async def ask(client: AsyncAutocalls, customer: str = "+14155551234") -> str:
 # -- the client fixture, here -----------------------------------------------------------------
 
 
+@pytest.mark.timing
 async def test_two_calls_are_instant(
     autocalls_client: AsyncAutocalls, autocalls_server: MockAutocalls
 ) -> None:
@@ -43,6 +47,7 @@ async def test_two_calls_are_instant(
     assert autocalls_client.base_url.port == int(autocalls_server.base_url.split(":")[2][:-4])
 
 
+@pytest.mark.timing
 @pytest.mark.autocalls_server(rate_limit=(4, 0.5))
 async def test_the_client_keeps_the_emulators_limit_in_its_own_store(
     autocalls_client: AsyncAutocalls, autocalls_server: MockAutocalls
@@ -65,6 +70,7 @@ async def test_the_client_uses_the_emulators_token(
     assert autocalls_server.count(200) == 1
 
 
+@pytest.mark.timing
 async def test_retries_do_not_back_off_for_seconds(
     autocalls_client: AsyncAutocalls, autocalls_server: MockAutocalls
 ) -> None:
@@ -138,22 +144,84 @@ async def test_marker(autocalls_client):
 """
 
 
+#: Where clean venvs are kept between the two phases of `make unit` (built by the parallel
+#: one, used by the timing tests after it): one per digest of what the install reads.
+VENVS = Path(tempfile.gettempdir()) / "autocalls-async-clean-venvs"
+#: A venv older than this is built again: the dependencies resolve as they would today.
+FRESH = 3600.0
+
+
+def _digest() -> str:
+    """What ``pip install REPO[testing]`` installs from this checkout (the package and its
+    metadata), and the interpreter that makes the venv."""
+    digest = hashlib.sha256(sys.version.encode())
+    for path in [REPO / name for name in ("pyproject.toml", "README.md", "LICENSE")] + sorted(
+        (REPO / "autocalls_async").rglob("*")
+    ):
+        if path.is_file() and "__pycache__" not in path.parts:
+            digest.update(f"{path.relative_to(REPO)}\0{len(path.read_bytes())}\0".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 @pytest.fixture(scope="module")
-def clean_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def clean_venv() -> Path:
     """A new venv with only ``autocalls-async[testing]`` installed (from the local mirror
-    that pip's configuration names), as a user's first ``pip install`` makes it."""
-    venv = tmp_path_factory.mktemp("clean") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    python = venv / "bin" / "python"
-    installed = subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", f"{REPO}[testing]"],
+    that pip's configuration names), as a user's first ``pip install`` makes it: made once
+    per checkout's content and hour, so that the timing tests below reuse the one the
+    parallel phase made (the install takes longer than all of them)."""
+    VENVS.mkdir(exist_ok=True)
+    key = _digest()
+    with (VENVS / f"{key}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time; the others wait and reuse it
+        now = time.time()
+        for old in VENVS.glob("*-*"):
+            if now - old.stat().st_mtime > 2 * FRESH:
+                shutil.rmtree(old, ignore_errors=True)
+        built = sorted(VENVS.glob(f"{key}-*"))
+        if built and now - built[-1].stat().st_mtime < FRESH:
+            return built[-1] / "bin" / "python"
+        venv = VENVS / f"{key}-{int(now)}"
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+        python = venv / "bin" / "python"
+        installed = subprocess.run(
+            [str(python), "-m", "pip", "install", "--quiet", f"{REPO}[testing]"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=_clean_env(),
+        )
+        if installed.returncode:
+            shutil.rmtree(venv, ignore_errors=True)
+        assert installed.returncode == 0, installed.stdout + installed.stderr
+        os.utime(venv)  # dated when complete
+        return python
+
+
+def test_the_testing_extra_brings_the_plugin_and_nothing_of_the_other_extras(
+    clean_venv: Path,
+) -> None:
+    """The clean venv (also what the parallel phase of `make unit` builds for the timing tests
+    below): its requirements are consistent, the plugin and pytest-asyncio import, and none of
+    the other extras came with it."""
+    checked = subprocess.run(
+        [str(clean_venv), "-m", "pip", "check"], capture_output=True, text=True, timeout=120
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    program = (
+        "import importlib.util as u, autocalls_async.testing.pytest_plugin, pytest_asyncio\n"
+        "print([m for m in ('redis', 'rich', 'phonenumbers', 'opentelemetry') if u.find_spec(m)])"
+    )
+    found = subprocess.run(
+        [str(clean_venv), "-c", program],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=120,
         env=_clean_env(),
+        cwd=clean_venv.parent,  # not this checkout: the installed package is imported
     )
-    assert installed.returncode == 0, installed.stdout + installed.stderr
-    yield python
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.strip() == "[]"
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
@@ -163,6 +231,7 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.mark.timing
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("mode", "scope"), [("strict", "function"), ("auto", "function"), ("strict", "session")]

@@ -37,15 +37,19 @@ pause = st.tuples(st.floats(0, 5, allow_nan=False), st.floats(0, 2, allow_nan=Fa
     pauses=st.lists(pause, max_size=3),
     requests=st.integers(1, 6),
     period=st.sampled_from([0.5, 1.0, 60.0]),
+    burst=st.none() | st.integers(1, 6),
 )
 def test_guarantee_fifo_and_pauses_hold_for_any_schedule(
     callers: list[tuple[float, float, float | None]],
     pauses: list[tuple[float, float]],
     requests: int,
     period: float,
+    burst: int | None,
 ) -> None:
-    """Random arrivals, late sends, cancellations and pauses never break the limiter's promises."""
-    rate = RateLimit(requests, period)
+    """Random arrivals, late sends, cancellations and pauses never break the limiter's promises,
+    whatever the burst."""
+    rate = RateLimit(requests, period, burst=None if burst is None else min(burst, requests))
+    bursts = rate.bursts
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
@@ -99,13 +103,30 @@ def test_guarantee_fifo_and_pauses_hold_for_any_schedule(
         for index, when in grants:
             for at, until in issued:
                 assert not at + EPS < when < until - EPS, (index, when, at, until)
-        # 4. Work-conserving: a grant comes as soon as spacing and pauses allow, never later.
-        previous_start = -float("inf")
+        # 4. The burst: k + 1 consecutive starts, k >= burst, span (k + 1 - burst) spacings
+        # (less the tolerance).
+        tolerance = period / requests * rate.margin / 2
+        for i, j in itertools.combinations(range(len(starts)), 2):
+            if j - i >= bursts and bursts < requests:
+                least = (j - i + 1 - bursts) * rate.interval - tolerance
+                assert starts[j] - starts[i] >= least - EPS, (i, j, bursts)
+        # 5. Work-conserving: a grant comes as soon as the window, the spacing and pauses
+        # allow, never later (computed from the real starts, which the schedule's records
+        # never exceed). A pause (a 429) after a burst spaces the token evenly from then on.
+        before: list[float] = []
+        tat = -float("inf")
         for (index, when), start in zip(grants, sorted(starts), strict=False):
             paused_until = max((u for at, u in issued if at <= when + EPS), default=-1.0)
-            earliest = max(arrival[index], previous_start + rate.interval, paused_until)
+            window = before[-requests] + rate.window if len(before) >= requests else -1.0
+            learned = any(at <= when + EPS for at, _ in issued) and len(before) > 1
+            spacing = tat - (bursts - 1) * rate.interval if bursts < requests else -1.0
+            if learned:
+                spacing = tat
+            previous = before[-1] if before else -1.0  # one grant at a time
+            earliest = max(arrival[index], previous, window, spacing, paused_until)
             assert when <= earliest + EPS, (index, when, earliest)
-            previous_start = start
+            before.append(start)
+            tat = max(tat, start) + rate.interval
         # Every caller that was not cancelled got through.
         assert all(t.done() for t in tasks)
         assert loop.time() - t0 < 10_000
@@ -114,11 +135,42 @@ def test_guarantee_fifo_and_pauses_hold_for_any_schedule(
 
 
 def test_full_sustained_rate_on_virtual_clock() -> None:
-    """100 queued calls start exactly one interval apart: the full rate, not a burst."""
+    """100 queued calls: 5 at once, then 5 more each window, to the microsecond: the full rate
+    of a rolling window, never one start more."""
 
     async def scenario() -> list[float]:
         loop = asyncio.get_running_loop()
         limiter = LocalRateLimiter(RateLimit(5, 60.0), clock=asyncio.get_running_loop().time)
+        key = fresh_key()
+        starts: list[float] = []
+
+        async def one() -> None:
+            async with limiter.slot(key) as slot:
+                starts.append(loop.time())
+                slot.sent()
+
+        await asyncio.gather(*(one() for _ in range(100)))
+        return starts
+
+    starts = run_virtual(scenario)
+    groups = [starts[i : i + 5] for i in range(0, 100, 5)]
+    assert all(max(group) - min(group) < 1e-6 for group in groups)
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(groups)]
+    # The first burst had no due time to keep to: its records are dated a tolerance early
+    # (60 x 1.01 later the window has room); from then on 60 x 1.02 apart.
+    assert gaps[0] == pytest.approx(60.0 * 1.01, abs=1e-3)
+    assert min(gaps[1:]) == pytest.approx(60.0 * 1.02, abs=1e-3)
+    assert max(gaps[1:]) == pytest.approx(60.0 * 1.02, abs=1e-3)
+
+
+def test_full_sustained_rate_evenly_spaced_on_virtual_clock() -> None:
+    """burst=1: 100 queued calls start exactly one interval apart: the full rate, no burst."""
+
+    async def scenario() -> list[float]:
+        loop = asyncio.get_running_loop()
+        limiter = LocalRateLimiter(
+            RateLimit(5, 60.0, burst=1), clock=asyncio.get_running_loop().time
+        )
         key = fresh_key()
         starts: list[float] = []
 
@@ -245,9 +297,11 @@ def test_cancelling_100k_waiters_is_linear_and_frees_the_gate() -> None:
 
     async def scenario() -> float:
         loop = asyncio.get_running_loop()
-        limiter = LocalRateLimiter(RateLimit(5, 60.0), clock=asyncio.get_running_loop().time)
+        limiter = LocalRateLimiter(
+            RateLimit(5, 60.0, burst=1), clock=asyncio.get_running_loop().time
+        )
         key = fresh_key()
-        async with limiter.slot(key) as slot:  # the bucket is now busy for one interval
+        async with limiter.slot(key) as slot:  # the token is now busy for one interval
             slot.sent()
 
         async def one() -> None:
@@ -315,15 +369,18 @@ def test_a_limit_with_another_margin_is_refused_naming_both_margins() -> None:
 
 
 def test_one_rate_written_two_ways_shares_the_token_and_keeps_both_guarantees() -> None:
-    """RateLimit(10, 2) beside RateLimit(5, 1) (same rate, same margin) is accepted, as
-    ``same_rate`` says: the schedule is the spacing alone, so the starts keep the rolling
-    window of each, 5 in any 1 s and 10 in any 2 s."""
+    """Evenly spaced, RateLimit(10, 2) beside RateLimit(5, 1) (same rate, same margin) is
+    accepted, as ``same_schedule`` says: the schedule is the spacing alone, so the starts keep
+    the rolling window of each, 5 in any 1 s and 10 in any 2 s."""
 
     async def scenario() -> list[float]:
         loop = asyncio.get_running_loop()
         store = MemoryStore(loop.time)
         key = fresh_key()
-        limiters = [Limiter(store, RateLimit(5, 1.0)), Limiter(store, RateLimit(10, 2.0))]
+        limiters = [
+            Limiter(store, RateLimit(5, 1.0, burst=1)),
+            Limiter(store, RateLimit(10, 2.0, burst=1)),
+        ]
         starts: list[float] = []
 
         async def one(limiter: Limiter) -> None:
@@ -339,6 +396,26 @@ def test_one_rate_written_two_ways_shares_the_token_and_keeps_both_guarantees() 
     assert min(b - a for a, b in itertools.pairwise(starts)) >= 0.2 * 1.01 - EPS
     for requests, period in ((5, 1.0), (10, 2.0)):
         assert max(sum(s <= t < s + period for t in starts) for s in starts) <= requests
+
+
+def test_one_rate_as_two_windows_is_refused_naming_the_rate() -> None:
+    """With bursts, 10 per 2 s is not 5 per 1 s (10 may start in one second): refused."""
+
+    async def scenario() -> str:
+        key = fresh_key()
+        async with LocalRateLimiter(RateLimit(5, 1.0)).slot(key) as slot:
+            slot.sent()
+        with pytest.raises(InvalidRequestError) as caught:
+            async with LocalRateLimiter(RateLimit(10, 2.0)).slot(key):
+                pass
+        with pytest.raises(InvalidRequestError) as evenly:
+            async with LocalRateLimiter(RateLimit(5, 1.0, burst=1)).slot(key):
+                pass
+        return f"{caught.value}\n{evenly.value}"
+
+    window, even = run_virtual(scenario).split("\n")
+    assert "must use the same rate and period" in window and "got 10/2s" in window
+    assert "must use the same burst" in even and "got 5/1s evenly spaced" in even
 
 
 def test_fifo_gate_hands_over_in_order_and_survives_cancellation_at_handover() -> None:

@@ -719,6 +719,7 @@ def test_the_quick_check_never_skips_a_long_run(
         assert probe not in shown or probe in before + after, (name, shown)
 
 
+@pytest.mark.timing
 async def test_a_body_of_many_partial_echoes_is_withheld_quickly() -> None:
     """A hostile 10 MiB body of 16-character runs of the token (600,000 echoes) took 14 s of
     the event loop to mask echo by echo: past 1,000 echoes it is withheld whole."""

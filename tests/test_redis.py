@@ -69,9 +69,14 @@ def assert_rolling(starts: list[float], rate: RateLimit) -> None:
 # ---------------------------------------------------------------------- the limiter alone
 
 
-async def test_two_limiters_share_one_schedule(redis_server: RedisServer, prefix: str) -> None:
-    """Two limiters (two connection pools, as in two processes) space starts one interval apart."""
-    rate = RateLimit(5, 0.5)
+@pytest.mark.timing
+@pytest.mark.parametrize("burst", [1, None])
+async def test_two_limiters_share_one_schedule(
+    redis_server: RedisServer, prefix: str, burst: int | None
+) -> None:
+    """Two limiters (two connection pools, as in two processes) keep one window; evenly spaced,
+    they space starts one interval apart."""
+    rate = RateLimit(5, 0.5, burst=burst)
     loop = asyncio.get_running_loop()
     starts: list[float] = []
     async with (
@@ -88,18 +93,24 @@ async def test_two_limiters_share_one_schedule(redis_server: RedisServer, prefix
         await asyncio.gather(*(take(one if i % 2 else two) for i in range(12)))
     assert_rolling(starts, rate)
     starts.sort()
+    if burst is None:  # 5 at once, 5 a window later, the last 2 a window after that
+        assert starts[4] - starts[0] < 0.2 and starts[5] - starts[0] >= rate.period - EPS
+        assert starts[-1] - t0 < 2 * rate.window + 0.5  # the full rate
+        return
     gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
     assert min(gaps) >= rate.period / rate.requests - EPS  # what a no-burst server needs
     assert statistics.median(gaps) == pytest.approx(rate.interval, abs=0.02)
     assert starts[-1] - t0 < 11 * rate.interval + 0.5  # the full rate
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize(("limiters", "late"), [(6, 0.03), (2, 0.86), (3, 0.65), (4, 0.45)])
 async def test_many_limiters_and_one_late_send(
     redis_server: RedisServer, prefix: str, limiters: int, late: float
 ) -> None:
-    """Issue 9's first shape: N limiters, each with a caller always waiting, one send late."""
-    rate = RateLimit(5, 1.0)
+    """Issue 9's first shape: N limiters, each with a caller always waiting, one send late;
+    evenly spaced, for the no-burst gap."""
+    rate = RateLimit(5, 1.0, burst=1)
     loop = asyncio.get_running_loop()
     starts: list[float] = []
     async with contextlib.AsyncExitStack() as stack:
@@ -144,6 +155,7 @@ async def test_fifo_within_a_process(redis_server: RedisServer, prefix: str) -> 
     assert order == list(range(8))
 
 
+@pytest.mark.timing
 async def test_the_schedule_is_one_key_that_expires(
     redis_server: RedisServer, prefix: str, inspector: Redis
 ) -> None:
@@ -160,7 +172,7 @@ async def test_the_schedule_is_one_key_that_expires(
         assert "users" in state and state["holder"] is None
     # Closed: no user is left; the key lives until its times pass, then Redis drops it.
     ttl = await inspector.pttl(key)
-    assert 0 < ttl <= 1000 * (0.2 + 1.0) + 50
+    assert 0 < ttl <= 1000 * (rate.window + 1.0) + 50  # the window's last start, + 1 s
     for _ in range(50):
         if not await inspector.exists(key):
             break
@@ -168,6 +180,7 @@ async def test_the_schedule_is_one_key_that_expires(
     assert await inspector.exists(key) == 0
 
 
+@pytest.mark.timing
 async def test_pause_is_shared(redis_server: RedisServer, prefix: str) -> None:
     """A 429 seen through one limiter holds back another's next slot for Retry-After."""
     rate = RateLimit(10, 1.0)
@@ -183,6 +196,7 @@ async def test_pause_is_shared(redis_server: RedisServer, prefix: str) -> None:
             slot.sent()
 
 
+@pytest.mark.timing
 async def test_max_wait_sees_other_processes_queues(redis_server: RedisServer, prefix: str) -> None:
     """Six calls queued in another process make a short max_wait fail at once, not at the end."""
     rate = RateLimit(5, 1.0)
@@ -209,16 +223,19 @@ async def test_max_wait_sees_other_processes_queues(redis_server: RedisServer, p
 
 
 async def test_max_wait_zero_takes_a_free_slot_only(redis_server: RedisServer, prefix: str) -> None:
-    """max_wait=0, as locally: a free slot is granted at once, a busy one raises at once."""
+    """max_wait=0, as locally: a free slot is granted at once, a busy one (a full window)
+    raises at once."""
     loop = asyncio.get_running_loop()
     async with RedisRateLimiter(redis_server.url, prefix=prefix) as limiter:
-        async with limiter.slot("tok", deadline=loop.time()) as slot:
-            slot.sent()
+        for _ in range(5):
+            async with limiter.slot("tok", deadline=loop.time()) as slot:
+                slot.sent()
         with pytest.raises(RateLimitTimeout, match="away"):
             async with limiter.slot("tok", deadline=loop.time()):
                 pytest.fail("must not be granted")
 
 
+@pytest.mark.timing
 async def test_max_wait_while_a_grant_is_unsent(redis_server: RedisServer, prefix: str) -> None:
     """A grant held unsent (a slow connect) holds the queue; a waiter with max_wait times out."""
     loop = asyncio.get_running_loop()
@@ -234,11 +251,13 @@ async def test_max_wait_while_a_grant_is_unsent(redis_server: RedisServer, prefi
         slot.sent()
 
 
+@pytest.mark.timing
 async def test_cancelled_waiters_do_not_hold_the_queue(
     redis_server: RedisServer, prefix: str
 ) -> None:
-    """Waiters cancelled while queued leave at once; the next caller is not held up by them."""
-    rate = RateLimit(5, 0.5)
+    """Waiters cancelled while queued leave at once; the next caller is not held up by them
+    (evenly spaced: the others were all queued)."""
+    rate = RateLimit(5, 0.5, burst=1)
     loop = asyncio.get_running_loop()
     async with RedisRateLimiter(redis_server.url, rate_limit=rate, prefix=prefix) as limiter:
         async with limiter.slot("tok") as slot:
@@ -258,9 +277,10 @@ async def test_cancelled_waiters_do_not_hold_the_queue(
         assert loop.time() - started < rate.interval + 0.1
 
 
+@pytest.mark.timing
 async def test_late_send_moves_the_schedule(redis_server: RedisServer, prefix: str) -> None:
     """A send 0.3 s late (a slow TLS handshake) spaces the next start from the real write."""
-    rate = RateLimit(5, 1.0)
+    rate = RateLimit(5, 1.0, burst=1)
     loop = asyncio.get_running_loop()
     async with (
         RedisRateLimiter(redis_server.url, rate_limit=rate, prefix=prefix) as one,
@@ -275,6 +295,7 @@ async def test_late_send_moves_the_schedule(redis_server: RedisServer, prefix: s
             slot.sent()
 
 
+@pytest.mark.timing
 async def test_a_flush_never_lets_a_process_go_faster(
     redis_server: RedisServer, prefix: str, inspector: Redis
 ) -> None:
@@ -302,6 +323,7 @@ def refused_url() -> str:
     return f"redis://:s3cret-pw@127.0.0.1:{port}/0"
 
 
+@pytest.mark.timing
 async def test_unreachable_redis_raises_clearly_and_hides_the_password(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -329,6 +351,7 @@ async def test_unreachable_redis_raises_clearly_and_hides_the_password(
     assert "s3cret" not in caplog.text
 
 
+@pytest.mark.timing
 async def test_a_busy_redis_keeps_max_wait(redis_server: RedisServer, prefix: str) -> None:
     """Redis paused for 0.8 s (CLIENT PAUSE, as a slow script would): max_wait=0.3 holds."""
     loop = asyncio.get_running_loop()
@@ -357,6 +380,7 @@ def silent_port() -> Iterator[int]:
     listener.close()
 
 
+@pytest.mark.timing
 async def test_unresponsive_redis_fails_every_waiter_promptly(silent_port: int) -> None:
     """A Redis that accepts but never answers: all queued waiters fail within about the timeout."""
     loop = asyncio.get_running_loop()
@@ -374,6 +398,7 @@ async def test_unresponsive_redis_fails_every_waiter_promptly(silent_port: int) 
     assert elapsed < 0.3 * 2 + 0.5 + 0.5, elapsed
 
 
+@pytest.mark.timing
 async def test_unresponsive_redis_keeps_max_wait(silent_port: int) -> None:
     """A max_wait shorter than the Redis timeout is kept: RateLimitTimeout at the deadline."""
     loop = asyncio.get_running_loop()
@@ -385,6 +410,7 @@ async def test_unresponsive_redis_keeps_max_wait(silent_port: int) -> None:
         assert loop.time() - started < 0.2 + 0.1 + 0.3
 
 
+@pytest.mark.timing
 async def test_fallback_limiter_is_used_and_logged(caplog: pytest.LogCaptureFixture) -> None:
     """With an explicit fallback, a Redis outage uses it (and says so) instead of failing."""
     fallback = LocalRateLimiter(RateLimit(2, 0.5))
@@ -424,6 +450,7 @@ async def test_limiter_belongs_to_one_event_loop(redis_server: RedisServer, pref
 # ---------------------------------------------------------------------- with the client
 
 
+@pytest.mark.timing
 async def test_client_on_redis_keeps_a_strict_server_happy(
     redis_server: RedisServer, prefix: str, inspector: Redis
 ) -> None:
@@ -450,6 +477,7 @@ async def test_client_on_redis_keeps_a_strict_server_happy(
         assert "tok-client" not in key
 
 
+@pytest.mark.timing
 async def test_redis_killed_mid_run_fails_promptly_without_a_burst(prefix: str) -> None:
     """Redis killed mid-run: LimiterUnavailableError promptly, no burst; recovers once back."""
     redis = RedisServer(require_redis_server()).start()
@@ -496,6 +524,7 @@ async def test_redis_killed_mid_run_fails_promptly_without_a_burst(prefix: str) 
 # ---------------------------------------------------------------------- conversations
 
 
+@pytest.mark.timing
 async def test_conversation_store_is_shared_and_expires(
     redis_server: RedisServer, prefix: str, inspector: Redis
 ) -> None:
@@ -585,10 +614,15 @@ async def test_construction_checks_and_borrowed_client(
 
 
 async def test_many_tokens_do_not_accumulate(redis_server: RedisServer, prefix: str) -> None:
-    """Per-token queues of idle tokens are dropped as new tokens come."""
+    """Per-token queues of idle tokens (their last start out of the window: this process's own
+    floor no longer needs it) are dropped as new tokens come."""
     rate = RateLimit(50, 0.5)
     async with RedisRateLimiter(redis_server.url, rate_limit=rate, prefix=prefix) as limiter:
         for n in range(80):
+            async with limiter.slot(f"tok{n}") as slot:
+                slot.sent()
+        await asyncio.sleep(rate.window)
+        for n in range(80, 82):
             async with limiter.slot(f"tok{n}") as slot:
                 slot.sent()
         assert len(limiter._front().queues) <= 66
@@ -608,3 +642,25 @@ async def test_conversation_store_ignores_a_hash_collision(
         }
         await inspector.set(store.redis_key(123, "me"), json.dumps(other))
         assert await store.get(123, "me") is None
+
+
+async def test_an_unreadable_schedule_costs_one_period_of_caution(
+    redis_server: RedisServer, prefix: str, inspector: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A schedule Redis holds that cannot be read (another program's, a damaged one): a
+    WARNING and one window before the token's next start, never a fresh schedule (it was
+    started afresh before: a second window's worth could go out)."""
+    caplog.set_level(logging.WARNING, logger="autocalls_async")
+    rate = RateLimit(5, 0.5)
+    loop = asyncio.get_running_loop()
+    async with RedisRateLimiter(redis_server.url, rate_limit=rate, prefix=prefix) as limiter:
+        async with limiter.slot("tok") as slot:
+            slot.sent()
+        key = limiter.redis_key("tok")
+        await inspector.hset(key, "s", "{not json")
+        started = loop.time()
+        async with limiter.slot("tok") as slot:
+            slot.sent()
+        waited = loop.time() - started
+    assert waited >= rate.window - EPS, waited
+    assert any("could not be read" in r.getMessage() for r in caplog.records)

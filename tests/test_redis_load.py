@@ -78,6 +78,7 @@ async def peak_clients(inspector: Redis) -> AsyncIterator[list[int]]:
         await task
 
 
+@pytest.mark.timing
 async def test_a_thousand_waiting_calls_with_max_wait_never_fail(
     redis_server: RedisServer, prefix: str, inspector: Redis
 ) -> None:
@@ -112,6 +113,7 @@ async def test_a_thousand_waiting_calls_with_max_wait_never_fail(
     assert peak[0] <= DEFAULT_MAX_CONNECTIONS
 
 
+@pytest.mark.timing
 async def test_two_thousand_tokens_and_a_thousand_waiters_on_a_few_connections(
     redis_server: RedisServer, prefix: str, inspector: Redis
 ) -> None:
@@ -175,6 +177,7 @@ class Counting:
         return answer
 
 
+@pytest.mark.timing
 async def test_polls_do_not_write(redis_server: RedisServer, prefix: str) -> None:
     """A process polling while another holds the grant reads and writes nothing (was: a write
     per poll, each losing the compare-and-set to the others'); only real changes write."""
@@ -205,6 +208,7 @@ async def test_polls_do_not_write(redis_server: RedisServer, prefix: str) -> Non
     assert written <= 4
 
 
+@pytest.mark.timing
 async def test_a_grant_whose_answer_was_lost_is_recognised(
     redis_server: RedisServer, prefix: str
 ) -> None:
@@ -237,6 +241,7 @@ async def test_a_grant_whose_answer_was_lost_is_recognised(
     assert second < 1.0
 
 
+@pytest.mark.timing
 async def test_connections_reset_mid_run_are_retried(
     redis_server: RedisServer, prefix: str
 ) -> None:
@@ -357,6 +362,7 @@ async def test_unreadable_info_is_not_an_error(
         await inspector.execute_command("ACL", "DELUSER", user)
 
 
+@pytest.mark.timing
 async def test_a_busy_borrowed_pool_is_waited_for(redis_server: RedisServer, prefix: str) -> None:
     """A caller's own client with a pool smaller than our gate: callers wait for a connection
     (MaxConnectionsError is not an outage), within their max_wait."""
@@ -380,6 +386,7 @@ def test_max_connections_is_checked() -> None:
         RedisRateLimiter("redis://127.0.0.1:1/0", max_connections=0)
 
 
+@pytest.mark.timing
 async def test_an_outage_met_while_waiting_for_a_connection_fails_at_once(
     prefix: str,
 ) -> None:
@@ -403,6 +410,7 @@ async def test_an_outage_met_while_waiting_for_a_connection_fails_at_once(
     assert elapsed < 2.0
 
 
+@pytest.mark.timing
 async def test_a_schedule_an_earlier_version_wrote_is_kept_and_converted(
     redis_server: RedisServer, prefix: str, inspector: Redis
 ) -> None:

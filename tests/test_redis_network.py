@@ -26,6 +26,8 @@ from ._env import child_env
 from .latency_proxy import LatencyProxy
 from .redis_server import RedisServer, require_redis_server
 
+#: Throughput floors and the strict window, measured in real time.
+pytestmark = pytest.mark.timing
 CHILD = Path(__file__).with_name("redis_network_child.py")
 PROCESSES = 3
 
@@ -44,7 +46,6 @@ async def run(redis_server: RedisServer, round_trip: float, seconds: float) -> d
         MockAutocalls(rate_limit=(10, 1.0), clock=time.time) as server,
         LatencyProxy(redis_server.port, delay=round_trip / 2) as proxy,
     ):
-        start_at = time.time() + 3.0  # the children start and connect meanwhile
         children = [
             await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -53,15 +54,30 @@ async def run(redis_server: RedisServer, round_trip: float, seconds: float) -> d
                 server.base_url,
                 prefix,
                 str(index),
-                str(start_at),
                 str(seconds),
                 env=child_env(),
+                stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
             )
             for index in range(PROCESSES)
         ]
-        outputs = [await child.communicate() for child in children]
+        try:
+            for child in children:  # started and set up: then one start time for all
+                assert child.stdout is not None
+                line = await asyncio.wait_for(child.stdout.readline(), 60)
+                assert line.strip() == b"ready", line
+            start_at = time.time() + 1.0  # each reads it and sleeps until then
+            for child in children:
+                assert child.stdin is not None
+                child.stdin.write(f"{start_at!r}\n".encode())
+                await child.stdin.drain()
+            outputs = [await asyncio.wait_for(child.communicate(), 60) for child in children]
+        finally:
+            for child in children:
+                if child.returncode is None:
+                    child.kill()
+                    await child.wait()
         for child, (out, err) in zip(children, outputs, strict=True):
             assert child.returncode == 0, err.decode()[-3000:]
         reports = [json.loads(out.decode().strip().splitlines()[-1]) for out, _ in outputs]

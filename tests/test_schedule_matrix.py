@@ -5,8 +5,11 @@ host store's database), with its own queue, as real processes have. Hypothesis d
 both lanes, late sends, cancellations, 429 pauses, loop stalls past the lease, crashes between
 grant and write, and store flushes; every run is checked against the promises:
 
-* never more than ``requests`` starts in any rolling ``period``, and consecutive starts at least
-  ``period / requests`` apart (what a no-burst leaky bucket needs);
+* never more than ``requests`` starts in any rolling ``period x (1 + margin / 2)``, whatever the
+  burst; with ``burst=1`` consecutive starts at least ``period / requests x (1 + margin / 2)``
+  apart (what a no-burst leaky bucket needs); with ``1 < burst < requests``, ``k + 1``
+  consecutive starts span at least ``k + 1 - burst`` spacings; background starts are evenly
+  spaced whatever the burst;
 * no grant while a pause is in force;
 * a grant whose lease ran out (a stalled loop) is never written on;
 * FIFO within a lane in each process; a waiting interactive call is never passed over by a
@@ -18,15 +21,18 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import sqlite3
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from autocalls_async import Priority, RateLimit
+from autocalls_async import _schedule as schedule
 from autocalls_async._ratelimit import Limiter, _Grant
 from autocalls_async._stores import HostStore, MemoryStore
 
@@ -43,6 +49,8 @@ call = st.fixed_dictionaries(
         "send_delay": st.just(0.0) | st.floats(0, 0.6, allow_nan=False),
         "cancel_after": st.none() | st.floats(0, 4, allow_nan=False),
         "stall": st.booleans(),
+        # the write went out, but its report never did (the process died right after it)
+        "unreported": st.booleans(),
     }
 )
 event = st.tuples(
@@ -75,6 +83,7 @@ def flush(store: MemoryStore | HostStore, directory: Path) -> None:
     period=st.sampled_from([0.5, 1.0]),
     share=st.sampled_from([0, 3, 5]),
     kind=st.sampled_from(["memory", "file"]),
+    burst=st.sampled_from([None, 1, 2]),
 )
 def test_every_shape_keeps_every_promise(
     calls: list[dict[str, object]],
@@ -83,8 +92,20 @@ def test_every_shape_keeps_every_promise(
     period: float,
     share: int,
     kind: str,
+    burst: int | None,
 ) -> None:
-    rate = RateLimit(requests, period)
+    rate = RateLimit(requests, period, burst=None if burst is None else min(burst, requests))
+    keeps_every_promise(calls, events, rate, share, kind)
+
+
+def keeps_every_promise(
+    calls: list[dict[str, object]],
+    events: list[tuple[str, float, float]],
+    rate: RateLimit,
+    share: int,
+    kind: str,
+) -> None:
+    requests = rate.requests
     flushed = any(name == "flush" for name, _, _ in events)
 
     async def scenario() -> None:
@@ -100,6 +121,7 @@ def test_every_shape_keeps_every_promise(
             pauses: list[tuple[float, float]] = []
             crashed: set[int] = set()
             stale_writes: list[int] = []
+            lanes: dict[float, object] = {}  # start -> lane
 
             async def one(index: int, spec: dict[str, object]) -> None:
                 await asyncio.sleep(float(spec["at"]))  # type: ignore[arg-type]
@@ -124,7 +146,15 @@ def test_every_shape_keeps_every_promise(
                             stale_writes.append(index)
                     if slot.may_send():
                         starts.append((loop.time(), process))
-                        slot.sent()
+                        lanes[loop.time()] = spec["lane"]
+                        if spec["unreported"]:
+                            slot._done = True  # written; no report, no renewal
+                            if slot._renewal is not None:
+                                slot._renewal.cancel()
+                            slot._reported()  # this process goes on (its own floor knows)
+                            limiter._own_started(KEY, loop.time())
+                        else:
+                            slot.sent()
                 finally:
                     await slot_cm.__aexit__(None, None, None)
 
@@ -164,16 +194,14 @@ def test_every_shape_keeps_every_promise(
 
         assert not stale_writes, "a grant was still valid after a stall past its lease"
         times = sorted(t for t, _ in starts)
-        min_gap = rate.period / rate.requests * (1 + rate.margin / 2)
         if not flushed:
-            for first, last in zip(times, times[requests:], strict=False):
-                assert last - first >= period - EPS, (first, last)
-            for a, b in itertools.pairwise(times):
-                assert b - a >= min_gap - EPS, (a, b)
+            kept(times, rate)
+            background = sorted(t for t in times if lanes[t] == Priority.BACKGROUND)
+            gap = rate.period / requests * (1 + rate.margin / 2)
+            for a, b in itertools.pairwise(background):
+                assert b - a >= gap - EPS, ("background", a, b)
         for process in range(4):  # a store that forgot never lets one process go faster
-            own = sorted(t for t, p in starts if p == process)
-            for a, b in itertools.pairwise(own):
-                assert b - a >= min_gap - EPS, (process, a, b)
+            kept(sorted(t for t, p in starts if p == process), rate)
         for index, when in grants:  # a grant made before a pause may still be used
             if flushed and calls[index]["process"] != 0:
                 continue  # a flush forgets the pause everywhere but in the process that paused
@@ -208,9 +236,23 @@ def test_every_shape_keeps_every_promise(
     run_virtual(scenario)
 
 
+def kept(times: list[float], rate: RateLimit) -> None:
+    """The window and the burst, as the schedule's proof states them, for sorted ``times``."""
+    requests, bursts = rate.requests, rate.bursts
+    for first, last in zip(times, times[requests:], strict=False):
+        assert last - first >= rate.period * (1 + rate.margin / 2) - EPS, (first, last)
+    if bursts < requests:
+        tolerance = rate.period / requests * rate.margin / 2
+        for i, j in itertools.combinations(range(len(times)), 2):
+            if j - i >= bursts:
+                least = (j - i + 1 - bursts) * rate.interval - tolerance
+                assert times[j] - times[i] >= least - EPS, ("burst", i, j, bursts)
+
+
 def test_a_crashed_holder_blocks_others_for_one_lease_at_most() -> None:
-    """A process dying between grant and write costs its lease plus one gap, no more."""
-    rate = RateLimit(5, 1.0)
+    """A process dying between grant and write costs its lease plus one gap, no more (evenly
+    spaced; with bursts, its lease's end is one start of the window)."""
+    rate = RateLimit(5, 1.0, burst=1)
 
     async def scenario() -> float:
         loop = asyncio.get_running_loop()
@@ -226,7 +268,7 @@ def test_a_crashed_holder_blocks_others_for_one_lease_at_most() -> None:
         return loop.time() - began
 
     waited = run_virtual(scenario)
-    assert waited == pytest.approx(1.0 + RateLimit(5, 1.0).interval, abs=1e-3)
+    assert waited == pytest.approx(1.0 + rate.interval, abs=1e-3)
 
 
 def test_a_slow_connect_keeps_its_grant_by_renewing() -> None:
@@ -235,7 +277,8 @@ def test_a_slow_connect_keeps_its_grant_by_renewing() -> None:
     async def scenario() -> tuple[bool, float]:
         loop = asyncio.get_running_loop()
         store = MemoryStore(loop.time)
-        one, two = Limiter(store, RateLimit(5, 1.0), lease=1.0), Limiter(store, RateLimit(5, 1.0))
+        even = RateLimit(5, 1.0, burst=1)
+        one, two = Limiter(store, even, lease=1.0), Limiter(store, even)
         async with one.slot(KEY) as slot:
             await asyncio.sleep(3.5)  # a slow TLS handshake, renewals running
             assert isinstance(slot, _Grant)
@@ -250,3 +293,129 @@ def test_a_slow_connect_keeps_its_grant_by_renewing() -> None:
     assert ok
     # A start long after its due time: the next is one minimum gap after it, never less.
     assert gap == pytest.approx(0.2 * 1.01, abs=1e-3)
+
+
+# ---------------------------------------------------------------------- each rule is needed
+
+_original = {name: getattr(schedule, name) for name in ("grant", "sent", "_free", "_settle")}
+
+
+def _two_grants(state: schedule.TokenState, now: float, rules: schedule.Rules, **kw: Any) -> Any:
+    held = state.holder  # rule 1 broken: a second grant while one is outstanding
+    state.holder = None
+    answer = _original["grant"](state, now, rules, **kw)
+    if not answer.granted:
+        state.holder = held
+    return answer
+
+
+def _dated_at_grant(
+    state: schedule.TokenState, now: float, rules: schedule.Rules, **kw: Any
+) -> None:
+    kw["elapsed"] = 0.0  # rule 3 broken: the start dated at the grant, not at the write
+    _original["sent"](state, now, rules, **kw)
+
+
+def _one_more(state: schedule.TokenState, rules: schedule.Rules, lane: int) -> float:
+    # rule 2 broken: the window lets requests + 1 in
+    free = _original["_free"](state, rules, lane)
+    window = schedule._nth_latest(state.records, rules.rate_limit.requests) + rules.window
+    if free == window and free > state.pause:
+        return schedule._nth_latest(state.records, rules.rate_limit.requests + 1) + rules.window
+    return free
+
+
+def _no_spacing(state: schedule.TokenState, rules: schedule.Rules, lane: int) -> float:
+    # rule 2 broken: the spacing (burst, background) is not kept, only the window and pause
+    requests = rules.rate_limit.requests
+    return max(state.pause, schedule._nth_latest(state.records, requests) + rules.window)
+
+
+def _no_pause(state: schedule.TokenState, rules: schedule.Rules, lane: int) -> float:
+    saved, state.pause = state.pause, -math.inf  # rule 5 broken: pauses are not kept
+    try:
+        return _original["_free"](state, rules, lane)
+    finally:
+        state.pause = saved
+
+
+def _lost_lease(state: schedule.TokenState, now: float, rules: schedule.Rules) -> None:
+    if state.holder is not None and now >= state.lease:
+        state.holder = None  # rule 4 broken: a lease that ran out is no start
+    _original["_settle"](state, now, rules)
+
+
+MUTANTS = {
+    "one grant at a time": ("grant", _two_grants),
+    "a start dated at the write": ("sent", _dated_at_grant),
+    "the window": ("_free", _one_more),
+    "the spacing": ("_free", _no_spacing),
+    "pauses": ("_free", _no_pause),
+    "a lease that runs out is a start": ("_settle", _lost_lease),
+    "the process's own floor": ("own_free", lambda state, rules, lane: -math.inf),
+}
+
+
+def _call(
+    process: int, send_delay: float, *, unreported: bool = False, at: float = 0.0
+) -> dict[str, object]:
+    return {
+        "process": process,
+        "at": at,
+        "lane": Priority.INTERACTIVE,
+        "send_delay": send_delay,
+        "cancel_after": None,
+        "stall": False,
+        "unreported": unreported,
+    }
+
+
+@settings(
+    max_examples=400,
+    deadline=None,
+    database=None,
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=list(HealthCheck),
+)
+# Written late in its lease, and never reported: counted at the lease's end, or too early.
+@example([_call(0, 0.6, unreported=True), _call(1, 0.0)], [], 1, 0.5, 0, None)
+# The store forgets (a flush): the process keeps its own last starts, or goes too fast.
+@example([_call(0, 0.0), _call(0, 0.0, at=0.2)], [("flush", 0.1, 0.0)], 1, 0.5, 0, None)
+# Written well after its grant: dated at the write, or too early.
+@example([_call(0, 0.3), _call(1, 0.0)], [], 1, 0.5, 0, None)
+@given(
+    calls=st.lists(call, min_size=1, max_size=24),
+    events=st.lists(event, max_size=3),
+    requests=st.integers(1, 5),
+    period=st.sampled_from([0.5, 1.0]),
+    share=st.sampled_from([0, 3]),
+    burst=st.sampled_from([None, 1, 2]),
+)
+def _search(
+    calls: list[dict[str, object]],
+    events: list[tuple[str, float, float]],
+    requests: int,
+    period: float,
+    share: int,
+    burst: int | None,
+) -> None:
+    rate = RateLimit(requests, period, burst=None if burst is None else min(burst, requests))
+    keeps_every_promise(calls, events, rate, share, "memory")
+
+
+@pytest.mark.parametrize("rule", list(MUTANTS))
+def test_the_matrix_catches_a_schedule_without_each_rule(
+    rule: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each rule of the schedule's proof, taken away alone (a mutant), fails the matrix: the
+    matrix checks what the rules are for."""
+    name, mutant = MUTANTS[rule]
+    monkeypatch.setattr(schedule, name, mutant)
+    with pytest.raises((AssertionError, ExceptionGroup)) as caught:
+        _search()
+    failures = (
+        list(caught.value.exceptions)
+        if isinstance(caught.value, ExceptionGroup)
+        else [caught.value]
+    )
+    assert all(isinstance(failure, AssertionError) for failure in failures), failures

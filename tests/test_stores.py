@@ -19,7 +19,7 @@ from autocalls_async._stores import MemoryStore
 from .virtual_time import run_virtual, stall
 
 T = TypeVar("T")
-RATE = RateLimit(5, 1.0)
+RATE = RateLimit(5, 1.0, burst=1)  # evenly spaced: each start moves the next grant
 KEY = "token"
 
 
@@ -69,6 +69,31 @@ def test_a_failed_report_counts_as_a_start_at_the_lease_end(
 
     assert run_virtual(scenario) == pytest.approx(1.0 + RATE.interval, abs=0.06)
     assert "could not be reported" in caplog.text
+
+
+def test_a_failed_report_counts_in_the_window_at_the_lease_end() -> None:
+    """With bursts (2 per 1 s), the lost report is a start at the lease's end: the grant after
+    it goes at once (one start in the window), the one after that a window later."""
+
+    async def scenario() -> list[float]:
+        loop = asyncio.get_running_loop()
+        store = Flaky(loop.time)
+        limiter = Limiter(store, RateLimit(2, 1.0), lease=1.0)
+        grant = await limiter.acquire(KEY)
+        store.failing = True
+        grant.sent()
+        store.failing = False
+        began = loop.time()
+        starts = []
+        for _ in range(2):
+            async with limiter.slot(KEY) as slot:
+                starts.append(loop.time() - began)
+                slot.sent()
+        return starts
+
+    second, third = run_virtual(scenario)
+    assert second == pytest.approx(1.0, abs=0.01)  # the lease ran out: counted, not held
+    assert third == pytest.approx(1.0 + RateLimit(2, 1.0).window, abs=0.01)
 
 
 def test_reports_and_renewals_through_a_store_that_needs_round_trips() -> None:
@@ -162,7 +187,10 @@ def test_limiter_arguments_are_checked() -> None:
         Limiter(store, RATE, lease=0.1)
     with pytest.raises(ValueError, match="background_share"):
         Limiter(store, RATE, background_share=-1)
-    assert repr(LocalRateLimiter(RATE)) == "<LocalRateLimiter process 5/1s>"
+    assert repr(LocalRateLimiter(RATE)) == "<LocalRateLimiter process 5/1s evenly spaced>"
     host = HostRateLimiter("/some/where", rate_limit=RATE)
-    assert host.path == "/some/where" and repr(host) == "<HostRateLimiter /some/where 5/1s>"
+    assert (
+        host.path == "/some/where"
+        and repr(host) == "<HostRateLimiter /some/where 5/1s evenly spaced>"
+    )
     assert host.kind == "host"

@@ -107,6 +107,7 @@ def children(recorded: Recorded, parent: ReadableSpan) -> list[ReadableSpan]:
     return sorted(found, key=lambda s: s.start_time or 0)
 
 
+@pytest.mark.timing
 async def test_a_run_with_a_retry_a_429_and_a_404_is_traced_and_measured(
     server: MockAutocalls,
     make_client: Make,

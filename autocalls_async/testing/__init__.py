@@ -21,7 +21,10 @@ async with MockAutocalls(rate_limit=(5, 60.0), assistants=(123,)) as server:
 3. **Throttle**, per token (keyed by a SHA-256 of it: the emulator never keeps a raw token):
    every request it allows is counted on arrival, *including* ones that then fail validation
    or get 404/402; refused ones are not counted. ``window="rolling"``: at most N arrivals in
-   any rolling period (strict); ``"fixed"``: Laravel's window anchored at the first hit.
+   any rolling period (strict); ``"fixed"``: Laravel's window anchored at the first hit;
+   ``"no-burst"``: nginx's ``limit_req`` without ``burst``, a request less than
+   ``period / N`` after the previous one allowed is refused. ``burst=b`` lets ``b`` come back
+   to back (nginx's ``burst=b-1 nodelay``), then one per ``period / N``, on any shape.
    429 ``{"message": "Too Many Attempts."}`` with ``Retry-After`` (whole seconds, >= 1),
    ``X-RateLimit-Limit``, ``X-RateLimit-Remaining: 0`` and ``X-RateLimit-Reset`` (epoch);
    allowed responses carry ``X-RateLimit-Limit`` / ``-Remaining``. At a scaled period (not

@@ -19,7 +19,8 @@ from typing import Any, Final, Literal
 
 import attrs
 
-Window = Literal["rolling", "fixed"]
+Window = Literal["rolling", "fixed", "no-burst"]
+WINDOWS: tuple[str, ...] = ("rolling", "fixed", "no-burst")
 
 #: Laravel's ``TrimStrings`` pattern: whitespace plus BOM, zero-width space and LRM, at both ends.
 _TRIM: Final = re.compile(r"^[\s\ufeff\u200b\u200e]+|[\s\ufeff\u200b\u200e]+$")
@@ -178,31 +179,63 @@ class ThrottleDecision:
 
 
 class Throttle:
-    """Per-key request counter, either a strict rolling window or Laravel's fixed window.
+    """Per-key request counter in one of three server shapes.
 
     ``rolling``: a request is refused when ``requests`` arrivals already happened in
-    ``(now - period, now]``, the strictest server a client can meet (what DESIGN.md's guarantee
+    ``(now - period, now]``, the strictest window a client can meet (what DESIGN.md's guarantee
     is about). ``fixed``: Laravel's ``RateLimiter``: a window opens at the first hit of a key,
     allows ``requests`` hits, and closes ``period`` seconds later (Laravel rounds to whole
-    seconds; the emulator does not, so scaled sub-second periods work). In both, only allowed
-    requests are counted, as Laravel increments the counter only after ``tooManyAttempts``.
+    seconds; the emulator does not, so scaled sub-second periods work). ``no-burst``: nginx's
+    ``limit_req`` leaky bucket: a request is refused when it comes less than
+    ``period / requests`` after the previous one allowed (with ``burst=b``, nginx's
+    ``burst=b-1 nodelay``: ``b`` may come back to back, then one per ``period / requests``).
+    ``burst`` on a window adds that bucket to it. Only allowed requests are counted, as Laravel
+    increments the counter only after ``tooManyAttempts`` and nginx its excess only when it
+    lets a request through.
     """
 
     def __init__(
-        self, requests: int, period: float, window: Window, clock: Callable[[], float]
+        self,
+        requests: int,
+        period: float,
+        window: Window,
+        clock: Callable[[], float],
+        burst: int | None = None,
     ) -> None:
         if requests < 1 or period <= 0:
             raise ValueError("rate_limit must be (requests >= 1, period > 0)")
-        if window not in ("rolling", "fixed"):
-            raise ValueError(f"window must be 'rolling' or 'fixed', not {window!r}")
+        if window not in WINDOWS:
+            raise ValueError(f"window must be 'rolling', 'fixed' or 'no-burst', not {window!r}")
+        if burst is not None and (
+            isinstance(burst, bool) or not isinstance(burst, int) or not 1 <= burst <= requests
+        ):
+            raise ValueError(f"burst must be between 1 and {requests} (requests), got {burst!r}")
         self.requests, self.period, self.window = requests, period, window
+        self.burst = 1 if burst is None and window == "no-burst" else burst
         self._clock = clock
         self._arrivals: dict[str, collections.deque[float]] = {}
         self._windows: dict[str, tuple[float, int]] = {}  # key -> (window start, hits)
+        self._buckets: dict[str, float] = {}  # key -> when the bucket is empty (GCRA's tat)
 
     def hit(self, key: str) -> ThrottleDecision:
         """Count one arrival for ``key`` if allowed; say how long to wait otherwise."""
         now = self._clock()
+        interval = self.period / self.requests
+        tat = self._buckets.get(key, now)
+        if self.burst is not None:
+            free = tat - (self.burst - 1) * interval
+            if now < free:
+                return ThrottleDecision(False, self.requests, 0, free - now)
+        decision = self._window(key, now)
+        if decision.allowed and self.burst is not None:
+            self._buckets[key] = max(tat, now) + interval
+            if len(self._buckets) > 100_000:  # drained buckets say nothing: drop them
+                self._buckets = {k: v for k, v in self._buckets.items() if v > now}
+        return decision
+
+    def _window(self, key: str, now: float) -> ThrottleDecision:
+        if self.window == "no-burst":
+            return ThrottleDecision(True, self.requests, self.requests - 1, 0.0)
         if self.window == "rolling":
             arrivals = self._arrivals.setdefault(key, collections.deque())
             while arrivals and arrivals[0] <= now - self.period:
@@ -223,6 +256,7 @@ class Throttle:
         """Forget every key's history."""
         self._arrivals.clear()
         self._windows.clear()
+        self._buckets.clear()
 
 
 #: Titles of Laravel's own error views where they differ from the HTTP reason phrase.

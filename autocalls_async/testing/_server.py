@@ -25,6 +25,7 @@ from aiohttp import web
 from .._lifecycle import AsyncOnly
 from ._faults import Fault
 from ._laravel import (
+    WINDOWS,
     Throttle,
     Window,
     bearer_token,
@@ -56,6 +57,7 @@ class ServerOptions(TypedDict, total=False):
 
     rate_limit: tuple[int, float] | None
     window: Window
+    burst: int | None
     assistants: Iterable[int]
     tokens: Collection[str] | None
     balance: int | None
@@ -165,6 +167,7 @@ class MockAutocalls(AsyncOnly):
         port: int = 0,
         rate_limit: tuple[int, float] | None = (DOCUMENTED_LIMIT, 60.0),
         window: Window = "rolling",
+        burst: int | None = None,
         assistants: Iterable[int] = (123,),
         tokens: Collection[str] | None = None,
         balance: int | None = None,
@@ -177,15 +180,15 @@ class MockAutocalls(AsyncOnly):
     ) -> None:
         if isinstance(tokens, str):
             raise TypeError("tokens must be a collection of tokens, not one string")
-        if window not in ("rolling", "fixed"):
-            raise ValueError(f"window must be 'rolling' or 'fixed', not {window!r}")
+        if window not in WINDOWS:
+            raise ValueError(f"window must be 'rolling', 'fixed' or 'no-burst', not {window!r}")
         self.host, self._port = host, port
         self.assistants: set[int] = set(assistants)
         self.balance = balance
         self.reply_delay = reply_delay
         self.responder = responder
         self._clock = clock
-        self._throttle = None if rate_limit is None else Throttle(*rate_limit, window, clock)
+        self._throttle = None if rate_limit is None else Throttle(*rate_limit, window, clock, burst)
         self._token_hashes = None if tokens is None else frozenset(map(token_hash, tokens))
         self._rng = random.Random(seed)
         self._fault_rates: dict[Fault, float] = {}

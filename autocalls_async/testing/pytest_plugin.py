@@ -42,10 +42,10 @@ Both fixtures are made for each test and closed after it. `autocalls_server` has
 limit (a test suite must not wait for a minute's window) and knows assistant 123.
 `autocalls_client` has no client-side rate limit when the emulator has none, so its calls
 never wait. When the emulator has one (the marker's `rate_limit`), the client keeps to it as
-the SDK does in production: starts spaced `period / requests` apart, in a private
+the SDK does in production: at most `requests` starts in any rolling `period`, in a private
 `LocalRateLimiter` (never the host-wide limiter store's schedules, so tests cannot slow each
-other or the machine's other processes down). Under `rate_limit=(5, 60)` two calls are 12 s
-apart: give the marker a scaled limit such as `(5, 0.5)`. Retries back off 10 to 50 ms (a
+other or the machine's other processes down). Under `rate_limit=(5, 60)` the sixth call waits
+a minute: give the marker a scaled limit such as `(5, 0.5)`. Retries back off 10 to 50 ms (a
 `Retry-After` the emulator sends is still honoured). Both fixtures run in the test's own event loop
 (`loop_scope="function"`, pytest-asyncio's default), whatever the project's
 `asyncio_default_fixture_loop_scope`; tests that use them run in that loop too (not
