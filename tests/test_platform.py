@@ -148,7 +148,7 @@ async def test_accounts_serve_several_tokens_on_one_pool(server: MockAutocalls) 
 async def test_idle_tokens_are_forgotten_and_busy_ones_kept(server: MockAutocalls) -> None:
     """A token not asked for during ``idle_after`` with nothing waiting or in flight is
     forgotten (its counters stay in ``stats``); a busy one is kept."""
-    server.reply_delay = 0.3
+    server.reply_delay = 2.0  # still in flight when looked at, however late this task runs
     async with AutocallsAccounts(
         base_url=server.base_url, rate_limit=None, idle_after=0.05
     ) as accounts:
@@ -241,6 +241,7 @@ async def test_refusals(server: MockAutocalls) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timing
 def test_five_thousand_tokens_at_ulimit_1024() -> None:
     """5,000 tokens in one process whose descriptor limit is 1024, against the emulator in
     another process with a strict window per token (1 per second): each token sends 2
@@ -345,3 +346,54 @@ async def test_the_gate_serves_interactive_calls_first_and_skips_the_cancelled()
     assert order == ["interactive", "background"]
     gate.give()
     assert gate.free == 1 and await asyncio.gather(background, interactive) == [None, None]
+
+
+async def test_the_gate_passes_a_place_handed_to_a_cancelled_waiter_on() -> None:
+    gate = pool.Gate(1)
+    await gate.take(0)  # free: taken at once
+    first = asyncio.create_task(gate.take(0))
+    second = asyncio.create_task(gate.take(1))
+    await asyncio.sleep(0)
+    assert not gate.try_take()  # somebody waits
+    gate.give()  # handed to the first waiter...
+    first.cancel()  # ...cancelled before it ran: the place goes on to the next one
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await asyncio.wait_for(second, 1.0)
+    gate.give()
+    assert gate.free == 1 and gate.try_take()
+
+
+async def test_a_pool_looks_its_proxy_up_once_and_never_for_loopback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The environment's proxy is read when the pool is made (aiohttp's trust_env would read
+    it in a worker thread on every request); a loopback base URL never uses one."""
+    from yarl import URL
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    loop = asyncio.get_running_loop()
+    remote = pool.Pool(loop, URL("https://app.autocalls.ai"), trust_env=True)
+    assert remote.proxy == URL("http://proxy.example:3128")
+    assert pool.Pool(loop, URL("https://app.autocalls.ai"), trust_env=False).proxy is None
+    monkeypatch.setenv("NO_PROXY", "app.autocalls.ai")
+    assert pool.Pool(loop, URL("https://app.autocalls.ai"), trust_env=True).proxy is None
+
+
+async def test_a_session_without_a_connection_limit_has_no_gate(server: MockAutocalls) -> None:
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session,
+        AsyncAutocalls("t", base_url=server.base_url, rate_limit=None, session=session) as c,
+    ):
+        assert pool.gate_of(session) is None
+        assert (await ask(c)).reply
+
+
+async def test_a_conversations_turn_can_be_waited_for_directly() -> None:
+    from autocalls_async._ordering import KeyedOrder
+
+    order = KeyedOrder()
+    await order.acquire("k")  # nobody had it: taken at once
+    assert not order.try_acquire("k") and len(order) == 1
+    order.release("k")
+    assert len(order) == 0

@@ -257,7 +257,9 @@ async def test_a_run_with_a_retry_a_429_and_a_404_is_traced_and_measured(
 
     # The operator's log line for the 429, with the token's id and never the token.
     (warning,) = [
-        r for r in caplog.records if r.levelno == logging.WARNING and "429" in r.getMessage()
+        r
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "429 from the server" in r.getMessage()
     ]
     assert "429" in warning.getMessage()
     assert warning.autocalls_token_id == client.token_id  # type: ignore[attr-defined]
