@@ -99,9 +99,11 @@ async def test_concurrent_closes_while_calls_run(make_client: Make) -> None:
         results = await asyncio.gather(*calls, return_exceptions=True)
     replies = [r for r in results if isinstance(r, Reply)]
     closed = [r for r in results if isinstance(r, ClientClosedError)]
-    assert len(replies) == 2  # the window's two, in flight
-    assert len(closed) == 4
-    assert len(server.requests) == 2
+    # The window's two were granted at once; each was in flight (answered) or not yet sent
+    # (closed) when close() came, as a loaded machine decides; never a third.
+    assert 1 <= len(replies) <= 2
+    assert len(closed) == 6 - len(replies)
+    assert len(server.requests) == len(replies)
     assert client.stats.in_flight == 0
     assert client.stats.waiting == 0
 

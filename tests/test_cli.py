@@ -541,20 +541,27 @@ async def test_reply_subprocess_unknown_assistant() -> None:
         began = time.monotonic()
         bad = await run_cli("reply", "--assistant-id", "77", "--customer", "+1", "Hi", **env)
         assert time.monotonic() - began < 10  # no wait for a slot (12 s, evenly spaced)
-        limited = ("reply", "--assistant-id", "123", "--customer", "+1", "--rate-limit", "1/2")
-        await run_cli(*limited, "Hi", **env)
-        waited = await run_cli(*limited, "Hi", **env)
-        await run_cli(*limited, "Hi", **env)
-        even = await run_cli(*limited, "--burst", "1", "Hi", **env)
+        limited = ("reply", "--assistant-id", "123", "--customer", "+1", "--rate-limit", "2/4")
+        # Started together on fresh tokens: the window's two go, the third waits for it and
+        # says so; evenly spaced, the second waits.
+        fresh = {**env, "AUTOCALLS_API_TOKEN": f"{token}-window"}
+        window = await asyncio.gather(*(run_cli(*limited, "Hi", **fresh) for _ in range(3)))
+        fresh = {**env, "AUTOCALLS_API_TOKEN": f"{token}-spaced"}
+        spaced = await asyncio.gather(
+            *(run_cli(*limited, "--burst", "1", "Hi", **fresh) for _ in range(2))
+        )
     assert (ok.code, ok.out) == (0, "Hi there! Thanks for your message: Hi\n")
     assert (bad.code, bad.out, ok.err) == (4, "", "")
     (error,) = bad.err.splitlines()
     assert "ASSISTANT_NOT_FOUND" in error and "Traceback" not in bad.err
-    assert waited.code == 0 and even.code == 0, waited.err + even.err
-    assert waited.err.startswith("autocalls-async: waiting for a rate-limit slot (1 per 2s")
-    assert "the last 1 started within 2s" in waited.err or "one every 2s" in waited.err
-    assert even.err.startswith("autocalls-async: waiting for a rate-limit slot (1 per 2s")
-    assert "one every 2s" in even.err
+    assert all(run.code == 0 for run in (*window, *spaced)), [r.err for r in (*window, *spaced)]
+    said = [run.err for run in window if run.err]
+    assert len(said) == 1, said
+    assert said[0].startswith("autocalls-async: waiting for a rate-limit slot (2 per 4s")
+    assert "the last 2 started within 4s" in said[0]
+    told = [run.err for run in spaced if run.err]
+    assert len(told) == 1 and "one every 2s" in told[0], told
+    waited = even = Run(0, "", "".join(said + told))
     assert token not in ok.out + ok.err + bad.out + bad.err + waited.err + even.err
 
 
