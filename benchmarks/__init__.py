@@ -36,6 +36,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "live replies: the wait for a slot, window against even spacing and AsyncLimiter",
     ),
     "tenants": ("benchmarks.tenants", "1,000 and 10,000 tokens in one process, ulimit -n 1024"),
+    "clients": ("benchmarks.clients", "what making a client costs, in time and memory"),
 }
 
 
