@@ -1039,6 +1039,7 @@ async def test_redis_url_on_the_command_line_and_in_the_environment(
 # ---------------------------------------------------------------------- edges, one by one
 
 
+@pytest.mark.timing
 def test_the_facts_of_the_host_are_read_or_defaulted(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without /proc (not Linux, a sandbox): no boot id, no time offset, no file-system type;
     /tmp where there is no /dev/shm. With a time namespace's offsets: the host's clock."""
@@ -1265,6 +1266,7 @@ def test_the_name_uses_the_hosts_uid_inside_a_user_namespace(
     assert hoststore._host_uid() == 5
 
 
+@pytest.mark.timing
 def test_the_process_that_made_a_time_namespace_keeps_the_hosts_clock(tmp_path: Path) -> None:
     """A process that called unshare(CLONE_NEWTIME) stays in its own namespace: the offsets
     /proc/self/timens_offsets shows are its children's, not its own."""
