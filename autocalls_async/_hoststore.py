@@ -481,10 +481,15 @@ class _Database:
                     self.connection = self._connect()
                     break
                 except sqlite3.OperationalError as exc:
+                    # A member's new -wal or -shm file, not yet 0660: SQLite could not open
+                    # it, or opened it read-only and cannot write (it would never write).
                     code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
-                    if code != sqlite3.SQLITE_CANTOPEN or time.monotonic() >= patience:
+                    if (
+                        code not in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY)
+                        or time.monotonic() >= patience
+                    ):
                         raise
-                    time.sleep(0.005)  # a member's new -wal or -shm file, not yet 0660
+                    time.sleep(0.005)
             self._note_files()
             if self.files[0][1] != self.inode or self.deleted():
                 self.close()  # replaced between our checks and SQLite's open
@@ -507,6 +512,8 @@ class _Database:
         try:
             connection.execute("PRAGMA busy_timeout=0")
             self._initialise(connection)
+            if self.group is not None:
+                _writable(connection)
         except BaseException:
             connection.close()
             raise
@@ -656,6 +663,20 @@ class _Database:
         self.closed = True
         with contextlib.suppress(sqlite3.Error):
             self.connection.close()
+
+
+def _writable(connection: sqlite3.Connection) -> None:
+    """Raise SQLite's READONLY error if this connection cannot write: in a group's directory
+    it may have found another member's new -shm file before its mode was 0660 (SQLite makes
+    it with the umask, then changes it) and opened it read-only. Reads work then, every write
+    fails. A database another process is writing is writable."""
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        if _busy(exc):
+            return
+        raise
+    connection.execute("ROLLBACK")
 
 
 def _tune(connection: sqlite3.Connection) -> None:

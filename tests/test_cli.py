@@ -528,6 +528,7 @@ async def test_mock_server_port_in_use() -> None:
 # -- the real command as a subprocess ---------------------------------------------------------
 
 
+@pytest.mark.timing
 async def test_reply_subprocess_unknown_assistant() -> None:
     """python -m autocalls_async reply: the reply on stdout; an unknown assistant is one
     stderr line with ASSISTANT_NOT_FOUND, no traceback, a non-zero exit; the token never

@@ -766,6 +766,55 @@ async def test_two_os_users_share_one_token_through_a_group_directory(
     assert "not a member of group" in err.decode(), err.decode()
 
 
+GROUP_MEMBER = r"""
+import json, os, sys
+from autocalls_async import _hoststore
+from autocalls_async._stores import HostStore
+path, gid, uid = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+os.setgroups([gid]); os.setgid(gid); os.setuid(uid)
+connect = _hoststore._Database._connect
+def told(self):
+    try:
+        return connect(self)
+    except Exception as exc:
+        print(json.dumps(["refused", str(exc)]), flush=True)
+        raise
+_hoststore._Database._connect = told
+print(json.dumps(["done", HostStore(path, group=gid).try_update("k" * 64, lambda s, n: "written")]))
+"""
+
+
+@pytest.mark.timing  # the member retries for 2 s: the test must answer within them
+async def test_a_members_shm_file_not_yet_0660_is_waited_for(outside: Path) -> None:
+    """Two members of the group open a new store at once: the one that finds the other's
+    -shm file before SQLite gave it mode 0660 (it makes it with the umask first) opened it
+    read-only, and failed with "attempt to write a readonly database" (under load, a few
+    starts in a hundred). It tries again, as for a file it cannot open, until the mode is
+    right."""
+    (users, gid) = require_users()
+    shared = outside / "shared"
+    shared.mkdir()
+    os.chown(shared, 0, gid)
+    shared.chmod(0o2770)
+    shm = shared / (hoststore.DB_NAME + "-shm")
+    shm.touch()  # the first member's, as SQLite has just made it
+    os.chown(shm, users[0].uid, gid)
+    shm.chmod(0o640)
+    member = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-c", GROUP_MEMBER, str(shared), str(gid), str(users[1].uid)),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=child_env(),
+    )
+    assert member.stdout is not None
+    said = json.loads(await asyncio.wait_for(member.stdout.readline(), 60))
+    assert said[0] == "refused" and "readonly" in said[1], said  # it met the file read-only
+    shm.chmod(0o660)  # and the first member's SQLite now gives it its mode
+    out, err = await asyncio.wait_for(member.communicate(), 60)
+    assert member.returncode == 0, err.decode()
+    assert json.loads(out.decode().splitlines()[-1]) == ["done", [True, "written"]]
+
+
 async def test_a_group_directory_open_to_others_is_refused(tmp_path: Path) -> None:
     (_, gid) = require_users()
     shared = tmp_path / "shared"
@@ -1039,6 +1088,7 @@ async def test_redis_url_on_the_command_line_and_in_the_environment(
 # ---------------------------------------------------------------------- edges, one by one
 
 
+@pytest.mark.timing
 def test_the_facts_of_the_host_are_read_or_defaulted(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without /proc (not Linux, a sandbox): no boot id, no time offset, no file-system type;
     /tmp where there is no /dev/shm. With a time namespace's offsets: the host's clock."""
@@ -1265,6 +1315,7 @@ def test_the_name_uses_the_hosts_uid_inside_a_user_namespace(
     assert hoststore._host_uid() == 5
 
 
+@pytest.mark.timing
 def test_the_process_that_made_a_time_namespace_keeps_the_hosts_clock(tmp_path: Path) -> None:
     """A process that called unshare(CLONE_NEWTIME) stays in its own namespace: the offsets
     /proc/self/timens_offsets shows are its children's, not its own."""

@@ -202,6 +202,7 @@ async def test_one_budget_for_every_token(server: MockAutocalls) -> None:
         )
 
 
+@pytest.mark.timing
 async def test_two_spellings_of_one_token_keep_one_conversation_in_order(
     server: MockAutocalls,
 ) -> None:

@@ -644,6 +644,7 @@ async def test_conversation_store_ignores_a_hash_collision(
         assert await store.get(123, "me") is None
 
 
+@pytest.mark.timing
 async def test_an_unreadable_schedule_costs_one_period_of_caution(
     redis_server: RedisServer, prefix: str, inspector: Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
