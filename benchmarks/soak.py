@@ -43,18 +43,25 @@ FAST_503 = Fault.status(503, headers={"Retry-After": "0.001"})
 CRASH_500 = Fault.status(500, processed=True)
 DROP_BEFORE = Fault.drop(processed=False)
 DROP_AFTER = Fault.drop(processed=True)
-SLOW = Fault.slow(0.3)  # longer than the client's timeout below
-RATES = {
-    FAST_429: 0.06,
-    FAST_503: 0.06,
-    CRASH_500: 0.03,
-    DROP_BEFORE: 0.02,
-    DROP_AFTER: 0.02,
-    SLOW: 0.01,
-}
+TIMEOUT = 0.15
+SLOW = Fault.slow(2 * TIMEOUT)  # longer than the client's timeout
+
+
+def rates(slow: Fault = SLOW) -> dict[Fault, float]:
+    """Each fault and how often it is drawn; ``slow`` outlasts the client's timeout."""
+    return {
+        FAST_429: 0.06,
+        FAST_503: 0.06,
+        CRASH_500: 0.03,
+        DROP_BEFORE: 0.02,
+        DROP_AFTER: 0.02,
+        slow: 0.01,
+    }
+
+
+RATES = rates()
 SAFE = {FAST_429, FAST_503}
 ANSWERED = "answered"
-TIMEOUT = 0.15
 POLICY = RetryPolicy(max_retries=2, backoff_base=0.001, backoff_max=0.002)
 
 
@@ -79,7 +86,7 @@ def _expected_error(record: RequestRecord) -> type[BaseException]:
         return RateLimitError
     if fault in (FAST_503, CRASH_500):
         return InternalServerError
-    if fault == SLOW:
+    if fault is not None and fault.kind == "slow":
         return APITimeoutError
     return APIConnectionError  # a dropped connection
 
@@ -140,15 +147,21 @@ def _sdk_memory() -> int:
 
 
 async def run_soak(
-    calls: int = 20_000, *, seed: int = 7, measure_memory: bool = True
+    calls: int = 20_000,
+    *,
+    seed: int = 7,
+    measure_memory: bool = True,
+    client_timeout: float = TIMEOUT,
 ) -> SoakReport:
+    """``client_timeout`` is the client's; the slow fault lasts twice as long. A clean reply
+    must come within it, so a test on a loaded machine passes a longer one than this."""
     async with MockAutocalls(rate_limit=None, seed=seed) as server:
-        server.set_random_faults(RATES, seed=seed)
+        server.set_random_faults(rates(Fault.slow(2 * client_timeout)), seed=seed)
         async with AsyncAutocalls(
             "soak-token",
             base_url=server.base_url,
             rate_limit=RateLimit(100_000, 1.0),
-            timeout=TIMEOUT,
+            timeout=client_timeout,
             retry_policy=POLICY,
         ) as client:
             results: dict[str, object] = {}
