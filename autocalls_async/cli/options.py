@@ -31,6 +31,7 @@ __all__ = [
     "parse_seconds",
     "phone_extra_problem",
     "redis_problem",
+    "same_file",
     "token_problem",
     "with_burst",
 ]
@@ -244,14 +245,27 @@ def token_problem(token: str | None) -> str | None:
 
 
 def input_problem(path: Path, out: Path) -> str | None:
-    """Why INPUT cannot be read as a file, or OUT is a directory; None when neither."""
+    """Why INPUT cannot be read as a file, or OUT is a directory or INPUT itself; None when
+    none of these."""
     if path.is_dir():
         return f"cannot read {path}: it is a directory; give a .csv or .jsonl file"
     if not path.is_file():
         return f"cannot read {path}: no such file"
     if out.is_dir():
         return f"--out {out} is a directory; give a file, e.g. --out {out / 'replies.jsonl'}"
+    if same_file(path, out):
+        return f"--out {out} is the input file {path}: give OUT its own file (e.g. replies.jsonl)"
     return None
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: the same path, a symlink to it or a hard link (its
+    device and inode); False when either does not exist."""
+    try:
+        first, second = a.stat(), b.stat()
+    except OSError:
+        return a.absolute() == b.absolute()
+    return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
 
 
 def redis_problem(url: str | None) -> str | None:

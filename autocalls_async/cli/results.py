@@ -5,14 +5,19 @@ row (``autocalls_async.bulk.read_results``), as CSV (formulas neutralised) or JS
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import stat
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from .._bulkio import InputError
 from .._results import read_results, write_results
 from .exits import EXIT_OK, exit_codes_help
-from .options import parse_delimiter
+from .options import parse_delimiter, same_file
 from .output import PROG, plural, usage_error
 
 __all__ = ["add_parser", "results_command"]
@@ -63,6 +68,21 @@ def results_command(args: argparse.Namespace) -> int:
     if not args.input.is_file():
         return usage_error(f"cannot read {args.input}: no such file")
     target: Path | None = args.output
+    if target is not None:
+        for name, path in (("INPUT", args.input), ("OUT", args.out)):
+            if same_file(target, path):
+                return usage_error(
+                    f"-o {target} is {name} ({path}): writing the results there would destroy "
+                    + (
+                        "the log that keeps the next bulk run from sending its rows again"
+                        if name == "OUT"
+                        else "the input"
+                    )
+                    + "; nothing was written. Give the results their own file, e.g. -o "
+                    "results.csv"
+                )
+        if target.is_dir():
+            return usage_error(f"cannot write {target}: it is a directory")
     fmt = args.format or (
         "jsonl" if target is not None and target.suffix.lower() in {".jsonl", ".ndjson"} else "csv"
     )
@@ -77,8 +97,7 @@ def results_command(args: argparse.Namespace) -> int:
         if target is None:
             counts = write_results(rows, sys.stdout, fmt)
         else:
-            with target.open("w", encoding="utf-8", newline="") as file:
-                counts = write_results(rows, file, fmt)
+            counts = write_atomically(target, lambda file: write_results(rows, file, fmt))
     except InputError as exc:
         return usage_error(str(exc))
     except OSError as exc:
@@ -92,3 +111,32 @@ def results_command(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return EXIT_OK
+
+
+def write_atomically(target: Path, write: Callable[[IO[str]], dict[str, int]]) -> dict[str, int]:
+    """Write ``target`` whole or not at all: into a temporary file beside it, then renamed over
+    it (``os.replace``), so that a failure (a refused input, a full disk) never leaves a half
+    file, and the file read is never the one being written. A target that is not a regular
+    file (``/dev/stdout``, a FIFO) is written in place. The file keeps an existing target's
+    permissions; a new one is created 0600 (it holds customer data)."""
+    try:
+        mode: int | None = os.stat(target).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):
+        with target.open("w", encoding="utf-8", newline="") as file:
+            return write(file)
+    fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as file:
+            counts = write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        if mode is not None:
+            os.chmod(temp, stat.S_IMODE(mode))
+        os.replace(temp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    return counts
