@@ -6,7 +6,6 @@ subprocess against the emulator; the emulator's request log judges what was sent
 from __future__ import annotations
 
 import collections
-import csv
 import json
 import os
 from collections.abc import Iterator
@@ -87,4 +86,120 @@ async def test_results_never_writes_over_its_input_or_out(
     run = await results(str(source), str(out), "-o", str(target))
     assert run.code == 2 and "fields but the header has" in run.err, run
     assert target.read_text() == "the old results\n"
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".results.csv")]
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".results.csv")]
+
+
+# -- 2, 3. results checks OUT against the input, as bulk does ------------------------------------
+
+
+async def test_the_printed_results_command_carries_the_runs_options(
+    emulator: MockAutocalls, tmp_path: Path
+) -> None:
+    """The `results` command a summary printed left out --vars-from-columns and --delimiter:
+    run as printed, it reported every row not_sent, exit 0. It carries them now; and results
+    run without them is refused (exit 2), naming the option."""
+    source, out = tmp_path / "in.csv", tmp_path / "out.jsonl"
+    source.write_text(
+        "assistant_id;customer_identifier;message;customer_name\n"
+        "123;+14155550001;Hi;Ann\n999;+14155550002;Hi;Bob\n"
+    )
+    run = await bulk(emulator, source, out, "--delimiter", ";", "--vars-from-columns")
+    assert run.code == 1, run  # assistant 999 does not exist
+    printed = run.out.split("Every row with its result: ", 1)[1].splitlines()[0]
+    assert "--delimiter ';'" in printed and "--vars-from-columns" in printed, printed
+    words = printed.split()[1:]
+    assert words[0] == "results"
+    as_printed = await run_cli(*[w.strip("'") for w in words], "--format", "jsonl")
+    assert as_printed.code == 0, as_printed
+    statuses = [json.loads(line)["status"] for line in as_printed.out.splitlines()]
+    assert statuses == ["answered", "failed"]
+
+    forgot = await results(str(source), str(out), "--delimiter", ";")
+    assert forgot.code == 2 and forgot.out == "", forgot
+    assert "run results again with --vars-from-columns" in forgot.err
+
+
+async def test_results_refuses_a_missing_or_foreign_out(
+    emulator: MockAutocalls, tmp_path: Path
+) -> None:
+    """A mistyped OUT path, or another day's OUT, gave "all not_sent", exit 0. A missing OUT
+    is refused (exit 2); an OUT none of whose lines is a row of the input is refused (exit 2,
+    its lines named) unless --allow-foreign."""
+    monday, tuesday, out = tmp_path / "monday.csv", tmp_path / "tuesday.csv", tmp_path / "o.jsonl"
+    monday.write_text(SHEET)
+    tuesday.write_text(
+        "assistant_id,customer_identifier,message\n123,+14155550008,Bye\n123,+14155550009,Bye\n"
+    )
+    assert (await bulk(emulator, monday, out)).code == 0
+    typo = await results(str(monday), str(tmp_path / "o.json"))
+    assert typo.code == 2 and "does not exist" in typo.err and typo.out == "", typo
+    foreign = await results(str(tuesday), str(out))
+    assert foreign.code == 2 and foreign.out == "", foreign
+    assert "does not belong to tuesday.csv" in foreign.err
+    assert "line 1: row 1 (assistant 123, customer +14155550001)" in foreign.err
+    anyway = await results(str(tuesday), str(out), "--allow-foreign", "--format", "jsonl")
+    assert anyway.code == 0, anyway
+    assert [json.loads(line)["status"] for line in anyway.out.splitlines()] == ["not_sent"] * 2
+
+
+# -- 4. results after a typo fix: edited_since_sent, never a silent not_sent ---------------------
+
+
+async def test_results_marks_rows_edited_since_they_were_answered(
+    emulator: MockAutocalls, tmp_path: Path
+) -> None:
+    """After a typo fix in answered rows (a variable, a message), results showed them not_sent
+    without a word. They are edited_since_sent with the earlier reply; OUT's lines are listed
+    with what differs; exit 1 (--allow-foreign: 0)."""
+    source, out = tmp_path / "in.csv", tmp_path / "out.jsonl"
+    header = "assistant_id,customer_identifier,message,customer_name\n"
+    rows = ["123,+14155550001,Offer: 20% off,Ann", "123,+14155550002,Offer: 20% off,Bob"]
+    rows.append("123,+14155550003,Offer: 20% off,Cy")
+    source.write_text(header + "\n".join(rows) + "\n")
+    assert (await bulk(emulator, source, out, "--vars-from-columns")).code == 0
+    rows[0] = rows[0].replace("Ann", "Anne")
+    rows[1] = rows[1].replace("20%", "25%")
+    source.write_text(header + "\n".join(rows) + "\n")
+    run = await results(str(source), str(out), "--vars-from-columns", "--format", "jsonl")
+    assert run.code == 1, run
+    got = [json.loads(line) for line in run.out.splitlines()]
+    assert [row["status"] for row in got] == ["edited_since_sent", "edited_since_sent", "answered"]
+    assert got[0]["reply"] == "Hi Ann! Thanks for your message: Offer: 20% off"
+    assert "edited since line" in got[1]["error"]
+    assert "2 answered or sent lines for rows that are not in in.csv" in run.err
+    assert "now row 1 of in.csv" in run.err and "now row 2 of in.csv" in run.err
+    accepted = await results(str(source), str(out), "--vars-from-columns", "--allow-foreign")
+    assert accepted.code == 0, accepted
+    assert max(processed(emulator).values()) == 1
+
+
+# -- 9. results during a run ---------------------------------------------------------------------
+
+
+async def test_results_during_a_run_says_it_is_a_snapshot(tmp_path: Path) -> None:
+    """results while a bulk run held OUT printed rows in flight as maybe_processed with no
+    word; it says a run is writing OUT and what in-flight rows look like (exit 0)."""
+    import asyncio
+
+    from tests.test_cli import start_cli
+
+    source, out = tmp_path / "in.csv", tmp_path / "out.jsonl"
+    source.write_text(
+        "assistant_id,customer_identifier,message\n"
+        + "".join(f"123,+1415555{n:04d},Hi\n" for n in range(6))
+    )
+    with ThreadedServer(rate_limit=None, reply_delay=3.0) as server:
+        process = await start_cli(
+            *("bulk", str(source), "--out", str(out), "--rate-limit", "none"),
+            *("--progress", "off"),
+            **env_for(server),
+        )
+        async with asyncio.timeout(20):
+            while b'"sending":true' not in (out.read_bytes() if out.exists() else b""):
+                await asyncio.sleep(0.05)
+        during = await results(str(source), str(out))
+        await process.communicate()
+    assert during.code == 0, during
+    assert "a bulk run is writing" in during.err and "maybe_processed" in during.err
+    after = await results(str(source), str(out))
+    assert after.code == 0 and "a bulk run is writing" not in after.err, after
