@@ -556,7 +556,7 @@ class InputFile:
             if foreign:
                 foreign = self._protecting(foreign, ledger)
             if foreign:
-                raise InputError(self._foreign_message(foreign, out))
+                raise InputError(self._foreign_message(foreign, out, ledger))
 
     def _protecting(self, foreign: list[Entry], ledger: Ledger) -> list[Entry]:
         """The foreign lines whose refusal protects something: all of them when most of OUT
@@ -584,7 +584,9 @@ class InputFile:
             or (e.assistant_id, e.customer_identifier) in to_send
         ]
 
-    def _foreign_message(self, foreign: list[Entry], out: Path | None) -> str:
+    def _foreign_message(
+        self, foreign: list[Entry], out: Path | None, ledger: Ledger | None = None
+    ) -> str:
         """Say which lines of OUT match no row, what the input holds in their place, and the
         command that goes on: one line each, the first ``FOREIGN_SHOWN`` of them."""
         name = out.name if out is not None else "OUT"
@@ -602,13 +604,18 @@ class InputFile:
         wanted = {entry.id for entry in shown if entry.id != entry.row}
         people = {(e.assistant_id, e.customer_identifier) for e in shown if e.id == e.row}
         found: dict[Any, BulkRequest] = {}  # by id, and by (assistant, customer)
+        unsent: dict[Any, list[BulkRequest]] = {}  # a conversation's rows OUT has no line for
         with self._refusing():
-            for request in self:
+            for request, key in self.keyed():
                 conversation = (request.assistant_id, request.customer_identifier)
                 if request.id in wanted:
                     found.setdefault(request.id, request)
                 elif conversation in people:
                     found.setdefault(conversation, request)
+                    if ledger is not None and ledger.state_of_key(key) is None:
+                        rows = unsent.setdefault(conversation, [])
+                        if len(rows) < FOREIGN_SHOWN:
+                            rows.append(request)
         lines = [
             f"{name} has {len(foreign)} line(s) for rows that are not in {self.path.name} as "
             "it is now, rows that were answered or may have been processed; nothing was sent:"
@@ -620,7 +627,9 @@ class InputFile:
                 f"read that way): run again {flag[1]}; and besides:",
             )
         for entry in shown:
-            lines.append(f"  line {entry.line}: {entry.describe()}: {_difference(entry, found)}")
+            lines.append(
+                f"  line {entry.line}: {entry.describe()}: {_difference(entry, found, unsent)}"
+            )
         if len(foreign) > len(shown):
             lines.append(f"  ... and {len(foreign) - len(shown)} more")
         lines.append(
@@ -916,8 +925,25 @@ def _long_fields() -> Iterator[None]:
             csv.field_size_limit(previous)
 
 
-def _difference(entry: Entry, found: dict[Any, BulkRequest]) -> str:
+def _difference(
+    entry: Entry, found: dict[Any, BulkRequest], unsent: dict[Any, list[BulkRequest]]
+) -> str:
+    from ._differ import difference, explain
+
     if entry.id == entry.row:  # no id column: the row number then says nothing now
+        # The edited row is one OUT has no line for: the one an invisible edit explains, else
+        # the one at the line's row number, else the first.
+        rows = unsent.get((entry.assistant_id, entry.customer_identifier), [])
+        same = (
+            next((r for r in rows if explain(entry.key, r) is not None), None)
+            or next((r for r in rows if r.row == entry.row), None)
+            or (rows[0] if rows else None)
+        )
+        if same is not None:
+            return (
+                f"row {same.row} of the input has this customer and no line in OUT (edited "
+                f"since?): {difference(entry.key, same)}"
+            )
         same = found.get((entry.assistant_id, entry.customer_identifier))
         if same is not None:
             return (
@@ -942,7 +968,7 @@ def _difference(entry: Entry, found: dict[Any, BulkRequest]) -> str:
         changes.append(f"customer {request.customer_identifier}")
     if changes:
         return f"{here} of the input now has {' and '.join(changes)}, and no other row matches"
-    return f"{here} of the input has another message or variables, and no other row matches"
+    return f"{here} of the input has changed: {difference(entry.key, request)}"
 
 
 def _lines(first: int, last: int) -> str:

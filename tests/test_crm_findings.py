@@ -6,6 +6,7 @@ subprocess against the emulator; the emulator's request log judges what was sent
 from __future__ import annotations
 
 import collections
+import csv
 import json
 import os
 from collections.abc import Iterator
@@ -203,3 +204,46 @@ async def test_results_during_a_run_says_it_is_a_snapshot(tmp_path: Path) -> Non
     assert "a bulk run is writing" in during.err and "maybe_processed" in during.err
     after = await results(str(source), str(out))
     assert after.code == 0 and "a bulk run is writing" not in after.err, after
+
+
+# -- 10, 11. the refusal after an edit names the edited row and what differs ---------------------
+
+
+async def test_the_refusal_after_an_edit_names_the_edited_row_and_what_differs(
+    emulator: MockAutocalls, tmp_path: Path
+) -> None:
+    """Only row 5 was edited, and the refusal said "row 1 has this customer with another
+    message"; an invisible edit (LF to CRLF inside a quoted message) got the same unexplained
+    refusal. The edited row is named, and an invisible edit is said as such."""
+    source, out = tmp_path / "in.csv", tmp_path / "out.jsonl"
+    rows = [
+        ["123", "+14155550001", "Hi Ann - reminder 1"],
+        ["123", "+14155550002", "Hi Bob - reminder 1"],
+        ["123", "+14155550001", "Hi Ann - reminder 2"],
+        ["123", "+14155550002", "Hello,\nline two"],
+        ["123", "+14155550001", "Hi Ann - reminder 3"],
+    ]
+
+    def write(rows: list[list[str]]) -> None:
+        with source.open("w", newline="", encoding="utf-8") as file:
+            writer = csv.writer(file, lineterminator="\n")
+            writer.writerow(["assistant_id", "customer_identifier", "message"])
+            writer.writerows(rows)
+
+    write(rows)
+    assert (await bulk(emulator, source, out)).code == 0
+    edited = [list(row) for row in rows]
+    edited[4][2] = "Hi Ann - reminder THREE"
+    write(edited)
+    run = await bulk(emulator, source, out, "--dry-run")
+    assert run.code == 2, run
+    assert "row 5 (assistant 123, customer +14155550001): row 5 of the input" in run.err
+    assert "row 1 has this customer" not in run.err
+
+    resaved = [list(row) for row in rows]
+    resaved[3][2] = "Hello,\r\nline two"
+    write(resaved)
+    run = await bulk(emulator, source, out, "--dry-run")
+    assert run.code == 2, run
+    assert "row 4 of the input" in run.err and "line endings inside its message differ" in run.err
+    assert max(processed(emulator).values()) == 1
