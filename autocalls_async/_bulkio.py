@@ -392,7 +392,11 @@ class InputFile:
         self.examples: dict[str, list[str]] = {}
         self.extra_columns: tuple[str, ...] = ()
         self.snapshot: Snapshot | None = None
-        self.header: list[str] = []  #: a CSV input's column names, as written (stripped)
+        #: a CSV input's column names, as written (stripped); a column without a name is
+        #: named ``column_N`` (its position), so that results keep every cell
+        self.header: list[str] = []
+        self.unnamed_columns: tuple[str, ...] = ()  #: those ``column_N`` names
+        self.unnamed_values = 0  #: rows with a value in an unnamed column (never sent)
         self._cells: list[str] | None = None  #: a CSV row's cells, last yielded (``record``)
         self._record: dict[str, Any] = {}  #: a JSONL line's object, last yielded
         #: What check() found OUT does not answer: row numbers, digests, occurrences.
@@ -540,6 +544,8 @@ class InputFile:
                 if isinstance(request.id, int) and 0 < request.id < _ROW_NUMBER_LIMIT:
                     int_ids.append(request.id)
         self.rows = rows
+        if notes is not None and self.unnamed_values:
+            notes.unnamed_columns = self.unnamed_columns
         self._unanswered = (left, digests, occurrences)
         collisions: set[int] = set()
         for bucket in buckets:
@@ -742,7 +748,10 @@ class InputFile:
             raise InputError(f"{self.path}: column(s) named twice: {', '.join(duplicated)}")
         known = {*REQUIRED, *OPTIONAL}
         self.extra_columns = tuple(c for c in columns if c and c not in known)
-        self.header = [cell.strip() for cell in header]
+        self.header = _named(header)
+        unnamed = [n for n, c in enumerate(columns) if not c]
+        self.unnamed_columns = tuple(self.header[n] for n in unnamed)
+        self.unnamed_values = 0
         at_assistant = columns.index("assistant_id")
         at_customer = columns.index("customer_identifier")
         at_message = columns.index("message")
@@ -774,6 +783,8 @@ class InputFile:
             if reader.line_num > first_line:  # a field holds a line break
                 self._check_swallowed(columns, cells, row, _lines(first_line, reader.line_num))
             self._cells = cells
+            if unnamed and any(cells[n].strip() for n in unnamed):
+                self.unnamed_values += 1
             # The usual row (a whole-number assistant, a customer, a message, no variables),
             # made directly: what _csv_request would make of it, without its checks.
             assistant = cells[at_assistant].strip()
@@ -895,6 +906,21 @@ class InputFile:
                 continue
             self._record = data
             yield BulkRequest.from_mapping(data, row, extra_as_variables=self.extra_as_variables)
+
+
+def _named(header: list[str]) -> list[str]:
+    """A CSV header's names, stripped; a column without one (Excel's trailing ``,,``) named
+    ``column_N`` by its position (1-based), never like another column."""
+    names = [cell.strip() for cell in header]
+    taken = {name.lower() for name in names}
+    for n, name in enumerate(names):
+        if not name:
+            made = f"column_{n + 1}"
+            while made.lower() in taken:
+                made += "_"
+            taken.add(made.lower())
+            names[n] = made
+    return names
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -247,3 +247,23 @@ async def test_the_refusal_after_an_edit_names_the_edited_row_and_what_differs(
     assert run.code == 2, run
     assert "row 4 of the input" in run.err and "line endings inside its message differ" in run.err
     assert max(processed(emulator).values()) == 1
+
+
+# -- 8. columns without a header name ------------------------------------------------------------
+
+
+async def test_columns_without_a_name_are_named_and_never_lost(
+    emulator: MockAutocalls, tmp_path: Path
+) -> None:
+    """Two columns with empty header names (Excel's trailing ,,): results.csv lost one. They
+    are named column_N by position, both kept in results, never sent, and the run says so."""
+    source, out, target = tmp_path / "in.csv", tmp_path / "out.jsonl", tmp_path / "results.csv"
+    source.write_text("assistant_id,customer_identifier,message,,\n123,+14155550001,Hi,x,y\n")
+    run = await bulk(emulator, source, out, "--vars-from-columns")
+    assert run.code == 0, run
+    assert "without a name in the header hold values: column_4, column_5" in run.out
+    assert [record.body.get("variables") for record in emulator.requests] == [None]
+    done = await results(str(source), str(out), "--vars-from-columns", "-o", str(target))
+    assert done.code == 0, done
+    table = list(csv.DictReader(target.read_text(encoding="utf-8").splitlines()))
+    assert table[0]["column_4"] == "x" and table[0]["column_5"] == "y"
