@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, Final, Literal
@@ -48,10 +49,26 @@ RESULT_COLUMNS: Final = ("status", "reply", "conversation_id", "error_code", "er
 _FORMULA_START: Final = ("=", "+", "-", "@", "\t", "\r")
 
 
+#: A phone number written with a leading ``+`` (``+14155550001``, ``+1 (415) 555-1234``):
+#: digits, spaces, dots, dashes and parentheses only, at least 7 digits.
+_PHONE: Final = re.compile(r"\+[0-9][0-9 ().-]*")
+_PHONE_DIGITS: Final = 7
+
+
 def neutralise(cell: str) -> str:
     """A cell a spreadsheet shows as text: a leading ``'`` before ``=``, ``+``, ``-``, ``@``,
-    a tab or a carriage return (Excel, LibreOffice and Google Sheets hide the quote)."""
-    return "'" + cell if cell.startswith(_FORMULA_START) else cell
+    a tab or a carriage return (Excel, LibreOffice and Google Sheets hide the quote).
+
+    A phone number (``+14155550001``, ``+1 (415) 555-1234``) is kept as it is, so that the
+    file matches the CRM's numbers: a formula does harm by calling a function
+    (``HYPERLINK``, ``WEBSERVICE``), naming a cell or a DDE target (``cmd|'...'!A0``), which
+    all need a letter or ``|``/``!``; a cell of a ``+`` then only digits, spaces, dots, dashes
+    and parentheses has none of them, and at worst a spreadsheet reads it as a number."""
+    if not cell.startswith(_FORMULA_START):
+        return cell
+    if _PHONE.fullmatch(cell) and sum(c.isdigit() for c in cell) >= _PHONE_DIGITS:
+        return cell
+    return "'" + cell
 
 
 def _index(file: IO[bytes]) -> tuple[dict[str, int], dict[RowId, int], int]:

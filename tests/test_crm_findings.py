@@ -267,3 +267,36 @@ async def test_columns_without_a_name_are_named_and_never_lost(
     assert done.code == 0, done
     table = list(csv.DictReader(target.read_text(encoding="utf-8").splitlines()))
     assert table[0]["column_4"] == "x" and table[0]["column_5"] == "y"
+
+
+# -- 13. phone numbers in results.csv ------------------------------------------------------------
+
+
+async def test_results_csv_keeps_phone_numbers_and_neutralises_formulas(
+    emulator: MockAutocalls, tmp_path: Path
+) -> None:
+    """results.csv wrote +14155550001 as '+14155550001: it could not be matched back to the
+    CRM. A phone number is kept as it is; real formulas are still neutralised."""
+    source, out, target = tmp_path / "in.csv", tmp_path / "out.jsonl", tmp_path / "results.csv"
+    source.write_text(
+        "assistant_id,customer_identifier,message,note\n"
+        '123,+14155550001,Hi,"+1 (415) 555-0002"\n'
+        "123,+14155550003,=1+2,+1-1\n"
+        '123,+14155550004,"+SUM(A1)","-2+3+cmd|\' /C calc\'!A0"\n'
+        "123,+14155550005,@x,\tx\n"
+    )
+    assert (await bulk(emulator, source, out)).code == 0
+    run = await results(str(source), str(out), "-o", str(target))
+    assert run.code == 0, run
+    table = list(csv.DictReader(target.read_text(encoding="utf-8").splitlines()))
+    assert [row["customer_identifier"] for row in table] == [
+        "+14155550001",
+        "+14155550003",
+        "+14155550004",
+        "+14155550005",
+    ]
+    assert table[0]["note"] == "+1 (415) 555-0002"
+    assert [row["message"] for row in table[1:]] == ["'=1+2", "'+SUM(A1)", "'@x"]
+    assert table[1]["note"] == "'+1-1"  # two digits: not a phone number
+    assert table[2]["note"].startswith("'-2+3+cmd|")
+    assert table[3]["note"] == "'\tx"

@@ -38,7 +38,8 @@ def add_parser(commands: Any) -> None:
         "maybe_processed, not_sent), reply, conversation_id, error_code and error. OUT is "
         "checked against INPUT as bulk checks it: lines for rows that are not in INPUT as it "
         "is now are listed (an edited row is edited_since_sent, with its earlier reply). CSV "
-        "cells that a spreadsheet would run as formulas (=, +, -, @) are prefixed with '.",
+        "cells that a spreadsheet would run as formulas (=, +, -, @) are prefixed with ' (a "
+        "phone number such as +14155550001 is not a formula: kept as it is).",
         epilog=exit_codes_help("results")
         + f"\nexample:\n  {PROG} results contacts.csv --out replies.jsonl -o results.csv",
         formatter_class=argparse.RawDescriptionHelpFormatter,
