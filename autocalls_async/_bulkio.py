@@ -399,6 +399,10 @@ class InputFile:
         self.unnamed_values = 0  #: rows with a value in an unnamed column (never sent)
         self._cells: list[str] | None = None  #: a CSV row's cells, last yielded (``record``)
         self._record: dict[str, Any] = {}  #: a JSONL line's object, last yielded
+        #: The row last yielded as its key reads it, when that differs from the row sent: a
+        #: column sent as a variable by its header's spelling (``FirstName``) is keyed by the
+        #: lower-cased name older versions sent, so that their OUT still matches.
+        self._key_request: BulkRequest | None = None
         #: What check() found OUT does not answer: row numbers, digests, occurrences.
         self._unanswered: tuple[array[int], array[int], array[int]] | None = None
 
@@ -444,7 +448,8 @@ class InputFile:
         seen = KeyTable(self.snapshot.lines if self.snapshot is not None else 0, "I")
         numbers, counts, mask = seen.numbers, seen.values, seen.mask
         for request in self:
-            digest = content_number(request)
+            keyed, self._key_request = self._key_request, None
+            digest = content_number(keyed or request)
             here = digest or 1
             i = here & mask
             while found := numbers[i]:
@@ -546,6 +551,8 @@ class InputFile:
         self.rows = rows
         if notes is not None and self.unnamed_values:
             notes.unnamed_columns = self.unnamed_columns
+        if notes is not None and self.extra_as_variables and self.format == "csv":
+            notes.variable_columns = self.extra_columns
         self._unanswered = (left, digests, occurrences)
         collisions: set[int] = set()
         for bucket in buckets:
@@ -747,8 +754,10 @@ class InputFile:
         if duplicated:
             raise InputError(f"{self.path}: column(s) named twice: {', '.join(duplicated)}")
         known = {*REQUIRED, *OPTIONAL}
-        self.extra_columns = tuple(c for c in columns if c and c not in known)
         self.header = _named(header)
+        self.extra_columns = tuple(
+            self.header[n] for n, c in enumerate(columns) if c and c not in known
+        )
         unnamed = [n for n, c in enumerate(columns) if not c]
         self.unnamed_columns = tuple(self.header[n] for n in unnamed)
         self.unnamed_values = 0
@@ -855,11 +864,11 @@ class InputFile:
         problems: list[str] = []
         data: dict[str, Any] = {}
         extra: dict[str, Any] = {}
-        for name, cell in zip(columns, cells, strict=False):
+        for name, spelled, cell in zip(columns, self.header, cells, strict=False):
             if name in REQUIRED or name in OPTIONAL:
                 data[name] = cell.strip() if name != "message" else cell
             elif name and cell.strip():
-                extra[name] = cell  # CSV cannot tell an empty value from none: leave it out
+                extra[spelled] = cell  # CSV cannot tell an empty value from none: leave it out
         assistant_id = data.get("assistant_id")
         if assistant_id:
             if _INTEGER.match(assistant_id):
@@ -875,15 +884,22 @@ class InputFile:
                 problems.append(f"variables is not valid JSON ({exc})")
             except RecursionError:
                 problems.append(_TOO_DEEP)
+        keyed: dict[str, Any] | None = None
         if self.extra_as_variables and extra:
             merged = data.get("variables")
+            # The header's spelling (FirstName), and a variables cell wins on a clash.
             data["variables"] = {**extra, **merged} if isinstance(merged, dict) else extra
             if merged is not None and not isinstance(merged, dict):
                 problems.append(f"variables must be a JSON object, got {type(merged).__name__}")
+            if any(not name.islower() for name in extra):  # the key: as older versions sent it
+                lowered = {name.lower(): value for name, value in extra.items()}
+                keyed = {**lowered, **merged} if isinstance(merged, dict) else lowered
         request = BulkRequest.from_mapping(data, row)
         if problems:
             joined = "; ".join([*problems, *([request.problem] if request.problem else [])])
             request = attrs.evolve(request, problem=joined)
+        if keyed is not None:
+            self._key_request = attrs.evolve(request, variables=keyed)
         return request
 
     def _jsonl_rows(self, file: IO[str]) -> Iterator[BulkRequest]:

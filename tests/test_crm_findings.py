@@ -300,3 +300,39 @@ async def test_results_csv_keeps_phone_numbers_and_neutralises_formulas(
     assert table[1]["note"] == "'+1-1"  # two digits: not a phone number
     assert table[2]["note"].startswith("'-2+3+cmd|")
     assert table[3]["note"] == "'\tx"
+
+
+# -- 5. --vars-from-columns: the header's spelling; the variables cell wins ----------------------
+
+
+async def test_columns_are_sent_as_the_header_spells_them_and_old_outs_still_match(
+    emulator: MockAutocalls, tmp_path: Path
+) -> None:
+    """--vars-from-columns sent FirstName as firstname, and a variables cell did not win over
+    a column of the same name (both were sent). The header's spelling is sent, the variables
+    cell wins, the dry run says so; an OUT written by an older version (lower-cased names in
+    the key) still matches: nothing is sent again."""
+    from autocalls_async._bulkio import content_number, line_of
+    from autocalls_async.bulk import BulkRequest
+
+    source, out = tmp_path / "in.csv", tmp_path / "out.jsonl"
+    source.write_text(
+        "assistant_id,customer_identifier,message,variables,FirstName,Plan\n"
+        '123,+14155550001,Hi,"{""FirstName"": ""Ann""}",Annie,Gold\n'
+        "123,+14155550002,Hi,,Bob,Silver\n"
+    )
+    dry = await bulk(emulator, source, out, "--vars-from-columns", "--dry-run")
+    assert dry.code == 0, dry
+    assert "sent as variables: FirstName, Plan (named as the header spells them" in dry.out
+    assert "the variables cell wins" in dry.out
+    # Row 2 answered by an older version, which keyed (and sent) lower-cased names.
+    old = BulkRequest(2, 123, "+14155550002", "Hi", {"firstname": "Bob", "plan": "Silver"}, 2)
+    key = f"{content_number(old):016x}.1"
+    line = {"id": 2, "ok": True, "key": key, "row": 2, "assistant_id": 123}
+    line |= {"customer_identifier": "+14155550002", "conversation_id": "c", "reply": "r"}
+    out.write_bytes(line_of(line) + b"\n")
+    run = await bulk(emulator, source, out, "--vars-from-columns")
+    assert run.code == 0 and "1 answered, 0 failed, 1 skipped" in run.out, run
+    assert [record.body["variables"] for record in emulator.requests] == [
+        {"FirstName": "Ann", "Plan": "Gold"}
+    ]
