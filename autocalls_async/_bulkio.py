@@ -710,8 +710,11 @@ class InputFile:
             yield
         except UnicodeDecodeError as exc:
             raise InputError(
-                f"{self.path}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
-                "save the file as UTF-8"
+                f"{self.path}: not UTF-8 text ({_not_utf8(self._source) or exc.reason}). It "
+                "was probably saved in a Windows or Mac encoding (Excel's \"CSV (Comma "
+                'delimited)" writes cp1252): save it again as "CSV UTF-8" (in Excel: File > '
+                "Save As > CSV UTF-8; in LibreOffice: Character set Unicode (UTF-8)); nothing "
+                "was sent"
             ) from None
         except csv.Error as exc:
             raise InputError(f"{self.path}: not a readable CSV file ({exc})") from None
@@ -937,6 +940,22 @@ def _named(header: list[str]) -> list[str]:
             taken.add(made.lower())
             names[n] = made
     return names
+
+
+def _not_utf8(path: Path) -> str | None:
+    """Where a file stops being UTF-8: its line (as an editor counts lines) and the bytes
+    there, e.g. ``line 3: b'Zo\\xeb'``; None if it cannot be read again."""
+    try:
+        with path.open("rb") as file:
+            for number, line in enumerate(file, 1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    near = line[max(exc.start - 12, 0) : exc.start + 4]
+                    return f"line {number}: byte {exc.start + 1} is not UTF-8, near {near!r}"
+    except OSError:
+        return None
+    return None
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import IO, Any, Final, Literal
 
@@ -261,11 +261,15 @@ def read_results(
 
 
 def result_rows(
-    source: InputFile, out: Path, check: OutCheck | None = None
+    source: InputFile,
+    out: Path,
+    check: OutCheck | None = None,
+    taken: Collection[str] = (),
 ) -> Iterator[dict[str, Any]]:
     """``read_results`` of an input whose snapshot is taken; with ``check`` (``check_out``),
     the rows edited since OUT answered them are ``edited_since_sent``, with the earlier
-    reply."""
+    reply. A result field named like an input field of any row (``taken``) is prefixed
+    ``result_``."""
     edited = check.edited if check is not None else {}
     try:
         file: IO[bytes] | None = out.open("rb")
@@ -306,11 +310,22 @@ def result_rows(
                     fields["error"] = data.get("error")
             row = dict(source.record)
             for name, value in fields.items():
-                row["result_" + name if name in row else name] = value
+                row["result_" + name if name in row or name in taken else name] = value
             yield row
     finally:
         if file is not None:
             file.close()
+
+
+def input_columns(source: InputFile) -> tuple[list[str], list[str]]:
+    """Every field name of a JSONL input, in the order first seen (one pass); and the header
+    of its results as CSV (those, then the result columns), so that a field only some lines
+    have (their variables) keeps its column."""
+    names: dict[str, None] = {}
+    for _ in source:
+        names.update(dict.fromkeys(source.record))
+    fields = list(names)
+    return fields, [*fields, *("result_" + n if n in names else n for n in RESULT_COLUMNS)]
 
 
 def _speaking(
@@ -331,8 +346,14 @@ def _speaking(
     return data if same else None
 
 
-def write_results(rows: Iterator[dict[str, Any]], file: IO[str], format: str) -> dict[str, int]:
-    """Write ``rows`` as CSV (formulas neutralised) or JSONL; return the count per status."""
+def write_results(
+    rows: Iterator[dict[str, Any]],
+    file: IO[str],
+    format: str,
+    columns: list[str] | None = None,
+) -> dict[str, int]:
+    """Write ``rows`` as CSV (formulas neutralised; the header ``columns``, else the first
+    row's fields) or JSONL; return the count per status."""
     counts: dict[str, int] = {}
     writer: Any = None
     for row in rows:
@@ -342,8 +363,9 @@ def write_results(rows: Iterator[dict[str, Any]], file: IO[str], format: str) ->
             file.write(json.dumps(row, ensure_ascii=False) + "\n")
             continue
         if writer is None:  # a JSONL input's later lines: the first line's columns
-            writer = csv.DictWriter(file, list(row), restval="", extrasaction="ignore")
-            writer.writerow({name: neutralise(name) for name in row})
+            names = columns or list(row)
+            writer = csv.DictWriter(file, names, restval="", extrasaction="ignore")
+            writer.writerow({name: neutralise(name) for name in names})
         writer.writerow({name: neutralise(_cell(value)) for name, value in row.items()})
     return counts
 

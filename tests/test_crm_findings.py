@@ -336,3 +336,58 @@ async def test_columns_are_sent_as_the_header_spells_them_and_old_outs_still_mat
     assert [record.body["variables"] for record in emulator.requests] == [
         {"FirstName": "Ann", "Plan": "Gold"}
     ]
+
+
+# -- 14. the smaller findings --------------------------------------------------------------------
+
+
+async def test_jsonl_results_keep_every_field_as_a_column(
+    emulator: MockAutocalls, tmp_path: Path
+) -> None:
+    """A JSONL input whose first line has no variables: results.csv dropped the variables
+    of the later lines (its columns were the first line's)."""
+    source, out, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "res.csv"
+    lines = [
+        {"assistant_id": 123, "customer_identifier": "+14155550001", "message": "a"},
+        {"assistant_id": 123, "customer_identifier": "+14155550002", "message": "b"}
+        | {"variables": {"n": 1}, "status": "vip"},
+    ]
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert (await bulk(emulator, source, out)).code == 0
+    run = await results(str(source), str(out), "-o", str(target))
+    assert run.code == 0, run
+    table = list(csv.DictReader(target.read_text(encoding="utf-8").splitlines()))
+    assert table[1]["variables"] == '{"n": 1}' and table[1]["status"] == "vip"
+    assert [row["result_status"] for row in table] == ["answered", "answered"]
+
+
+async def test_a_401_names_the_token_file_and_the_summary_says_stopped(tmp_path: Path) -> None:
+    """A 401 with --token-file hinted "check AUTOCALLS_API_TOKEN"; the summary said "Done"
+    after stopping on it (and on --max-replies)."""
+    source, out = tmp_path / "in.csv", tmp_path / "out.jsonl"
+    source.write_text(SHEET)
+    token_file = tmp_path / "token.txt"
+    token_file.write_text("not-the-token\n")
+    token_file.chmod(0o600)
+    with ThreadedServer(rate_limit=None, tokens=[TOKEN]) as server:
+        run = await run_cli(
+            *("bulk", str(source), "--out", str(out), "--rate-limit", "none"),
+            *("--progress", "off", "--token-file", str(token_file)),
+            AUTOCALLS_BASE_URL=server.base_url,
+        )
+        assert run.code == 3, run
+        assert f"check the token in --token-file {token_file}" in run.out
+        assert "AUTOCALLS_API_TOKEN" not in run.out
+        assert run.out.startswith("Stopped: UNAUTHENTICATED received in"), run.out
+        capped = await bulk(server, source, out, "--max-replies", "1")
+        assert capped.code == 9 and capped.out.startswith("Stopped: --max-replies reached in")
+
+
+async def test_a_cp1252_file_is_named_by_line_with_how_to_save_it(tmp_path: Path) -> None:
+    """A file saved as cp1252 was refused with "invalid continuation byte at byte 79"."""
+    source = tmp_path / "in.csv"
+    text = "assistant_id,customer_identifier,message\n123,+14155550001,Hi\n"
+    source.write_bytes((text + "123,+14155550002,Zoë\n").encode("cp1252"))
+    run = await run_cli("bulk", str(source), "--out", str(tmp_path / "o.jsonl"), "--dry-run")
+    assert run.code == 2, run
+    assert "line 3: byte 20 is not UTF-8" in run.err and "CSV UTF-8" in run.err

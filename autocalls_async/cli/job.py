@@ -93,9 +93,10 @@ class Outcome:
         return (
             f"{PROG}: {self.write_error}: stopped sending. "
             + (
-                f"{plural(self.unwritten, 'result')} that could not be written are printed "
-                "above on stderr as JSON lines: keep them (a rerun reports those rows as maybe "
-                "processed and does not send them again). "
+                f"{plural(self.unwritten, 'result')} that could not be written "
+                f"{'is' if self.unwritten == 1 else 'are'} printed above on stderr as JSON "
+                "lines: keep them (a rerun reports those rows as maybe processed and does not "
+                "send them again). "
                 if self.unwritten
                 else ""
             )

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .._bulkio import InputError, InputFile
-from .._results import OutCheck, check_out, result_rows, write_results
+from .._results import OutCheck, check_out, input_columns, result_rows, write_results
 from .exits import EXIT_FAILED, EXIT_OK, exit_codes_help
 from .options import parse_delimiter, same_file
 from .output import PROG, plural, usage_error
@@ -120,11 +120,14 @@ def results_command(args: argparse.Namespace) -> int:
         refusal = _refusal(check, args)
         if refusal is not None:
             return usage_error(refusal)
-        rows = result_rows(source, args.out, check)
+        columns, fields = None, list[str]()
+        if fmt == "csv" and source.format == "jsonl":  # lines may have different fields
+            fields, columns = input_columns(source)
+        rows = result_rows(source, args.out, check, fields)
         if target is None:
-            counts = write_results(rows, sys.stdout, fmt)
+            counts = write_results(rows, sys.stdout, fmt, columns)
         else:
-            counts = write_atomically(target, lambda file: write_results(rows, file, fmt))
+            counts = write_atomically(target, lambda file: write_results(rows, file, fmt, columns))
     except InputError as exc:
         return usage_error(str(exc))
     except OSError as exc:
