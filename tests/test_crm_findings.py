@@ -391,3 +391,42 @@ async def test_a_cp1252_file_is_named_by_line_with_how_to_save_it(tmp_path: Path
     run = await run_cli("bulk", str(source), "--out", str(tmp_path / "o.jsonl"), "--dry-run")
     assert run.code == 2, run
     assert "line 3: byte 20 is not UTF-8" in run.err and "CSV UTF-8" in run.err
+
+
+# -- 6. --e164: every spelling normalised or refused, none left as it was ------------------------
+
+
+async def test_e164_reads_tel_and_full_width_and_refuses_extensions_and_excel_numbers(
+    emulator: MockAutocalls, tmp_path: Path
+) -> None:
+    """--e164 US sent tel:+1..., full-width ＋1..., numbers with an extension or a label and
+    Excel's 1.4155551234E+10 as they were, silently. tel: and full-width are normalised; the
+    others fail as INVALID_ROW saying why and how to fix them."""
+    pytest.importorskip("phonenumbers")
+    source, out = tmp_path / "in.csv", tmp_path / "out.jsonl"
+    spellings = [
+        "tel:+14155551234",
+        "＋１４１５５５５１２３４",
+        "(415) 555-1234 x22",
+        "+1 415 555 1234 ext. 22",
+        "+1 (415) 555-1234 (mobile)",
+        "1.4155551234E+10",
+    ]
+    with source.open("w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        writer.writerow(["assistant_id", "customer_identifier", "message"])
+        writer.writerows([123, spelling, f"msg {n}"] for n, spelling in enumerate(spellings))
+    run = await bulk(emulator, source, out, "--e164", "US")
+    assert run.code == 1, run
+    assert sorted(str(r.body["customer_identifier"]) for r in emulator.requests) == [
+        "+14155551234",
+        "+14155551234",
+    ]
+    errors = {
+        line["row"]: line["error"]
+        for line in map(json.loads, out.read_text().splitlines())
+        if line.get("ok") is False
+    }
+    assert "has an extension" in errors[3] and "has an extension" in errors[4]
+    assert "label after the number" in errors[5]
+    assert "scientific notation" in errors[6] and "Format the column as Text" in errors[6]
