@@ -392,9 +392,17 @@ class InputFile:
         self.examples: dict[str, list[str]] = {}
         self.extra_columns: tuple[str, ...] = ()
         self.snapshot: Snapshot | None = None
-        self.header: list[str] = []  #: a CSV input's column names, as written (stripped)
+        #: a CSV input's column names, as written (stripped); a column without a name is
+        #: named ``column_N`` (its position), so that results keep every cell
+        self.header: list[str] = []
+        self.unnamed_columns: tuple[str, ...] = ()  #: those ``column_N`` names
+        self.unnamed_values = 0  #: rows with a value in an unnamed column (never sent)
         self._cells: list[str] | None = None  #: a CSV row's cells, last yielded (``record``)
         self._record: dict[str, Any] = {}  #: a JSONL line's object, last yielded
+        #: The row last yielded as its key reads it, when that differs from the row sent: a
+        #: column sent as a variable by its header's spelling (``FirstName``) is keyed by the
+        #: lower-cased name older versions sent, so that their OUT still matches.
+        self._key_request: BulkRequest | None = None
         #: What check() found OUT does not answer: row numbers, digests, occurrences.
         self._unanswered: tuple[array[int], array[int], array[int]] | None = None
 
@@ -440,7 +448,8 @@ class InputFile:
         seen = KeyTable(self.snapshot.lines if self.snapshot is not None else 0, "I")
         numbers, counts, mask = seen.numbers, seen.values, seen.mask
         for request in self:
-            digest = content_number(request)
+            keyed, self._key_request = self._key_request, None
+            digest = content_number(keyed or request)
             here = digest or 1
             i = here & mask
             while found := numbers[i]:
@@ -540,6 +549,10 @@ class InputFile:
                 if isinstance(request.id, int) and 0 < request.id < _ROW_NUMBER_LIMIT:
                     int_ids.append(request.id)
         self.rows = rows
+        if notes is not None and self.unnamed_values:
+            notes.unnamed_columns = self.unnamed_columns
+        if notes is not None and self.extra_as_variables and self.format == "csv":
+            notes.variable_columns = self.extra_columns
         self._unanswered = (left, digests, occurrences)
         collisions: set[int] = set()
         for bucket in buckets:
@@ -556,7 +569,7 @@ class InputFile:
             if foreign:
                 foreign = self._protecting(foreign, ledger)
             if foreign:
-                raise InputError(self._foreign_message(foreign, out))
+                raise InputError(self._foreign_message(foreign, out, ledger))
 
     def _protecting(self, foreign: list[Entry], ledger: Ledger) -> list[Entry]:
         """The foreign lines whose refusal protects something: all of them when most of OUT
@@ -584,7 +597,9 @@ class InputFile:
             or (e.assistant_id, e.customer_identifier) in to_send
         ]
 
-    def _foreign_message(self, foreign: list[Entry], out: Path | None) -> str:
+    def _foreign_message(
+        self, foreign: list[Entry], out: Path | None, ledger: Ledger | None = None
+    ) -> str:
         """Say which lines of OUT match no row, what the input holds in their place, and the
         command that goes on: one line each, the first ``FOREIGN_SHOWN`` of them."""
         name = out.name if out is not None else "OUT"
@@ -602,13 +617,18 @@ class InputFile:
         wanted = {entry.id for entry in shown if entry.id != entry.row}
         people = {(e.assistant_id, e.customer_identifier) for e in shown if e.id == e.row}
         found: dict[Any, BulkRequest] = {}  # by id, and by (assistant, customer)
+        unsent: dict[Any, list[BulkRequest]] = {}  # a conversation's rows OUT has no line for
         with self._refusing():
-            for request in self:
+            for request, key in self.keyed():
                 conversation = (request.assistant_id, request.customer_identifier)
                 if request.id in wanted:
                     found.setdefault(request.id, request)
                 elif conversation in people:
                     found.setdefault(conversation, request)
+                    if ledger is not None and ledger.state_of_key(key) is None:
+                        rows = unsent.setdefault(conversation, [])
+                        if len(rows) < FOREIGN_SHOWN:
+                            rows.append(request)
         lines = [
             f"{name} has {len(foreign)} line(s) for rows that are not in {self.path.name} as "
             "it is now, rows that were answered or may have been processed; nothing was sent:"
@@ -620,7 +640,9 @@ class InputFile:
                 f"read that way): run again {flag[1]}; and besides:",
             )
         for entry in shown:
-            lines.append(f"  line {entry.line}: {entry.describe()}: {_difference(entry, found)}")
+            lines.append(
+                f"  line {entry.line}: {entry.describe()}: {_difference(entry, found, unsent)}"
+            )
         if len(foreign) > len(shown):
             lines.append(f"  ... and {len(foreign) - len(shown)} more")
         lines.append(
@@ -688,8 +710,11 @@ class InputFile:
             yield
         except UnicodeDecodeError as exc:
             raise InputError(
-                f"{self.path}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
-                "save the file as UTF-8"
+                f"{self.path}: not UTF-8 text ({_not_utf8(self._source) or exc.reason}). It "
+                "was probably saved in a Windows or Mac encoding (Excel's \"CSV (Comma "
+                'delimited)" writes cp1252): save it again as "CSV UTF-8" (in Excel: File > '
+                "Save As > CSV UTF-8; in LibreOffice: Character set Unicode (UTF-8)); nothing "
+                "was sent"
             ) from None
         except csv.Error as exc:
             raise InputError(f"{self.path}: not a readable CSV file ({exc})") from None
@@ -732,8 +757,13 @@ class InputFile:
         if duplicated:
             raise InputError(f"{self.path}: column(s) named twice: {', '.join(duplicated)}")
         known = {*REQUIRED, *OPTIONAL}
-        self.extra_columns = tuple(c for c in columns if c and c not in known)
-        self.header = [cell.strip() for cell in header]
+        self.header = _named(header)
+        self.extra_columns = tuple(
+            self.header[n] for n, c in enumerate(columns) if c and c not in known
+        )
+        unnamed = [n for n, c in enumerate(columns) if not c]
+        self.unnamed_columns = tuple(self.header[n] for n in unnamed)
+        self.unnamed_values = 0
         at_assistant = columns.index("assistant_id")
         at_customer = columns.index("customer_identifier")
         at_message = columns.index("message")
@@ -765,6 +795,8 @@ class InputFile:
             if reader.line_num > first_line:  # a field holds a line break
                 self._check_swallowed(columns, cells, row, _lines(first_line, reader.line_num))
             self._cells = cells
+            if unnamed and any(cells[n].strip() for n in unnamed):
+                self.unnamed_values += 1
             # The usual row (a whole-number assistant, a customer, a message, no variables),
             # made directly: what _csv_request would make of it, without its checks.
             assistant = cells[at_assistant].strip()
@@ -835,11 +867,11 @@ class InputFile:
         problems: list[str] = []
         data: dict[str, Any] = {}
         extra: dict[str, Any] = {}
-        for name, cell in zip(columns, cells, strict=False):
+        for name, spelled, cell in zip(columns, self.header, cells, strict=False):
             if name in REQUIRED or name in OPTIONAL:
                 data[name] = cell.strip() if name != "message" else cell
             elif name and cell.strip():
-                extra[name] = cell  # CSV cannot tell an empty value from none: leave it out
+                extra[spelled] = cell  # CSV cannot tell an empty value from none: leave it out
         assistant_id = data.get("assistant_id")
         if assistant_id:
             if _INTEGER.match(assistant_id):
@@ -855,15 +887,22 @@ class InputFile:
                 problems.append(f"variables is not valid JSON ({exc})")
             except RecursionError:
                 problems.append(_TOO_DEEP)
+        keyed: dict[str, Any] | None = None
         if self.extra_as_variables and extra:
             merged = data.get("variables")
+            # The header's spelling (FirstName), and a variables cell wins on a clash.
             data["variables"] = {**extra, **merged} if isinstance(merged, dict) else extra
             if merged is not None and not isinstance(merged, dict):
                 problems.append(f"variables must be a JSON object, got {type(merged).__name__}")
+            if any(not name.islower() for name in extra):  # the key: as older versions sent it
+                lowered = {name.lower(): value for name, value in extra.items()}
+                keyed = {**lowered, **merged} if isinstance(merged, dict) else lowered
         request = BulkRequest.from_mapping(data, row)
         if problems:
             joined = "; ".join([*problems, *([request.problem] if request.problem else [])])
             request = attrs.evolve(request, problem=joined)
+        if keyed is not None:
+            self._key_request = attrs.evolve(request, variables=keyed)
         return request
 
     def _jsonl_rows(self, file: IO[str]) -> Iterator[BulkRequest]:
@@ -886,6 +925,37 @@ class InputFile:
                 continue
             self._record = data
             yield BulkRequest.from_mapping(data, row, extra_as_variables=self.extra_as_variables)
+
+
+def _named(header: list[str]) -> list[str]:
+    """A CSV header's names, stripped; a column without one (Excel's trailing ``,,``) named
+    ``column_N`` by its position (1-based), never like another column."""
+    names = [cell.strip() for cell in header]
+    taken = {name.lower() for name in names}
+    for n, name in enumerate(names):
+        if not name:
+            made = f"column_{n + 1}"
+            while made.lower() in taken:
+                made += "_"
+            taken.add(made.lower())
+            names[n] = made
+    return names
+
+
+def _not_utf8(path: Path) -> str | None:
+    """Where a file stops being UTF-8: its line (as an editor counts lines) and the bytes
+    there, e.g. ``line 3: b'Zo\\xeb'``; None if it cannot be read again."""
+    try:
+        with path.open("rb") as file:
+            for number, line in enumerate(file, 1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    near = line[max(exc.start - 12, 0) : exc.start + 4]
+                    return f"line {number}: byte {exc.start + 1} is not UTF-8, near {near!r}"
+    except OSError:
+        return None
+    return None
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -916,8 +986,25 @@ def _long_fields() -> Iterator[None]:
             csv.field_size_limit(previous)
 
 
-def _difference(entry: Entry, found: dict[Any, BulkRequest]) -> str:
+def _difference(
+    entry: Entry, found: dict[Any, BulkRequest], unsent: dict[Any, list[BulkRequest]]
+) -> str:
+    from ._differ import difference, explain
+
     if entry.id == entry.row:  # no id column: the row number then says nothing now
+        # The edited row is one OUT has no line for: the one an invisible edit explains, else
+        # the one at the line's row number, else the first.
+        rows = unsent.get((entry.assistant_id, entry.customer_identifier), [])
+        same = (
+            next((r for r in rows if explain(entry.key, r) is not None), None)
+            or next((r for r in rows if r.row == entry.row), None)
+            or (rows[0] if rows else None)
+        )
+        if same is not None:
+            return (
+                f"row {same.row} of the input has this customer and no line in OUT (edited "
+                f"since?): {difference(entry.key, same)}"
+            )
         same = found.get((entry.assistant_id, entry.customer_identifier))
         if same is not None:
             return (
@@ -942,7 +1029,7 @@ def _difference(entry: Entry, found: dict[Any, BulkRequest]) -> str:
         changes.append(f"customer {request.customer_identifier}")
     if changes:
         return f"{here} of the input now has {' and '.join(changes)}, and no other row matches"
-    return f"{here} of the input has another message or variables, and no other row matches"
+    return f"{here} of the input has changed: {difference(entry.key, request)}"
 
 
 def _lines(first: int, last: int) -> str:

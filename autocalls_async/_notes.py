@@ -84,6 +84,10 @@ class DataNotes:
     some."""
 
     unused_columns: tuple[str, ...] = ()
+    #: Columns sent as variables (``--vars-from-columns``), as the header spells them
+    variable_columns: tuple[str, ...] = ()
+    #: Columns without a name in the header that hold values (named ``column_N``): never sent
+    unnamed_columns: tuple[str, ...] = ()
     #: digest -> rows with that content (only digests seen at least twice, a few of them)
     identical: dict[int, list[int]] = attrs.Factory(dict)
     identical_groups: int = 0  #: contents seen more than once
@@ -154,6 +158,22 @@ class DataNotes:
                 f"column(s) not sent: {names}; add "
                 "--vars-from-columns to send them as variables (e.g. {customer_name} in the "
                 "assistant's prompt)"
+            )
+        if self.variable_columns:
+            names = ", ".join(self.variable_columns[:COLUMNS_SHOWN])
+            if len(self.variable_columns) > COLUMNS_SHOWN:
+                names += f" and {len(self.variable_columns) - COLUMNS_SHOWN} more"
+            notes.append(
+                f"column(s) sent as variables: {names} (named as the header spells them, e.g. "
+                f"{{{self.variable_columns[0]}}} in the assistant's prompt; where a row's "
+                "variables cell has a variable of the same name, the variables cell wins)"
+            )
+        if self.unnamed_columns:
+            notes.append(
+                f"column(s) without a name in the header hold values: "
+                f"{', '.join(self.unnamed_columns[:COLUMNS_SHOWN])} (their position; results "
+                "show them so); never sent: give them a name in the header to send them as "
+                "variables with --vars-from-columns"
             )
         if self.identical_groups:
             groups = "; ".join(

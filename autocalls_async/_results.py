@@ -15,17 +15,32 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
+import re
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import IO, Any, Final, Literal
 
-from ._bulkio import _UNPROCESSED_CODES, InputFile, _decode
-from .bulk import RowId
+import attrs
 
-__all__ = ["RESULT_COLUMNS", "Status", "neutralise", "read_results", "write_results"]
+from ._bulkio import _UNPROCESSED_CODES, Entry, InputError, InputFile, Ledger, ResultLog, _decode
+from ._differ import difference, explain
+from .bulk import BulkRequest, RowId
 
-#: What became of a row, as ``results`` says it.
-Status = Literal["answered", "failed", "invalid", "maybe_processed", "not_sent"]
+__all__ = [
+    "RESULT_COLUMNS",
+    "OutCheck",
+    "Status",
+    "check_out",
+    "neutralise",
+    "read_results",
+    "write_results",
+]
+
+#: What became of a row, as ``results`` says it. ``edited_since_sent``: OUT holds an answer
+#: (or a send) for this row as it was before an edit, none for the row as it is now.
+Status = Literal[
+    "answered", "edited_since_sent", "failed", "invalid", "maybe_processed", "not_sent"
+]
 
 #: The columns ``results`` adds to the input's.
 RESULT_COLUMNS: Final = ("status", "reply", "conversation_id", "error_code", "error")
@@ -34,10 +49,26 @@ RESULT_COLUMNS: Final = ("status", "reply", "conversation_id", "error_code", "er
 _FORMULA_START: Final = ("=", "+", "-", "@", "\t", "\r")
 
 
+#: A phone number written with a leading ``+`` (``+14155550001``, ``+1 (415) 555-1234``):
+#: digits, spaces, dots, dashes and parentheses only, at least 7 digits.
+_PHONE: Final = re.compile(r"\+[0-9][0-9 ().-]*")
+_PHONE_DIGITS: Final = 7
+
+
 def neutralise(cell: str) -> str:
     """A cell a spreadsheet shows as text: a leading ``'`` before ``=``, ``+``, ``-``, ``@``,
-    a tab or a carriage return (Excel, LibreOffice and Google Sheets hide the quote)."""
-    return "'" + cell if cell.startswith(_FORMULA_START) else cell
+    a tab or a carriage return (Excel, LibreOffice and Google Sheets hide the quote).
+
+    A phone number (``+14155550001``, ``+1 (415) 555-1234``) is kept as it is, so that the
+    file matches the CRM's numbers: a formula does harm by calling a function
+    (``HYPERLINK``, ``WEBSERVICE``), naming a cell or a DDE target (``cmd|'...'!A0``), which
+    all need a letter or ``|``/``!``; a cell of a ``+`` then only digits, spaces, dots, dashes
+    and parentheses has none of them, and at worst a spreadsheet reads it as a number."""
+    if not cell.startswith(_FORMULA_START):
+        return cell
+    if _PHONE.fullmatch(cell) and sum(c.isdigit() for c in cell) >= _PHONE_DIGITS:
+        return cell
+    return "'" + cell
 
 
 def _index(file: IO[bytes]) -> tuple[dict[str, int], dict[RowId, int], int]:
@@ -94,6 +125,114 @@ def status_of(data: dict[str, Any] | None) -> Status:
     return "failed"
 
 
+@attrs.define
+class OutCheck:
+    """What ``check_out`` found: OUT against the input as it is now."""
+
+    running: bool = False  #: a bulk run holds OUT's lock: a snapshot of a live file
+    lines: int = 0  #: the rows OUT holds lines for (keyed or not)
+    matched: int = 0  #: of them, rows of the input as it is now
+    #: Rows edited since OUT's answered (or sent) line for them: row -> (entry, what differs)
+    edited: dict[int, tuple[Entry, str]] = attrs.Factory(dict)
+    #: OUT's answered or sent lines that speak for no row, edited or not (deleted rows, or
+    #: another input's lines)
+    deleted: list[Entry] = attrs.Factory(list)
+    #: ``with --vars-from-columns`` (or ``without``): how OUT's lines read the rows, when
+    #: they match the rows read that way and not as asked
+    flag: str | None = None
+
+    @property
+    def foreign(self) -> bool:
+        """OUT belongs to another input: it has answered or sent lines, and none of them is a
+        row of the input, edited or not."""
+        return bool(self.deleted) and not self.matched and not self.edited
+
+
+def _locked(log: ResultLog) -> bool:
+    """Whether a bulk run holds OUT (its path's lock, or the file's own)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return False
+    import os
+
+    for path in (log.lock_path, log.path):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)
+    return False
+
+
+def check_out(source: InputFile, out: Path) -> OutCheck:
+    """Check OUT against ``source`` (snapshot taken) as a bulk run would, and say what it
+    holds that the input does not: rows edited since they were answered (or sent), with what
+    differs; lines that speak for no row; a run of the other ``--vars-from-columns``.
+
+    Raises ``InputError`` for an input the bulk command would refuse, an OUT that is not a
+    bulk run's output or is damaged; ``FileNotFoundError`` when OUT does not exist.
+    """
+    log = ResultLog(out)
+    if not out.exists():
+        source.check()  # a bad input is said first
+        raise FileNotFoundError(out)
+    found = OutCheck()
+    ledger: Ledger
+    try:
+        ledger = log.peek()
+    except InputError:
+        if not _locked(log):
+            raise
+        found.running = True  # read as it is, unlocked: its last line may be being written
+        with out.open("rb") as file:
+            ledger, _, _ = log._parse(file)
+    found.lines = len(ledger)
+    source.check(ledger, out=out, allow_foreign=True)
+    found.matched = ledger.matched + sum(entry.matched for entry in ledger.legacy.values())
+    foreign = ledger.unmatched(states=("answered", "uncertain"))
+    if not foreign:
+        return found
+    flag, rest = source._flag_that_matches(foreign)
+    if flag is not None:
+        found.flag = flag[0]
+        foreign = rest
+    _attribute(source, ledger, foreign, found)
+    return found
+
+
+def _attribute(source: InputFile, ledger: Ledger, foreign: list[Entry], found: OutCheck) -> None:
+    """Pair each foreign line with the row of its conversation that OUT has no line for (the
+    row edited since): one whose content an invisible edit explains first, then the row of
+    the same number, then the first one; the lines left over speak for no row."""
+    wanted = {(e.assistant_id, e.customer_identifier) for e in foreign}
+    candidates: dict[tuple[int | None, str | None], list[BulkRequest]] = {}
+    for request, key in source.keyed():
+        conversation = (request.assistant_id, request.customer_identifier)
+        if (
+            conversation in wanted
+            and ledger.state_of_key(key) is None
+            and request.problem is None
+            and request.row is not None
+        ):
+            candidates.setdefault(conversation, []).append(request)
+    for entry in foreign:
+        rows = candidates.get((entry.assistant_id, entry.customer_identifier), [])
+        chosen = next((r for r in rows if explain(entry.key, r) is not None), None)
+        chosen = chosen or next((r for r in rows if r.row == entry.row), None)
+        chosen = chosen or (rows[0] if rows else None)
+        if chosen is None or chosen.row is None:
+            found.deleted.append(entry)
+            continue
+        rows.remove(chosen)
+        found.edited[chosen.row] = (entry, difference(entry.key, chosen))
+
+
 def read_results(
     input: str | Path,
     out: str | Path,
@@ -114,35 +253,79 @@ def read_results(
     source = InputFile(
         Path(input), format=format, delimiter=delimiter, extra_as_variables=extra_as_variables
     )
-    out = Path(out)
+    source.take_snapshot()
+    try:
+        yield from result_rows(source, Path(out))
+    finally:
+        source.close()
+
+
+def result_rows(
+    source: InputFile,
+    out: Path,
+    check: OutCheck | None = None,
+    taken: Collection[str] = (),
+) -> Iterator[dict[str, Any]]:
+    """``read_results`` of an input whose snapshot is taken; with ``check`` (``check_out``),
+    the rows edited since OUT answered them are ``edited_since_sent``, with the earlier
+    reply. A result field named like an input field of any row (``taken``) is prefixed
+    ``result_``."""
+    edited = check.edited if check is not None else {}
     try:
         file: IO[bytes] | None = out.open("rb")
     except FileNotFoundError:
         file = None  # no run yet: every row is not sent
-    source.take_snapshot()
     try:
         by_key, by_id, _ = _index(file) if file is not None else ({}, {}, 0)
         for request, key in source.keyed():
             data = _speaking(file, by_key.get(key), by_id.get(request.id), request)
-            if data is None and request.problem is not None:  # never sent: invalid now
-                data = {"ok": False, "error_code": "INVALID_ROW", "error": request.problem}
-            status = status_of(data)
             fields: dict[str, Any] = dict.fromkeys(RESULT_COLUMNS)
-            fields["status"] = status
-            if data is not None and status == "answered":
-                fields["reply"] = data.get("reply")
-                fields["conversation_id"] = data.get("conversation_id")
-            elif data is not None and "ok" in data:
-                fields["error_code"] = data.get("error_code")
-                fields["error"] = data.get("error")
+            earlier = edited.get(request.row) if data is None and request.row else None
+            if earlier is not None and file is not None:
+                entry, what = earlier
+                offset = by_key.get(entry.key) if entry.key is not None else by_id.get(entry.id)
+                then = _line_at(file, offset) if offset is not None else {}
+                fields["status"] = "edited_since_sent"
+                was = status_of(then) if then else "maybe_processed"
+                fields["reply"] = then.get("reply") if was == "answered" else None
+                fields["conversation_id"] = then.get("conversation_id")
+                fields["error"] = (
+                    f"edited since line {entry.line} of {out.name} was written for it: {what}; "
+                    + (
+                        "that earlier version was answered (the reply shown is its reply)"
+                        if was == "answered"
+                        else "that earlier version may have been processed"
+                    )
+                )
+            else:
+                if data is None and request.problem is not None:  # never sent: invalid now
+                    data = {"ok": False, "error_code": "INVALID_ROW", "error": request.problem}
+                status = status_of(data)
+                fields["status"] = status
+                if data is not None and status == "answered":
+                    fields["reply"] = data.get("reply")
+                    fields["conversation_id"] = data.get("conversation_id")
+                elif data is not None and "ok" in data:
+                    fields["error_code"] = data.get("error_code")
+                    fields["error"] = data.get("error")
             row = dict(source.record)
             for name, value in fields.items():
-                row["result_" + name if name in row else name] = value
+                row["result_" + name if name in row or name in taken else name] = value
             yield row
     finally:
-        source.close()
         if file is not None:
             file.close()
+
+
+def input_columns(source: InputFile) -> tuple[list[str], list[str]]:
+    """Every field name of a JSONL input, in the order first seen (one pass); and the header
+    of its results as CSV (those, then the result columns), so that a field only some lines
+    have (their variables) keeps its column."""
+    names: dict[str, None] = {}
+    for _ in source:
+        names.update(dict.fromkeys(source.record))
+    fields = list(names)
+    return fields, [*fields, *("result_" + n if n in names else n for n in RESULT_COLUMNS)]
 
 
 def _speaking(
@@ -163,8 +346,14 @@ def _speaking(
     return data if same else None
 
 
-def write_results(rows: Iterator[dict[str, Any]], file: IO[str], format: str) -> dict[str, int]:
-    """Write ``rows`` as CSV (formulas neutralised) or JSONL; return the count per status."""
+def write_results(
+    rows: Iterator[dict[str, Any]],
+    file: IO[str],
+    format: str,
+    columns: list[str] | None = None,
+) -> dict[str, int]:
+    """Write ``rows`` as CSV (formulas neutralised; the header ``columns``, else the first
+    row's fields) or JSONL; return the count per status."""
     counts: dict[str, int] = {}
     writer: Any = None
     for row in rows:
@@ -174,8 +363,9 @@ def write_results(rows: Iterator[dict[str, Any]], file: IO[str], format: str) ->
             file.write(json.dumps(row, ensure_ascii=False) + "\n")
             continue
         if writer is None:  # a JSONL input's later lines: the first line's columns
-            writer = csv.DictWriter(file, list(row), restval="", extrasaction="ignore")
-            writer.writerow({name: neutralise(name) for name in row})
+            names = columns or list(row)
+            writer = csv.DictWriter(file, names, restval="", extrasaction="ignore")
+            writer.writerow({name: neutralise(name) for name in names})
         writer.writerow({name: neutralise(_cell(value)) for name, value in row.items()})
     return counts
 

@@ -82,7 +82,7 @@ def test_a_changed_message_is_refused_then_sent_with_allow_foreign(
     first = next(n for n, line in enumerate(out.read_text().splitlines(), 1) if '"row":2' in line)
     assert first == 3
     assert f"line {first}: row 2 (assistant 123, customer +2)" in err
-    assert "row 2 has this customer with another message or variables" in err
+    assert "row 2 of the input has this customer and no line in OUT" in err
     assert "pass a new --out" in err and "--allow-foreign" in err
     assert len(sent_messages(emulator)) == 2
     assert bulk(source, out, "--allow-foreign") == 0
@@ -105,7 +105,7 @@ def test_another_days_input_on_the_same_out_is_refused(
     err = capsys.readouterr().err
     assert "days.jsonl has 2 line(s) for rows that are not in day2.csv" in err
     assert "no row of the input has its content, nor this customer" in err  # +1's line
-    assert "row 2 has this customer with another message" in err  # +2's line
+    assert "row 2 of the input has this customer and no line in OUT" in err  # +2's line
     assert "or days.jsonl belongs to another input" in err
     assert len(sent_messages(emulator)) == 2  # nothing of day 2
     assert bulk(day2, out, "--allow-foreign") == 0

@@ -290,7 +290,7 @@ def test_reply_with_a_wrong_token(
         argv = ["reply", "--assistant-id", "123", "--customer", "+1", "--token", TOKEN, "Hi"]
         assert main(argv) == 3
     err = capsys.readouterr().err
-    assert "UNAUTHENTICATED (HTTP 401)" in err and "AUTOCALLS_API_TOKEN" in err
+    assert "UNAUTHENTICATED (HTTP 401)" in err and "check --token (" in err
     assert TOKEN not in err
 
 

@@ -44,7 +44,7 @@ from ._env import child_env
 #: the tests read ("two rate-limit schedules").
 TOKEN = f"edge-token-never-printed-{os.getpid()}"
 SUMMARY = re.compile(
-    r"(?P<state>Done|Interrupted) in \S+: (?P<total>\d+) rows?: (?P<answered>\d+) answered, "
+    r"(?P<state>Done|Interrupted|Stopped: [^:]*) in \S+: (?P<total>\d+) rows?: (?P<answered>\d+) answered, "
     r"(?P<failed>\d+) failed, (?P<skipped>\d+) skipped \(already in [^)]*\)"
     r"(?:, (?P<cut_off>\d+) cut off in flight)?(?:, (?P<not_sent>\d+) not sent)?$"
 )

@@ -59,7 +59,20 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, usage errors: argparse has printed them
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     handler: Callable[[argparse.Namespace], int] = args.handler
+    stdin_token = getattr(args, "token", None) == "-"
     problem = resolve_token(args) or with_burst(args)  # --token-file, --token -, --burst
+    if hasattr(args, "token_file"):  # a 401's hint names where the token came from
+        from . import errors
+
+        errors.token_source = (
+            f"the token in --token-file {args.token_file}"
+            if args.token_file is not None
+            else "the token given on stdin (--token -)"
+            if stdin_token
+            else "--token"
+            if args.token is not None
+            else "AUTOCALLS_API_TOKEN"
+        )
     if problem is not None:
         return usage_error(problem)
     warnings = _sdk_warnings_to_stderr()

@@ -26,6 +26,7 @@ from .options import (
     parse_region,
     phone_extra_problem,
     redis_problem,
+    same_file,
     token_problem,
 )
 from .output import ENVIRONMENT_HELP, print_lines, usage_error
@@ -179,7 +180,7 @@ def bulk_command(args: argparse.Namespace) -> int:
 
     if args.concurrency < 1:
         return usage_error("--concurrency must be >= 1")
-    if args.out.resolve() == args.input.resolve():
+    if args.out.resolve() == args.input.resolve() or same_file(args.input, args.out):
         return usage_error("--out must not be the input file")
     problem = phone_extra_problem(args)
     if problem is not None:

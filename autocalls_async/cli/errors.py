@@ -62,6 +62,10 @@ def exit_code_for(error: AutocallsError) -> int:
     return EXIT_FAILED
 
 
+#: Where the command's token came from, as a 401's hint names it (set by ``main``).
+token_source = "AUTOCALLS_API_TOKEN"
+
+
 def hint_for(error: AutocallsError) -> str:
     if isinstance(error, AssistantNotFoundError):
         return "check --assistant-id: the assistant must belong to the account of this token"
@@ -71,7 +75,7 @@ def hint_for(error: AutocallsError) -> str:
             f"{DEFAULT_BASE_URL} (not the site's root, not the whole endpoint)"
         )
     if isinstance(error, AuthenticationError):
-        return "check AUTOCALLS_API_TOKEN (copy the token again from the Autocalls dashboard)"
+        return f"check {token_source} (copy the token again from the Autocalls dashboard)"
     if isinstance(error, PermissionDeniedError):
         return "this token may not use this assistant or endpoint"
     if isinstance(error, InsufficientBalanceError):

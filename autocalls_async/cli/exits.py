@@ -70,9 +70,15 @@ EXITS: Final[dict[str, dict[int, str]]] = {
         EXIT_INTERRUPTED: "interrupted (Ctrl-C / SIGTERM): run it again to resume",
     },
     "results": {
-        EXIT_OK: "the results were written",
-        EXIT_USAGE: "usage error: bad option, INPUT or OUT cannot be read, or OUT is refused "
-        "(damaged, not a bulk output), or FILE cannot be written",
+        EXIT_OK: "the results were written, and every answered or sent line of OUT is a row "
+        "of INPUT (also during a run, with a notice that it is a snapshot)",
+        EXIT_FAILED: "the results were written, but OUT has answered or sent lines for rows "
+        "that are not in INPUT as it is now (rows edited since, shown as edited_since_sent; "
+        "deleted rows): listed on stderr (--allow-foreign: exit 0)",
+        EXIT_USAGE: "usage error: bad option; INPUT or OUT cannot be read, or OUT does not "
+        "exist; OUT is refused (damaged, not a bulk output, written with another "
+        "--vars-from-columns, or none of its lines is a row of INPUT: another input's); -o "
+        "names INPUT or OUT; FILE cannot be written. Nothing was written",
     },
     "mock-server": {
         EXIT_OK: "stopped by Ctrl-C or SIGTERM (after printing its summary)",

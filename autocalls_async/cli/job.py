@@ -6,7 +6,6 @@ SIGTERM handled (the first stops gracefully, the second at once) and a full disk
 from __future__ import annotations
 
 import asyncio
-import shlex
 import signal
 import sys
 import time
@@ -25,6 +24,7 @@ from .errors import cli_result, exit_code_for
 from .exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_OUT_WRITE
 from .output import PROG, duration, plural
 from .progress import Meter, StartClock, make_progress, send_time
+from .results import results_command_line
 
 __all__ = ["BULK_CONVERSATION_CACHE", "Outcome", "bulk_client", "run_job"]
 
@@ -93,9 +93,10 @@ class Outcome:
         return (
             f"{PROG}: {self.write_error}: stopped sending. "
             + (
-                f"{plural(self.unwritten, 'result')} that could not be written are printed "
-                "above on stderr as JSON lines: keep them (a rerun reports those rows as maybe "
-                "processed and does not send them again). "
+                f"{plural(self.unwritten, 'result')} that could not be written "
+                f"{'is' if self.unwritten == 1 else 'are'} printed above on stderr as JSON "
+                "lines: keep them (a rerun reports those rows as maybe processed and does not "
+                "send them again). "
                 if self.unwritten
                 else ""
             )
@@ -321,7 +322,7 @@ async def run_job(
         notes=notes.lines(e164=client.normalize_identifier is not None),
         already_invalid=0 if retry_failed else source.already_invalid,
         examples=source.examples,
-        command=f"{PROG} results {shlex.quote(str(source.path))} {shlex.quote(str(log.path))}",
+        command=results_command_line(source, log.path, allow_foreign=allow_foreign),
     )
 
 

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
+from typing import Final
 
 import attrs
 
@@ -31,6 +34,7 @@ __all__ = [
     "parse_seconds",
     "phone_extra_problem",
     "redis_problem",
+    "same_file",
     "token_problem",
     "with_burst",
 ]
@@ -194,6 +198,14 @@ def client_options(parser: argparse.ArgumentParser, *, default_rate: str) -> Non
     )
 
 
+#: Excel's way with a long number: 1.4155551234E+10
+_SCIENTIFIC: Final = re.compile(r"[+-]?\d(?:[.,]\d+)?[eE]\+?\d+")
+#: A phone number then an extension: x22, ext. 22, extension 22, ;22, #22
+_EXTENSION: Final = re.compile(r"(.*?\d[\d\s().\-/]*?)\s*(?:x|ext\.?|extension|;|#)\s*\d+", re.I)
+#: A phone number then a label in parentheses: (mobile)
+_LABEL: Final = re.compile(r"(.*\d[\s().\-/]*?)\s*\([^\d()]*[^\W\d_][^\d()]*\)")
+
+
 def parse_region(text: str) -> Callable[[str], str] | str:
     """``--e164 REGION``: a normaliser of phone-like identifiers (e-mails and CRM ids are left
     as they are); without the phone extra, the text itself, which the command then refuses
@@ -209,7 +221,29 @@ def parse_region(text: str) -> Callable[[str], str] | str:
         raise argparse.ArgumentTypeError(str(exc).replace("default_region", "--e164")) from None
 
     def phones_only(identifier: str) -> str:
-        return normalize(identifier) if phone_like(identifier) else identifier
+        # What is unambiguous is read through: full-width digits and plus (NFKC), a tel: URI.
+        text = unicodedata.normalize("NFKC", identifier).strip()
+        if text[:4].lower() == "tel:":
+            text = text[4:].strip()
+        if _SCIENTIFIC.fullmatch(text):
+            raise InvalidRequestError(
+                f"customer_identifier {identifier!r} is a phone number a spreadsheet wrote in "
+                "scientific notation: its last digits may be lost. Format the column as Text "
+                "in the spreadsheet (or write the numbers with a leading +), export again"
+            )
+        extension = _EXTENSION.fullmatch(text)
+        if extension is not None and phone_like(extension.group(1)):
+            raise InvalidRequestError(
+                f"customer_identifier {identifier!r} has an extension, which E.164 cannot "
+                "hold: write the customer's direct number (one identifier per customer)"
+            )
+        label = _LABEL.fullmatch(text)
+        if label is not None and phone_like(label.group(1)):
+            raise InvalidRequestError(
+                f"customer_identifier {identifier!r} has a label after the number: keep only "
+                "the number in the column (the label in a column of its own)"
+            )
+        return normalize(text) if phone_like(text) else identifier
 
     phones_only.__name__ = phones_only.__qualname__ = f"--e164 {text}"
     return phones_only
@@ -244,14 +278,27 @@ def token_problem(token: str | None) -> str | None:
 
 
 def input_problem(path: Path, out: Path) -> str | None:
-    """Why INPUT cannot be read as a file, or OUT is a directory; None when neither."""
+    """Why INPUT cannot be read as a file, or OUT is a directory or INPUT itself; None when
+    none of these."""
     if path.is_dir():
         return f"cannot read {path}: it is a directory; give a .csv or .jsonl file"
     if not path.is_file():
         return f"cannot read {path}: no such file"
     if out.is_dir():
         return f"--out {out} is a directory; give a file, e.g. --out {out / 'replies.jsonl'}"
+    if same_file(path, out):
+        return f"--out {out} is the input file {path}: give OUT its own file (e.g. replies.jsonl)"
     return None
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: the same path, a symlink to it or a hard link (its
+    device and inode); False when either does not exist."""
+    try:
+        first, second = a.stat(), b.stat()
+    except OSError:
+        return a.absolute() == b.absolute()
+    return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
 
 
 def redis_problem(url: str | None) -> str | None:

@@ -35,7 +35,14 @@ def summary(outcome: Outcome, out: Path) -> list[str]:
         counts.append(f"{outcome.cut_off} cut off in flight")
     if meter.not_sent:
         counts.append(f"{meter.not_sent} not sent")
-    state = "Interrupted" if outcome.interrupted else "Done"
+    if outcome.interrupted:
+        state = "Interrupted"
+    elif outcome.write_error is not None:
+        state = "Stopped: OUT could not be written"
+    elif outcome.stopped_by is not None:
+        state = f"Stopped: {_why(outcome.stopped_by)}"
+    else:
+        state = "Done"
     lines = [
         f"{state} in {duration(meter.elapsed)}: {plural(outcome.total, 'row')}: "
         + ", ".join(counts)
@@ -66,8 +73,10 @@ def summary(outcome: Outcome, out: Path) -> list[str]:
         lines.append(
             f"{plural(outcome.uncertain, 'row')} may have been processed by an earlier run (it "
             "stopped while they were sent, or they failed after reaching the service): not sent "
-            f"again{_rows(outcome.examples.get('uncertain'), outcome.uncertain)}. Check those "
-            "conversations; add --retry-unsafe-failed to send them anyway"
+            f"again{_rows(outcome.examples.get('uncertain'), outcome.uncertain)}. The results "
+            "command lists them (status maybe_processed); look at those customers' "
+            "conversations in the Autocalls dashboard, then add --retry-unsafe-failed to send "
+            "the ones that did not get the message"
         )
     if outcome.cut_off:
         lines.append(
@@ -132,12 +141,19 @@ def _failure_lines(outcome: Outcome) -> list[str]:
     if uncertain:
         lines.append(
             f"{plural(uncertain, 'row')} failed after reaching the service and may have been "
-            f"processed{_rows(meter.examples.get('uncertain'), uncertain)}: check those "
-            "conversations; --retry-unsafe-failed sends them again"
+            f"processed{_rows(meter.examples.get('uncertain'), uncertain)}: the results "
+            "command lists them (status maybe_processed); look at those customers' "
+            "conversations in the Autocalls dashboard; --retry-unsafe-failed sends them again"
         )
     if lines and outcome.command is not None:
         lines.append(f"Every row with its result: {outcome.command}")
     return lines
+
+
+def _why(error: AutocallsError) -> str:
+    if isinstance(error, BudgetExceededError):
+        return "--max-replies reached"
+    return f"{error_code(error)} received"
 
 
 def stop_message(error: AutocallsError, left: int) -> str:
