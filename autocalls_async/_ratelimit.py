@@ -75,8 +75,6 @@ _NOTE_TTL = 120.0
 #: How often a limiter in use renews its note, and so sees a schedule noted elsewhere since.
 _NOTE_RENEW = 5.0
 _NOTED_MAX = 50_000
-#: Notes due within this many seconds are written together (one transaction).
-_NOTE_BATCH = 0.05
 #: Store operations of one event loop applied in one transaction, at most (a batch).
 _BATCH_MAX = 512
 #: Tokens a limiter remembers as refusing bursts; past it, forgotten (and relearned).
@@ -736,10 +734,10 @@ class Limiter(AsyncOnly):
         if len(front.noted) > _NOTED_MAX:
             front.noted.clear()  # renewed as each token is used again
         front.noted[key] = now
-        # Written with the other notes due meanwhile, in one transaction: a few a second at
-        # most, however many tokens are used.
+        # Written with the other notes due in this turn of the loop, in one transaction, at the
+        # next turn (promptly: a warning of two schedules is said at the call that meets them).
         if not front.noting:
-            front.loop.call_later(_NOTE_BATCH, self._write_notes, front)
+            front.loop.call_soon(self._write_notes, front)
         front.noting.add(key)
 
     def _write_notes(self, front: _Front) -> None:
