@@ -49,7 +49,7 @@ import stat
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -67,12 +67,15 @@ __all__ = [
     "default_host_directory",
     "host_clock",
     "note_schedule",
+    "note_schedules",
     "forget_schedule",
     "user_secret",
 ]
 
 T = TypeVar("T")
 Update = Callable[[TokenState, float], T]
+#: One item of a batch: (True, its result) or (False, the RateConflict it raised).
+Outcome = tuple[bool, Any]
 
 DB_NAME = "limiter.db"
 #: Past this many seconds of a busy database, a WARNING says so (a stopped process?).
@@ -426,6 +429,8 @@ class _Database:
         self.closed = False
         self.names: dict[str, str] = {}
         self.states: dict[str, tuple[str, TokenState]] = {}  # name -> (row, decoded)
+        #: ``PRAGMA data_version`` in this connection's last transaction (None: unknown)
+        self.version: int | None = None
         dir_fd = -1
         guard = -1
         try:
@@ -903,13 +908,26 @@ class HostStore:
     # ------------------------------------------------------------------ updates
 
     def try_update(self, key: str, update: Update[T]) -> tuple[bool, T | None]:
+        outcomes = self.try_update_many([(key, update)])
+        if outcomes is None:
+            return False, None
+        applied, result = outcomes[0]
+        if not applied:
+            raise result  # RateConflict, committed
+        return True, result
+
+    def try_update_many(self, items: Sequence[tuple[str, Update[Any]]]) -> list[Outcome] | None:
+        """Apply every update in order, in one transaction (a token may appear more than once:
+        each sees the state the one before left), if that needs no waiting: one outcome per
+        item, ``(True, result)`` or ``(False, RateConflict)``; None when the database is busy
+        (nothing was done). Any other failure undoes them all and is raised."""
         db = self._open()
         if not db.lock.acquire(blocking=False):
-            return False, None
+            return None
         try:
             if db.closed:
-                return False, None  # retired under us (its files were deleted): ask again
-            return self._transact(db, key, update)
+                return None  # retired under us (its files were deleted): ask again
+            return self._transact(db, items)
         finally:
             db.lock.release()
 
@@ -917,12 +935,33 @@ class HostStore:
         """Wait for the database as long as it takes: a process holding it is alive (SQLite's
         locks die with their process), so sending without it would break the limit. Callers
         bound the wait with their ``max_wait``."""
+        applied, result = (await self.update_many([(key, update)]))[0]
+        if not applied:
+            raise result
+        return result  # type: ignore[no-any-return]
+
+    async def update_many(
+        self,
+        items: Sequence[tuple[str, Update[Any]]],
+        keep: Callable[[int], bool] | None = None,
+    ) -> list[Outcome]:
+        """``try_update_many``, waiting for the database as ``update`` does. ``keep(i)`` is
+        asked before each attempt: an item it refuses (its caller gave up) is left out, and
+        answered ``(False, None)``."""
         delay = 0.0002
         warn_at = time.monotonic() + LOCK_TIMEOUT
         while True:
-            done, result = self.try_update(key, update)
-            if done:
-                return result  # type: ignore[return-value]
+            chosen = (
+                list(range(len(items)))
+                if keep is None
+                else [i for i in range(len(items)) if keep(i)]
+            )
+            outcomes = self.try_update_many([items[i] for i in chosen]) if chosen else []
+            if outcomes is not None:
+                answered: list[Outcome] = [(False, None)] * len(items)
+                for i, outcome in zip(chosen, outcomes, strict=True):
+                    answered[i] = outcome
+                return answered
             if warn_at and time.monotonic() > warn_at:
                 warn_at = 0.0
                 logger.warning(
@@ -934,41 +973,53 @@ class HostStore:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.01)
 
-    def _transact(self, db: _Database, key: str, update: Update[T]) -> tuple[bool, T | None]:
+    def _transact(
+        self, db: _Database, items: Sequence[tuple[str, Update[Any]]]
+    ) -> list[Outcome] | None:
         connection = db.connection
         try:
             connection.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
             if _busy(exc):
-                return False, None
+                return None
             raise self._failed(exc) from None
         except sqlite3.Error as exc:
             raise self._failed(exc) from None
+        # name -> (the row as it now stands, or None: no row; its state)
+        touched: dict[str, tuple[str | None, TokenState]] = {}
+        outcomes: list[Outcome] = []
         try:
-            name = db.name(key)
-            row = connection.execute(
-                "SELECT boot, written, state FROM tokens WHERE name = ?", (name,)
-            ).fetchone()
+            # Nobody else committed since our last transaction: every row we remember is as we
+            # left it, and is not read again.
+            version = connection.execute("PRAGMA data_version").fetchone()[0]
+            unchanged = version == db.version
+            db.version = version
+            for key, update in items:
+                name = db.name(key)
+                if name in touched:
+                    raw, state = touched[name]
+                else:
+                    raw, state = self._load(db, name, unchanged)
+                now = self.clock()
+                try:
+                    outcomes.append((True, update(state, now)))
+                except RateConflict as conflict:
+                    # Raised once the state was settled (bounded, expired): keep that, so that
+                    # what expires is gone for the next caller too, then refuse.
+                    outcomes.append((False, conflict))
+                if state.holder is None and state.latest() <= now:
+                    if raw is not None:
+                        connection.execute("DELETE FROM tokens WHERE name = ?", (name,))
+                    touched[name] = (None, state)
+                else:
+                    data = json.dumps(state.to_json(), separators=(",", ":"))
+                    if data != raw:
+                        connection.execute(
+                            "INSERT OR REPLACE INTO tokens VALUES(?, ?, ?, ?, ?)",
+                            (name, db.boot, time.time(), state.latest(), data),
+                        )
+                    touched[name] = (data, state)
             now = self.clock()
-            state, raw = self._decode(db, name, row)
-            refused: RateConflict | None = None
-            try:
-                result = update(state, now)
-            except RateConflict as conflict:
-                # Raised once the state was settled (bounded, expired): keep that, so that
-                # what expires is gone for the next caller too, then refuse.
-                refused = conflict
-            data: str | None = None
-            if state.holder is None and state.latest() <= now:
-                if row is not None:
-                    connection.execute("DELETE FROM tokens WHERE name = ?", (name,))
-            else:
-                data = json.dumps(state.to_json(), separators=(",", ":"))
-                if data != raw:
-                    connection.execute(
-                        "INSERT OR REPLACE INTO tokens VALUES(?, ?, ?, ?, ?)",
-                        (name, db.boot, time.time(), state.latest(), data),
-                    )
             if now >= db.next_sweep:
                 db.next_sweep = now + _SWEEP_EVERY
                 connection.execute(
@@ -980,14 +1031,14 @@ class HostStore:
                 connection.execute(
                     "INSERT OR REPLACE INTO boots VALUES(?, ?)", (db.boot, time.time())
                 )
+                db.version = None  # rows we remember may be gone: read them again
             connection.execute("COMMIT")
-            db.remember(name, data, state)
-            if refused is not None:
-                raise refused  # noqa: TRY301 (committed: not to be rolled back below)
-        except RateConflict:
-            raise
+            for written, (row, kept) in touched.items():
+                db.remember(written, row, kept)
         except BaseException as exc:
-            db.states.pop(name, None)
+            db.version = None
+            for written in touched:
+                db.states.pop(written, None)
             with contextlib.suppress(sqlite3.Error):
                 connection.execute("ROLLBACK")
             if isinstance(exc, _Refused):
@@ -995,7 +1046,20 @@ class HostStore:
             if isinstance(exc, sqlite3.Error):
                 raise self._failed(exc) from None
             raise
-        return True, result
+        return outcomes
+
+    def _load(self, db: _Database, name: str, unchanged: bool) -> tuple[str | None, TokenState]:
+        """A token's row (None: there is none) and its state, inside a transaction."""
+        if unchanged:
+            kept = db.states.get(name)
+            if kept is not None:
+                return kept
+        row = db.connection.execute(
+            "SELECT boot, written, state FROM tokens WHERE name = ?", (name,)
+        ).fetchone()
+        state, raw = self._decode(db, name, row)
+        # A row that could not be used (another boot's, unreadable) is replaced: known to exist.
+        return (raw if raw is not None or row is None else "", state)
 
     def _failed(self, exc: sqlite3.Error) -> LimiterUnavailableError:
         code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
@@ -1044,19 +1108,24 @@ class HostStore:
 # ---------------------------------------------------------------------- who uses which schedule
 
 
+#: The store in this user's one place (``canonical_directory``), kept open once used: notes are
+#: written every few seconds, and opening it costs more than the note.
+_CANONICAL: HostStore | None = None
+
+
 @contextlib.contextmanager
 def _default_database() -> Iterator[_Database | None]:
-    store = HostStore(canonical=True)
+    global _CANONICAL
+    store = _CANONICAL
+    if store is None or store.requested != canonical_directory():
+        store = HostStore(canonical=True)
     try:
         db = store._open()
     except LimiterUnavailableError:
         yield None
         return
-    try:
-        yield db
-    finally:
-        store._db = None
-        _release(db)
+    _CANONICAL = store
+    yield db
 
 
 def user_secret() -> bytes | None:
@@ -1069,6 +1138,15 @@ def note_schedule(key: str, who: str, place: str, ttl: float) -> list[tuple[str,
     """Record in this user's default store that ``who`` keeps token ``key``'s schedule at
     ``place``; return the others (who, place) that keep it on this host and are not expired.
     Best effort: a store that cannot be used, or is busy, answers nothing."""
+    return [(other, where) for _, other, where in note_schedules([key], who, place, ttl)]
+
+
+def note_schedules(
+    keys: Iterable[str], who: str, place: str, ttl: float
+) -> list[tuple[str, str, str]]:
+    """``note_schedule`` for many tokens, in one transaction: (key, who, place) of each other
+    limiter that keeps one of these tokens' schedules on this host."""
+    found: list[tuple[str, str, str]] = []
     with _default_database() as db:
         if db is None or not db.lock.acquire(blocking=False):
             return []
@@ -1079,17 +1157,19 @@ def note_schedule(key: str, who: str, place: str, ttl: float) -> list[tuple[str,
             except sqlite3.Error:
                 return []  # busy: asked again at the next note
             try:
-                name = db.name(key)
                 now = host_clock()()
-                connection.execute(
-                    "INSERT OR REPLACE INTO schedules VALUES(?, ?, ?, ?, ?)",
-                    (name, who, place, db.boot, now + ttl),
-                )
-                rows = connection.execute(
-                    "SELECT who, place FROM schedules WHERE name = ? AND expires > ? "
-                    "AND boot = ? AND who != ?",
-                    (name, now, db.boot, who),
-                ).fetchall()
+                for key in keys:
+                    name = db.name(key)
+                    connection.execute(
+                        "INSERT OR REPLACE INTO schedules VALUES(?, ?, ?, ?, ?)",
+                        (name, who, place, db.boot, now + ttl),
+                    )
+                    rows = connection.execute(
+                        "SELECT who, place FROM schedules WHERE name = ? AND expires > ? "
+                        "AND boot = ? AND who != ?",
+                        (name, now, db.boot, who),
+                    ).fetchall()
+                    found.extend((key, str(other), str(where)) for other, where in rows)
                 connection.execute("COMMIT")
             except sqlite3.Error:
                 with contextlib.suppress(sqlite3.Error):
@@ -1097,16 +1177,24 @@ def note_schedule(key: str, who: str, place: str, ttl: float) -> list[tuple[str,
                 return []
         finally:
             db.lock.release()
-    return [(str(other), str(where)) for other, where in rows]
+    return found
 
 
 def forget_schedule(keys: Iterable[str], who: str) -> None:
-    """``who`` no longer keeps these tokens' schedules (its limiter closed)."""
+    """``who`` no longer keeps these tokens' schedules (its limiter closed): one transaction."""
     with _default_database() as db:
         if db is None:
             return
         with db.lock, contextlib.suppress(sqlite3.Error):
-            for key in keys:
-                db.connection.execute(
-                    "DELETE FROM schedules WHERE name = ? AND who = ?", (db.name(key), who)
+            connection = db.connection
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                connection.executemany(
+                    "DELETE FROM schedules WHERE name = ? AND who = ?",
+                    [(db.name(key), who) for key in keys],
                 )
+                connection.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    connection.execute("ROLLBACK")
+                raise

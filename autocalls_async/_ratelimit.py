@@ -36,11 +36,11 @@ import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, Protocol, Self, TypeVar, runtime_checkable
+from typing import Any, Protocol, Self, TypeVar, cast, runtime_checkable
 
 from . import _schedule as schedule
 from ._errors import InvalidRequestError, LimiterUnavailableError, RateLimitTimeout
-from ._hoststore import boot_id, forget_schedule, note_schedule
+from ._hoststore import boot_id, forget_schedule, note_schedules
 from ._identity import token_id
 from ._lifecycle import AsyncOnly
 from ._log import logger
@@ -75,6 +75,8 @@ _NOTE_TTL = 120.0
 #: How often a limiter in use renews its note, and so sees a schedule noted elsewhere since.
 _NOTE_RENEW = 5.0
 _NOTED_MAX = 50_000
+#: Store operations of one event loop applied in one transaction, at most (a batch).
+_BATCH_MAX = 512
 #: Tokens a limiter remembers as refusing bursts; past it, forgotten (and relearned).
 _EVEN_MAX = 100_000
 #: Floors kept before the first sweep of those that no longer constrain anything.
@@ -257,11 +259,14 @@ class _Front:
         "answered_at",
         "loop",
         "noted",
+        "noting",
         "offset",
+        "pending",
         "prune_at",
         "queues",
         "tickets",
         "used",
+        "used_prune",
         "where",
         "who",
     )
@@ -274,10 +279,16 @@ class _Front:
         self.who = f"{host}:{os.getpid()}:{_PID_NAMESPACE}:{_BOOT}:{uuid.uuid4().hex[:12]}"
         self.where = f"pid {os.getpid()} on {host}"
         self.noted: dict[str, float] = {}  # key -> when its schedule's place was last noted
+        self.noting: set[str] = set()  # keys whose note is due: written together, soon
+        #: store operations asked for in this turn of the loop: applied together (a batch)
+        self.pending: list[_Op] = []
         self.queues: dict[str, _Queue] = {}
         self.prune_at = 64  # idle queues are pruned when there are more than this
         self.tickets = itertools.count(1)
-        self.used: set[str] = set()  # keys registered in the store, to unregister on close
+        #: keys registered in the store -> when last used (loop clock), to unregister on close;
+        #: a key unused for longer than its registration lasts is forgotten (amortised)
+        self.used: dict[str, float] = {}
+        self.used_prune = _OWNS_MIN
         self.offset = 0.0  # store clock minus loop clock, from the last store operation
         self.answered_at = 0.0  # loop clock: when the store read its clock for that operation
 
@@ -324,7 +335,7 @@ class _Grant:
         self._asked = asked  # loop clock: when the store was asked for this grant
         self._lease_end = asked + limiter.rules.lease - _LEASE_SAFETY  # loop clock
         self._done = False
-        self._report: asyncio.Task[None] | None = None
+        self._report: asyncio.Future[Any] | None = None
         self._renewal: asyncio.TimerHandle | None = front.loop.call_later(
             limiter.rules.lease / 3, self._renew
         )
@@ -366,6 +377,13 @@ class _Grant:
         if self._renewal is not None:
             self._renewal.cancel()
             self._renewal = None
+        limiter = self._limiter
+        if limiter._batched:
+            # With this turn's other operations, in one transaction: a report needs no answer
+            # but its commit, which finish() awaits.
+            self._report = limiter._submit(self._front, self._key, operation)
+            self._report.add_done_callback(self._batch_reported)
+            return
         try:
             done, _ = self._limiter.store.try_update(self._key, operation)
         except Exception as exc:  # never raise into the transport's write
@@ -385,6 +403,12 @@ class _Grant:
         finally:
             self._reported()
 
+    def _batch_reported(self, future: asyncio.Future[Any]) -> None:
+        exc = None if future.cancelled() else future.exception()
+        if isinstance(exc, Exception):  # the lease then runs out: a start at its end
+            self._limiter._report_failed(exc)
+        self._reported()
+
     def _reported(self) -> None:
         queue = self._queue
         if queue.holding is self:
@@ -398,6 +422,10 @@ class _Grant:
         loop = self._front.loop
         asked = loop.time()
         operation = functools.partial(schedule.renew, rules=self._limiter.rules, ticket=self.ticket)
+        if self._limiter._batched:
+            future = self._limiter._submit(self._front, self._key, operation)
+            future.add_done_callback(functools.partial(self._batch_renewed, asked=asked))
+            return
         try:
             done, kept = self._limiter.store.try_update(self._key, operation)
         except Exception as exc:
@@ -418,6 +446,14 @@ class _Grant:
             self._limiter._report_failed(exc)
             return
         self._renewed(kept, asked)
+
+    def _batch_renewed(self, future: asyncio.Future[Any], *, asked: float) -> None:
+        exc = future.exception()
+        if exc is not None:
+            if isinstance(exc, Exception):
+                self._limiter._report_failed(exc)
+            return  # the lease runs out: may_send() will say so
+        self._renewed(bool(future.result()), asked)
 
     def _renewed(self, kept: bool, asked: float) -> None:
         if self._done:
@@ -486,6 +522,9 @@ class Limiter(AsyncOnly):
         self._owns_lock = threading.Lock()
         self._owns_prune = _OWNS_MIN
         self.store = store
+        #: the store applies many operations in one transaction: each event loop's operations
+        #: of one turn are applied together (``_submit``)
+        self._batched = callable(getattr(store, "update_many", None))
         self.fallback = fallback
         self._fronts: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Front] = (
             weakref.WeakKeyDictionary()
@@ -516,14 +555,17 @@ class Limiter(AsyncOnly):
             for queue in front.queues.values():
                 if queue.dispatcher is not None:
                     queue.dispatcher.cancel()
-            for key in list(front.used):
-                with contextlib.suppress(LimiterUnavailableError, OSError):
-                    await self._apply(
-                        front,
-                        key,
-                        functools.partial(schedule.unregister, rules=self.rules, who=front.who),
-                    )
+            unregister = functools.partial(schedule.unregister, rules=self.rules, who=front.who)
+            if self._batched:
+                # Every token's in a few transactions (a batch each), not one per token.
+                done = [self._submit(front, key, unregister) for key in front.used]
+                await asyncio.gather(*done, return_exceptions=True)
+            else:
+                for key in list(front.used):
+                    with contextlib.suppress(LimiterUnavailableError, OSError):
+                        await self._apply(front, key, unregister)
             front.used.clear()
+            self._write_notes(front)
             if front.noted:
                 forget_schedule(list(front.noted), front.who)
                 front.noted.clear()
@@ -593,27 +635,46 @@ class Limiter(AsyncOnly):
             )
 
     async def _apply(
-        self, front: _Front, key: str, operation: Callable[[schedule.TokenState, float], T]
+        self,
+        front: _Front,
+        key: str,
+        operation: Callable[[schedule.TokenState, float], T],
+        orphan: Callable[[Any], None] | None = None,
     ) -> T:
-        """One atomic store operation; keeps our estimate of the store's clock."""
+        """One atomic store operation; keeps our estimate of the store's clock. ``orphan``
+        is given the result when the caller gave up while the store applied it."""
         loop = front.loop
         asked = loop.time()
         seen: list[float] = []
         step = self._step(operation, seen)
+        result: Any
         try:
-            done, result = self.store.try_update(key, step)
-            if not done:
-                result = await self.store.update(key, step)
+            if self._batched:
+                future = self._submit(front, key, step, orphan)
+                try:
+                    result = await future
+                except asyncio.CancelledError:
+                    # Answered as we were cancelled: the answer is nobody's (a grant goes back).
+                    answered = future.done() and not future.cancelled()
+                    if answered and orphan is not None and future.exception() is None:
+                        orphan(future.result())
+                    raise
+            else:
+                done, result = self.store.try_update(key, step)
+                if not done:
+                    result = await self.store.update(key, step)
         except RateConflict as conflict:
             raise InvalidRequestError(_conflict(conflict, self.rate_limit)) from None
         self._answered(front, key, asked, seen)
-        return result  # type: ignore[return-value]
+        return cast(T, result)
 
     def _try_apply(
         self, front: _Front, key: str, operation: Callable[[schedule.TokenState, float], T]
     ) -> tuple[bool, T | None]:
         """``_apply`` when the store answers without waiting: (True, result), else (False,
         None) and nothing was done."""
+        if self._batched:
+            return False, None  # applied with the others of this turn: await _apply
         asked = front.loop.time()
         seen: list[float] = []
         try:
@@ -636,7 +697,16 @@ class Limiter(AsyncOnly):
         return step
 
     def _answered(self, front: _Front, key: str, asked: float, seen: list[float]) -> None:
-        front.used.add(key)
+        used = front.used
+        now = front.loop.time()
+        if key not in used and len(used) >= front.used_prune:
+            # A registration unused for longer than it lasts has expired in the store: nothing
+            # left to unregister. Amortised: the next sweep once as many more were added.
+            horizon = now - self.rules.user_ttl - self.rules.lease
+            for name in [name for name, last in used.items() if last < horizon]:
+                del used[name]
+            front.used_prune = max(_OWNS_MIN, 2 * len(used))
+        used[key] = now
         self._note(front, key)
         if seen:
             # The store read its clock about halfway through the round trip: waits it answers
@@ -664,8 +734,19 @@ class Limiter(AsyncOnly):
         if len(front.noted) > _NOTED_MAX:
             front.noted.clear()  # renewed as each token is used again
         front.noted[key] = now
+        # Written with the other notes due in this turn of the loop, in one transaction, at the
+        # next turn (promptly: a warning of two schedules is said at the call that meets them).
+        if not front.noting:
+            front.loop.call_soon(self._write_notes, front)
+        front.noting.add(key)
+
+    def _write_notes(self, front: _Front) -> None:
+        """Write the notes due (``_note``), and warn of the schedules they meet elsewhere."""
+        if not front.noting:
+            return
+        keys, front.noting = list(front.noting), set()
         mine = self.place
-        for other, theirs in note_schedule(key, front.who, mine, _NOTE_TTL):
+        for key, other, theirs in note_schedules(keys, front.who, mine, _NOTE_TTL):
             if theirs == mine or not _alive(other) or (key, mine, theirs) in _WARNED:
                 continue
             _WARNED.add((key, mine, theirs))
@@ -684,6 +765,53 @@ class Limiter(AsyncOnly):
                 theirs,
                 extra={"autocalls_token_id": token_id(key)},
             )
+
+    # ------------------------------------------------------------------ batches
+
+    def _submit(
+        self,
+        front: _Front,
+        key: str,
+        operation: Callable[[schedule.TokenState, float], Any],
+        orphan: Callable[[Any], None] | None = None,
+    ) -> asyncio.Future[Any]:
+        """Apply ``operation`` with every other one asked for in this turn of the loop, in one
+        store transaction (``_flush``, at the loop's next turn); its result, or its error."""
+        future = front.loop.create_future()
+        if not front.pending:
+            front.loop.call_soon(self._flush, front)
+        front.pending.append((key, operation, future, orphan))
+        return future
+
+    def _flush(self, front: _Front) -> None:
+        # Operations whose caller gave up meanwhile are not applied (a grant nobody takes would
+        # hold the token until its lease ran out).
+        ops = [op for op in front.pending if not op[2].done()]
+        front.pending = []
+        for start in range(0, len(ops), _BATCH_MAX):
+            batch = ops[start : start + _BATCH_MAX]
+            try:
+                outcomes = self.store.try_update_many([(op[0], op[1]) for op in batch])  # type: ignore[attr-defined]
+            except Exception as exc:
+                _failed(batch, exc)
+                continue
+            if outcomes is None:  # the store is busy: this batch and the rest, in order, later
+                self._spawn(self._flush_later(ops[start:]))
+                return
+            _deliver(batch, outcomes)
+
+    async def _flush_later(self, ops: list[_Op]) -> None:
+        URGENT.set(True)  # reports among them free tokens for every waiter
+        for start in range(0, len(ops), _BATCH_MAX):
+            batch = ops[start : start + _BATCH_MAX]
+            try:
+                outcomes = await self.store.update_many(  # type: ignore[attr-defined]
+                    [(op[0], op[1]) for op in batch], keep=lambda i, b=batch: not b[i][2].done()
+                )
+            except Exception as exc:
+                _failed(batch, exc)
+                continue
+            _deliver(batch, outcomes)
 
     def _timeout(self, wait: float | None, ahead: int = 0) -> RateLimitTimeout:
         detail = ""
@@ -977,8 +1105,17 @@ class Limiter(AsyncOnly):
             lanes=lanes,
             even=key in self._even,
         )
+
+        def orphan(answer: Any) -> None:
+            """The caller gave up while the store granted: the grant goes back unused."""
+            if isinstance(answer, tuple):
+                answer = answer[1]
+            if isinstance(answer, schedule.Grant) and answer.granted:
+                release = functools.partial(schedule.release, rules=self.rules, ticket=ticket)
+                self._submit(front, key, release).add_done_callback(_retrieved)
+
         if deadline is None:
-            return await self._apply(front, key, ask)
+            return await self._apply(front, key, ask, orphan)
         rules = self.rules
         asked = front.loop.time()
 
@@ -991,7 +1128,7 @@ class Limiter(AsyncOnly):
                 return seen, None
             return seen, ask(state, now)
 
-        seen, answer = await self._apply(front, key, peek_then_ask)
+        seen, answer = await self._apply(front, key, peek_then_ask, orphan)
         if answer is None:
             raise self._timeout(seen.wait(seen.ahead), seen.ahead)
         return answer
@@ -1109,6 +1246,40 @@ class Limiter(AsyncOnly):
                         await wake
         finally:
             queue.wake = None
+
+
+#: One store operation waiting for its batch: key, operation, its answer, and what to do with
+#: a result nobody waits for any more (a grant: give it back).
+_Op = tuple[
+    str,
+    Callable[[schedule.TokenState, float], Any],
+    "asyncio.Future[Any]",
+    Callable[[Any], None] | None,
+]
+
+
+def _deliver(batch: list[_Op], outcomes: list[tuple[bool, Any]]) -> None:
+    for (_, _, future, orphan), (applied, result) in zip(batch, outcomes, strict=True):
+        if future.done():  # the caller gave up while the store applied it
+            if applied and orphan is not None:
+                orphan(result)
+        elif applied:
+            future.set_result(result)
+        elif result is not None:
+            future.set_exception(result)
+        else:
+            future.cancel()  # left out: nobody waits for it
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # nobody waits for it: an error is the lease's to settle
+
+
+def _failed(batch: list[_Op], exc: Exception) -> None:
+    for op in batch:
+        if not op[2].done():
+            op[2].set_exception(exc)
 
 
 _HOST = socket.gethostname()

@@ -41,7 +41,7 @@ import json
 import math
 import random
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any, TypeAlias, TypeVar
@@ -51,14 +51,14 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import MaxConnectionsError, RedisError, ResponseError
+from redis.exceptions import MaxConnectionsError, NoScriptError, RedisError, ResponseError
 
 from ._errors import LimiterUnavailableError
 from ._lifecycle import AsyncClosing
 from ._log import logger
 from ._models import Conversation, RateLimit
 from ._ratelimit import DEFAULT_LEASE, Limiter, RateLimiter
-from ._schedule import TokenState
+from ._schedule import RateConflict, TokenState
 from ._stores import URGENT
 
 __all__ = ["RedisConversationStore", "RedisRateLimiter", "RedisStore"]
@@ -272,7 +272,7 @@ class RedisStore:
     ) -> tuple[bool, T | None]:
         return False, None  # always a round trip
 
-    async def update(self, key: str, update: Callable[[TokenState, float], T]) -> T:
+    def _our_loop(self) -> asyncio.AbstractEventLoop:
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop
@@ -281,68 +281,159 @@ class RedisStore:
                 "this RedisRateLimiter was first used in another event loop; its connections "
                 "belong to one loop: create one limiter per event loop"
             )
+        return loop
+
+    async def _check_once(self) -> None:
+        if not self._checked:
+            self._checked = True
+            try:
+                await self._call(
+                    "reading its eviction policy",
+                    functools.partial(check_eviction, self.redis, self.where),
+                )
+            except LimiterUnavailableError:
+                self._checked = False  # again once Redis answers
+                raise
+
+    async def update(self, key: str, update: Callable[[TokenState, float], T]) -> T:
+        loop = self._our_loop()
         # One place at the gate for the whole update (its read, compare-and-set and retries):
         # an update under way never queues again behind newcomers.
         async with self._gate.held():
-            if not self._checked:
-                self._checked = True
-                try:
-                    await self._call(
-                        "reading its eviction policy",
-                        functools.partial(check_eviction, self.redis, self.where),
-                    )
-                except LimiterUnavailableError:
-                    self._checked = False  # again once Redis answers
-                    raise
+            await self._check_once()
             return await self._update(loop, key, update)
+
+    def try_update_many(
+        self, items: Sequence[tuple[str, Callable[[TokenState, float], Any]]]
+    ) -> list[tuple[bool, Any]] | None:
+        return None  # always a round trip
+
+    async def update_many(
+        self,
+        items: Sequence[tuple[str, Callable[[TokenState, float], Any]]],
+        keep: Callable[[int], bool] | None = None,
+    ) -> list[tuple[bool, Any]]:
+        """Apply many updates, each atomically, in two round trips in all (one pipeline of
+        reads, one of writes) rather than two each; a write that lost to another writer is
+        done again alone, as ``update`` does. Outcomes as ``HostStore.update_many``'s (a
+        standalone Redis; on a cluster, each item is an ``update`` of its own)."""
+        loop = self._our_loop()
+        outcomes: list[tuple[bool, Any]] = [(False, None)] * len(items)
+        async with self._gate.held():
+            await self._check_once()
+            chosen = [i for i in range(len(items)) if keep is None or keep(i)]
+            if isinstance(self.redis, RedisCluster):
+                batch: list[int] = []
+                alone = chosen
+            else:
+                # One item per key in the pipelines; a key's later items follow, alone, in order.
+                seen: set[str] = set()
+                batch, alone = [], []
+                for i in chosen:
+                    (alone if items[i][0] in seen else batch).append(i)
+                    seen.add(items[i][0])
+                if len(batch) == 1:  # a pipeline of one is a plain update
+                    batch, alone = [], chosen
+            if batch:
+                done = await self._batch([items[i] for i in batch], loop)
+                for i, outcome in zip(batch, done, strict=True):
+                    outcomes[i] = outcome
+            for i in alone:
+                key, update = items[i]
+                try:
+                    outcomes[i] = (True, await self._update(loop, key, update))
+                except RateConflict as conflict:
+                    outcomes[i] = (False, conflict)
+        return outcomes
+
+    async def _batch(
+        self,
+        items: Sequence[tuple[str, Callable[[TokenState, float], Any]]],
+        loop: asyncio.AbstractEventLoop,
+    ) -> list[tuple[bool, Any]]:
+        names = [self.redis_key(key) for key, _ in items]
+        self.counts["reads"] += len(items)
+        replies = await self._pipeline(
+            "reading the schedule", [(self._read, [name], []) for name in names]
+        )
+        outcomes: list[tuple[bool, Any]] = []
+        writes: list[tuple[Any, list[str], list[Any]]] = []
+        written: list[int] = []
+        for index, ((_, update), name, reply) in enumerate(zip(items, names, replies, strict=True)):
+            try:
+                result, write = self._prepare(name, reply, update)
+            except RateConflict as conflict:
+                outcomes.append((False, conflict))
+                continue
+            outcomes.append((True, result))
+            if write is not None:
+                writes.append(write)
+                written.append(index)
+        if not writes:
+            return outcomes
+        answers = await self._pipeline("updating the schedule", writes)
+        for index, answer in zip(written, answers, strict=True):
+            if not isinstance(answer, list):
+                self.counts["writes"] += 1
+                continue
+            # Another process wrote first: applied again, alone, on what it wrote.
+            self.counts["lost"] += 1
+            key, update = items[index]
+            try:
+                outcomes[index] = (True, await self._update(loop, key, update, answer))
+            except RateConflict as conflict:
+                outcomes[index] = (False, conflict)
+        return outcomes
+
+    async def _pipeline(
+        self, what: str, calls: list[tuple[Any, list[str], list[Any]]]
+    ) -> list[Any]:
+        """Run these scripts (script, keys, args) in one round trip (their SHA1s: loaded again
+        if Redis forgot them, a restart)."""
+
+        async def run() -> list[Any]:
+            pipe = self.redis.pipeline(transaction=False)
+            for script, keys, args in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            answers: list[Any] = await pipe.execute(raise_on_error=False)
+            if any(isinstance(a, NoScriptError) for a in answers):
+                for script in (self._read, self._cas, self._report):
+                    await self.redis.script_load(script.script)
+                again = [i for i, a in enumerate(answers) if isinstance(a, NoScriptError)]
+                pipe = self.redis.pipeline(transaction=False)
+                for i in again:
+                    script, keys, args = calls[i]
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                for i, answer in zip(again, await pipe.execute(raise_on_error=False), strict=True):
+                    answers[i] = answer
+            for answer in answers:
+                if isinstance(answer, Exception):
+                    raise answer
+            return answers
+
+        return await self._call(what, run)  # type: ignore[no-any-return]
 
     async def _update(
         self,
         loop: asyncio.AbstractEventLoop,
         key: str,
         update: Callable[[TokenState, float], T],
+        reply: Any = None,
     ) -> T:
         name = self.redis_key(key)
         counts = self.counts
-        counts["reads"] += 1
-        reply = await self._call("reading the schedule", functools.partial(self._read, [name]))
+        if reply is None:
+            counts["reads"] += 1
+            reply = await self._call("reading the schedule", functools.partial(self._read, [name]))
         started = loop.time()
         lost = 0
         while True:
-            seconds, micros, raw = reply
-            now = int(seconds) + int(micros) / 1_000_000
-            fields = _fields(raw)
-            text = fields.pop("s", "")
-            state = _decode(text, fields)
-            result = update(state, now)
-            latest = state.latest()
-            data = state.to_json()
-            queued: dict[str, Any] = data.pop("queued")
-            if state.holder is None and latest <= now:
-                new = ""  # nothing left to remember
-            else:
-                new = json.dumps(data, separators=(",", ":"))
-            reports: list[str] = []  # the queue reports that changed: field, value ('' deletes)
-            for who, entry in queued.items():
-                value = json.dumps(entry, separators=(",", ":"))
-                if fields.get(f"q:{who}") != value:
-                    reports += [f"q:{who}", value]
-            for field in fields:
-                if field[2:] not in queued:
-                    reports += [field, ""]
-            if new == text and not reports:
+            result, write = self._prepare(name, reply, update)
+            if write is None:
                 return result  # nothing changed (a poll): nothing to write
-            ttl = max(1, math.ceil((latest - now) * 1000)) + _EXPIRY_SLACK_MS
-            if new == text:
-                # Only queue reports changed: written as they are, never compared.
-                answer = await self._call(
-                    "reporting the queue", functools.partial(self._report, [name], [ttl, *reports])
-                )
-            else:
-                answer = await self._call(
-                    "updating the schedule",
-                    functools.partial(self._cas, [name], [text, new, ttl, *reports]),
-                )
+            script, keys, args = write
+            what = "reporting the queue" if script is self._report else "updating the schedule"
+            answer = await self._call(what, functools.partial(script, keys, args))
             if not isinstance(answer, list):
                 counts["writes"] += 1
                 return result  # written (by this attempt, or by one whose answer was lost)
@@ -363,6 +454,40 @@ class RedisStore:
                 reply = await self._call(
                     "reading the schedule", functools.partial(self._read, [name])
                 )
+
+    def _prepare(
+        self, name: str, reply: Any, update: Callable[[TokenState, float], T]
+    ) -> tuple[T, tuple[Any, list[str], list[Any]] | None]:
+        """Apply ``update`` to the state ``reply`` (read.lua's) holds: its result, and the
+        write it needs (script, keys, args), None when nothing changed."""
+        seconds, micros, raw = reply
+        now = int(seconds) + int(micros) / 1_000_000
+        fields = _fields(raw)
+        text = fields.pop("s", "")
+        state = _decode(text, fields)
+        result = update(state, now)
+        latest = state.latest()
+        data = state.to_json()
+        queued: dict[str, Any] = data.pop("queued")
+        if state.holder is None and latest <= now:
+            new = ""  # nothing left to remember
+        else:
+            new = json.dumps(data, separators=(",", ":"))
+        reports: list[str] = []  # the queue reports that changed: field, value ('' deletes)
+        for who, entry in queued.items():
+            value = json.dumps(entry, separators=(",", ":"))
+            if fields.get(f"q:{who}") != value:
+                reports += [f"q:{who}", value]
+        for field in fields:
+            if field[2:] not in queued:
+                reports += [field, ""]
+        if new == text and not reports:
+            return result, None
+        ttl = max(1, math.ceil((latest - now) * 1000)) + _EXPIRY_SLACK_MS
+        if new == text:
+            # Only queue reports changed: written as they are, never compared.
+            return result, (self._report, [name], [ttl, *reports])
+        return result, (self._cas, [name], [text, new, ttl, *reports])
 
     async def _call(self, what: str, operation: Callable[[], Awaitable[Any]]) -> Any:
         """Run one Redis operation; any failure becomes ``LimiterUnavailableError``.
