@@ -259,6 +259,7 @@ class _Front:
         "answered_at",
         "loop",
         "noted",
+        "noted_prune",
         "noting",
         "offset",
         "pending",
@@ -279,6 +280,7 @@ class _Front:
         self.who = f"{host}:{os.getpid()}:{_PID_NAMESPACE}:{_BOOT}:{uuid.uuid4().hex[:12]}"
         self.where = f"pid {os.getpid()} on {host}"
         self.noted: dict[str, float] = {}  # key -> when its schedule's place was last noted
+        self.noted_prune = _OWNS_MIN  # noted is pruned when it holds more than this
         self.noting: set[str] = set()  # keys whose note is due: written together, soon
         #: store operations asked for in this turn of the loop: applied together (a batch)
         self.pending: list[_Op] = []
@@ -731,9 +733,18 @@ class Limiter(AsyncOnly):
         last = front.noted.get(key)
         if last is not None and now - last < _NOTE_RENEW:
             return
-        if len(front.noted) > _NOTED_MAX:
-            front.noted.clear()  # renewed as each token is used again
-        front.noted[key] = now
+        noted = front.noted
+        if last is None and len(noted) >= front.noted_prune:
+            # A note older than its TTL has expired in the store: nothing left to renew or to
+            # forget at close. Amortised, as ``used``: memory follows the tokens in use, not
+            # every token ever seen (a platform's accounts come and go).
+            horizon = now - _NOTE_TTL
+            for name in [name for name, when in noted.items() if when < horizon]:
+                del noted[name]
+            if len(noted) > _NOTED_MAX:
+                noted.clear()  # renewed as each token is used again
+            front.noted_prune = max(_OWNS_MIN, 2 * len(noted))
+        noted[key] = now
         # Written with the other notes due in this turn of the loop, in one transaction, at the
         # next turn (promptly: a warning of two schedules is said at the call that meets them).
         if not front.noting:
@@ -814,11 +825,21 @@ class Limiter(AsyncOnly):
             _deliver(batch, outcomes)
 
     def _timeout(self, wait: float | None, ahead: int = 0) -> RateLimitTimeout:
-        detail = ""
-        if wait is not None:
-            detail = f": the next one is {max(wait, 0.0):.1f}s away"
-            if ahead:
-                detail += f" ({ahead} calls ahead)"
+        """The caller's ``max_wait`` ran out. ``wait``: how far away the token's next slot is
+        (None, or none left: the time went on the store, not on the token's window)."""
+        if wait is None or wait <= 0.0:
+            # The window had room: the store took the time (its connections busy, a far
+            # Redis). Said so, or the token's own traffic or the service gets the blame.
+            why = "another call holding the token's grant, or a busy event loop"
+            if self.kind != "process":
+                why = f"the {self.kind} store's connections busy or slow, or {why}"
+            return RateLimitTimeout(
+                f"no rate-limit slot within max_wait: the token's window had room, but the "
+                f"grant did not come in time ({why}; limit {self.rate_limit}); nothing was sent"
+            )
+        detail = f": the next one is {wait:.1f}s away"
+        if ahead:
+            detail += f" ({ahead} calls ahead)"
         return RateLimitTimeout(
             f"no rate-limit slot within max_wait{detail} (limit {self.rate_limit}, "
             f"shared by {self.kind}); nothing was sent"

@@ -158,6 +158,22 @@ async def test_used_tokens_are_forgotten_once_their_registration_expired(tmp_pat
     await limiter.aclose()
 
 
+async def test_notes_of_tokens_gone_quiet_are_forgotten(tmp_path: Path) -> None:
+    """The notes a limiter remembers (where each token's schedule is kept): those older than
+    their TTL (expired in the store too) are forgotten as new tokens come, amortised; before,
+    every token ever seen was kept up to 50,000 (a platform's accounts churn)."""
+    limiter = HostRateLimiter(tmp_path, rate_limit=RATE)
+    front = limiter._front()
+    stale = front.loop.time() - _ratelimit._NOTE_TTL - 1.0
+    front.noted = {f"old-{n}": stale for n in range(5000)}
+    front.noted_prune = 5000
+    async with limiter.slot("fresh") as slot:
+        slot.sent()
+    assert set(front.noted) == {"fresh"}
+    assert front.noted_prune == _ratelimit._OWNS_MIN
+    await limiter.aclose()
+
+
 async def test_notes_of_many_tokens_take_one_transaction(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -436,3 +436,31 @@ async def test_a_schedule_an_earlier_version_wrote_is_kept_and_converted(
             slot.sent()
         assert await inspector.type(key) == b"hash"
     assert waited >= 0.5 - 0.05
+
+
+async def test_a_slow_store_is_blamed_not_the_tokens_window(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """Idle tokens, a Redis 0.4 s away each way, max_wait shorter than a round trip: the
+    RateLimitTimeout says the window had room and the store did not answer in time (it said
+    "the next one is 0.0s away", blaming the token's limit), and nothing was sent."""
+    rate = RateLimit(5, 1.0)
+    async with (
+        LatencyProxy(redis_server.port, delay=0.4) as proxy,
+        RedisRateLimiter(proxy.url, rate_limit=rate, prefix=prefix) as limiter,
+    ):
+        results = await asyncio.gather(
+            *(_slot(limiter, f"idle-{n}", max_wait=0.3) for n in range(20)),
+            return_exceptions=True,
+        )
+    assert all(isinstance(r, RateLimitTimeout) for r in results), results
+    for result in results:
+        text = str(result)
+        assert "window had room" in text and "redis store" in text, text
+        assert "away" not in text and "nothing was sent" in text, text
+
+
+async def _slot(limiter: RedisRateLimiter, key: str, *, max_wait: float) -> None:
+    deadline = asyncio.get_running_loop().time() + max_wait
+    async with limiter.slot(key, deadline=deadline) as slot:
+        slot.sent()
