@@ -344,6 +344,11 @@ def row_name(request: BulkRequest) -> str:
     return f"{request.row} (id {request.id!r})"
 
 
+def row_label(request: BulkRequest) -> str:
+    """``row 3`` or ``row 3 (id 'A-7')``: how messages name a row."""
+    return f"row {row_name(request)}"
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -1355,21 +1360,27 @@ class ResultLog:
             "command wrote: pass another --out"
         )
 
-    def write(self, result: BulkResult, key: str | None = None) -> None:
-        self._write(self.line(result, key) + b"\n")
+    def write(self, result: BulkResult, key: str | None = None, sent_as: str | None = None) -> None:
+        self._write(self.line(result, key, sent_as) + b"\n")
 
     @staticmethod
-    def line(result: BulkResult, key: str | None = None) -> bytes:
-        """The result's line in OUT (without its newline)."""
+    def line(result: BulkResult, key: str | None = None, sent_as: str | None = None) -> bytes:
+        """The result's line in OUT (without its newline); ``sent_as``: the identifier sent,
+        when it is not the row's own (``--e164``: see ``_spelling``)."""
         data = result.to_json()
         if key is not None:
             data = {"id": data.pop("id"), "ok": data.pop("ok"), "key": key, **data}
+        if sent_as is not None:
+            data["sent_as"] = sent_as
         return line_of(data)
 
-    def write_sending(self, request: BulkRequest, key: str) -> None:
+    def write_sending(self, request: BulkRequest, key: str, sent_as: str | None = None) -> None:
         """Record that the row's request is about to leave: until its result line, a later
-        run treats it as possibly processed."""
-        self._append(_journal(request, key, sending=True))
+        run treats it as possibly processed (``sent_as``: as ``line``)."""
+        data = _journal(request, key, sending=True)
+        if sent_as is not None:
+            data["sent_as"] = sent_as
+        self._append(data)
 
     def write_unsent(self, result: BulkResult, key: str) -> None:
         """Withdraw the row's ``sending`` line: the run stopped and the row was certainly not
