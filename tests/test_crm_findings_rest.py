@@ -96,3 +96,51 @@ async def test_dropping_e164_on_a_resume_is_refused_and_the_split_can_be_accepte
     assert same.code == 0, same
     assert sent(emulator)[3] == ("+14155550103", "Reminder 2")
     assert max(processed(emulator).values()) == 1
+
+
+# -- 6. --e164: the phone numbers it does not write, and the spellings that still differ --------
+
+
+async def test_e164_names_the_phone_numbers_it_did_not_write_and_spellings_still_apart(
+    emulator: MockAutocalls, tmp_path: Path
+) -> None:
+    """With --e164 US, an identifier with an extension, a label or in scientific notation
+    failed as INVALID_ROW among other invalid rows, and one with a word after the number was
+    sent as written, a conversation apart, without a note; the "written in several ways" note
+    disappeared under --e164. The dry run and the run name those rows in a note, and the
+    spellings that still differ once normalised."""
+    pytest.importorskip("phonenumbers")
+    source, out = tmp_path / "in.csv", tmp_path / "out.jsonl"
+    source.write_text(
+        "assistant_id,customer_identifier,message\n"
+        "123,+14155551234,a\n"
+        "123,(415) 555-1234 x22,b\n"
+        "123,+1 (415) 555-1234 (mobile),c\n"
+        "123,1.4155551234E+10,d\n"
+        "123,415.555.1234 mobile,e\n"
+        "123,ann@example.com,f\n"
+        "123,CRM-000123,g\n"
+        "123,415-555-1234,h\n"
+    )
+    for options in (("--dry-run",), ()):
+        run = await bulk(emulator, source, out, "--e164", "US", *options)
+        assert run.code == 1, run
+        assert (
+            "4 identifier(s) hold a phone number that --e164 did not write in E.164: "
+            "row 2 '(415) 555-1234 x22' (INVALID_ROW, never sent), "
+            "row 3 '+1 (415) 555-1234 (mobile)' (INVALID_ROW, never sent), "
+            "row 4 '1.4155551234E+10' (INVALID_ROW, never sent), "
+            "row 5 '415.555.1234 mobile' (sent as written)"
+        ) in run.out
+        assert (
+            "1 phone number(s) written in several ways, still after --e164, each way its own "
+            "conversation: +14155551234 = 415.555.1234 mobile"
+        ) in run.out
+        assert "CRM-000123" not in run.out and "ann@" not in run.out
+    assert sorted(customer for customer, _ in processed(emulator)) == [
+        "+14155551234",
+        "+14155551234",
+        "415.555.1234 mobile",
+        "CRM-000123",
+        "ann@example.com",
+    ]

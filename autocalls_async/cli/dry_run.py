@@ -109,7 +109,7 @@ def _dry_run(
     from .._notes import DataNotes
     from ..bulk import _check
 
-    notes = DataNotes()
+    notes = DataNotes(normalize=normalize)
     retry_failed = retry_failed or retry_unsafe_failed
     found = DryRun(hold=hold)
     found.shown = shown
@@ -160,7 +160,7 @@ def _dry_run(
     found.rows = source.rows
     found.answered_before = source.already_answered
     notes.unused_columns = () if source.extra_as_variables else source.extra_columns
-    notes.find_rows(source.numbered(), phones=normalize is None)
+    notes.find_rows(source.numbered())
     found.notes = notes.lines(e164=normalize is not None)
     return found
 

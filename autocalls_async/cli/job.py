@@ -147,10 +147,10 @@ async def run_job(
     try:
         ledger: Ledger = log.read()
         source.take_snapshot()  # the one read of INPUT: every pass below reads this copy
-        notes = DataNotes()
+        notes = DataNotes(normalize=client.normalize_identifier)
         source.check(ledger, out=log.path, allow_foreign=allow_foreign, notes=notes)
         notes.unused_columns = () if source.extra_as_variables else source.extra_columns
-        notes.find_rows(source.numbered(), phones=not client.normalize_identifier)
+        notes.find_rows(source.numbered())
         check_spellings(  # a customer OUT sent under another spelling: refused (finding 7)
             source,
             ledger,
