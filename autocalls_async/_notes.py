@@ -77,6 +77,12 @@ def _phone_tail(identifier: str) -> str | None:
     return tail if len(tail) >= 7 else None
 
 
+def _row_name(request: BulkRequest) -> str:
+    from .bulk import _name
+
+    return _name(request)
+
+
 def _spelled_tail(customer: str) -> str | None:
     """``_phone_tail``, or the last digits of a phone number inside an identifier (``415.555.1234
     mobile``, sent as written by ``--e164``)."""
@@ -124,7 +130,7 @@ class DataNotes:
     #: the first of them: (row, identifier, refused: INVALID_ROW, else sent as written)
     unwritten_rows: list[tuple[str, str, bool]] = attrs.Factory(list)
     #: how notes name a row (``row 7``)
-    name: Callable[[BulkRequest], str] = lambda request: f"row {request.row or request.id}"
+    name: Callable[[BulkRequest], str] = lambda request: f"row {_row_name(request)}"
 
     def _sent(self, request: BulkRequest) -> str | None:
         """The identifier as ``--e164`` sends it (None: refused); notes an identifier with a
@@ -195,7 +201,7 @@ class DataNotes:
         for request, digest, _ in rows:  # InputFile.numbered()
             group = self.identical.get(digest)
             if group is not None and len(group) < ROWS_SHOWN:
-                group.append(request.row or 0)
+                group.append(request.sheet_row or request.row or 0)
             customer = request.customer_identifier
             if normalize is not None and self.spellings and request.problem is None:
                 try:

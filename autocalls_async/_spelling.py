@@ -238,12 +238,11 @@ def _message(
             if normalize is not None:
                 with contextlib.suppress(Exception):
                     numbers.append(_number("n", assistant, normalize(raw)))
-            row, row_id = data.get("row"), data.get("id")
+            row_id = data.get("id")
             if (row_id, tuple(numbers)) in named:
                 continue  # the row's other line (its "sending" line, its answer)
             named.add((row_id, tuple(numbers)))
-            where = f"line {line}" + (f" (row {row})" if isinstance(row, int) else "")
-            said = f"{where}: sent as {sent if isinstance(sent, str) else raw}"
+            said = f"line {line}: sent as {sent if isinstance(sent, str) else raw}"
             for number in numbers:
                 if number in wanted:
                     lines = found.setdefault(number, [])

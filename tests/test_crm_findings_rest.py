@@ -49,10 +49,10 @@ async def test_adding_e164_on_a_resume_is_refused_before_a_conversation_splits(
         assert run.code == 2 and run.out == "", run
         assert "2 customer(s) of this run were sent to before under another spelling" in run.err
         assert (
-            "row 3 (assistant 123, customer 415-555-0102): would be sent as +14155550102; "
-            "out.jsonl line 1 (row 1): sent as 415-555-0102" in run.err
+            "row 4 (assistant 123, customer 415-555-0102): would be sent as +14155550102; "
+            "out.jsonl line 1: sent as 415-555-0102" in run.err
         )
-        assert "row 4 (assistant 123, customer 415-555-0103)" in run.err
+        assert "row 5 (assistant 123, customer 415-555-0103)" in run.err
         assert "run again without --e164:" in run.err
         assert "add --allow-new-spelling" in run.err
     assert sent(emulator) == [("415-555-0102", "Reminder 1"), ("415-555-0103", "Reminder 1")]
@@ -82,10 +82,7 @@ async def test_dropping_e164_on_a_resume_is_refused_and_the_split_can_be_accepte
     for dry in ("--dry-run",), ():
         run = await bulk(emulator, source, out, *dry)
         assert run.code == 2, run
-        assert (
-            "would be sent as 415-555-0102; out.jsonl line 1 (row 1): sent as +14155550102"
-            in run.err
-        )
+        assert "would be sent as 415-555-0102; out.jsonl line 1: sent as +14155550102" in run.err
         assert "run again with the --e164 the earlier run had:" in run.err
         assert run.err.split("had:\n", 1)[1].splitlines()[0].endswith("--e164 US")
     assert len(emulator.requests) == 2
@@ -127,10 +124,10 @@ async def test_e164_names_the_phone_numbers_it_did_not_write_and_spellings_still
         assert run.code == 1, run
         assert (
             "4 identifier(s) hold a phone number that --e164 did not write in E.164: "
-            "row 2 '(415) 555-1234 x22' (INVALID_ROW, never sent), "
-            "row 3 '+1 (415) 555-1234 (mobile)' (INVALID_ROW, never sent), "
-            "row 4 '1.4155551234E+10' (INVALID_ROW, never sent), "
-            "row 5 '415.555.1234 mobile' (sent as written)"
+            "row 3 '(415) 555-1234 x22' (INVALID_ROW, never sent), "
+            "row 4 '+1 (415) 555-1234 (mobile)' (INVALID_ROW, never sent), "
+            "row 5 '1.4155551234E+10' (INVALID_ROW, never sent), "
+            "row 6 '415.555.1234 mobile' (sent as written)"
         ) in run.out
         assert (
             "1 phone number(s) written in several ways, still after --e164, each way its own "
@@ -144,3 +141,85 @@ async def test_e164_names_the_phone_numbers_it_did_not_write_and_spellings_still
         "CRM-000123",
         "ann@example.com",
     ]
+
+
+# -- 12. "row N" is the row a spreadsheet shows ---------------------------------------------------
+
+#: An OUT written by the version before row numbers became the spreadsheet's (generated with
+#: it, for OLD_SHEET): ids, rows and keys are what they were, so it resumes with nothing resent.
+OLD_SHEET = (
+    'assistant_id,customer_identifier,message\n123,+14155550001,"Hello\nthere"\n,,\n\n'
+    "123,+14155550002,Hi\n123,,missing customer\n123,+14155550003,Bye\n"
+)
+OLD_OUT = """\
+{"id":3,"ok":false,"key":"54930e615c11a5f4.1","row":3,"error":"row 3: missing customer_identifier","error_code":"INVALID_ROW","error_type":"InvalidRequestError","status":null,"sent":false,"maybe_processed":false}
+{"id":1,"sending":true,"key":"05f4d66f05f73c6a.1","row":1,"assistant_id":123,"customer_identifier":"+14155550001"}
+{"id":1,"ok":true,"key":"05f4d66f05f73c6a.1","row":1,"assistant_id":123,"customer_identifier":"+14155550001","conversation_id":"c1","reply":"r1","function_calls":[],"ai_disabled":false}
+{"id":2,"sending":true,"key":"eda4a38b3e0143be.1","row":2,"assistant_id":123,"customer_identifier":"+14155550002"}
+{"id":4,"sending":true,"key":"50c4ca78c78cc128.1","row":4,"assistant_id":123,"customer_identifier":"+14155550003"}
+{"id":4,"ok":true,"key":"50c4ca78c78cc128.1","row":4,"assistant_id":123,"customer_identifier":"+14155550003","conversation_id":"c4","reply":"r4","function_calls":[],"ai_disabled":false}
+{"id":2,"ok":true,"key":"eda4a38b3e0143be.1","row":2,"assistant_id":123,"customer_identifier":"+14155550002","conversation_id":"c2","reply":"r2","function_calls":[],"ai_disabled":false}
+"""  # noqa: E501
+
+
+async def test_rows_are_named_as_a_spreadsheet_numbers_them(
+    emulator: MockAutocalls, tmp_path: Path
+) -> None:
+    """`row 3: missing customer_identifier` was spreadsheet row 7 (a header, a cell of three
+    lines and blank rows came before it). Every message names the spreadsheet's row: the dry
+    run's problems, OUT's INVALID_ROW errors, notes, the summary; a JSONL input's line."""
+    source, out = tmp_path / "in.csv", tmp_path / "out.jsonl"
+    source.write_text(
+        "assistant_id,customer_identifier,message\n"
+        '123,+14155550001,"Hello\nthere\nfriend"\n'  # row 2 (lines 2-4)
+        ",,\n\n"  # rows 3 and 4: blank
+        "123,+14155550002,Hi\n"  # row 5
+        ",,\n"  # row 6
+        "123,,missing customer\n"  # row 7
+        "123,+14155550003,Again\n123,+14155550003,Again\n"  # rows 8, 9: identical
+        "999,+14155550004,Unknown assistant\n999,+14155550005,Skipped\n"  # rows 10, 11
+    )
+    dry = await bulk(emulator, source, out, "--dry-run")
+    assert dry.code == 1, dry
+    assert "    row 7: missing customer_identifier" in dry.out
+    assert (
+        "identical row(s) (same assistant, customer, message and variables), each sent as "
+        "its own row: rows 8, 9" in dry.out
+    )
+    run = await bulk(emulator, source, out)
+    assert run.code == 1, run
+    assert "1 row invalid, never sent: row 7:" in run.out
+    assert "rows 10, 11" in run.out  # the failed rows (ASSISTANT_NOT_FOUND, skipped)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    errors = {line["row"]: line["error"] for line in lines if line.get("ok") is False}
+    assert errors[3] == "row 7: missing customer_identifier"  # OUT's row: as before
+    assert "ASSISTANT_NOT_FOUND for row 10 of this run" in errors[7]
+
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_text(
+        '{"assistant_id": 123, "customer_identifier": "+14155550009", "message": "a"}\n\n'
+        '{"assistant_id": 123, "message": "no customer"}\n{not json\n'
+    )
+    dry = await bulk(emulator, jsonl, tmp_path / "o2.jsonl", "--dry-run")
+    assert dry.code == 1, dry
+    assert "    row 3: missing customer_identifier" in dry.out
+    assert "    row 4: not valid JSON" in dry.out
+
+
+async def test_an_out_written_before_spreadsheet_rows_resumes_with_nothing_resent(
+    emulator: MockAutocalls, tmp_path: Path
+) -> None:
+    """OUT's ids, rows and keys did not change: an OUT the earlier version wrote resumes
+    with nothing sent again; the invalid row, retried, is named by its spreadsheet row."""
+    source, out = tmp_path / "in.csv", tmp_path / "out.jsonl"
+    source.write_text(OLD_SHEET)
+    out.write_text(OLD_OUT)
+    run = await bulk(emulator, source, out)
+    assert run.code == 1 and "0 answered, 0 failed, 4 skipped" in run.out, run
+    assert "row 6" in run.out  # the invalid row, as the spreadsheet numbers it
+    assert emulator.requests == []
+    retry = await bulk(emulator, source, out, "--retry-failed")
+    assert retry.code == 1 and "0 answered, 1 failed, 3 skipped" in retry.out, retry
+    assert emulator.requests == []
+    last = json.loads(out.read_text().splitlines()[-1])
+    assert last["row"] == 3 and last["error"] == "row 6: missing customer_identifier"

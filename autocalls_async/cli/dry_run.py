@@ -107,7 +107,7 @@ def _dry_run(
     respelling: Any = None,
 ) -> DryRun:
     from .._notes import DataNotes
-    from ..bulk import _check
+    from ..bulk import _check, _name
 
     notes = DataNotes(normalize=normalize)
     retry_failed = retry_failed or retry_unsafe_failed
@@ -131,7 +131,7 @@ def _dry_run(
             try:
                 customer = normalize(customer)
             except InvalidRequestError as exc:
-                problem = InvalidRequestError(f"row {request.row or request.id}: {exc}")
+                problem = InvalidRequestError(f"row {_name(request)}: {exc}")
         if problem is not None:
             found.invalid += 1
             if len(found.problems) < found.shown:
