@@ -173,7 +173,9 @@ class Entry:
         who = [f"assistant {self.assistant_id}"] if self.assistant_id is not None else []
         if self.customer_identifier is not None:
             who.append(f"customer {self.customer_identifier}")
-        name = f"row {self.row}" if self.row is not None else "a row"
+        # OUT's row is the row's position among the rows when it was written (the header and
+        # blank lines not counted), not the row a spreadsheet shows: said as such.
+        name = f"the {_ordinal(self.row)} row when written" if self.row is not None else "a row"
         if self.row is None or self.id != self.row:
             name += f" (id {self.id!r})"
         return name + (f" ({', '.join(who)})" if who else "")
@@ -338,10 +340,22 @@ def _state(data: dict[str, Any]) -> RowState | None:
 
 
 def row_name(request: BulkRequest) -> str:
-    """``3`` (row 3, no id column) or ``3 (id 'A-7')``: how summaries name a row."""
-    if request.row is None or request.id == request.row:
-        return str(request.id)
-    return f"{request.row} (id {request.id!r})"
+    """``7`` (row 7 as a spreadsheet numbers it, ``BulkRequest.sheet_row``) or ``7 (id
+    'A-7')``: how summaries name a row."""
+    from .bulk import _name
+
+    return _name(request)
+
+
+def _ordinal(number: int) -> str:
+    if 10 <= number % 100 <= 20:
+        return f"{number}th"
+    return f"{number}{ {1: 'st', 2: 'nd', 3: 'rd'}.get(number % 10, 'th') }"
+
+
+def row_label(request: BulkRequest) -> str:
+    """``row 3`` or ``row 3 (id 'A-7')``: how messages name a row."""
+    return f"row {row_name(request)}"
 
 
 def _is_int(value: object) -> bool:
@@ -686,14 +700,14 @@ class InputFile:
         seen: dict[RowId, int] = {}
         with self._refusing():
             for request in self:
-                row = request.row or 0
+                row = request.sheet_row or request.row or 0
                 if request.id == request.row:
                     continue
                 if request.id in clashes:
                     raise InputError(
                         f"{self.path}: row {row} has the id {request.id}, which is also the "
-                        f"number of row {request.id} (a row without an id is named by its "
-                        "number); give every row an id, or none"
+                        f"id of the {_ordinal(int(request.id))} row (a row without an id is "
+                        "named by its position among the rows); give every row an id, or none"
                     )
                 if hash(request.id) in collisions:
                     first = seen.setdefault(request.id, row)
@@ -737,7 +751,7 @@ class InputFile:
 
     def _csv_rows(self, file: IO[str]) -> Iterator[BulkRequest]:
         reader = csv.reader(file, delimiter=self.delimiter, strict=True)
-        header = self._csv_record(reader, 0)
+        header = self._csv_record(reader, 1, header=True)
         if header is None or not any(cell.strip() for cell in header):
             raise InputError(
                 f"{self.path}: empty; a CSV input needs a header row "
@@ -775,25 +789,27 @@ class InputFile:
         extra = extra if self.extra_as_variables else []
         width = len(columns)
         row = 0
+        sheet = 1  # the record's number, as a spreadsheet numbers its rows: the header is 1
         while True:
             first_line = reader.line_num + 1
-            cells = self._csv_record(reader, row + 1)
+            sheet += 1
+            cells = self._csv_record(reader, sheet)
             if cells is None:
                 return
             if not (len(cells) == width and cells[at_customer].strip()) and not (
                 "".join(cells).strip()
             ):
-                continue  # blank lines are not rows
+                continue  # blank lines are not rows (but a spreadsheet shows them: counted)
             row += 1
             if len(cells) != width:
                 raise InputError(
-                    f"{self.path}: row {row} ({_lines(first_line, reader.line_num)}) has "
+                    f"{self.path}: row {sheet} ({_lines(first_line, reader.line_num)}) has "
                     f"{len(cells)} fields but the header has {width} columns; quote fields that "
                     f"contain {_printable(self.delimiter)} or line breaks, and give every row "
                     "every column (empty if unused); nothing was sent"
                 )
             if reader.line_num > first_line:  # a field holds a line break
-                self._check_swallowed(columns, cells, row, _lines(first_line, reader.line_num))
+                self._check_swallowed(columns, cells, sheet, _lines(first_line, reader.line_num))
             self._cells = cells
             if unnamed and any(cells[n].strip() for n in unnamed):
                 self.unnamed_values += 1
@@ -810,17 +826,17 @@ class InputFile:
                 and not (extra and any(cells[n].strip() for n in extra))
             ):
                 row_id: RowId = row if at_id is None else cells[at_id].strip() or row
-                yield BulkRequest(row_id, int(assistant), customer, message, None, row)
+                yield BulkRequest(row_id, int(assistant), customer, message, None, row, None, sheet)
             else:
-                yield self._csv_request(columns, cells, row)
+                yield self._csv_request(columns, cells, row, sheet)
 
-    def _csv_record(self, reader: Any, row: int) -> list[str] | None:
+    def _csv_record(self, reader: Any, sheet: int, *, header: bool = False) -> list[str] | None:
         start = reader.line_num + 1
         previous = csv.field_size_limit(_CSV_FIELD_LIMIT)  # as _long_fields(), inline: per row
         try:
             cells: list[str] | None = next(reader, None)
         except csv.Error as exc:
-            where = f"row {row} (from line {start})" if row else "the header row"
+            where = f"row {sheet} (from line {start})" if not header else "the header row"
             if "unexpected end of data" in str(exc):
                 raise InputError(
                     f"{self.path}: {where} opens a quoted field that is never closed: the rest "
@@ -863,7 +879,9 @@ class InputFile:
                         "quotes; nothing was sent"
                     )
 
-    def _csv_request(self, columns: list[str], cells: list[str], row: int) -> BulkRequest:
+    def _csv_request(
+        self, columns: list[str], cells: list[str], row: int, sheet: int
+    ) -> BulkRequest:
         problems: list[str] = []
         data: dict[str, Any] = {}
         extra: dict[str, Any] = {}
@@ -897,7 +915,7 @@ class InputFile:
             if any(not name.islower() for name in extra):  # the key: as older versions sent it
                 lowered = {name.lower(): value for name, value in extra.items()}
                 keyed = {**lowered, **merged} if isinstance(merged, dict) else lowered
-        request = BulkRequest.from_mapping(data, row)
+        request = BulkRequest.from_mapping(data, row, sheet_row=sheet)
         if problems:
             joined = "; ".join([*problems, *([request.problem] if request.problem else [])])
             request = attrs.evolve(request, problem=joined)
@@ -915,16 +933,18 @@ class InputFile:
             try:
                 data = json.loads(line, object_pairs_hook=_unique_keys)
             except ValueError as exc:
-                yield _bad(row, f"line {number} is not valid JSON ({exc})")
+                yield _bad(row, f"not valid JSON ({exc})", number)
                 continue
             except RecursionError:
-                yield _bad(row, f"line {number}: {_TOO_DEEP}")
+                yield _bad(row, _TOO_DEEP, number)
                 continue
             if not isinstance(data, dict):
-                yield _bad(row, f"line {number} is not a JSON object")
+                yield _bad(row, "not a JSON object", number)
                 continue
             self._record = data
-            yield BulkRequest.from_mapping(data, row, extra_as_variables=self.extra_as_variables)
+            yield BulkRequest.from_mapping(
+                data, row, extra_as_variables=self.extra_as_variables, sheet_row=number
+            )
 
 
 def _named(header: list[str]) -> list[str]:
@@ -1002,13 +1022,13 @@ def _difference(
         )
         if same is not None:
             return (
-                f"row {same.row} of the input has this customer and no line in OUT (edited "
-                f"since?): {difference(entry.key, same)}"
+                f"row {row_name(same)} of the input has this customer and no line in OUT "
+                f"(edited since?): {difference(entry.key, same)}"
             )
         same = found.get((entry.assistant_id, entry.customer_identifier))
         if same is not None:
             return (
-                f"row {same.row} has this customer with another message or variables (and no "
+                f"row {row_name(same)} has this customer with another message or variables (and no "
                 "row has the content of that line)"
             )
         return (
@@ -1018,7 +1038,9 @@ def _difference(
     request = found.get(entry.id)
     if request is None:
         return f"the input has no row with the id {entry.id!r}"
-    here = f"row {request.row}" if request.id == request.row else f"the row with id {entry.id!r}"
+    here = (
+        f"row {row_name(request)}" if request.id == request.row else f"the row with id {entry.id!r}"
+    )
     changes = []
     if entry.assistant_id is not None and entry.assistant_id != request.assistant_id:
         changes.append(f"assistant {request.assistant_id}")
@@ -1052,8 +1074,8 @@ def _delimiter_hint(header: list[str], delimiter: str) -> str:
     return ""
 
 
-def _bad(row: int, problem: str) -> BulkRequest:
-    return BulkRequest(row, 0, "", "", row=row, problem=problem)
+def _bad(row: int, problem: str, sheet: int | None = None) -> BulkRequest:
+    return BulkRequest(row, 0, "", "", row=row, problem=problem, sheet_row=sheet)
 
 
 def _bit(bits: bytearray, index: int) -> bool:
@@ -1355,21 +1377,27 @@ class ResultLog:
             "command wrote: pass another --out"
         )
 
-    def write(self, result: BulkResult, key: str | None = None) -> None:
-        self._write(self.line(result, key) + b"\n")
+    def write(self, result: BulkResult, key: str | None = None, sent_as: str | None = None) -> None:
+        self._write(self.line(result, key, sent_as) + b"\n")
 
     @staticmethod
-    def line(result: BulkResult, key: str | None = None) -> bytes:
-        """The result's line in OUT (without its newline)."""
+    def line(result: BulkResult, key: str | None = None, sent_as: str | None = None) -> bytes:
+        """The result's line in OUT (without its newline); ``sent_as``: the identifier sent,
+        when it is not the row's own (``--e164``: see ``_spelling``)."""
         data = result.to_json()
         if key is not None:
             data = {"id": data.pop("id"), "ok": data.pop("ok"), "key": key, **data}
+        if sent_as is not None:
+            data["sent_as"] = sent_as
         return line_of(data)
 
-    def write_sending(self, request: BulkRequest, key: str) -> None:
+    def write_sending(self, request: BulkRequest, key: str, sent_as: str | None = None) -> None:
         """Record that the row's request is about to leave: until its result line, a later
-        run treats it as possibly processed."""
-        self._append(_journal(request, key, sending=True))
+        run treats it as possibly processed (``sent_as``: as ``line``)."""
+        data = _journal(request, key, sending=True)
+        if sent_as is not None:
+            data["sent_as"] = sent_as
+        self._append(data)
 
     def write_unsent(self, result: BulkResult, key: str) -> None:
         """Withdraw the row's ``sending`` line: the run stopped and the row was certainly not

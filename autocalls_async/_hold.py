@@ -29,9 +29,9 @@ HELD_SHOWN: Final = 5
 
 
 def _name(request: BulkRequest) -> str:
-    if request.row is None or request.id == request.row:
-        return f"row {request.id}"
-    return f"row {request.row} (id {request.id!r})"
+    from .bulk import _name as name
+
+    return f"row {name(request)}"
 
 
 @attrs.define

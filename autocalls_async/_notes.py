@@ -8,7 +8,10 @@
   named, with the way to send them once.
 * Identifiers that look like one phone number written differently (``+1 (415) 555-1234``,
   ``415-555-1234``): the service keeps one conversation per spelling; ``--e164`` writes them
-  one way.
+  one way. With ``--e164``, the spellings are compared as they are sent: those that still
+  differ are named, and so are the identifiers with a phone number in them that ``--e164``
+  did not write in E.164 (refused: an extension, a label, scientific notation; or left as
+  written: not read as a phone number), row by row.
 
 Memory: a few digests and row numbers, and a ``KeyTable`` slot (12 bytes, at most 70 % of
 them used) per distinct phone number.
@@ -17,7 +20,7 @@ them used) per distinct phone number.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Final
 
 import attrs
@@ -35,6 +38,8 @@ ROWS_SHOWN: Final = 10
 _PHONE: Final = re.compile(r"^\+?[\d\s().\-/]+$")
 _DIGITS: Final = re.compile(r"\d")
 _NOT_DIGITS: Final = re.compile(r"\D")
+#: A phone number inside an identifier: 7 digits or more, with phone punctuation between them.
+_NUMBER_IN: Final = re.compile(r"\d(?:[\s().\-/]*\d){6,}")
 
 
 def phone_like(identifier: str) -> bool:
@@ -46,6 +51,12 @@ def phone_like(identifier: str) -> bool:
     if not _PHONE.match(text) or not _DIGITS.search(text):
         return False
     return text.startswith("+") or not text.isdigit() or len(text) >= 7
+
+
+def has_number(identifier: str) -> bool:
+    """Whether an identifier holds a phone number (7 digits or more, with phone punctuation
+    between them), not an e-mail address."""
+    return "@" not in identifier and _NUMBER_IN.search(identifier) is not None
 
 
 def _tail(identifier: str) -> str:
@@ -64,6 +75,21 @@ def _phone_tail(identifier: str) -> str | None:
         return None
     tail = _tail(identifier)
     return tail if len(tail) >= 7 else None
+
+
+def _row_name(request: BulkRequest) -> str:
+    from .bulk import _name
+
+    return _name(request)
+
+
+def _spelled_tail(customer: str) -> str | None:
+    """``_phone_tail``, or the last digits of a phone number inside an identifier (``415.555.1234
+    mobile``, sent as written by ``--e164``)."""
+    tail = _phone_tail(customer)
+    if tail is None and has_number(customer):
+        tail = _tail(customer)
+    return tail
 
 
 #: A phone's entry in ``DataNotes.phones``: this bit once a second spelling was seen, and the
@@ -98,6 +124,36 @@ class DataNotes:
     merged: int = 0  #: numbers written in more than one way
     #: the first few of them (``_phone_number``) -> their spellings, named by ``find_rows``
     spellings: dict[int, list[str]] = attrs.Factory(dict)
+    #: ``--e164``: the spellings are compared as sent; phone numbers it cannot write are noted
+    normalize: Callable[[str], str] | None = None
+    unwritten: int = 0  #: identifiers with a phone number --e164 did not write in E.164
+    #: the first of them: (row, identifier, refused: INVALID_ROW, else sent as written)
+    unwritten_rows: list[tuple[str, str, bool]] = attrs.Factory(list)
+    #: how notes name a row (``row 7``)
+    name: Callable[[BulkRequest], str] = lambda request: f"row {_row_name(request)}"
+
+    def _sent(self, request: BulkRequest) -> str | None:
+        """The identifier as ``--e164`` sends it (None: refused); notes an identifier with a
+        phone number in it that it does not write in E.164."""
+        customer = request.customer_identifier
+        assert self.normalize is not None
+        if not any(c.isdigit() for c in customer):
+            return customer  # an e-mail, a name: no phone number to write
+        try:
+            sent = self.normalize(customer)
+        except Exception:
+            refused = True
+            sent = None
+        else:
+            refused = False
+            if sent != customer or phone_like(customer) or not has_number(customer):
+                return sent
+        if refused and not has_number(customer) and not phone_like(customer):
+            return None
+        self.unwritten += 1
+        if len(self.unwritten_rows) < ROWS_SHOWN:
+            self.unwritten_rows.append((self.name(request), customer, refused))
+        return sent
 
     def add(self, request: BulkRequest, digest: int, occurrence: int) -> None:
         """Note one row, by its key's digest and occurrence (``InputFile.check`` calls it)."""
@@ -107,9 +163,13 @@ class DataNotes:
                 self.identical_groups += 1
                 if len(self.identical) < GROUPS_SHOWN:
                     self.identical[digest] = []
-        customer = request.customer_identifier
-        tail = _phone_tail(customer) if request.problem is None else None
-        if tail is not None:
+        customer: str | None = request.customer_identifier
+        if self.normalize is not None and request.problem is None:
+            customer = self._sent(request)
+            if customer is None:
+                return  # refused: never sent, no conversation
+        tail = _spelled_tail(customer) if request.problem is None and customer else None
+        if tail is not None and customer is not None:
             number = int(tail) << 4 | len(tail)  # _phone_number, inline: once a row
             spelling = hash(customer) & (_MERGED - 1)
             phones = self.phones
@@ -135,14 +195,20 @@ class DataNotes:
         some."""
         if not phones:
             self.spellings.clear()
+        normalize = self.normalize
         if not self.identical and not self.spellings:
             return
         for request, digest, _ in rows:  # InputFile.numbered()
             group = self.identical.get(digest)
             if group is not None and len(group) < ROWS_SHOWN:
-                group.append(request.row or 0)
+                group.append(request.sheet_row or request.row or 0)
             customer = request.customer_identifier
-            tail = _phone_tail(customer) if self.spellings and request.problem is None else None
+            if normalize is not None and self.spellings and request.problem is None:
+                try:
+                    customer = normalize(customer)
+                except Exception:
+                    continue
+            tail = _spelled_tail(customer) if self.spellings and request.problem is None else None
             if tail is not None:
                 spellings = self.spellings.get(_phone_number(tail))
                 if spellings is not None and customer not in spellings and len(spellings) < 5:
@@ -186,14 +252,35 @@ class DataNotes:
                 + (f"; and {more} more group(s)" if more > 0 else "")
                 + ". To send such a message once, delete its copies"
             )
-        if self.merged and not e164:
+        if self.merged:
             shown = "; ".join(
                 " = ".join(spellings) for spellings in self.spellings.values() if spellings
             )
             notes.append(
-                f"{self.merged} phone number(s) written in several ways, each way its own "
-                f"conversation: {shown}"
+                f"{self.merged} phone number(s) written in several ways"
+                + (", still after --e164" if e164 else "")
+                + f", each way its own conversation: {shown}"
                 + (f"; and {self.merged - GROUPS_SHOWN} more" if self.merged > GROUPS_SHOWN else "")
-                + ". Add --e164 REGION (e.g. --e164 US) to write them one way"
+                + (
+                    ". Write each customer's number alone, one way, in the input"
+                    if e164
+                    else ". Add --e164 REGION (e.g. --e164 US) to write them one way"
+                )
+            )
+        if self.unwritten:
+            rows = ", ".join(
+                f"{row} {customer!r} ("
+                + ("INVALID_ROW, never sent" if refused else "sent as written")
+                + ")"
+                for row, customer, refused in self.unwritten_rows
+            )
+            more = self.unwritten - len(self.unwritten_rows)
+            notes.append(
+                f"{self.unwritten} identifier(s) hold a phone number that --e164 did not write "
+                f"in E.164: {rows}"
+                + (f"; and {more} more" if more > 0 else "")
+                + ". Keep only the number in the column (an extension or a label in a column "
+                "of its own; Excel's numbers formatted as Text): a row sent as written is a "
+                "conversation apart from the number's"
             )
         return notes

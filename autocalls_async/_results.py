@@ -137,6 +137,8 @@ class OutCheck:
     #: OUT's answered or sent lines that speak for no row, edited or not (deleted rows, or
     #: another input's lines)
     deleted: list[Entry] = attrs.Factory(list)
+    #: the rows of ``edited`` as a spreadsheet numbers them (``BulkRequest.sheet_row``)
+    sheet_rows: dict[int, int] = attrs.Factory(dict)
     #: ``with --vars-from-columns`` (or ``without``): how OUT's lines read the rows, when
     #: they match the rows read that way and not as asked
     flag: str | None = None
@@ -231,6 +233,7 @@ def _attribute(source: InputFile, ledger: Ledger, foreign: list[Entry], found: O
             continue
         rows.remove(chosen)
         found.edited[chosen.row] = (entry, difference(entry.key, chosen))
+        found.sheet_rows[chosen.row] = chosen.sheet_row or chosen.row
 
 
 def read_results(

@@ -123,10 +123,20 @@ class BulkRequest:
     variables: Mapping[str, Any] | None = None
     row: int | None = None  #: 1-based position in the input, when known
     problem: str | None = None
+    #: The row as a spreadsheet numbers it, for messages: the number of the CSV record where
+    #: it starts (the header is 1; blank records count, a record with line breaks in a cell
+    #: counts once), a JSONL input's line number; None: not read from a file (``row`` then).
+    #: Never part of the row's identity (``id``, ``row`` and OUT's keys stay as they were).
+    sheet_row: int | None = None
 
     @classmethod
     def from_mapping(
-        cls, data: Mapping[str, Any], row: int, *, extra_as_variables: bool = False
+        cls,
+        data: Mapping[str, Any],
+        row: int,
+        *,
+        extra_as_variables: bool = False,
+        sheet_row: int | None = None,
     ) -> BulkRequest:
         """Build a request from a JSON-like mapping (a JSONL line, a dict), never raising.
 
@@ -177,6 +187,7 @@ class BulkRequest:
             variables,
             row,
             "; ".join(problems) or None,
+            sheet_row,
         )
 
 
@@ -274,9 +285,11 @@ class SkippedAssistantError(AutocallsError):
     again. ``cause`` is the id of the row that got the answer.
     """
 
-    def __init__(self, assistant_id: int, cause: RowId) -> None:
+    def __init__(self, assistant_id: int, cause: RowId, *, row: str | None = None) -> None:
+        # row: how messages name the cause's row (its spreadsheet row), if not by its id
         super().__init__(
-            f"not sent: assistant {assistant_id} answered ASSISTANT_NOT_FOUND for row {cause} "
+            f"not sent: assistant {assistant_id} answered ASSISTANT_NOT_FOUND for row "
+            f"{cause if row is None else row} "
             "of this run; fix the assistant id (or create the assistant), then send the rows "
             "again (bulk --retry-failed)"
         )
@@ -410,6 +423,7 @@ class BulkRunner(AsyncClosing):
         self.stopped_by: BulkResult | None = None
         #: Assistants that answered ASSISTANT_NOT_FOUND in this run -> the row that learned it.
         self.unknown_assistants: dict[int, RowId] = {}
+        self._unknown_rows: dict[int, str] = {}  #: their causes' rows, named for messages
         self._confirmed: set[int] = set()  # assistants that answered a row
         self._probing: dict[int, deque[BulkRequest]] = {}  # rows held behind a first row
         self._held = 0
@@ -549,7 +563,9 @@ class BulkRunner(AsyncClosing):
 
     def _skipped(self, request: BulkRequest) -> BulkResult:
         cause = self.unknown_assistants[request.assistant_id]
-        return BulkResult(request, error=SkippedAssistantError(request.assistant_id, cause))
+        named = self._unknown_rows.get(request.assistant_id)
+        error = SkippedAssistantError(request.assistant_id, cause, row=named)
+        return BulkResult(request, error=error)
 
     def _after(self, result: BulkResult) -> list[BulkResult]:
         """React to a finished row: stop the run; confirm, refuse or retry its assistant."""
@@ -563,10 +579,12 @@ class BulkRunner(AsyncClosing):
             if self.skip_unknown_assistants and isinstance(error, AssistantNotFoundError):
                 self._confirmed.discard(assistant)  # deleted during the run: skip what follows
                 self.unknown_assistants.setdefault(assistant, result.id)
+                self._unknown_rows.setdefault(assistant, _name(result.request))
             return []
         if isinstance(error, AssistantNotFoundError):
             del self._probing[assistant]
             self.unknown_assistants[assistant] = result.id
+            self._unknown_rows[assistant] = _name(result.request)
             self._held -= len(held)
             return [self._skipped(request) for request in held]
         if self._stopping:
@@ -703,6 +721,9 @@ def _check(
 
 
 def _name(request: BulkRequest) -> str:
+    """``7`` (the row as a spreadsheet numbers it) or ``7 (id 'A-7')``; a row not read from a
+    file by its position (``row``)."""
+    shown = request.row if request.sheet_row is None else request.sheet_row
     if request.row is None or request.id == request.row:
-        return str(request.id)
-    return f"{request.row} (id {request.id!r})"
+        return str(request.id if request.sheet_row is None else request.sheet_row)
+    return f"{shown} (id {request.id!r})"

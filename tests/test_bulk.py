@@ -375,12 +375,16 @@ def test_jsonl_rows(tmp_path: Path) -> None:
     source.check()
     rows = list(source)
     assert [row.id for row in rows] == ["a", 2, 3, 4, 5]
-    assert rows[1].problem is not None and "line 3 is not valid JSON" in rows[1].problem
-    assert rows[2].problem == "line 4 is not a JSON object"
+    assert (
+        rows[1].problem is not None
+        and "not valid JSON" in rows[1].problem
+        and rows[1].sheet_row == 3
+    )
+    assert rows[2].problem == "not a JSON object" and rows[2].sheet_row == 4
     # A key written twice: which value was meant is the writer's to say (as a CSV column
     # named twice), at any depth; the row fails alone.
     assert rows[3].problem is not None
-    assert "line 5 is not valid JSON (the key 'message' appears twice" in rows[3].problem
+    assert "not valid JSON (the key 'message' appears twice" in rows[3].problem
     assert rows[4].problem is not None and "the key 'k' appears twice" in rows[4].problem
 
 
@@ -393,13 +397,13 @@ def test_jsonl_rows(tmp_path: Path) -> None:
         (
             "dup.csv",
             "id,assistant_id,customer_identifier,message\nx,1,+1,a\ny,1,+1,b\nx,1,+1,c\n",
-            "rows 1 and 3 have the same id 'x'",
+            "rows 2 and 4 have the same id 'x'",
         ),
         (
             "clash.jsonl",
             '{"assistant_id": 1, "customer_identifier": "+1", "message": "a"}\n'
             '{"id": 1, "assistant_id": 1, "customer_identifier": "+1", "message": "b"}\n',
-            "row 2 has the id 1, which is also the number of row 1",
+            "row 2 has the id 1, which is also the id of the 1st row",
         ),
     ],
 )

@@ -81,8 +81,8 @@ def test_a_changed_message_is_refused_then_sent_with_allow_foreign(
     # is answered before its other rows go, so that an unknown assistant costs one request).
     first = next(n for n, line in enumerate(out.read_text().splitlines(), 1) if '"row":2' in line)
     assert first == 3
-    assert f"line {first}: row 2 (assistant 123, customer +2)" in err
-    assert "row 2 of the input has this customer and no line in OUT" in err
+    assert f"line {first}: the 2nd row when written (assistant 123, customer +2)" in err
+    assert "row 3 of the input has this customer and no line in OUT" in err
     assert "pass a new --out" in err and "--allow-foreign" in err
     assert len(sent_messages(emulator)) == 2
     assert bulk(source, out, "--allow-foreign") == 0
@@ -105,7 +105,7 @@ def test_another_days_input_on_the_same_out_is_refused(
     err = capsys.readouterr().err
     assert "days.jsonl has 2 line(s) for rows that are not in day2.csv" in err
     assert "no row of the input has its content, nor this customer" in err  # +1's line
-    assert "row 2 of the input has this customer and no line in OUT" in err  # +2's line
+    assert "row 3 of the input has this customer and no line in OUT" in err  # +2's line
     assert "or days.jsonl belongs to another input" in err
     assert len(sent_messages(emulator)) == 2  # nothing of day 2
     assert bulk(day2, out, "--allow-foreign") == 0
@@ -189,23 +189,23 @@ HEADER = "assistant_id,customer_identifier,message\n"
     [
         (
             HEADER + '123,+191,hello\n123,+192,"I said hi\n123,+193,x\n123,+194,y\n',
-            "row 2 (from line 3) opens a quoted field that is never closed",
+            "row 3 (from line 3) opens a quoted field that is never closed",
         ),
         (
             HEADER + "123,+191,hello\n123,+192,hi, how are you\n",
-            "row 2 (line 3) has 4 fields but the header has 3 columns",
+            "row 3 (line 3) has 4 fields but the header has 3 columns",
         ),
-        (HEADER + "123,+191\n", "row 1 (line 2) has 2 fields"),
+        (HEADER + "123,+191\n", "row 2 (line 2) has 2 fields"),
         (
             HEADER + '123,+192,"I said hi\n123,+193,x\n123,+194,y"\n',
-            "row 1 (lines 2-4): its message field runs over several lines, one of which looks "
+            "row 2 (lines 2-4): its message field runs over several lines, one of which looks "
             "like a row of this file ('123,+193,x')",
         ),
         (
             HEADER + '123,+192,"I said hi\nassistant_id,customer_identifier,message\n"\n',
             "looks like the header of this file",
         ),
-        (HEADER + '123,+1,"a"b\n', "row 1 (from line 2) is not valid CSV"),
+        (HEADER + '123,+1,"a"b\n', "row 2 (from line 2) is not valid CSV"),
     ],
     ids=["unterminated", "too-many", "too-few", "swallowed-rows", "swallowed-header", "quote"],
 )

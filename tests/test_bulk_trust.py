@@ -372,7 +372,7 @@ async def test_results_join_by_content_after_an_edit_and_neutralise_formulas(
 
     run = await run_cli("results", str(source), str(out), "--format", "jsonl")
     assert run.code == 1, run  # OUT answered a row deleted since: said, exit 1
-    assert ": row 1 (assistant 123, customer +1): no row of the input" in run.err
+    assert ": the 1st row when written (assistant 123, customer +1): no row of the input" in run.err
     rows = [json.loads(line) for line in run.out.splitlines()]
     assert [row["customer_identifier"] for row in rows] == ["+2", "+3", "+4", "+5"]
     assert all(row["status"] == "answered" for row in rows), rows
@@ -457,7 +457,7 @@ async def test_a_refusal_names_each_line_on_its_own_line(
     assert len(lines) >= 5, lines
     named = [line for line in lines if line.startswith("  line ")]
     assert len(named) == 2, lines
-    assert "row 1 of the input has this customer and no line in OUT" in named[0]
+    assert "row 2 of the input has this customer and no line in OUT" in named[0]
     assert "no row of the input has its content, nor this customer" in named[1]
     assert any(line.strip().endswith("add --allow-foreign") for line in lines)
     assert sum(processed(emulator).values()) == 3
@@ -483,12 +483,12 @@ async def test_later_rows_wait_behind_a_row_that_may_have_been_processed(
 
     dry = await bulk(emulator, source, out, "--dry-run")
     assert (
-        "1 row(s) held, not sent" in dry.out and "row 2 (customer +1) waits behind row 1" in dry.out
+        "1 row(s) held, not sent" in dry.out and "row 3 (customer +1) waits behind row 2" in dry.out
     ), dry
     run = await bulk(emulator, source, out)
     assert run.code == 1, run
     assert "1 answered, 0 failed, 1 skipped" in run.out and "1 held" in run.out
-    assert "row 2 (customer +1) waits behind row 1" in run.out
+    assert "row 3 (customer +1) waits behind row 2" in run.out
     assert "--give-up-uncertain" in run.out
     assert processed(emulator) == {("+2", "C"): 1}
 
@@ -547,7 +547,7 @@ async def test_the_dry_run_and_the_run_say_what_the_data_means(
         run = await bulk(emulator, source, out, *options)
         assert run.code == 1, run
         assert "column(s) not sent: customer_name; add --vars-from-columns" in run.out
-        assert "1 identical row(s)" in run.out and "rows 5, 6" in run.out
+        assert "1 identical row(s)" in run.out and "rows 6, 7" in run.out
         assert "+1 (415) 555-1234 = 415-555-1234" in run.out and "--e164" in run.out
 
 
@@ -629,15 +629,15 @@ async def test_the_summary_names_rows_and_fits_its_advice(
     )
     run = await bulk(emulator, source, out)
     assert run.code == 1, run
-    assert "1 row invalid, never sent: row 2: fix them in the input" in run.out
-    assert "2 rows failed without being processed: rows 3, 5" in run.out
+    assert "1 row invalid, never sent: row 3: fix them in the input" in run.out
+    assert "2 rows failed without being processed: rows 4, 6" in run.out
     assert f"Every row with its result: autocalls-async results {source} {out}" in run.out
     invalid = next(line for line in run.out.splitlines() if "invalid, never sent" in line)
     assert "--retry-failed" not in invalid
 
     again = await bulk(emulator, source, out)
-    assert "1 row invalid, never sent: row 2" in again.out
-    assert "2 rows failed in an earlier run: rows 3, 5: add --retry-failed" in again.out
+    assert "1 row invalid, never sent: row 3" in again.out
+    assert "2 rows failed in an earlier run: rows 4, 6: add --retry-failed" in again.out
 
 
 async def test_cli_messages_name_flags_and_other_traffic_only_when_there_was_some(
@@ -715,7 +715,7 @@ async def test_deleting_an_answered_row_never_blocks_a_rerun(
     write_rows(source, [("+1", "A, corrected"), ("+3", "C"), ("+4", "D")])
     run = await bulk(emulator, source, out)
     assert run.code == 2, run
-    assert "row 1 of the input has this customer and no line in OUT" in run.err
+    assert "row 2 of the input has this customer and no line in OUT" in run.err
     assert sum(processed(emulator).values()) == 4
 
 

@@ -326,7 +326,7 @@ def test_bulk_writes_a_line_per_row_and_resumes(
     lines = {line["id"]: line for line in read_lines(out)}
     assert len(lines) == 9
     assert lines["r5"]["error_code"] == "INVALID_ROW"
-    assert "row 5 (id 'r5')" in lines["r5"]["error"] and "not valid JSON" in lines["r5"]["error"]
+    assert "row 6 (id 'r5')" in lines["r5"]["error"] and "not valid JSON" in lines["r5"]["error"]
     assert lines["r7"]["error_code"] == "ASSISTANT_NOT_FOUND" and lines["r7"]["status"] == 404
     assert lines["r1"]["reply"] == "Hi Name1! Thanks for your message: message 1"
     assert emulator.conversations[(123, "+11")].variables == {"customer_name": "Name1", "n": 4}

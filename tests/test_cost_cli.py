@@ -98,8 +98,8 @@ async def test_max_replies_dry_run_and_e164(tmp_path: Path) -> None:
         assert "to send:  4\n" in dry.out
         assert "to skip:  2 (2 already answered" in dry.out
         assert "invalid:  2 " in dry.out
-        assert "row 5: customer_identifier '555-12'" in dry.out
-        assert "row 7: missing message" in dry.out
+        assert "row 6: customer_identifier '555-12'" in dry.out
+        assert "row 8: missing message" in dry.out
         assert "distinct customers: 3 (3 conversations with 1 assistant)" in dry.out
         assert "time at 5/60s: about 37s (4 requests, one every 12.24s" in dry.out
         assert server.count() == 2

@@ -137,7 +137,7 @@ async def test_results_refuses_a_missing_or_foreign_out(
     foreign = await results(str(tuesday), str(out))
     assert foreign.code == 2 and foreign.out == "", foreign
     assert "does not belong to tuesday.csv" in foreign.err
-    assert "line 1: row 1 (assistant 123, customer +14155550001)" in foreign.err
+    assert "line 1: the 1st row when written (assistant 123, customer +14155550001)" in foreign.err
     anyway = await results(str(tuesday), str(out), "--allow-foreign", "--format", "jsonl")
     assert anyway.code == 0, anyway
     assert [json.loads(line)["status"] for line in anyway.out.splitlines()] == ["not_sent"] * 2
@@ -168,7 +168,7 @@ async def test_results_marks_rows_edited_since_they_were_answered(
     assert got[0]["reply"] == "Hi Ann! Thanks for your message: Offer: 20% off"
     assert "edited since line" in got[1]["error"]
     assert "2 answered or sent lines for rows that are not in in.csv" in run.err
-    assert "now row 1 of in.csv" in run.err and "now row 2 of in.csv" in run.err
+    assert "now row 2 of in.csv" in run.err and "now row 3 of in.csv" in run.err
     accepted = await results(str(source), str(out), "--vars-from-columns", "--allow-foreign")
     assert accepted.code == 0, accepted
     assert max(processed(emulator).values()) == 1
@@ -237,7 +237,10 @@ async def test_the_refusal_after_an_edit_names_the_edited_row_and_what_differs(
     write(edited)
     run = await bulk(emulator, source, out, "--dry-run")
     assert run.code == 2, run
-    assert "row 5 (assistant 123, customer +14155550001): row 5 of the input" in run.err
+    assert (
+        "the 5th row when written (assistant 123, customer +14155550001): row 6 of the input"
+        in run.err
+    )
     assert "row 1 has this customer" not in run.err
 
     resaved = [list(row) for row in rows]
@@ -245,7 +248,7 @@ async def test_the_refusal_after_an_edit_names_the_edited_row_and_what_differs(
     write(resaved)
     run = await bulk(emulator, source, out, "--dry-run")
     assert run.code == 2, run
-    assert "row 4 of the input" in run.err and "line endings inside its message differ" in run.err
+    assert "row 5 of the input" in run.err and "line endings inside its message differ" in run.err
     assert max(processed(emulator).values()) == 1
 
 

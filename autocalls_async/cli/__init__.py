@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, usage errors: argparse has printed them
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     handler: Callable[[argparse.Namespace], int] = args.handler
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to print the command again
     stdin_token = getattr(args, "token", None) == "-"
     problem = resolve_token(args) or with_burst(args)  # --token-file, --token -, --burst
     if hasattr(args, "token_file"):  # a 401's hint names where the token came from

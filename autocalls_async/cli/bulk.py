@@ -15,7 +15,7 @@ from .._budget import Budget
 from .._errors import AutocallsError
 from .._models import Priority
 from ..bulk import DEFAULT_CONCURRENCY
-from .dry_run import dry_run_command
+from .dry_run import dry_run_command, respelling
 from .exits import exit_codes_help
 from .job import bulk_client, run_job
 from .options import (
@@ -139,6 +139,13 @@ def add_parser(commands: Any) -> None:
         "to interactive calls of any process on the token (a web app), keeping 1 slot in 5 "
         "while they wait; interactive competes with them first come, first served",
     )
+    bulk.add_argument(
+        "--allow-new-spelling",
+        action="store_true",
+        help="send the rows of customers OUT's lines spelled otherwise (--e164 added or "
+        "dropped on a resume) under this run's spelling: each such customer's later rows "
+        "start a new conversation (refused by default, exit 2)",
+    )
     _cost_options(bulk)
     client_options(bulk, default_rate="5/60")
     bulk.set_defaults(handler=bulk_command)
@@ -227,6 +234,7 @@ def bulk_command(args: argparse.Namespace) -> int:
                 retry_unsafe_failed=args.retry_unsafe_failed,
                 allow_foreign=args.allow_foreign,
                 give_up_uncertain=args.give_up_uncertain,
+                respelling=respelling(args),
                 concurrency=args.concurrency,
                 progress_mode=args.progress,
                 description=args.input.name,

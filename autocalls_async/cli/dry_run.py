@@ -61,6 +61,7 @@ def dry_run(
     max_request_bytes: int | None = DEFAULT_MAX_REQUEST_BYTES,
     give_up_uncertain: bool = False,
     show_all: bool = False,
+    respelling: Any = None,
 ) -> DryRun:
     """Check ``source`` against the output of earlier runs in ``log`` as ``run_job`` would
     (rows matched by content, foreign lines refused); send nothing.
@@ -86,6 +87,7 @@ def dry_run(
             max_request_bytes,
             None if give_up_uncertain else Hold(normalize=normalize),
             sys.maxsize if show_all else DRY_RUN_PROBLEMS_SHOWN,
+            respelling,
         )
     finally:
         source.close()
@@ -102,11 +104,12 @@ def _dry_run(
     max_request_bytes: int | None,
     hold: Any,
     shown: int,
+    respelling: Any = None,
 ) -> DryRun:
     from .._notes import DataNotes
-    from ..bulk import _check
+    from ..bulk import _check, _name
 
-    notes = DataNotes()
+    notes = DataNotes(normalize=normalize)
     retry_failed = retry_failed or retry_unsafe_failed
     found = DryRun(hold=hold)
     found.shown = shown
@@ -128,7 +131,7 @@ def _dry_run(
             try:
                 customer = normalize(customer)
             except InvalidRequestError as exc:
-                problem = InvalidRequestError(f"row {request.row or request.id}: {exc}")
+                problem = InvalidRequestError(f"row {_name(request)}: {exc}")
         if problem is not None:
             found.invalid += 1
             if len(found.problems) < found.shown:
@@ -141,10 +144,23 @@ def _dry_run(
 
     # One pass: the check and the counts (the rows are matched exactly as the run matches them).
     source.check(ledger, out=log.path, allow_foreign=allow_foreign, notes=notes, observe=count)
+    from .._bulkio import row_label
+    from .._spelling import Respelling, check_spellings
+
+    check_spellings(  # as the run: a customer OUT sent under another spelling is refused
+        source,
+        ledger,
+        log.path,
+        normalize,
+        retry_failed=retry_failed,
+        retry_unsafe_failed=retry_unsafe_failed,
+        respelling=respelling or Respelling(),
+        name=row_label,
+    )
     found.rows = source.rows
     found.answered_before = source.already_answered
     notes.unused_columns = () if source.extra_as_variables else source.extra_columns
-    notes.find_rows(source.numbered(), phones=normalize is None)
+    notes.find_rows(source.numbered())
     found.notes = notes.lines(e164=normalize is not None)
     return found
 
@@ -205,6 +221,13 @@ def dry_run_report(
     return lines
 
 
+def respelling(args: argparse.Namespace) -> Any:
+    """``--allow-new-spelling`` and the command as run (``_spelling.Respelling``)."""
+    from .._spelling import Respelling
+
+    return Respelling(args.allow_new_spelling, tuple(getattr(args, "argv", ())))
+
+
 def dry_run_command(args: argparse.Namespace) -> int:
     from .._bulkio import InputError, InputFile, ResultLog
 
@@ -228,6 +251,7 @@ def dry_run_command(args: argparse.Namespace) -> int:
             max_request_bytes=args.max_request_bytes,
             give_up_uncertain=args.give_up_uncertain,
             show_all=args.show_all,
+            respelling=respelling(args),
         )
     except InputError as exc:
         return usage_error(str(exc))

@@ -19,6 +19,7 @@ from .._client import AsyncAutocalls
 from .._errors import AutocallsError, ClientClosedError
 from .._models import Priority, RateLimit
 from .._ratelimit import default_limiter
+from .._spelling import Respelling, check_spellings, sent_spelling
 from ..bulk import BulkRequest, BulkResult, BulkRunner
 from .errors import cli_result, exit_code_for
 from .exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_OUT_WRITE
@@ -131,13 +132,14 @@ async def run_job(
     allow_foreign: bool = False,
     priority: Priority = Priority.BACKGROUND,
     give_up_uncertain: bool = False,
+    respelling: Respelling | None = None,
 ) -> Outcome:
     """Run ``source`` (an ``InputFile``) into ``log`` (a ``ResultLog``), with signals handled.
 
     OUT is locked first, then read, then the input is checked against it: nothing is sent
     unless every line of OUT belongs to a row of the input (or ``allow_foreign``).
     """
-    from .._bulkio import Ledger, OutWriteError, ResultLog
+    from .._bulkio import Ledger, OutWriteError, ResultLog, row_label
     from .._hold import Hold
     from .._notes import DataNotes
 
@@ -145,10 +147,20 @@ async def run_job(
     try:
         ledger: Ledger = log.read()
         source.take_snapshot()  # the one read of INPUT: every pass below reads this copy
-        notes = DataNotes()
+        notes = DataNotes(normalize=client.normalize_identifier)
         source.check(ledger, out=log.path, allow_foreign=allow_foreign, notes=notes)
         notes.unused_columns = () if source.extra_as_variables else source.extra_columns
-        notes.find_rows(source.numbered(), phones=not client.normalize_identifier)
+        notes.find_rows(source.numbered())
+        check_spellings(  # a customer OUT sent under another spelling: refused (finding 7)
+            source,
+            ledger,
+            log.path,
+            client.normalize_identifier,
+            retry_failed=retry_failed or retry_unsafe_failed,
+            retry_unsafe_failed=retry_unsafe_failed,
+            respelling=respelling or Respelling(),
+            name=row_label,
+        )
     except BaseException:
         log.close()
         source.close()
@@ -196,10 +208,13 @@ async def run_job(
                 "cannot be written are printed here as JSON lines"
             )
 
+    def spelled(request: BulkRequest) -> str | None:
+        return sent_spelling(client.normalize_identifier, request.customer_identifier)
+
     def sending(request: BulkRequest) -> None:
         if write_error is None:
             try:
-                log.write_sending(request, keys[request.row])
+                log.write_sending(request, keys[request.row], spelled(request))
             except OutWriteError as exc:
                 out_failed(exc)
         if write_error is not None:  # no journal line, no send
@@ -210,12 +225,12 @@ async def run_job(
         nonlocal unwritten
         if write_error is None:
             try:
-                log.write(result, key)
+                log.write(result, key, spelled(result.request))
                 return
             except OutWriteError as exc:
                 out_failed(exc)
         unwritten += 1
-        sys.stderr.write(ResultLog.line(result, key).decode() + "\n")
+        sys.stderr.write(ResultLog.line(result, key, spelled(result.request)).decode() + "\n")
         sys.stderr.flush()
 
     meter = Meter(todo, rate_limit, client.stats, starts=starts)

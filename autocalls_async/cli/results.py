@@ -197,7 +197,7 @@ def _report(check: OutCheck, args: argparse.Namespace) -> list[str]:
         f"{input_name} as it is now:"
     ]
     said = {
-        entry.line: f"now row {row} of {input_name}: {what}"
+        entry.line: f"now row {check.sheet_rows.get(row, row)} of {input_name}: {what}"
         for row, (entry, what) in check.edited.items()
     }
     for entry in check.deleted:
