@@ -531,10 +531,13 @@ class RedisConversationStore(AsyncClosing):
     Entries expire ``ttl`` seconds after they were last written (default 30 days), which
     bounds the memory used. Keys hold a hash of the customer identifier (phone numbers and
     e-mail addresses stay out of key names and ``KEYS``/``SCAN`` output). The cache is best
-    effort: a Redis failure is logged and reads as a miss, and a write that fails never turns a
-    reply the service already processed into an error. ``url`` is as for ``RedisRateLimiter``
-    (a Redis Cluster too); at most ``max_connections`` reads and writes run at once, the
-    others wait for their turn.
+    effort: a read or write gets ``timeout`` seconds in all (its wait for a connection
+    included); a Redis failure or a store that has not answered by then reads as a miss (a
+    write is skipped), so a reply the service already processed is never turned into an error
+    nor held back for longer than that. A WARNING is logged once per outage (an INFO when
+    Redis answers again); meanwhile one operation at a time tries Redis, and the others are
+    a miss at once. ``url`` is as for ``RedisRateLimiter`` (a Redis Cluster too); at most
+    ``max_connections`` reads and writes run at once, the others wait for their turn.
     """
 
     def __init__(
@@ -552,12 +555,80 @@ class RedisConversationStore(AsyncClosing):
         self.max_connections = _check_max_connections(max_connections)
         self._redis, self._owned, self._where = _connect(url, self.timeout, self.max_connections)
         self._gate = _Gate(self.max_connections)
+        self._failing = False  # an outage was logged and Redis has not answered since
+        self._down_until = -math.inf  # a miss at once until then: the last failure's time + timeout
+        self._probing = False  # during an outage, one operation at a time tries Redis
+        self._tasks: set[asyncio.Task[Any]] = set()  # operations under way
 
     def __repr__(self) -> str:
         return f"<RedisConversationStore {self._where} ttl={self.ttl:g}s prefix={self.prefix!r}>"
 
+    async def _run(self, what: str, operation: Callable[[], Awaitable[Any]]) -> tuple[bool, Any]:
+        """(True, Redis's answer), or (False, None): Redis failed, or did not answer within
+        ``timeout`` (the wait for a connection included), or is in an outage."""
+        loop = asyncio.get_running_loop()
+        if self._failing and (self._probing or loop.time() < self._down_until):
+            return False, None  # an outage: only one operation at a time tries Redis again
+        probe = self._failing
+        if probe:
+            self._probing = True
+        # One bound for the wait for a connection and the attempts: a stalled Redis holds every
+        # caller for ``timeout`` at most, never a queue of timeouts. The operation runs in a
+        # task of its own, so that the caller leaves on time even when a cancellation is lost
+        # inside redis-py (nested timeouts on Python 3.11); ``aclose`` ends the stragglers.
+        task = loop.create_task(self._gate.run(operation, self.timeout))
+        self._tasks.add(task)
+        task.add_done_callback(self._forget)
+        try:
+            async with asyncio.timeout(self.timeout):
+                answer = await asyncio.shield(task)
+        except (RedisError, OSError, TimeoutError) as exc:
+            task.cancel()
+            self._down_until = loop.time() + self.timeout
+            if self._failing:
+                logger.debug(
+                    "conversation store at %s: %s failed: %s", self._where, what, _short(exc)
+                )
+            else:
+                self._failing = True
+                reason = (
+                    f"no answer within {self.timeout:g}s"
+                    if isinstance(exc, TimeoutError) and not str(exc)
+                    else f"{type(exc).__name__}: {_short(exc)}"
+                )
+                logger.warning(
+                    "conversation store at %s is unavailable (%s while %s): conversations are "
+                    "a miss and are not saved there until it answers again (replies are not "
+                    "affected)",
+                    self._where,
+                    reason,
+                    what,
+                )
+            return False, None
+        except BaseException:
+            task.cancel()  # the caller was cancelled: so is its operation
+            raise
+        finally:
+            if probe:
+                self._probing = False
+        if self._failing:
+            self._failing = False
+            logger.info("conversation store at %s answers again", self._where)
+        return True, answer
+
+    def _forget(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved (its caller may have left): never "never retrieved"
+
     async def aclose(self) -> None:
-        """Close the connection pool (if ours)."""
+        """End the operations still under way (their callers have left), then close the
+        connection pool (if ours)."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.timeout)
         if self._owned:
             await self._redis.aclose()
 
@@ -566,16 +637,11 @@ class RedisConversationStore(AsyncClosing):
         return f"{self.prefix}conv:{assistant_id}:{digest[:32]}"
 
     async def get(self, assistant_id: int, customer_identifier: str) -> Conversation | None:
-        """The conversation any worker last stored, or None (also when Redis fails)."""
+        """The conversation any worker last stored, or None (also when Redis fails or has not
+        answered within ``timeout``)."""
         key = self.redis_key(assistant_id, customer_identifier)
-        try:
-            raw: Any = await self._gate.run(
-                functools.partial(self._redis.get, key), self.timeout * 2 + 0.5
-            )
-        except (RedisError, OSError, TimeoutError) as exc:
-            logger.warning("conversation store at %s: read failed: %s", self._where, _short(exc))
-            return None
-        if raw is None:
+        answered, raw = await self._run("reading", functools.partial(self._redis.get, key))
+        if not answered or raw is None:
             return None
         try:
             data = json.loads(raw)
@@ -597,7 +663,8 @@ class RedisConversationStore(AsyncClosing):
         return conversation
 
     async def set(self, conversation: Conversation) -> None:
-        """Remember the conversation for ``ttl`` seconds; failures are logged, not raised."""
+        """Remember the conversation for ``ttl`` seconds, within ``timeout`` at most; failures
+        are logged (once per outage), not raised."""
         key = self.redis_key(conversation.assistant_id, conversation.customer_identifier)
         value = json.dumps(
             {
@@ -609,10 +676,7 @@ class RedisConversationStore(AsyncClosing):
             },
             separators=(",", ":"),
         )
-        try:
-            await self._gate.run(
-                functools.partial(self._redis.set, key, value, px=max(1, round(self.ttl * 1000))),
-                self.timeout * 2 + 0.5,
-            )
-        except (RedisError, OSError, TimeoutError) as exc:
-            logger.warning("conversation store at %s: write failed: %s", self._where, _short(exc))
+        await self._run(
+            "writing",
+            functools.partial(self._redis.set, key, value, px=max(1, round(self.ttl * 1000))),
+        )

@@ -562,13 +562,85 @@ async def test_conversation_store_through_clients(redis_server: RedisServer, pre
 
 
 async def test_conversation_store_outage_is_a_miss(caplog: pytest.LogCaptureFixture) -> None:
-    """Redis down: get() is a logged miss and set() never raises (the reply was processed)."""
+    """Redis down: get() is a miss and set() never raises (the reply was processed); one
+    WARNING for the outage, not one per operation."""
     caplog.set_level(logging.WARNING, logger="autocalls_async")
     async with RedisConversationStore(refused_url(), timeout=0.3) as store:
         assert "s3cret" not in repr(store)
         await store.set(Conversation(123, "bob", "id", False, 0.0))
         assert await store.get(123, "bob") is None
-    assert "write failed" in caplog.text and "read failed" in caplog.text
+        for _ in range(5):
+            await store.set(Conversation(123, "bob", "id", False, 0.0))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "unavailable" in warnings[0] and "writing" in warnings[0]
+    assert "s3cret" not in caplog.text
+
+
+@pytest.mark.timing
+async def test_a_stalled_conversation_store_never_holds_back_replies(
+    redis_server: RedisServer, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis accepts and stops answering (CLIENT PAUSE, as DEBUG SLEEP or a slow script): 200
+    concurrent calls on 8 connections are each answered within the store's timeout (its wait
+    for a connection included), never a queue of timeouts; one WARNING for the outage; a
+    lookup is a miss within max_wait; once Redis answers, writes go through again."""
+    caplog.set_level(logging.INFO, logger="autocalls_async")
+    loop = asyncio.get_running_loop()
+    timeout, calls, pause = 0.5, 200, 4.0
+    async with (
+        Redis.from_url(redis_server.url) as admin,
+        MockAutocalls(rate_limit=None) as server,
+        RedisConversationStore(redis_server.url, prefix=prefix, timeout=timeout) as store,
+        AsyncAutocalls(
+            "tok",
+            base_url=server.base_url,
+            limiter=LocalRateLimiter(RateLimit(100_000, 1.0)),
+            conversation_store=store,
+            max_wait=2.0,
+        ) as client,
+    ):
+        await client.generate_reply(assistant_id=123, customer_identifier="warm", message="hi")
+        await admin.execute_command("CLIENT", "PAUSE", round(pause * 1000), "ALL")
+        paused = loop.time()
+        try:
+
+            async def one(i: int) -> tuple[float, str, str]:
+                started = loop.time()
+                reply = await client.generate_reply(
+                    assistant_id=123, customer_identifier=f"c{i}", message=f"m{i}"
+                )
+                return loop.time() - started, reply.customer_identifier, reply.reply
+
+            results = await asyncio.gather(*(one(i) for i in range(calls)))
+            assert [(who, "m" + who[1:] in text) for _, who, text in results] == [
+                (f"c{i}", True) for i in range(calls)
+            ]
+            assert all(client.conversation_id(123, f"c{i}") for i in range(calls))
+            slowest = max(elapsed for elapsed, _, _ in results)
+            # Before: the 8 connections served the queue one stalled attempt at a time (until
+            # the pause ended). Now: each save waits ``timeout`` at most, plus a loaded
+            # machine's slack.
+            assert slowest < timeout + 1.5, slowest
+            assert loop.time() - paused < pause - 1.0  # all returned while Redis was stalled
+            reader = AsyncAutocalls("tok", base_url=server.base_url, conversation_store=store)
+            reader.max_wait = 0.2
+            started = loop.time()
+            assert await reader.lookup_conversation(123, "c1") is None  # a miss, at once
+            assert loop.time() - started < 0.2 + 0.5
+            await reader.close()
+        finally:
+            await asyncio.sleep(max(0.0, paused + pause + 0.2 - loop.time()))
+            await admin.execute_command("CLIENT", "UNPAUSE")
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1 and "unavailable" in warnings[0], warnings
+        # Redis answers again: the next write goes through (after one timeout at most).
+        await asyncio.sleep(timeout)
+        reply = await client.generate_reply(
+            assistant_id=123, customer_identifier="after", message="hi"
+        )
+        stored = await store.get(123, "after")
+        assert stored is not None and stored.conversation_id == reply.conversation_id
+        assert "answers again" in caplog.text
 
 
 def test_exported_lazily_from_the_package() -> None:
