@@ -659,6 +659,129 @@ async def test_backends_satisfy_the_core_protocols() -> None:
     await store.aclose()
 
 
+# ---------------------------------------------------------------------- passwords
+
+SECRET = "S3cretPW"
+SECRETS = (SECRET, "S3cret%50W", "S3cret")  # as written, percent-encoded, and a piece of it
+
+
+def password_urls(port: int, password: str = SECRET) -> list[str]:
+    """Every place redis-py reads a credential from in a URL, in every scheme."""
+    encoded = password[:-2] + "%50" + password[-1:]  # 'S3cret%50W': the same password
+    return [
+        f"redis://:{password}@127.0.0.1:{port}/0",
+        f"redis://default:{password}@127.0.0.1:{port}/0",
+        f"redis://:{encoded}@127.0.0.1:{port}/0",
+        f"redis://{password}@127.0.0.1:{port}/0",  # a password written without its colon
+        f"redis://127.0.0.1:{port}/0?password={password}",
+        f"redis://127.0.0.1:{port}/0?password={encoded}",
+        f"redis://127.0.0.1:{port}/0?pass%77ord={password}",
+        f"redis://127.0.0.1:{port}/0?db=0&username=default&password={password}",
+        f"redis://127.0.0.1:{port}/0?password={password}#{password}",
+        f"rediss://127.0.0.1:{port}/0?password={password}&ssl_password={password}",
+        f"redis+cluster://:{password}@127.0.0.1:{port}",
+        f"redis+cluster://127.0.0.1:{port}/?password={password}",
+        f"unix:///tmp/redis.sock?password={password}&db=0",
+        f"unix://:{password}@/tmp/redis.sock",
+    ]
+
+
+def assert_hidden(*texts: str) -> None:
+    for text in texts:
+        for secret in SECRETS:
+            assert secret not in text, text
+
+
+@pytest.mark.parametrize("url", password_urls(6379))
+async def test_a_url_password_never_shows(url: str) -> None:
+    """redact_url, both backends' repr() and the limiter's place hide every credential form
+    redis-py reads (userinfo, ?password=, ?username=, ?ssl_password=; percent-encoded too)."""
+    shown = redact_url(url)
+    assert_hidden(shown)
+    assert "127.0.0.1" in shown or "/tmp/redis.sock" in shown
+    async with (
+        RedisRateLimiter(url) as limiter,
+        RedisConversationStore(url) as store,
+    ):
+        assert_hidden(repr(limiter), repr(store), limiter.place)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"redis://:WRONG/{SECRET}@127.0.0.1:6379/0",  # an unencoded '/' cuts the password short
+        f"redis://:{SECRET}#x@127.0.0.1:6379/0",
+        f"redis://:12?{SECRET}@127.0.0.1:6379/0",
+        f"redis://127.0.0.1:6379/0?password={SECRET}&db={SECRET}",
+        f"redis://127.0.0.1:6379/0?password=a&{SECRET}",  # an unencoded '&'
+    ],
+)
+async def test_a_misread_url_never_shows_its_password(url: str) -> None:
+    """A password that cuts its URL short (an unencoded '/', '#', '?' or '&'): the error of a
+    URL redis-py refuses, or the repr of one it reads otherwise, still hides it."""
+    assert_hidden(redact_url(url))
+    try:
+        store = RedisConversationStore(url)
+    except (ValueError, TypeError) as exc:
+        assert_hidden(str(exc), repr(exc.__cause__), repr(exc.__context__))
+        assert "percent-encode" in str(exc)
+    else:
+        assert_hidden(repr(store))
+        await store.aclose()
+
+
+async def test_a_wrong_password_never_shows_in_errors_or_logs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Against a redis-server with requirepass: a wrong ?password= or userinfo password is
+    refused with an error and logs that name the Redis without it; the right one works."""
+    caplog.set_level(logging.DEBUG)
+    server = RedisServer(require_redis_server()).start()
+    try:
+        async with Redis.from_url(server.url) as admin:  # set once started: PING must answer
+            await admin.config_set("requirepass", SECRET)
+        async with MockAutocalls(rate_limit=None) as api:
+            wrong = password_urls(server.port, f"WRONG-{SECRET}")[:9]
+            for url in wrong:
+                async with (
+                    RedisRateLimiter(url, timeout=0.5) as limiter,
+                    RedisConversationStore(url, timeout=0.5) as store,
+                    AsyncAutocalls(
+                        "tok", base_url=api.base_url, limiter=limiter, conversation_store=store
+                    ) as client,
+                ):
+                    with pytest.raises(LimiterUnavailableError) as caught:
+                        await client.generate_reply(
+                            assistant_id=123, customer_identifier="x", message="hi"
+                        )
+                    assert "127.0.0.1" in str(caught.value), str(caught.value)
+                    assert_hidden(str(caught.value), repr(limiter), repr(store), repr(client))
+                    await store.set(Conversation(123, "x", "id", False, 0.0))
+                    assert await client.lookup_conversation(123, "x") is None
+            for url in password_urls(server.port)[:9]:
+                async with (
+                    RedisRateLimiter(url, rate_limit=RateLimit(1000, 1.0)) as limiter,
+                    RedisConversationStore(url) as store,
+                    AsyncAutocalls(
+                        "tok", base_url=api.base_url, limiter=limiter, conversation_store=store
+                    ) as client,
+                ):
+                    if url.startswith(f"redis://{SECRET}@"):
+                        continue  # a user name, for redis-py: refused (shown hidden above)
+                    reply = await client.generate_reply(
+                        assistant_id=123, customer_identifier="x", message="hi"
+                    )
+                    stored = await store.get(123, "x")
+                    assert stored is not None and stored.conversation_id == reply.conversation_id
+    finally:
+        server.stop()
+    assert "unavailable" in caplog.text  # the outages were logged...
+    assert_hidden(caplog.text)  # ...without the password
+    for record in caplog.records:
+        if record.exc_info and record.exc_info[1] is not None:
+            assert_hidden(repr(record.exc_info[1]), repr(record.exc_info[1].__cause__))
+
+
 # ---------------------------------------------------------------------- edges
 
 
