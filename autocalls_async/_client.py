@@ -24,7 +24,7 @@ import attrs
 from yarl import URL
 
 from ._budget import Budget, Ledger, Ticket, Usage
-from ._conversations import ConversationStore, MemoryConversationStore
+from ._conversations import ConversationStore, GuardedStore, MemoryConversationStore
 from ._errors import (
     AutocallsError,
     BudgetExceededError,
@@ -311,7 +311,8 @@ class _Setup:
             MemoryConversationStore(conversation_cache_size)  # says why (a ValueError)
         self.cache_size = conversation_cache_size
         self.near: MemoryConversationStore | None = None  # shared: an AutocallsAccounts'
-        self.store = conversation_store
+        #: Every read and write bounded, a failure a miss: never a hang or a lost reply.
+        self.store = None if conversation_store is None else GuardedStore(conversation_store)
         self.order: KeyedOrder | None = None  # shared: an AutocallsAccounts'
         self.telemetry_attributes = _check_attributes(telemetry_attributes)
 
@@ -648,11 +649,15 @@ class AsyncAutocalls(AsyncOnly):
         self, assistant_id: int, customer_identifier: str
     ) -> Conversation | None:
         """The conversation from this client's cache, else from the shared ``conversation_store``
-        (what another worker saw), which then fills the cache."""
+        (what another worker saw), which then fills the cache. The store is asked for
+        ``max_wait`` seconds at most (and for its own ``timeout``): past it, or when it fails,
+        the answer is a miss (None)."""
         customer_identifier = self.normalize(customer_identifier)
         conversation = self.conversation(assistant_id, customer_identifier)
         if conversation is None and self._store is not None:
-            conversation = await self._store.get(assistant_id, trim(customer_identifier))
+            conversation = await self._store.get(
+                assistant_id, trim(customer_identifier), self.max_wait
+            )
             if conversation is not None:
                 self._keep(conversation)
         return conversation
@@ -680,12 +685,10 @@ class AsyncAutocalls(AsyncOnly):
         return conversation
 
     async def _save(self, conversation: Conversation) -> None:
-        """Into the shared ``conversation_store``, for the other workers."""
+        """Into the shared ``conversation_store``, for the other workers: within the store's
+        bound, else skipped (``GuardedStore``), so the reply is never held back for long."""
         assert self._store is not None
-        try:
-            await self._store.set(conversation)
-        except Exception:  # the reply was received and paid for: never lose it for a cache
-            logger.warning("could not save the conversation to %r", self._store, exc_info=True)
+        await self._store.set(conversation)
 
     # ------------------------------------------------------------------ the call
 

@@ -40,12 +40,13 @@ import hashlib
 import json
 import math
 import random
+import re
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any, TypeAlias, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -83,21 +84,110 @@ def _script(name: str) -> str:
     return resources.files(__package__).joinpath("lua", name).read_text(encoding="utf-8")
 
 
+#: Query arguments whose value a URL's redacted form shows: those redis-py reads as a number or
+#: a switch (``URL_QUERY_ARGUMENT_PARSERS``), when the value is one. Every other argument it
+#: passes on as text, ``password``, ``username`` and ``ssl_password`` among them: shown as
+#: ``***``, and an argument it does not know is not named at all.
+_SHOWN_ARGUMENTS = frozenset(
+    {
+        "db",
+        "socket_timeout",
+        "socket_connect_timeout",
+        "socket_read_size",
+        "socket_keepalive",
+        "retry_on_timeout",
+        "max_connections",
+        "health_check_interval",
+        "ssl_check_hostname",
+        "ssl_validate_ocsp",
+        "ssl_validate_ocsp_stapled",
+        "ssl_min_version",
+        "timeout",
+        "protocol",
+        "legacy_responses",
+    }
+)
+_NAMED_ARGUMENTS = _SHOWN_ARGUMENTS | {
+    "password",
+    "username",
+    "ssl_password",
+    "client_name",
+    "lib_name",
+    "lib_version",
+    "ssl_keyfile",
+    "ssl_certfile",
+    "ssl_cert_reqs",
+    "ssl_ca_certs",
+    "ssl_ca_path",
+    "ssl_ca_data",
+    "ssl_include_verify_flags",
+    "ssl_exclude_verify_flags",
+    "retry_on_error",
+    "encoding",
+    "encoding_errors",
+    "decode_responses",
+    "path",
+}
+_PLAIN_VALUE = re.compile(r"(?i)[0-9.+-]{0,32}|true|false|yes|no|on|off|y|n")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]{0,31}")
+_UNREADABLE = "<redis url>"
+
+
 def redact_url(url: str) -> str:
-    """The URL without its password, for messages and ``repr()``."""
+    """The URL with every credential hidden, for messages and ``repr()``.
+
+    Hidden: the userinfo's password (``user:***@``; a user part alone, often a password
+    written without its colon, shows as ``***@``) and every query value redis-py reads as
+    text (``password=***``, ``username=***``, ``ssl_password=***``, ...); only the numbers and
+    switches it parses (``db``, timeouts, ...) are shown, and arguments it does not know are
+    left out. A URL that does not read plainly (an unencoded ``@``, ``/``, ``?`` or ``#`` in a
+    password cuts it short, and its rest then reads as a path or a port) shows as
+    ``<redis url>``.
+    """
     try:
+        scheme, sep, _ = url.partition("://")
+        if not sep or not _SCHEME.fullmatch(scheme):
+            return _UNREADABLE
         parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        user = parts.username or ""
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        port = f":{parts.port}" if parts.port is not None else ""
-        netloc = f"{user}:***@{host}{port}"
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+        parts.port  # noqa: B018  (a port that is no number: the URL was cut short)
+        userinfo, at, hostport = parts.netloc.rpartition("@")
+        rest = url[len(scheme) + 3 + len(parts.netloc) :]
+        if "@" in rest:  # an '@' past the host: a password was cut short
+            return _UNREADABLE
+        netloc = hostport
+        if at:
+            user, colon, _ = userinfo.partition(":")
+            netloc = f"{user}:***@{hostport}" if colon else f"***@{hostport}"
+        query: list[str] = []
+        unnamed = False
+        for name, value in parse_qsl(parts.query, keep_blank_values=True):
+            if name in _SHOWN_ARGUMENTS and _PLAIN_VALUE.fullmatch(value):
+                query.append(f"{name}={value}")
+            elif name in _NAMED_ARGUMENTS:
+                query.append(f"{name}=***")
+            else:
+                unnamed = True
+        if unnamed:
+            query.append("***")
+        return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{'&'.join(query)}" if query else "")
     except ValueError:
-        return "<redis url>"
+        return _UNREADABLE
+
+
+def _from_url(make: Callable[..., T], url: str, shown: str, **options: Any) -> T:
+    """``make(url, **options)`` (redis-py's ``from_url``); a URL it refuses raises an error that
+    names the URL redacted, never redis-py's message (which may quote a piece of the password,
+    e.g. one cut short by an unencoded '/')."""
+    refused: Exception | None = None
+    try:
+        return make(url, **options)
+    except (ValueError, TypeError) as exc:
+        refused = type(exc)(
+            f"redis-py cannot use the Redis URL {shown} ({type(exc).__name__}): check its form, "
+            "and percent-encode any '@', ':', '/', '?', '#', '&' or '%' in a password or "
+            "user name (urllib.parse.quote(password, safe=''))"
+        )
+    raise refused  # outside the except block: the original is not chained
 
 
 def _connect(
@@ -106,8 +196,9 @@ def _connect(
     """(client, whether we own it, where it points, password hidden)."""
     if isinstance(url, Redis):
         kwargs = url.connection_pool.connection_kwargs
-        where = f"redis://{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
-        return url, False, where
+        if "path" in kwargs:
+            return url, False, f"unix://{kwargs['path']}"
+        return url, False, f"redis://{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
     if isinstance(url, RedisCluster):
         nodes = url.get_nodes()
         first = f"{nodes[0].host}:{nodes[0].port}" if nodes else "?"
@@ -117,17 +208,22 @@ def _connect(
             "url must be a redis:// or redis+cluster:// URL, a redis.asyncio.Redis or a "
             f"redis.asyncio.cluster.RedisCluster, not {url!r}"
         )
+    where = redact_url(url)
     scheme, _, rest = url.partition("://")
     if scheme.lower() in CLUSTER_SCHEMES:
-        cluster = RedisCluster.from_url(
+        cluster = _from_url(
+            RedisCluster.from_url,
             f"{CLUSTER_SCHEMES[scheme.lower()]}://{rest}",
+            where,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             max_connections=max_connections,
         )
-        return cluster, True, redact_url(url)
-    client = Redis.from_url(
+        return cluster, True, where
+    client = _from_url(
+        Redis.from_url,
         url,
+        where,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         # One quick retry covers a pooled connection that went stale (a Redis restart); more
@@ -136,7 +232,7 @@ def _connect(
         # Never more than our gate lets through at once: the pool never refuses one of ours.
         max_connections=max_connections,
     )
-    return client, True, redact_url(url)
+    return client, True, where
 
 
 def _check_max_connections(value: int) -> int:
@@ -656,10 +752,13 @@ class RedisConversationStore(AsyncClosing):
     Entries expire ``ttl`` seconds after they were last written (default 30 days), which
     bounds the memory used. Keys hold a hash of the customer identifier (phone numbers and
     e-mail addresses stay out of key names and ``KEYS``/``SCAN`` output). The cache is best
-    effort: a Redis failure is logged and reads as a miss, and a write that fails never turns a
-    reply the service already processed into an error. ``url`` is as for ``RedisRateLimiter``
-    (a Redis Cluster too); at most ``max_connections`` reads and writes run at once, the
-    others wait for their turn.
+    effort: a read or write gets ``timeout`` seconds in all (its wait for a connection
+    included); a Redis failure or a store that has not answered by then reads as a miss (a
+    write is skipped), so a reply the service already processed is never turned into an error
+    nor held back for longer than that. A WARNING is logged once per outage (an INFO when
+    Redis answers again); meanwhile one operation at a time tries Redis, and the others are
+    a miss at once. ``url`` is as for ``RedisRateLimiter`` (a Redis Cluster too); at most
+    ``max_connections`` reads and writes run at once, the others wait for their turn.
     """
 
     def __init__(
@@ -677,12 +776,80 @@ class RedisConversationStore(AsyncClosing):
         self.max_connections = _check_max_connections(max_connections)
         self._redis, self._owned, self._where = _connect(url, self.timeout, self.max_connections)
         self._gate = _Gate(self.max_connections)
+        self._failing = False  # an outage was logged and Redis has not answered since
+        self._down_until = -math.inf  # a miss at once until then: the last failure's time + timeout
+        self._probing = False  # during an outage, one operation at a time tries Redis
+        self._tasks: set[asyncio.Task[Any]] = set()  # operations under way
 
     def __repr__(self) -> str:
         return f"<RedisConversationStore {self._where} ttl={self.ttl:g}s prefix={self.prefix!r}>"
 
+    async def _run(self, what: str, operation: Callable[[], Awaitable[Any]]) -> tuple[bool, Any]:
+        """(True, Redis's answer), or (False, None): Redis failed, or did not answer within
+        ``timeout`` (the wait for a connection included), or is in an outage."""
+        loop = asyncio.get_running_loop()
+        if self._failing and (self._probing or loop.time() < self._down_until):
+            return False, None  # an outage: only one operation at a time tries Redis again
+        probe = self._failing
+        if probe:
+            self._probing = True
+        # One bound for the wait for a connection and the attempts: a stalled Redis holds every
+        # caller for ``timeout`` at most, never a queue of timeouts. The operation runs in a
+        # task of its own, so that the caller leaves on time even when a cancellation is lost
+        # inside redis-py (nested timeouts on Python 3.11); ``aclose`` ends the stragglers.
+        task = loop.create_task(self._gate.run(operation, self.timeout))
+        self._tasks.add(task)
+        task.add_done_callback(self._forget)
+        try:
+            async with asyncio.timeout(self.timeout):
+                answer = await asyncio.shield(task)
+        except (RedisError, OSError, TimeoutError) as exc:
+            task.cancel()
+            self._down_until = loop.time() + self.timeout
+            if self._failing:
+                logger.debug(
+                    "conversation store at %s: %s failed: %s", self._where, what, _short(exc)
+                )
+            else:
+                self._failing = True
+                reason = (
+                    f"no answer within {self.timeout:g}s"
+                    if isinstance(exc, TimeoutError) and not str(exc)
+                    else f"{type(exc).__name__}: {_short(exc)}"
+                )
+                logger.warning(
+                    "conversation store at %s is unavailable (%s while %s): conversations are "
+                    "a miss and are not saved there until it answers again (replies are not "
+                    "affected)",
+                    self._where,
+                    reason,
+                    what,
+                )
+            return False, None
+        except BaseException:
+            task.cancel()  # the caller was cancelled: so is its operation
+            raise
+        finally:
+            if probe:
+                self._probing = False
+        if self._failing:
+            self._failing = False
+            logger.info("conversation store at %s answers again", self._where)
+        return True, answer
+
+    def _forget(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved (its caller may have left): never "never retrieved"
+
     async def aclose(self) -> None:
-        """Close the connection pool (if ours)."""
+        """End the operations still under way (their callers have left), then close the
+        connection pool (if ours)."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.timeout)
         if self._owned:
             await self._redis.aclose()
 
@@ -691,16 +858,11 @@ class RedisConversationStore(AsyncClosing):
         return f"{self.prefix}conv:{assistant_id}:{digest[:32]}"
 
     async def get(self, assistant_id: int, customer_identifier: str) -> Conversation | None:
-        """The conversation any worker last stored, or None (also when Redis fails)."""
+        """The conversation any worker last stored, or None (also when Redis fails or has not
+        answered within ``timeout``)."""
         key = self.redis_key(assistant_id, customer_identifier)
-        try:
-            raw: Any = await self._gate.run(
-                functools.partial(self._redis.get, key), self.timeout * 2 + 0.5
-            )
-        except (RedisError, OSError, TimeoutError) as exc:
-            logger.warning("conversation store at %s: read failed: %s", self._where, _short(exc))
-            return None
-        if raw is None:
+        answered, raw = await self._run("reading", functools.partial(self._redis.get, key))
+        if not answered or raw is None:
             return None
         try:
             data = json.loads(raw)
@@ -722,7 +884,8 @@ class RedisConversationStore(AsyncClosing):
         return conversation
 
     async def set(self, conversation: Conversation) -> None:
-        """Remember the conversation for ``ttl`` seconds; failures are logged, not raised."""
+        """Remember the conversation for ``ttl`` seconds, within ``timeout`` at most; failures
+        are logged (once per outage), not raised."""
         key = self.redis_key(conversation.assistant_id, conversation.customer_identifier)
         value = json.dumps(
             {
@@ -734,10 +897,7 @@ class RedisConversationStore(AsyncClosing):
             },
             separators=(",", ":"),
         )
-        try:
-            await self._gate.run(
-                functools.partial(self._redis.set, key, value, px=max(1, round(self.ttl * 1000))),
-                self.timeout * 2 + 0.5,
-            )
-        except (RedisError, OSError, TimeoutError) as exc:
-            logger.warning("conversation store at %s: write failed: %s", self._where, _short(exc))
+        await self._run(
+            "writing",
+            functools.partial(self._redis.set, key, value, px=max(1, round(self.ttl * 1000))),
+        )

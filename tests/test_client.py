@@ -603,3 +603,59 @@ async def test_failing_store_never_loses_a_reply(
     assert reply.reply
     assert client.conversation_id(123, CUSTOMER) == reply.conversation_id
     assert "could not save the conversation" in caplog.text
+
+
+@pytest.mark.timing
+async def test_a_hung_store_never_holds_back_a_reply(
+    server: MockAutocalls, make_client: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store that never answers: every reply is returned within the store's bound (its
+    ``timeout`` plus a margin; 1 s without one), a lookup is a miss within ``max_wait``, one
+    WARNING for the outage and an INFO when the store answers again."""
+    caplog.set_level(logging.DEBUG, logger="autocalls_async")
+    loop = asyncio.get_running_loop()
+
+    class HungStore:
+        timeout = 0.3
+        hung = True
+
+        def __init__(self) -> None:
+            self.saved: list[sdk.Conversation] = []
+
+        async def get(self, assistant_id: int, customer_identifier: str) -> None:
+            await asyncio.Event().wait()
+
+        async def set(self, conversation: sdk.Conversation) -> None:
+            if self.hung:
+                await asyncio.Event().wait()
+            self.saved.append(conversation)
+
+    store = HungStore()
+    client = make_client(server.base_url, conversation_store=store, max_wait=0.2)
+
+    async def timed(customer: str) -> tuple[float, Reply]:
+        started = loop.time()
+        reply = await ask(client, customer_identifier=customer)
+        return loop.time() - started, reply
+
+    results = await asyncio.gather(*(timed(f"c{i}") for i in range(50)))
+    assert all(reply.reply for _, reply in results)
+    assert all(client.conversation_id(123, f"c{i}") for i in range(50))
+    slowest = max(elapsed for elapsed, _ in results)
+    assert slowest < 0.3 + 0.5 + 1.0, slowest  # the bound, and a loaded machine's slack
+    started = loop.time()
+    assert await client.lookup_conversation(123, "nobody") is None  # within max_wait
+    assert loop.time() - started < 0.2 + 0.5
+    del HungStore.timeout  # no timeout of its own: the client's default bound (1 s)
+    client2 = make_client(server.base_url, conversation_store=store)
+    started = loop.time()
+    await ask(client2, customer_identifier="d")
+    assert loop.time() - started < 1.0 + 1.0
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    # One per outage and client (client2 has its own view of the store).
+    assert len(warnings) == 2, [r.getMessage() for r in warnings]
+    assert "could not save the conversation" in warnings[0].getMessage()
+    store.hung = False
+    await ask(client, customer_identifier="c0", message="again")
+    assert [c.customer_identifier for c in store.saved] == ["c0"]
+    assert "answers again" in caplog.text

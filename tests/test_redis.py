@@ -562,13 +562,85 @@ async def test_conversation_store_through_clients(redis_server: RedisServer, pre
 
 
 async def test_conversation_store_outage_is_a_miss(caplog: pytest.LogCaptureFixture) -> None:
-    """Redis down: get() is a logged miss and set() never raises (the reply was processed)."""
+    """Redis down: get() is a miss and set() never raises (the reply was processed); one
+    WARNING for the outage, not one per operation."""
     caplog.set_level(logging.WARNING, logger="autocalls_async")
     async with RedisConversationStore(refused_url(), timeout=0.3) as store:
         assert "s3cret" not in repr(store)
         await store.set(Conversation(123, "bob", "id", False, 0.0))
         assert await store.get(123, "bob") is None
-    assert "write failed" in caplog.text and "read failed" in caplog.text
+        for _ in range(5):
+            await store.set(Conversation(123, "bob", "id", False, 0.0))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "unavailable" in warnings[0] and "writing" in warnings[0]
+    assert "s3cret" not in caplog.text
+
+
+@pytest.mark.timing
+async def test_a_stalled_conversation_store_never_holds_back_replies(
+    redis_server: RedisServer, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis accepts and stops answering (CLIENT PAUSE, as DEBUG SLEEP or a slow script): 200
+    concurrent calls on 8 connections are each answered within the store's timeout (its wait
+    for a connection included), never a queue of timeouts; one WARNING for the outage; a
+    lookup is a miss within max_wait; once Redis answers, writes go through again."""
+    caplog.set_level(logging.INFO, logger="autocalls_async")
+    loop = asyncio.get_running_loop()
+    timeout, calls, pause = 0.5, 200, 4.0
+    async with (
+        Redis.from_url(redis_server.url) as admin,
+        MockAutocalls(rate_limit=None) as server,
+        RedisConversationStore(redis_server.url, prefix=prefix, timeout=timeout) as store,
+        AsyncAutocalls(
+            "tok",
+            base_url=server.base_url,
+            limiter=LocalRateLimiter(RateLimit(100_000, 1.0)),
+            conversation_store=store,
+            max_wait=2.0,
+        ) as client,
+    ):
+        await client.generate_reply(assistant_id=123, customer_identifier="warm", message="hi")
+        await admin.execute_command("CLIENT", "PAUSE", round(pause * 1000), "ALL")
+        paused = loop.time()
+        try:
+
+            async def one(i: int) -> tuple[float, str, str]:
+                started = loop.time()
+                reply = await client.generate_reply(
+                    assistant_id=123, customer_identifier=f"c{i}", message=f"m{i}"
+                )
+                return loop.time() - started, reply.customer_identifier, reply.reply
+
+            results = await asyncio.gather(*(one(i) for i in range(calls)))
+            assert [(who, "m" + who[1:] in text) for _, who, text in results] == [
+                (f"c{i}", True) for i in range(calls)
+            ]
+            assert all(client.conversation_id(123, f"c{i}") for i in range(calls))
+            slowest = max(elapsed for elapsed, _, _ in results)
+            # Before: the 8 connections served the queue one stalled attempt at a time (until
+            # the pause ended). Now: each save waits ``timeout`` at most, plus a loaded
+            # machine's slack.
+            assert slowest < timeout + 1.5, slowest
+            assert loop.time() - paused < pause - 1.0  # all returned while Redis was stalled
+            reader = AsyncAutocalls("tok", base_url=server.base_url, conversation_store=store)
+            reader.max_wait = 0.2
+            started = loop.time()
+            assert await reader.lookup_conversation(123, "c1") is None  # a miss, at once
+            assert loop.time() - started < 0.2 + 0.5
+            await reader.close()
+        finally:
+            await asyncio.sleep(max(0.0, paused + pause + 0.2 - loop.time()))
+            await admin.execute_command("CLIENT", "UNPAUSE")
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1 and "unavailable" in warnings[0], warnings
+        # Redis answers again: the next write goes through (after one timeout at most).
+        await asyncio.sleep(timeout)
+        reply = await client.generate_reply(
+            assistant_id=123, customer_identifier="after", message="hi"
+        )
+        stored = await store.get(123, "after")
+        assert stored is not None and stored.conversation_id == reply.conversation_id
+        assert "answers again" in caplog.text
 
 
 def test_exported_lazily_from_the_package() -> None:
@@ -585,6 +657,129 @@ async def test_backends_satisfy_the_core_protocols() -> None:
     assert isinstance(limiter, RedisRateLimiter) and isinstance(store, RedisConversationStore)
     await limiter.aclose()
     await store.aclose()
+
+
+# ---------------------------------------------------------------------- passwords
+
+SECRET = "S3cretPW"
+SECRETS = (SECRET, "S3cret%50W", "S3cret")  # as written, percent-encoded, and a piece of it
+
+
+def password_urls(port: int, password: str = SECRET) -> list[str]:
+    """Every place redis-py reads a credential from in a URL, in every scheme."""
+    encoded = password[:-2] + "%50" + password[-1:]  # 'S3cret%50W': the same password
+    return [
+        f"redis://:{password}@127.0.0.1:{port}/0",
+        f"redis://default:{password}@127.0.0.1:{port}/0",
+        f"redis://:{encoded}@127.0.0.1:{port}/0",
+        f"redis://{password}@127.0.0.1:{port}/0",  # a password written without its colon
+        f"redis://127.0.0.1:{port}/0?password={password}",
+        f"redis://127.0.0.1:{port}/0?password={encoded}",
+        f"redis://127.0.0.1:{port}/0?pass%77ord={password}",
+        f"redis://127.0.0.1:{port}/0?db=0&username=default&password={password}",
+        f"redis://127.0.0.1:{port}/0?password={password}#{password}",
+        f"rediss://127.0.0.1:{port}/0?password={password}&ssl_password={password}",
+        f"redis+cluster://:{password}@127.0.0.1:{port}",
+        f"redis+cluster://127.0.0.1:{port}/?password={password}",
+        f"unix:///tmp/redis.sock?password={password}&db=0",
+        f"unix://:{password}@/tmp/redis.sock",
+    ]
+
+
+def assert_hidden(*texts: str) -> None:
+    for text in texts:
+        for secret in SECRETS:
+            assert secret not in text, text
+
+
+@pytest.mark.parametrize("url", password_urls(6379))
+async def test_a_url_password_never_shows(url: str) -> None:
+    """redact_url, both backends' repr() and the limiter's place hide every credential form
+    redis-py reads (userinfo, ?password=, ?username=, ?ssl_password=; percent-encoded too)."""
+    shown = redact_url(url)
+    assert_hidden(shown)
+    assert "127.0.0.1" in shown or "/tmp/redis.sock" in shown
+    async with (
+        RedisRateLimiter(url) as limiter,
+        RedisConversationStore(url) as store,
+    ):
+        assert_hidden(repr(limiter), repr(store), limiter.place)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"redis://:WRONG/{SECRET}@127.0.0.1:6379/0",  # an unencoded '/' cuts the password short
+        f"redis://:{SECRET}#x@127.0.0.1:6379/0",
+        f"redis://:12?{SECRET}@127.0.0.1:6379/0",
+        f"redis://127.0.0.1:6379/0?password={SECRET}&db={SECRET}",
+        f"redis://127.0.0.1:6379/0?password=a&{SECRET}",  # an unencoded '&'
+    ],
+)
+async def test_a_misread_url_never_shows_its_password(url: str) -> None:
+    """A password that cuts its URL short (an unencoded '/', '#', '?' or '&'): the error of a
+    URL redis-py refuses, or the repr of one it reads otherwise, still hides it."""
+    assert_hidden(redact_url(url))
+    try:
+        store = RedisConversationStore(url)
+    except (ValueError, TypeError) as exc:
+        assert_hidden(str(exc), repr(exc.__cause__), repr(exc.__context__))
+        assert "percent-encode" in str(exc)
+    else:
+        assert_hidden(repr(store))
+        await store.aclose()
+
+
+async def test_a_wrong_password_never_shows_in_errors_or_logs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Against a redis-server with requirepass: a wrong ?password= or userinfo password is
+    refused with an error and logs that name the Redis without it; the right one works."""
+    caplog.set_level(logging.DEBUG)
+    server = RedisServer(require_redis_server()).start()
+    try:
+        async with Redis.from_url(server.url) as admin:  # set once started: PING must answer
+            await admin.config_set("requirepass", SECRET)
+        async with MockAutocalls(rate_limit=None) as api:
+            wrong = password_urls(server.port, f"WRONG-{SECRET}")[:9]
+            for url in wrong:
+                async with (
+                    RedisRateLimiter(url, timeout=0.5) as limiter,
+                    RedisConversationStore(url, timeout=0.5) as store,
+                    AsyncAutocalls(
+                        "tok", base_url=api.base_url, limiter=limiter, conversation_store=store
+                    ) as client,
+                ):
+                    with pytest.raises(LimiterUnavailableError) as caught:
+                        await client.generate_reply(
+                            assistant_id=123, customer_identifier="x", message="hi"
+                        )
+                    assert "127.0.0.1" in str(caught.value), str(caught.value)
+                    assert_hidden(str(caught.value), repr(limiter), repr(store), repr(client))
+                    await store.set(Conversation(123, "x", "id", False, 0.0))
+                    assert await client.lookup_conversation(123, "x") is None
+            for url in password_urls(server.port)[:9]:
+                async with (
+                    RedisRateLimiter(url, rate_limit=RateLimit(1000, 1.0)) as limiter,
+                    RedisConversationStore(url) as store,
+                    AsyncAutocalls(
+                        "tok", base_url=api.base_url, limiter=limiter, conversation_store=store
+                    ) as client,
+                ):
+                    if url.startswith(f"redis://{SECRET}@"):
+                        continue  # a user name, for redis-py: refused (shown hidden above)
+                    reply = await client.generate_reply(
+                        assistant_id=123, customer_identifier="x", message="hi"
+                    )
+                    stored = await store.get(123, "x")
+                    assert stored is not None and stored.conversation_id == reply.conversation_id
+    finally:
+        server.stop()
+    assert "unavailable" in caplog.text  # the outages were logged...
+    assert_hidden(caplog.text)  # ...without the password
+    for record in caplog.records:
+        if record.exc_info and record.exc_info[1] is not None:
+            assert_hidden(repr(record.exc_info[1]), repr(record.exc_info[1].__cause__))
 
 
 # ---------------------------------------------------------------------- edges

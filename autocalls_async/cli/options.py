@@ -312,5 +312,9 @@ def redis_problem(url: str | None) -> str | None:
             "pip install 'autocalls-async[redis]'"
         )
     if not url.startswith(("redis://", "rediss://", "unix://")):
-        return f"--redis-url must start with redis://, rediss:// or unix://, got {url[:40]!r}"
+        # Only the scheme is shown: the rest may hold a password.
+        scheme, sep, _ = url.partition("://")
+        plain = scheme[:1].isalpha() and scheme.replace("+", "").replace(".", "").isalnum()
+        shown = f"{scheme}://..." if sep and plain and len(scheme) <= 32 else "no URL scheme"
+        return f"--redis-url must start with redis://, rediss:// or unix://, got {shown}"
     return None
