@@ -980,7 +980,15 @@ class AsyncAutocalls(AsyncOnly):
                     waited = loop.time() - waited_from
                     self.stats.limiter_wait += waited
                     gate = _Billed(slot, ticket)
-                    reply = await self._send(request, task, attempt, waited, gate)
+                    try:
+                        reply = await self._send(request, task, attempt, waited, gate)
+                    finally:
+                        if taken:
+                            # The exchange is over: its place goes to the next call now, not
+                            # once the grant's report is stored (a round trip to Redis).
+                            assert connections is not None
+                            taken = False
+                            connections.give()
         except BaseException as exc:
             self._ledger.settle(ticket, exc)
             raise

@@ -75,7 +75,8 @@ _NOTE_TTL = 120.0
 #: How often a limiter in use renews its note, and so sees a schedule noted elsewhere since.
 _NOTE_RENEW = 5.0
 _NOTED_MAX = 50_000
-#: Store operations of one event loop applied in one transaction, at most (a batch).
+#: Store operations of one event loop applied in one transaction, at most (a batch); on Redis,
+#: tokens in one batch (a token's several operations there are one read and one write).
 _BATCH_MAX = 512
 #: Tokens a limiter remembers as refusing bursts; past it, forgotten (and relearned).
 _EVEN_MAX = 100_000
@@ -257,6 +258,8 @@ class _Front:
 
     __slots__ = (
         "answered_at",
+        "backlog",
+        "busy",
         "loop",
         "noted",
         "noted_prune",
@@ -265,6 +268,8 @@ class _Front:
         "pending",
         "prune_at",
         "queues",
+        "running",
+        "starting",
         "tickets",
         "used",
         "used_prune",
@@ -284,6 +289,12 @@ class _Front:
         self.noting: set[str] = set()  # keys whose note is due: written together, soon
         #: store operations asked for in this turn of the loop: applied together (a batch)
         self.pending: list[_Op] = []
+        #: operations the store could not apply at once, in the order they were asked for: the
+        #: next batch to go takes them all (``_run_batches``)
+        self.backlog: deque[_Op] = deque()
+        self.busy: set[str] = set()  # keys of the batches in flight: their next ones wait
+        self.running = 0  # batches' tasks (``_run_batches``), at most the store's connections
+        self.starting = False  # one of them is about to take the backlog
         self.queues: dict[str, _Queue] = {}
         self.prune_at = 64  # idle queues are pruned when there are more than this
         self.tickets = itertools.count(1)
@@ -385,6 +396,10 @@ class _Grant:
             # but its commit, which finish() awaits.
             self._report = limiter._submit(self._front, self._key, operation)
             self._report.add_done_callback(self._batch_reported)
+            # A token's operations are applied in the order they were asked for: the next
+            # grant may be asked for now, behind this report (in its batch, when it is still to
+            # go: a round trip sooner), and it sees the report, as if asked after its commit.
+            self._reported()
             return
         try:
             done, _ = self._limiter.store.try_update(self._key, operation)
@@ -527,6 +542,8 @@ class Limiter(AsyncOnly):
         #: the store applies many operations in one transaction: each event loop's operations
         #: of one turn are applied together (``_submit``)
         self._batched = callable(getattr(store, "update_many", None))
+        #: batches in flight at once per event loop: a connection each (Redis), else one
+        self._batches_at_once = max(1, int(getattr(store, "max_connections", 1)))
         self.fallback = fallback
         self._fronts: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Front] = (
             weakref.WeakKeyDictionary()
@@ -799,6 +816,12 @@ class Limiter(AsyncOnly):
         # hold the token until its lease ran out).
         ops = [op for op in front.pending if not op[2].done()]
         front.pending = []
+        if front.backlog or front.running:
+            # Behind those already waiting or in flight: a token's operations are applied in the
+            # order they were asked for (a report before the next grant it lets through).
+            front.backlog.extend(ops)
+            self._pump(front)
+            return
         for start in range(0, len(ops), _BATCH_MAX):
             batch = ops[start : start + _BATCH_MAX]
             try:
@@ -807,22 +830,69 @@ class Limiter(AsyncOnly):
                 _failed(batch, exc)
                 continue
             if outcomes is None:  # the store is busy: this batch and the rest, in order, later
-                self._spawn(self._flush_later(ops[start:]))
+                front.backlog.extend(ops[start:])
+                self._pump(front)
                 return
             _deliver(batch, outcomes)
 
-    async def _flush_later(self, ops: list[_Op]) -> None:
+    def _pump(self, front: _Front) -> None:
+        """Start one more batch while fewer than the store's connections are in flight; when
+        all are, the backlog waits and the first batch to end takes it all (one more round
+        trip for many operations, not one per turn of the loop)."""
+        if not front.starting and front.running < self._batches_at_once:
+            front.starting = True
+            front.running += 1
+            self._spawn(self._run_batches(front))
+
+    async def _run_batches(self, front: _Front) -> None:
         URGENT.set(True)  # reports among them free tokens for every waiter
-        for start in range(0, len(ops), _BATCH_MAX):
-            batch = ops[start : start + _BATCH_MAX]
-            try:
-                outcomes = await self.store.update_many(  # type: ignore[attr-defined]
-                    [(op[0], op[1]) for op in batch], keep=lambda i, b=batch: not b[i][2].done()
-                )
-            except Exception as exc:
-                _failed(batch, exc)
-                continue
-            _deliver(batch, outcomes)
+        took = False
+        try:
+            # One turn of the loop first: what this turn's operations wake (the next grant
+            # asked for behind a report) joins them, and is applied after them.
+            await asyncio.sleep(0)
+            front.starting, took = False, True
+            while batch := self._take(front):
+                keys = {op[0] for op in batch}
+                front.busy |= keys
+                if front.backlog:
+                    self._pump(front)  # what is left (other tokens): another batch at once
+                try:
+                    outcomes = await self.store.update_many(  # type: ignore[attr-defined]
+                        [(op[0], op[1]) for op in batch],
+                        keep=lambda i, b=batch: not b[i][2].done(),
+                    )
+                except Exception as exc:
+                    _failed(batch, exc)
+                    continue
+                finally:
+                    front.busy -= keys
+                _deliver(batch, outcomes)
+        finally:
+            if not took:
+                front.starting = False  # cancelled before it took anything
+            front.running -= 1
+
+    @staticmethod
+    def _take(front: _Front) -> list[_Op]:
+        """The next batch: the oldest operations of tokens with no batch in flight (a token's
+        later ones wait for its batch to end: applied in order), at most ``_BATCH_MAX``."""
+        backlog, busy = front.backlog, front.busy
+        batch: list[_Op] = []
+        keys: set[str] = set()
+        left: deque[_Op] = deque()
+        for op in backlog:
+            if op[2].done():
+                continue  # its caller gave up
+            key = op[0]
+            # A token's operations all join its batch: one read and one write however many.
+            if key in keys or (key not in busy and len(keys) < _BATCH_MAX):
+                keys.add(key)
+                batch.append(op)
+            else:
+                left.append(op)
+        front.backlog = left
+        return batch
 
     def _timeout(self, wait: float | None, ahead: int = 0) -> RateLimitTimeout:
         """The caller's ``max_wait`` ran out. ``wait``: how far away the token's next slot is

@@ -409,37 +409,32 @@ class RedisStore:
         items: Sequence[tuple[str, Callable[[TokenState, float], Any]]],
         keep: Callable[[int], bool] | None = None,
     ) -> list[tuple[bool, Any]]:
-        """Apply many updates, each atomically, in two round trips in all (one pipeline of
-        reads, one of writes) rather than two each; a write that lost to another writer is
-        done again alone, as ``update`` does. Outcomes as ``HostStore.update_many``'s (a
-        standalone Redis; on a cluster, each item is an ``update`` of its own)."""
+        """Apply many updates in two round trips in all (one pipeline of reads, one of
+        compare-and-sets) rather than two each. A token's several updates are applied in order
+        to one read of its state and written by one compare-and-set, so together they are as
+        atomic as one (each sees the state the one before left, as ``HostStore.update_many``);
+        a compare-and-set that lost to another writer is done again, alone, on what that writer
+        left. Outcomes as ``HostStore.update_many``'s (on a Redis Cluster, each token's updates
+        are one ``update`` of their own)."""
         loop = self._our_loop()
         outcomes: list[tuple[bool, Any]] = [(False, None)] * len(items)
         async with self._gate.held():
             await self._check_once()
-            chosen = [i for i in range(len(items)) if keep is None or keep(i)]
-            if isinstance(self.redis, RedisCluster):
-                batch: list[int] = []
-                alone = chosen
+            groups: dict[str, list[int]] = {}
+            for i in range(len(items)):
+                if keep is None or keep(i):
+                    groups.setdefault(items[i][0], []).append(i)
+            merged = [
+                (key, functools.partial(_in_order, [items[i][1] for i in chosen]))
+                for key, chosen in groups.items()
+            ]
+            if isinstance(self.redis, RedisCluster) or len(merged) == 1:
+                done = [(True, await self._update(loop, key, update)) for key, update in merged]
             else:
-                # One item per key in the pipelines; a key's later items follow, alone, in order.
-                seen: set[str] = set()
-                batch, alone = [], []
-                for i in chosen:
-                    (alone if items[i][0] in seen else batch).append(i)
-                    seen.add(items[i][0])
-                if len(batch) == 1:  # a pipeline of one is a plain update
-                    batch, alone = [], chosen
-            if batch:
-                done = await self._batch([items[i] for i in batch], loop)
-                for i, outcome in zip(batch, done, strict=True):
+                done = await self._batch(merged, loop)
+            for chosen, (_, results) in zip(groups.values(), done, strict=True):
+                for i, outcome in zip(chosen, results, strict=True):
                     outcomes[i] = outcome
-            for i in alone:
-                key, update = items[i]
-                try:
-                    outcomes[i] = (True, await self._update(loop, key, update))
-                except RateConflict as conflict:
-                    outcomes[i] = (False, conflict)
         return outcomes
 
     async def _batch(
@@ -447,39 +442,60 @@ class RedisStore:
         items: Sequence[tuple[str, Callable[[TokenState, float], Any]]],
         loop: asyncio.AbstractEventLoop,
     ) -> list[tuple[bool, Any]]:
+        """One pipeline of reads, then one of writes; the writes that lost to another writer
+        are prepared again on what it wrote (the script answers it) and pipelined again
+        together, as ``_update`` does for one."""
         names = [self.redis_key(key) for key, _ in items]
-        self.counts["reads"] += len(items)
+        counts = self.counts
+        counts["reads"] += len(items)
         replies = await self._pipeline(
             "reading the schedule", [(self._read, [name], []) for name in names]
         )
-        outcomes: list[tuple[bool, Any]] = []
-        writes: list[tuple[Any, list[str], list[Any]]] = []
-        written: list[int] = []
-        for index, ((_, update), name, reply) in enumerate(zip(items, names, replies, strict=True)):
-            try:
-                result, write = self._prepare(name, reply, update)
-            except RateConflict as conflict:
-                outcomes.append((False, conflict))
-                continue
-            outcomes.append((True, result))
-            if write is not None:
-                writes.append(write)
-                written.append(index)
-        if not writes:
-            return outcomes
-        answers = await self._pipeline("updating the schedule", writes)
-        for index, answer in zip(written, answers, strict=True):
-            if not isinstance(answer, list):
-                self.counts["writes"] += 1
-                continue
-            # Another process wrote first: applied again, alone, on what it wrote.
-            self.counts["lost"] += 1
-            key, update = items[index]
-            try:
-                outcomes[index] = (True, await self._update(loop, key, update, answer))
-            except RateConflict as conflict:
-                outcomes[index] = (False, conflict)
-        return outcomes
+        outcomes: list[tuple[bool, Any]] = [(False, None)] * len(items)
+        todo = list(enumerate(replies))  # (item, the state to apply it to)
+        started = loop.time()
+        lost = 0
+        while True:
+            writes: list[tuple[Any, list[str], list[Any]]] = []
+            written: list[int] = []
+            for index, reply in todo:
+                try:
+                    result, write = self._prepare(names[index], reply, items[index][1])
+                except RateConflict as conflict:
+                    outcomes[index] = (False, conflict)
+                    continue
+                outcomes[index] = (True, result)
+                if write is not None:
+                    writes.append(write)
+                    written.append(index)
+            if not writes:
+                return outcomes
+            answers = await self._pipeline("updating the schedule", writes)
+            todo = []
+            for index, answer in zip(written, answers, strict=True):
+                if isinstance(answer, list):
+                    # Another process wrote first: the script read its value and the clock.
+                    counts["lost"] += 1
+                    todo.append((index, answer))
+                else:
+                    counts["writes"] += 1
+            if not todo:
+                return outcomes
+            lost += 1
+            if loop.time() - started > _CONTENDED_FOR:
+                raise LimiterUnavailableError(
+                    f"the Redis rate limiter at {self.where} is too contended: every attempt "
+                    f"to update the schedule for {_CONTENDED_FOR:g}s lost to other writers; "
+                    "nothing was sent"
+                )
+            if lost >= 3:
+                # Writers in lockstep: step out of it at random, then read afresh.
+                await asyncio.sleep(random.uniform(0.0, min(0.05, 0.001 * 2**lost)))
+                counts["reads"] += len(todo)
+                again = await self._pipeline(
+                    "reading the schedule", [(self._read, [names[i]], []) for i, _ in todo]
+                )
+                todo = [(i, reply) for (i, _), reply in zip(todo, again, strict=True)]
 
     async def _pipeline(
         self, what: str, calls: list[tuple[Any, list[str], list[Any]]]
@@ -648,6 +664,21 @@ async def check_eviction(redis: AnyRedis, where: str) -> str | None:
     )
     logger.warning("%s", message)
     return message
+
+
+def _in_order(
+    updates: Sequence[Callable[[TokenState, float], Any]], state: TokenState, now: float
+) -> list[tuple[bool, Any]]:
+    """One token's updates of a batch, applied in order to one state: each one's outcome,
+    ``(True, result)`` or ``(False, RateConflict)`` (raised once the state was settled: that is
+    kept, as the host store keeps it)."""
+    outcomes: list[tuple[bool, Any]] = []
+    for update in updates:
+        try:
+            outcomes.append((True, update(state, now)))
+        except RateConflict as conflict:
+            outcomes.append((False, conflict))
+    return outcomes
 
 
 def _fields(raw: Any) -> dict[str, str]:
