@@ -188,6 +188,10 @@ def keeps_every_promise(
                     loop.call_later(after, task.cancel)
             tasks += [asyncio.create_task(on_event(*e)) for e in events]
             results = await asyncio.gather(*tasks, return_exceptions=True)
+            # Closed as an application would: nothing of theirs (a dispatcher woken by the last
+            # report) is left pending when the loop closes.
+            for limiter in limiters:
+                await limiter.aclose()
             await store.aclose()
             for result in results:
                 assert result is None or isinstance(result, asyncio.CancelledError), result
