@@ -31,6 +31,8 @@ from typing import IO, TYPE_CHECKING, Any, Final, Literal, NoReturn
 
 import attrs
 
+from . import _checkpoint
+from ._checkpoint import Checked, Index, OutPrefix
 from ._keys import KeyTable, key_number, number_of
 from ._snapshot import Snapshot, SnapshotError
 from .bulk import BulkRequest, BulkResult, RowId, error_code
@@ -65,6 +67,8 @@ _ROW_NUMBER_LIMIT: Final = 1 << 24
 #: size of their request instead (``max_request_bytes``: a row over it fails alone, as
 #: INVALID_ROW), so records are read with this limit (the largest a C long holds everywhere).
 _CSV_FIELD_LIMIT: Final = 2**31 - 1
+#: CSV records are read this many at a time (see ``InputFile._csv_batch``).
+_CSV_BATCH: Final = 512
 
 try:  # POSIX: keep two runs from appending to one output at once
     import fcntl
@@ -207,6 +211,9 @@ class Ledger:
     matched: int = 0  #: keyed entries that spoke for a row of the input
     #: Keys by number, for a ledger not read from a file (nothing to read them back from).
     names: dict[int, str] = attrs.Factory(dict)
+    #: What OUT's index says of the input the last run checked (``_checkpoint``): trusted by
+    #: ``InputFile.check`` only for the same input, read the same way.
+    checked: Checked | None = None
 
     def __len__(self) -> int:
         return len(self.keys) + len(self.legacy)
@@ -419,6 +426,8 @@ class InputFile:
         self._key_request: BulkRequest | None = None
         #: What check() found OUT does not answer: row numbers, digests, occurrences.
         self._unanswered: tuple[array[int], array[int], array[int]] | None = None
+        #: What check() derived from the input alone, for OUT's index (``_checkpoint``).
+        self.checked: Checked | None = None
 
     def take_snapshot(self) -> None:
         """Copy the input once; from now on every pass reads the copy (``close()`` removes
@@ -515,66 +524,26 @@ class InputFile:
         Ids must be unique. Memory stays small for big files: the first pass keeps only an
         8-byte hash per explicit id (bucketed, sorted a bucket at a time) and a bit per row
         without one; only ids whose hashes collide are compared exactly, in a second pass.
+
+        When OUT's index says what this same input (same bytes, read the same way) was found
+        to hold (``ledger.checked``, see ``_checkpoint``), the rows are not read again: each
+        row's key, kept there, is looked up in OUT's table; only rows OUT does not answer are
+        read, to be observed and named.
         """
         self.already_answered = self.already_failed = self.uncertain = 0
         self.already_invalid = 0
         self.examples = {}
-        buckets = [array("q") for _ in range(256)]
-        int_ids = array("q")  # explicit integer ids: one may be the number of an id-less row
-        implicit = bytearray()  # bit n: row n has no id of its own (its id is n)
-        rows = 0
-        # The rows OUT does not answer, and their keys: what a run then reads (``unanswered``).
-        left, digests, occurrences = array("I"), array("Q"), array("I")
-        with self._refusing():
-            for request, digest, occurrence in self.numbered():
-                rows = request.row or rows + 1
-                state = None
-                if ledger is not None:
-                    number = digest or 1 if occurrence == 1 else number_of(digest, occurrence)
-                    state = ledger.state_at(request, number)
-                if notes is not None:
-                    notes.add(request, digest, occurrence)
-                if state == "answered":
-                    self.already_answered += 1
-                else:
-                    if observe is not None:
-                        observe(request, state)
-                    left.append(rows)
-                    digests.append(digest)
-                    occurrences.append(occurrence)
-                if state == "failed":
-                    self.already_failed += 1
-                    if request.problem is not None:  # still invalid: only a fix helps
-                        self.already_invalid += 1
-                        self._example("invalid", request)
-                    else:
-                        self._example("failed", request)
-                elif state == "uncertain":
-                    self.uncertain += 1
-                    self._example("uncertain", request)
-                if request.id == request.row:
-                    byte = rows >> 3  # bit `rows` set (once a row: inline)
-                    if byte >= len(implicit):
-                        implicit.extend(bytes(byte - len(implicit) + 1024))
-                    implicit[byte] |= 1 << (rows & 7)
-                    continue
-                digest = hash(request.id)
-                buckets[digest & 0xFF].append(digest)
-                if isinstance(request.id, int) and 0 < request.id < _ROW_NUMBER_LIMIT:
-                    int_ids.append(request.id)
-        self.rows = rows
-        if notes is not None and self.unnamed_values:
-            notes.unnamed_columns = self.unnamed_columns
-        if notes is not None and self.extra_as_variables and self.format == "csv":
-            notes.variable_columns = self.extra_columns
-        self._unanswered = (left, digests, occurrences)
-        collisions: set[int] = set()
-        for bucket in buckets:
-            ordered = sorted(bucket)
-            collisions.update(a for a, b in itertools.pairwise(ordered) if a == b)
-        clashes = {i for i in int_ids if i <= rows and _bit(implicit, i)}
-        if collisions or clashes:
-            self._find_duplicates(collisions, clashes)
+        checked = ledger.checked if ledger is not None else None
+        if (
+            ledger is not None
+            and checked is not None
+            and not ledger.legacy
+            and checked.identity == self.identity()
+            and (notes is None or (checked.notes is not None and notes.normalize is None))
+        ):
+            self._check_known(checked, ledger, notes, observe)
+        else:
+            self._check_all(ledger, notes, observe)
         if ledger is not None and not allow_foreign:
             # Only lines of rows that were (or may have been) processed protect something:
             # a row that failed unprocessed, or was invalid or skipped, and was then edited or
@@ -584,6 +553,262 @@ class InputFile:
                 foreign = self._protecting(foreign, ledger)
             if foreign:
                 raise InputError(self._foreign_message(foreign, out, ledger))
+
+    def identity(self) -> dict[str, Any] | None:
+        """What the rows read from the snapshot depend on: its bytes (their digest and size)
+        and how they are read (None: no snapshot taken)."""
+        if self.snapshot is None:
+            return None
+        return {
+            "digest": self.snapshot.digest,
+            "size": self.snapshot.stamp.size,
+            "format": self.format,
+            "delimiter": self.delimiter,
+            "extra_as_variables": self.extra_as_variables,
+        }
+
+    def _check_all(
+        self,
+        ledger: Ledger | None,
+        notes: DataNotes | None,
+        observe: Callable[[BulkRequest, RowState | None], None] | None,
+    ) -> None:
+        """``check``, reading every row."""
+        buckets = [array("q") for _ in range(256)]
+        int_ids = array("q")  # explicit integer ids: one may be the number of an id-less row
+        expected = self.snapshot.lines if self.snapshot is not None else 0
+        implicit = bytearray((expected >> 3) + 2)  # bit n: row n has no id of its own (its id is n)
+        rows = answered = 0
+        # The rows OUT does not answer, and their keys: what a run then reads (``unanswered``).
+        left, digests, occurrences = array("I"), array("Q"), array("I")
+        # Every row's key, for OUT's index (8 bytes a row, and 16 a repeated content).
+        every, repeat_rows, repeat_counts = array("Q"), array("Q"), array("Q")
+        # numbered() and Ledger.state_at, inline (once a row): the contents seen, counted;
+        # OUT's keys, looked up.
+        seen = KeyTable(expected, "I")
+        counted, counts, counted_mask = seen.numbers, seen.values, seen.mask
+        filled, limit = 0, seen.limit
+        keys = ledger.keys if ledger is not None else KeyTable(0, "B")
+        numbers, values, mask = keys.numbers, keys.values, keys.mask
+        legacy = ledger is not None and bool(ledger.legacy)
+        # Data notes: of the usual row without making its request, unless --e164 (it names rows)
+        add = notes.note if notes is not None and notes.normalize is None else None
+        add_request = notes.add if notes is not None and notes.normalize is not None else None
+        matched = 0
+        blake2b, from_bytes = hashlib.blake2b, int.from_bytes
+        request: BulkRequest | None
+        usual: _Usual
+        row: int | None
+        with self._refusing():
+            for item in self._items():
+                if type(item) is tuple:  # the usual row: no request made unless needed
+                    request, usual = None, item
+                    row_id, assistant_id, customer, message, row, sheet = usual
+                    # content_number's usual row, inline (a test compares them)
+                    head = "null" if row_id == row else _json_scalar(row_id)
+                    text = (
+                        f"[{head},{assistant_id!r},{_quote(customer)},{_quote(message)},null,null]"
+                    )
+                    digest = from_bytes(blake2b(text.encode(), digest_size=8).digest(), "big")
+                    valid = True
+                else:
+                    assert isinstance(item, BulkRequest)
+                    request = item
+                    # keyed as older versions keyed it, where that differs (_key_request)
+                    keyed, self._key_request = self._key_request, None
+                    digest = content_number(keyed or request)
+                    row_id, row, customer = request.id, request.row, request.customer_identifier
+                    valid = request.problem is None
+                here = digest or 1
+                i = here & counted_mask
+                while found := counted[i]:
+                    if found == here:
+                        counts[i] += 1
+                        occurrence = counts[i]
+                        number = number_of(digest, occurrence)
+                        break
+                    i = (i + 1) & counted_mask
+                else:  # seen.put(i, here, 1), inline
+                    counted[i], counts[i] = here, 1
+                    filled += 1
+                    if filled > limit:
+                        seen.size = filled
+                        seen._grow()
+                        counted, counts, counted_mask = seen.numbers, seen.values, seen.mask
+                        limit = seen.limit
+                    occurrence, number = 1, here
+                rows = row or rows + 1
+                every.append(digest)
+                if occurrence != 1:
+                    repeat_rows.append(rows)
+                    repeat_counts.append(occurrence)
+                code = 0
+                i = number & mask
+                while found := numbers[i]:
+                    if found == number:
+                        value = values[i]
+                        if not value & _MATCHED:
+                            values[i] = value | _MATCHED
+                            matched += 1
+                        code = value & _STATE_BITS
+                        break
+                    i = (i + 1) & mask
+                if add is not None:
+                    add(customer, valid, digest, occurrence)
+                elif add_request is not None:
+                    if request is None:
+                        request = BulkRequest(
+                            row_id, assistant_id, customer, message, None, row, None, sheet
+                        )
+                    add_request(request, digest, occurrence)
+                if code == _ANSWERED:
+                    answered += 1
+                else:
+                    if request is None:
+                        request = BulkRequest(
+                            row_id, assistant_id, customer, message, None, row, None, sheet
+                        )
+                    state = _STATES[code]
+                    if legacy and not code and ledger is not None:  # lines without keys
+                        state = ledger.state_at(request, number)
+                    if state == "answered":
+                        answered += 1
+                    else:
+                        left.append(rows)
+                        digests.append(digest)
+                        occurrences.append(occurrence)
+                        self._outcome(request, state, observe)
+                if row_id == row:
+                    try:  # bit `rows` set (once a row: inline)
+                        implicit[rows >> 3] |= 1 << (rows & 7)
+                    except IndexError:
+                        implicit.extend(bytes((rows >> 3) - len(implicit) + 1024))
+                        implicit[rows >> 3] |= 1 << (rows & 7)
+                    continue
+                digest = hash(row_id)
+                buckets[digest & 0xFF].append(digest)
+                if isinstance(row_id, int) and 0 < row_id < _ROW_NUMBER_LIMIT:
+                    int_ids.append(row_id)
+        seen.size = filled
+        if ledger is not None:
+            ledger.matched += matched
+        self.already_answered = answered
+        self.rows = rows
+        self._columns_noted(notes)
+        self._unanswered = (left, digests, occurrences)
+        collisions: set[int] = set()
+        for bucket in buckets:
+            ordered = sorted(bucket)
+            collisions.update(a for a, b in itertools.pairwise(ordered) if a == b)
+        clashes = {i for i in int_ids if i <= rows and _bit(implicit, i)}
+        if collisions or clashes:
+            self._find_duplicates(collisions, clashes)
+        identity = self.identity()
+        self.checked = (
+            None
+            if identity is None or len(every) != rows
+            else Checked(
+                identity,
+                rows,
+                list(self.header),
+                list(self.extra_columns),
+                list(self.unnamed_columns),
+                self.unnamed_values,
+                None if notes is None or notes.normalize is not None else notes.state(),
+                every,
+                repeat_rows,
+                repeat_counts,
+            )
+        )
+
+    def _check_known(
+        self,
+        checked: Checked,
+        ledger: Ledger,
+        notes: DataNotes | None,
+        observe: Callable[[BulkRequest, RowState | None], None] | None,
+    ) -> None:
+        """``check`` for an input OUT's index describes (the same bytes read the same way):
+        its rows' keys are looked up in OUT's table, and only the rows OUT does not answer
+        are read."""
+        self.header = list(checked.header)
+        self.extra_columns = tuple(checked.extra_columns)
+        self.unnamed_columns = tuple(checked.unnamed_columns)
+        self.unnamed_values = checked.unnamed_values
+        if notes is not None and checked.notes is not None:
+            notes.restore(checked.notes)
+        self._columns_noted(notes)
+        keys = ledger.keys
+        numbers, values, mask = keys.numbers, keys.values, keys.mask
+        left, digests, occurrences, codes = array("I"), array("Q"), array("I"), array("B")
+        repeats = zip(checked.repeat_rows, checked.repeat_counts, strict=True)
+        next_row, next_count = next(repeats, (0, 0))
+        answered = matched = 0
+        for row, digest in enumerate(checked.digests, 1):  # Ledger.state_at, inline
+            if row == next_row:
+                occurrence, number = next_count, number_of(digest, next_count)
+                next_row, next_count = next(repeats, (0, 0))
+            else:
+                occurrence, number = 1, digest or 1
+            code = 0
+            i = number & mask
+            while found := numbers[i]:
+                if found == number:
+                    value = values[i]
+                    if not value & _MATCHED:
+                        values[i] = value | _MATCHED
+                        matched += 1
+                    code = value & _STATE_BITS
+                    break
+                i = (i + 1) & mask
+            if code == _ANSWERED:
+                answered += 1
+                continue
+            left.append(row)
+            digests.append(digest)
+            occurrences.append(occurrence)
+            codes.append(code)
+        ledger.matched += matched
+        self.already_answered = answered
+        self.rows = checked.rows
+        self._unanswered = (left, digests, occurrences)
+        self.checked = checked
+        if left:  # the rows to observe and name: read again (as a run then reads them)
+            index = 0
+            with self._refusing():
+                for request in self:
+                    if request.row == left[index]:
+                        self._outcome(request, _STATES[codes[index]], observe)
+                        index += 1
+                        if index == len(left):
+                            break
+
+    def _columns_noted(self, notes: DataNotes | None) -> None:
+        """Tell ``notes`` of the columns never sent (no name) and sent as variables."""
+        if notes is not None and self.unnamed_values:
+            notes.unnamed_columns = self.unnamed_columns
+        if notes is not None and self.extra_as_variables and self.format == "csv":
+            notes.variable_columns = self.extra_columns
+
+    def _outcome(
+        self,
+        request: BulkRequest,
+        state: RowState | None,
+        observe: Callable[[BulkRequest, RowState | None], None] | None,
+    ) -> None:
+        """Count a row OUT does not answer by its state, and show it to ``observe``."""
+        if observe is not None:
+            observe(request, state)
+        if state == "failed":
+            self.already_failed += 1
+            if request.problem is not None:  # still invalid: only a fix helps
+                self.already_invalid += 1
+                self._example("invalid", request)
+            else:
+                self._example("failed", request)
+        elif state == "uncertain":
+            self.uncertain += 1
+            self._example("uncertain", request)
 
     def _protecting(self, foreign: list[Entry], ledger: Ledger) -> list[Entry]:
         """The foreign lines whose refusal protects something: all of them when most of OUT
@@ -745,11 +970,22 @@ class InputFile:
     def __iter__(self) -> Iterator[BulkRequest]:
         with self._source.open(encoding="utf-8-sig", newline="") as file:
             if self.format == "csv":
-                yield from self._csv_rows(file)
+                yield from self._csv_rows(file)  # type: ignore[misc]  # light=False: requests
             else:
                 yield from self._jsonl_rows(file)
 
-    def _csv_rows(self, file: IO[str]) -> Iterator[BulkRequest]:
+    def _items(self) -> Iterator[BulkRequest | _Usual]:
+        """The rows, the usual CSV row as a plain ``_Usual`` tuple (for ``check``: it makes a
+        request of it only when it needs one)."""
+        with self._source.open(encoding="utf-8-sig", newline="") as file:
+            if self.format == "csv":
+                yield from self._csv_rows(file, light=True)
+            else:
+                yield from self._jsonl_rows(file)
+
+    def _csv_rows(self, file: IO[str], *, light: bool = False) -> Iterator[BulkRequest | _Usual]:
+        """The rows of a CSV input; with ``light``, the usual row as a ``_Usual`` tuple (the
+        fields its request would have), not a request."""
         reader = csv.reader(file, delimiter=self.delimiter, strict=True)
         header = self._csv_record(reader, 1, header=True)
         if header is None or not any(cell.strip() for cell in header):
@@ -790,45 +1026,91 @@ class InputFile:
         width = len(columns)
         row = 0
         sheet = 1  # the record's number, as a spreadsheet numbers its rows: the header is 1
+        last_line = reader.line_num
         while True:
-            first_line = reader.line_num + 1
-            sheet += 1
-            cells = self._csv_record(reader, sheet)
-            if cells is None:
+            # Records a batch at a time (the field size limit raised for the batch only, see
+            # _long_fields); an error after some of them is raised once they are yielded.
+            batch, ends, error = self._csv_batch(reader)
+            for cells, end in zip(batch, ends, strict=True):
+                first_line, last_line = last_line + 1, end
+                sheet += 1
+                if not (len(cells) == width and cells[at_customer].strip()) and not (
+                    "".join(cells).strip()
+                ):
+                    continue  # blank lines are not rows (but a spreadsheet shows them: counted)
+                row += 1
+                if len(cells) != width:
+                    raise InputError(
+                        f"{self.path}: row {sheet} ({_lines(first_line, end)}) has "
+                        f"{len(cells)} fields but the header has {width} columns; quote fields "
+                        f"that contain {_printable(self.delimiter)} or line breaks, and give "
+                        "every row every column (empty if unused); nothing was sent"
+                    )
+                if end > first_line:  # a field holds a line break
+                    self._check_swallowed(columns, cells, sheet, _lines(first_line, end))
+                self._cells = cells
+                if unnamed and any(cells[n].strip() for n in unnamed):
+                    self.unnamed_values += 1
+                # The usual row (a whole-number assistant, a customer, a message, no variables),
+                # made directly: what _csv_request would make of it, without its checks.
+                assistant = cells[at_assistant].strip()
+                customer = cells[at_customer].strip()
+                message = cells[at_message]
+                if (
+                    customer
+                    and message
+                    and (assistant.isdecimal() or _INTEGER.match(assistant))
+                    and (at_variables is None or not cells[at_variables].strip())
+                    and not (extra and any(cells[n].strip() for n in extra))
+                ):
+                    row_id: RowId = row if at_id is None else cells[at_id].strip() or row
+                    if light:
+                        yield row_id, int(assistant), customer, message, row, sheet
+                    else:
+                        yield BulkRequest(
+                            row_id, int(assistant), customer, message, None, row, None, sheet
+                        )
+                else:
+                    yield self._csv_request(columns, cells, row, sheet)
+            if error is not None:
+                exc, line = error
+                raise self._csv_error(exc, f"row {sheet + 1} (from line {last_line + 1})", line)
+            if len(batch) < _CSV_BATCH:
                 return
-            if not (len(cells) == width and cells[at_customer].strip()) and not (
-                "".join(cells).strip()
-            ):
-                continue  # blank lines are not rows (but a spreadsheet shows them: counted)
-            row += 1
-            if len(cells) != width:
-                raise InputError(
-                    f"{self.path}: row {sheet} ({_lines(first_line, reader.line_num)}) has "
-                    f"{len(cells)} fields but the header has {width} columns; quote fields that "
-                    f"contain {_printable(self.delimiter)} or line breaks, and give every row "
-                    "every column (empty if unused); nothing was sent"
-                )
-            if reader.line_num > first_line:  # a field holds a line break
-                self._check_swallowed(columns, cells, sheet, _lines(first_line, reader.line_num))
-            self._cells = cells
-            if unnamed and any(cells[n].strip() for n in unnamed):
-                self.unnamed_values += 1
-            # The usual row (a whole-number assistant, a customer, a message, no variables),
-            # made directly: what _csv_request would make of it, without its checks.
-            assistant = cells[at_assistant].strip()
-            customer = cells[at_customer].strip()
-            message = cells[at_message]
-            if (
-                customer
-                and message
-                and (assistant.isdecimal() or _INTEGER.match(assistant))
-                and (at_variables is None or not cells[at_variables].strip())
-                and not (extra and any(cells[n].strip() for n in extra))
-            ):
-                row_id: RowId = row if at_id is None else cells[at_id].strip() or row
-                yield BulkRequest(row_id, int(assistant), customer, message, None, row, None, sheet)
-            else:
-                yield self._csv_request(columns, cells, row, sheet)
+
+    def _csv_batch(
+        self, reader: Any
+    ) -> tuple[list[list[str]], list[int], tuple[csv.Error, int] | None]:
+        """Up to ``_CSV_BATCH`` records, the line each ends on, and the error that stopped
+        them (with the line it was found on), if one did."""
+        batch: list[list[str]] = []
+        ends: list[int] = []
+        previous = csv.field_size_limit(_CSV_FIELD_LIMIT)  # as _long_fields(), inline
+        try:
+            for cells in reader:
+                batch.append(cells)
+                ends.append(reader.line_num)
+                if len(batch) == _CSV_BATCH:
+                    break
+        except csv.Error as exc:
+            return batch, ends, (exc, reader.line_num)
+        finally:
+            if csv.field_size_limit() == _CSV_FIELD_LIMIT:
+                csv.field_size_limit(previous)
+        return batch, ends, None
+
+    def _csv_error(self, exc: csv.Error, where: str, line: int) -> InputError:
+        if "unexpected end of data" in str(exc):
+            return InputError(
+                f"{self.path}: {where} opens a quoted field that is never closed: the rest "
+                'of the file would be one field. Close the quote (or double it, "", '
+                "inside a quoted field); nothing was sent"
+            )
+        return InputError(
+            f"{self.path}: {where} is not valid CSV ({exc}, line {line}); "
+            'a quote inside a field must be doubled ("") and the field quoted; '
+            "nothing was sent"
+        )
 
     def _csv_record(self, reader: Any, sheet: int, *, header: bool = False) -> list[str] | None:
         start = reader.line_num + 1
@@ -837,17 +1119,7 @@ class InputFile:
             cells: list[str] | None = next(reader, None)
         except csv.Error as exc:
             where = f"row {sheet} (from line {start})" if not header else "the header row"
-            if "unexpected end of data" in str(exc):
-                raise InputError(
-                    f"{self.path}: {where} opens a quoted field that is never closed: the rest "
-                    'of the file would be one field. Close the quote (or double it, "", '
-                    "inside a quoted field); nothing was sent"
-                ) from None
-            raise InputError(
-                f"{self.path}: {where} is not valid CSV ({exc}, line {reader.line_num}); "
-                'a quote inside a field must be doubled ("") and the field quoted; '
-                "nothing was sent"
-            ) from None
+            raise self._csv_error(exc, where, reader.line_num) from None
         finally:
             if csv.field_size_limit() == _CSV_FIELD_LIMIT:
                 csv.field_size_limit(previous)
@@ -976,6 +1248,11 @@ def _not_utf8(path: Path) -> str | None:
     except OSError:
         return None
     return None
+
+
+#: The usual CSV row, as ``InputFile._items`` yields it: its request's id, assistant_id,
+#: customer_identifier, message, row and sheet_row (no variables, no problem).
+_Usual = tuple[RowId, int, str, str, int, int]
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -1146,6 +1423,86 @@ class _LineReader:
         ledger.note(key if isinstance(key, str) else None, data["id"], data, number)
 
 
+@attrs.define
+class _ReadState:
+    """Where ``ResultLog.read()`` stopped: after ``size`` bytes of OUT, all of whole lines
+    read clean (``reader``), their SHA-256 so far, and the index it started from, if any."""
+
+    size: int
+    reader: _LineReader
+    hasher: Any
+    index: Index | None
+
+
+def _scan(file: IO[bytes], reader: _LineReader, hasher: Any) -> tuple[int, bytes]:
+    """Read ``file`` from where it stands to its end into ``reader`` (updating ``hasher``
+    too, if given): the bytes read, and the last line if it has no newline (read too).
+
+    A block of whole lines all of the usual shapes (``_USUAL_LINES``: what a run writes for a
+    reply and before a send) is read at once, without a Python step per line; any other block
+    line by line (``_LineReader``)."""
+    ledger = reader.ledger
+    note_key = ledger.note_key
+    rest = b""
+    size = _FIRST_BLOCK
+    read = 0
+    while chunk := file.read(size):
+        size = _BLOCK
+        read += len(chunk)
+        if hasher is not None:
+            hasher.update(chunk)
+        data = rest + chunk
+        end = data.rfind(b"\n") + 1
+        block, rest = data[:end], data[end:]
+        if not block:
+            continue
+        lines = block.count(b"\n")
+        if reader.seen_one and reader.bad is None:
+            usual = _USUAL_LINES.findall(block)
+            if len(usual) == lines and (block.isascii() or _utf8(block)):
+                # A "sending" line followed by its row's answer leaves what the answer alone
+                # leaves (an answer is final): it is noted only when its answer does not follow.
+                keys = ledger.keys
+                numbers, values, mask = keys.numbers, keys.values, keys.mask
+                waiting = waiting_occurrence = b""
+                for answer, answered, journal, journaled in usual:
+                    if journal:
+                        if waiting:
+                            note_key(_number(waiting, waiting_occurrence), 3)  # uncertain
+                            numbers, values, mask = keys.numbers, keys.values, keys.mask
+                        waiting, waiting_occurrence = journal, journaled
+                        continue
+                    if waiting and (waiting != answer or waiting_occurrence != answered):
+                        note_key(_number(waiting, waiting_occurrence), 3)
+                        # (the table may have grown: its arrays are new ones)
+                        numbers, values, mask = keys.numbers, keys.values, keys.mask
+                    waiting = b""
+                    number = int(answer, 16) or 1 if answered == b"1" else _number(answer, answered)
+                    i = number & mask  # note_key(number, _ANSWERED), inline
+                    while found := numbers[i]:
+                        if found == number:
+                            value = values[i]
+                            if value & _STATE_BITS != _ANSWERED:
+                                values[i] = value & _MATCHED | _ANSWERED
+                            break
+                        i = (i + 1) & mask
+                    else:
+                        keys.put(i, number, _ANSWERED)
+                        numbers, values, mask = keys.numbers, keys.values, keys.mask
+                if waiting:
+                    note_key(_number(waiting, waiting_occurrence), 3)
+                reader.number += lines
+                continue
+        start = 0
+        for _ in range(lines):
+            stop = block.index(b"\n", start) + 1
+            reader.line(block[start:stop])
+            start = stop
+    if rest:
+        reader.line(rest)  # the last line, without its newline
+    return read, rest
+
+
 class OutWriteError(Exception):
     """OUT could not be written (disk full, quota, I/O error): the run stops sending."""
 
@@ -1176,6 +1533,10 @@ class ResultLog:
     A line that cannot be read is accepted as the last line only (a crash or a full disk cut
     it short); the next run writes a ``cut_line`` mark after it. Anywhere else, such a line is
     damage, and the run refuses, naming it: the row it recorded is unknown.
+
+    A run leaves an index beside OUT as it closes (``checkpoint()``, ``.OUT.index``): what
+    OUT and the input were found to hold, trusted by the next run only for the very bytes it
+    was made from (see ``_checkpoint``).
     """
 
     def __init__(self, path: Path, *, fsync: bool = False) -> None:
@@ -1183,10 +1544,15 @@ class ResultLog:
         self.fsync = fsync
         self._file: IO[bytes] | None = None
         self._path_lock: int | None = None
+        self._read: _ReadState | None = None  #: where read() stopped, for checkpoint()
 
     @property
     def lock_path(self) -> Path:
         return self.path.with_name(f".{self.path.name}.lock")
+
+    @property
+    def index_path(self) -> Path:
+        return self.path.with_name(f".{self.path.name}.index")
 
     def open(self) -> None:
         """Open for appending (creating OUT if needed), locked against a second run."""
@@ -1288,7 +1654,7 @@ class ResultLog:
         except OSError as exc:
             raise InputError(f"cannot read {self.path}: {exc.strerror or exc}") from None
         with file:
-            ledger, last, cut = self._parse(file)
+            ledger, last, cut = self._parse(file, keep=self._file is not None)
         if cut is not None and self._file is not None:
             # The last line was cut short by a crash (or a full disk): start afresh on a new
             # line, and mark the cut line as seen, so that it is never taken for damage.
@@ -1300,50 +1666,82 @@ class ResultLog:
                 raise InputError(str(exc)) from None
         return ledger
 
-    def _parse(self, file: IO[bytes]) -> tuple[Ledger, bytes, int | None]:
+    def _parse(self, file: IO[bytes], *, keep: bool = False) -> tuple[Ledger, bytes, int | None]:
         """The ledger of ``file``, its last byte (a newline unless a line was cut), and the
         number of its last line if that line cannot be read (and is not marked as seen).
 
-        A block of whole lines all of the usual shapes (``_USUAL_LINES``: what a run writes
-        for a reply and before a send) is read at once, without a Python step per line; any
-        other block line by line (``_LineReader``)."""
-        ledger = Ledger(path=self.path, keys=KeyTable(_count_lines(file) // 2, "B"))
-        note_key = ledger.note_key
-        reader = _LineReader(self, ledger)
-        file.seek(0)
-        rest = b""
-        size = _FIRST_BLOCK
-        while chunk := file.read(size):
-            size = _BLOCK
-            data = rest + chunk
-            end = data.rfind(b"\n") + 1
-            block, rest = data[:end], data[end:]
-            if not block:
-                continue
-            lines = block.count(b"\n")
-            if reader.seen_one and reader.bad is None:
-                usual = _USUAL_LINES.findall(block)
-                if len(usual) == lines and (block.isascii() or _utf8(block)):
-                    for answer, answered, journal, journaled in usual:
-                        digest, occurrence = answer or journal, answered or journaled
-                        code = _ANSWERED if answer else 3  # uncertain
-                        if occurrence == b"1":
-                            note_key(int(digest, 16) or 1, code)
-                        else:
-                            note_key(number_of(int(digest, 16), int(occurrence)), code)
-                    reader.number += lines
-                    continue
+        Where OUT's index covers the first bytes of OUT (their SHA-256 checked, see
+        ``_checkpoint``), its table stands for them and only the lines after them are read.
+        ``keep``: remember where reading stopped (and the SHA-256 so far), for
+        ``checkpoint()``."""
+        loaded = _checkpoint.load(self.index_path, file)
+        index: Index | None = None
+        if loaded is not None:
+            index, hasher = loaded
+            ledger = Ledger(
+                path=self.path,
+                keys=index.table,
+                unreadable_lines=index.out.unreadable_lines,
+                checked=index.checked,
+            )
+            reader = _LineReader(self, ledger)
+            reader.number, reader.seen_one = index.out.lines, index.out.seen_one
+            start = index.out.size
+        else:
+            hasher = hashlib.sha256()
+            ledger = Ledger(path=self.path, keys=KeyTable(_count_lines(file) // 2, "B"))
+            reader = _LineReader(self, ledger)
             start = 0
-            for _ in range(lines):
-                stop = block.index(b"\n", start) + 1
-                reader.line(block[start:stop])
-                start = stop
-        if rest:
-            reader.line(rest)  # the last line, without its newline
+        file.seek(start)
+        end, rest = _scan(file, reader, hasher if keep else None)
         if reader.bad is not None:
             ledger.unreadable_lines += 1
+        if keep:
+            clean = reader.bad is None and not rest
+            self._read = _ReadState(start + end, reader, hasher, index) if clean else None
         last = rest[-1:] or b"\n"
         return ledger, last, None if reader.bad is None else reader.bad[0]
+
+    def checkpoint(self, checked: Checked | None = None) -> None:
+        """Leave the index beside OUT for the next run (see ``_checkpoint``): OUT as it is now,
+        the lines this run appended read as the next run would read them (into the ledger
+        ``read()`` returned: they are rows this run sent, which it never pulls again), and
+        ``checked`` (what ``InputFile.check`` found the input to hold).
+
+        A run calls it now and then, and as it closes, so that even a run killed by a crash
+        leaves an index of most of OUT. Nothing is written if OUT was not read whole and clean
+        (a cut last line, lines without keys), nor if nothing changed. An index that cannot be
+        written is not: the next run then reads OUT whole, as it would without one."""
+        state = self._read
+        if state is None or self._file is None:
+            return
+        reader = state.reader
+        self._read = None  # unless OUT reads clean to its end
+        try:
+            with os.fdopen(os.dup(self._file.fileno()), "rb") as file:
+                file.seek(state.size)
+                end, rest = _scan(file, reader, state.hasher)
+        except (OSError, InputError):
+            return
+        ledger = reader.ledger
+        if reader.bad is not None or rest or ledger.legacy or not reader.seen_one:
+            return
+        self._read = state
+        state.size += end
+        known = state.index
+        if known is not None and end == 0 and known.checked is checked:
+            return  # the index says all this already
+        prefix = OutPrefix(
+            state.size,
+            state.hasher.hexdigest(),
+            reader.number,
+            reader.seen_one,
+            ledger.unreadable_lines,
+        )
+        index = Index(prefix, ledger.keys, checked)
+        with contextlib.suppress(OSError):
+            _checkpoint.write(self.index_path, index)
+            state.index = index
 
     def _damaged(self, number: int, line: bytes, problem: str) -> NoReturn:
         text = line.decode("utf-8", "replace").strip()
@@ -1505,6 +1903,13 @@ def fast_line(line: bytes) -> tuple[int, int] | None:
     if occurrence == b"1":
         return int(digest, 16) or 1, code
     return number_of(int(digest, 16), int(occurrence)), code
+
+
+def _number(digest: bytes, occurrence: bytes) -> int:
+    """The number of the key ``<digest>.<occurrence>`` as OUT writes it (``number_of``)."""
+    return (
+        int(digest, 16) or 1 if occurrence == b"1" else number_of(int(digest, 16), int(occurrence))
+    )
 
 
 def _utf8(line: bytes) -> bool:

@@ -67,6 +67,20 @@ class KeyTable:
         self.limit = int(capacity * _LOAD)  #: the size past which it doubles
         self.size = 0
 
+    @classmethod
+    def of(cls, numbers: array[int], values: array[int], size: int) -> KeyTable:
+        """A table made of arrays another table held (``numbers``: a power of two of them,
+        at least 16, ``size`` of them not 0; a value beside each)."""
+        capacity = len(numbers)
+        if capacity < 16 or capacity & (capacity - 1) or len(values) != capacity:
+            raise ValueError("not the arrays of a KeyTable")
+        table = cls.__new__(cls)
+        table.numbers, table.values = numbers, values
+        table.mask = capacity - 1
+        table.limit = int(capacity * _LOAD)
+        table.size = size
+        return table
+
     def __len__(self) -> int:
         return self.size
 

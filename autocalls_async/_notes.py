@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from typing import Final
+from typing import Any, Final
 
 import attrs
 
@@ -157,35 +157,82 @@ class DataNotes:
 
     def add(self, request: BulkRequest, digest: int, occurrence: int) -> None:
         """Note one row, by its key's digest and occurrence (``InputFile.check`` calls it)."""
+        if self.normalize is None:
+            self.note(request.customer_identifier, request.problem is None, digest, occurrence)
+            return
         if occurrence != 1 and request.problem is None:
-            self.identical_rows += 1
-            if occurrence == 2:
-                self.identical_groups += 1
-                if len(self.identical) < GROUPS_SHOWN:
-                    self.identical[digest] = []
+            self._identical(digest, occurrence)
         customer: str | None = request.customer_identifier
-        if self.normalize is not None and request.problem is None:
+        if request.problem is None:
             customer = self._sent(request)
             if customer is None:
                 return  # refused: never sent, no conversation
         tail = _spelled_tail(customer) if request.problem is None and customer else None
         if tail is not None and customer is not None:
-            number = int(tail) << 4 | len(tail)  # _phone_number, inline: once a row
-            spelling = hash(customer) & (_MERGED - 1)
-            phones = self.phones
-            numbers, mask = phones.numbers, phones.mask
-            i = number & mask
-            while (found := numbers[i]) and found != number:  # phones.slot, inline
-                i = (i + 1) & mask
-            if not found:
-                phones.put(i, number, spelling)
-                return
-            first = phones.values[i]
-            if not first & _MERGED and first != spelling:
-                phones.values[i] = first | _MERGED
-                self.merged += 1
-                if len(self.spellings) < GROUPS_SHOWN:
-                    self.spellings[number] = []
+            self._phone(_phone_number(tail), customer)
+
+    def _identical(self, digest: int, occurrence: int) -> None:
+        self.identical_rows += 1
+        if occurrence == 2:
+            self.identical_groups += 1
+            if len(self.identical) < GROUPS_SHOWN:
+                self.identical[digest] = []
+
+    def note(self, customer: str, valid: bool, digest: int, occurrence: int) -> None:
+        """``add`` without ``normalize`` (--e164), given the row's customer and whether it is
+        valid (has no problem): ``InputFile.check`` calls it without making a request of the
+        usual row."""
+        if not valid:
+            return
+        if occurrence != 1:
+            self._identical(digest, occurrence)
+        if not customer:
+            return
+        digits = customer[1:] if customer[:1] == "+" else customer
+        if digits.isdecimal():  # _spelled_tail, inline: once a row
+            tail = digits[-10:] if len(digits) >= 7 else None
+        else:
+            tail = _spelled_tail(customer)
+        if tail is not None:
+            self._phone(int(tail) << 4 | len(tail), customer)  # _phone_number, inline
+
+    def _phone(self, number: int, customer: str) -> None:
+        """Note a phone number (``_phone_number``) as ``customer`` spells it."""
+        spelling = hash(customer) & (_MERGED - 1)
+        phones = self.phones
+        numbers, mask = phones.numbers, phones.mask
+        i = number & mask
+        while (found := numbers[i]) and found != number:  # phones.slot, inline
+            i = (i + 1) & mask
+        if not found:
+            phones.put(i, number, spelling)
+            return
+        first = phones.values[i]
+        if not first & _MERGED and first != spelling:
+            phones.values[i] = first | _MERGED
+            self.merged += 1
+            if len(self.spellings) < GROUPS_SHOWN:
+                self.spellings[number] = []
+
+    def state(self) -> dict[str, Any]:
+        """What ``add`` found, as JSON, for OUT's index (``restore`` takes it back): the
+        counts, and the digests and numbers of the findings shown. Not the phone table,
+        which only ``add`` reads."""
+        return {
+            "identical": list(self.identical),
+            "identical_groups": self.identical_groups,
+            "identical_rows": self.identical_rows,
+            "merged": self.merged,
+            "spellings": list(self.spellings),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take back what ``state`` said ``add`` found (``find_rows`` may then follow)."""
+        self.identical = {int(digest): [] for digest in state["identical"]}
+        self.identical_groups = int(state["identical_groups"])
+        self.identical_rows = int(state["identical_rows"])
+        self.merged = int(state["merged"])
+        self.spellings = {int(number): [] for number in state["spellings"]}
 
     def find_rows(
         self, rows: Iterable[tuple[BulkRequest, int, int]], *, phones: bool = True

@@ -9,6 +9,11 @@ RSS from ``wait4``):
 * ``autocalls-async bulk IN --out OUT``: the resume itself, which finds every row answered and
   sends nothing (its base URL is a closed loopback port: a send would fail, and say so).
 
+Each twice: first on OUT alone ("no index": an OUT written before runs left an index, or moved
+without its ``.OUT.index``), which reads every line of OUT and every row of the input; the
+resume then leaves the index beside OUT, as every run does as it closes; then on OUT and that
+index, which is what a resume usually finds.
+
     python -m benchmarks.resume_scale [ROWS]      # default 1,000,000
 """
 
@@ -95,6 +100,8 @@ def measure(source: Path, out: Path) -> list[tuple[str, float, float, int, str]]
             "AUTOCALLS_LIMITER_DIR": limiter,
         }
         for name, argv, run_env in (
+            ("dry run, no index", [*command, "--dry-run"], env),
+            ("resume, no index", [*command, "--progress", "off"], resume_env),
             ("dry run", [*command, "--dry-run"], env),
             ("resume", [*command, "--progress", "off"], resume_env),
         ):
@@ -113,7 +120,7 @@ def main() -> None:
         results = measure(source, out)
     print(f"resume on {rows:,} rows (OUT {size:.0f} MiB, 2 lines per row):")
     for name, seconds, peak, code, said in results:
-        print(f"  {name + ':':9} {seconds:5.1f} s, peak RSS {peak:4.0f} MiB, exit {code}: {said}")
+        print(f"  {name + ':':18} {seconds:5.1f} s, peak RSS {peak:4.0f} MiB, exit {code}: {said}")
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ class KilledLog(ResultLog):
 
     def _append(self, data: dict[str, Any]) -> None:
         super()._append(data)
-        if self.rewrite:
+        if self.rewrite and "cut_line" not in data:  # (a cut mark is written before the copy)
             rewrite_in_place(*self.rewrite.popitem())
         if self.kill_after is not None:
             self.kill_after -= 1
@@ -89,7 +89,7 @@ async def one_run(
     log = KilledLog(out, kill_after, rewrite)
     log.task = asyncio.current_task()
     try:
-        return await run_job(
+        outcome = await run_job(
             client,
             InputFile(source),
             log,
@@ -99,6 +99,14 @@ async def one_run(
             progress_mode="off",
             allow_foreign=allow_foreign,
         )
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # Killed after its last await (a run with nothing to send, say): it had ended. The
+            # kill is taken here, or it would cancel this task as it returns.
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0)
+            task.uncancel()
+        return outcome
     except InputError as exc:
         await client.close()
         if "cannot be read" in str(exc):

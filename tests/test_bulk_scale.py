@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from autocalls_async import _bulkio, _notes
@@ -119,12 +119,64 @@ def test_the_usual_csv_row_is_made_as_the_long_way_makes_it(
             writer.writerow(record)
     source = InputFile(path, extra_as_variables=extra_as_variables)
     with path.open(encoding="utf-8", newline="") as file:
-        written = list(csv.reader(file))[1:]
-    written = [cells for cells in written if "".join(cells).strip()]
+        records = list(csv.reader(file))[1:]
+    # (a record's number as a spreadsheet shows it: the header is 1, blank records count)
+    written = [(cells, sheet) for sheet, cells in enumerate(records, 2) if "".join(cells).strip()]
     made = list(source)
     assert len(made) == len(written)
-    for number, (request, record) in enumerate(zip(made, written, strict=True), 1):
-        assert request == source._csv_request(header, record, number)
+    for number, (request, (record, sheet)) in enumerate(zip(made, written, strict=True), 1):
+        assert request == source._csv_request(header, record, number, sheet)
+
+
+@SETTINGS
+@given(
+    rows=st.lists(st.tuples(cells, cells, cells, cells, json_cells, cells), min_size=1, max_size=6),
+    with_id=st.booleans(),
+    with_variables=st.booleans(),
+    extra_as_variables=st.booleans(),
+    copies=st.integers(1, 3),
+)
+def test_the_check_keys_each_row_as_the_requests_are_keyed(
+    tmp_path_factory: pytest.TempPathFactory,
+    rows: list[tuple[str, ...]],
+    with_id: bool,
+    with_variables: bool,
+    extra_as_variables: bool,
+    copies: int,
+) -> None:
+    """``check`` keys the usual row without making its request (``InputFile._items``): its
+    keys, and the notes and outcomes, are those of the requests the reader yields."""
+    header = ["assistant_id", "customer_identifier", "message", "note"]
+    header += ["id"] * with_id + ["variables"] * with_variables
+    path = tmp_path_factory.mktemp("csv") / "in.csv"
+    with path.open("w", encoding="utf-8", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(header)
+        for assistant, customer, message, note, variables_cell, row_id in rows * copies:
+            record = [assistant, customer, message, note]
+            record += [row_id] * with_id + [variables_cell] * with_variables
+            writer.writerow(record)
+    source = InputFile(path, extra_as_variables=extra_as_variables)
+    source.take_snapshot()
+    observed: list[BulkRequest] = []
+    notes = DataNotes()
+    try:
+        try:
+            source.check(Ledger(), notes=notes, observe=lambda request, _: observed.append(request))
+        except InputError:  # ids repeated: refused either way
+            assume(False)
+        numbered = list(source.numbered())
+    finally:
+        source.close()
+    assert source.checked is not None
+    keys = [(digest, occurrence) for _, digest, occurrence in numbered]
+    repeats = dict(zip(source.checked.repeat_rows, source.checked.repeat_counts, strict=True))
+    assert [(d, repeats.get(n, 1)) for n, d in enumerate(source.checked.digests, 1)] == keys
+    assert observed == [request for request, _, _ in numbered]
+    long_way = DataNotes()
+    for request, digest, occurrence in numbered:
+        long_way.add(request, digest, occurrence)
+    assert notes.state() == long_way.state()
 
 
 def journal(key: str, sending: bool, **more: Any) -> bytes:
@@ -304,7 +356,14 @@ def test_phone_spellings_are_named_in_a_second_pass() -> None:
         "1 phone number(s) written in several ways, each way its own conversation: "
         "+1 (415) 555-1234 = 4155551234 = +14155551234 = 415-555-1234."
     )
-    assert notes.lines(e164=True) == []
+    # With --e164 the spellings are compared as sent: written one way, no note.
+    as_sent = DataNotes(
+        normalize=lambda customer: "+1" + "".join(filter(str.isdigit, customer))[-10:]
+    )
+    for request, digest, occurrence in keyed:
+        as_sent.add(request, digest, occurrence)
+    as_sent.find_rows(keyed)
+    assert as_sent.lines(e164=True) == []
     notes.find_rows(keyed, phones=False)
     assert notes.spellings == {}
 
@@ -365,14 +424,83 @@ def test_a_big_out_reads_as_its_lines_say(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_the_resume_benchmark_measures_a_dry_run_and_a_resume(tmp_path: Path) -> None:
-    """``python -m benchmarks.resume_scale``, small: both runs find every row answered."""
+    """``python -m benchmarks.resume_scale``, small: every run finds every row answered, the
+    first two without an index, the last two with the one the first resume left."""
     from benchmarks.resume_scale import measure
 
     source_path, out = write_run(tmp_path, 300)
     before = out.read_bytes()
-    (dry, dry_seconds, dry_peak, dry_code, dry_said), resume = measure(source_path, out)
-    assert (dry, dry_code) == ("dry run", 0) and dry_seconds > 0 and dry_peak > 0
-    assert "300 already answered" in dry_said
-    assert (resume[0], resume[3]) == ("resume", 0)
-    assert "0 answered, 0 failed, 300 skipped" in resume[4]
+    results = measure(source_path, out)
+    names = ["dry run, no index", "resume, no index", "dry run", "resume"]
+    assert [name for name, *_ in results] == names
+    for name, seconds, peak, code, said in results:
+        assert code == 0 and seconds > 0 and peak > 0, (name, said)
+        if name.startswith("dry run"):
+            assert "300 already answered" in said
+        else:
+            assert "0 answered, 0 failed, 300 skipped" in said
     assert out.read_bytes() == before  # nothing was sent, nothing written
+    assert ResultLog(out).index_path.exists()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        (700, '123,+1,"a quote"inside\n'),  # not valid CSV (strict)
+        (1300, '123,+1,"never closed\n'),
+        (1025, "123,+1,three,four\n"),  # a field too many
+        (600, '123,+1,"a message\n123,+2,swallowed"\n'),  # looks like a row: refused
+        (513, '123,+1,"two\nlines"\n\n\n'),  # a genuine multi-line field, blank lines after
+    ],
+)
+def test_csv_records_read_a_batch_at_a_time_read_as_one_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: tuple[int, str]
+) -> None:
+    """Records are read ``_CSV_BATCH`` at a time (the field size limit raised for the batch):
+    the rows, and the refusal with its row and line numbers, are those of reading one record
+    at a time."""
+    at, text = damage
+    rows = [f"123,+{n},message {n}\n" for n in range(1, 1500)]
+    rows.insert(at - 1, text)
+    source = tmp_path / "in.csv"
+    source.write_text("assistant_id,customer_identifier,message\n" + "".join(rows))
+
+    def read() -> tuple[list[BulkRequest], str | None]:
+        found: list[BulkRequest] = []
+        try:
+            found.extend(InputFile(source))
+        except InputError as exc:
+            return found, str(exc)
+        return found, None
+
+    batched = read()
+    monkeypatch.setattr(_bulkio, "_CSV_BATCH", 1)
+    assert batched == read()
+    assert batched[1] is not None or len(batched[0]) == 1500
+
+
+@pytest.mark.parametrize("sized", [True, False])
+def test_out_reads_as_its_lines_say_while_its_table_grows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sized: bool
+) -> None:
+    """The table of OUT's keys grows while a block is read (here from its smallest size, or
+    sized for half the keys: rows only ever sent, never answered): every key is still found,
+    with the state its lines say."""
+    if not sized:
+        monkeypatch.setattr(_bulkio, "_count_lines", lambda file: 0)
+    source_path, out = write_run(tmp_path, 600)
+    lines = out.read_bytes().splitlines(keepends=True)
+    kept = []
+    for n in range(0, len(lines), 2):  # every third row: its "sending" line only
+        kept += lines[n : n + 1] if n % 6 == 0 else lines[n : n + 2]
+    extra = [journal(f"{n:016x}.1", True) for n in range(1, 700)]  # rows sent, no answer
+    out.write_bytes(b"".join(kept[:300] + extra + kept[300:]))
+    expected: dict[str, Any] = {}
+    for line in kept + extra:
+        data, _ = _decode(line)
+        if expected.get(data["key"]) != "answered":
+            expected[data["key"]] = _state(data)
+    ledger = ResultLog(out).peek()
+    assert {key: entry.state for key, entry in ledger.by_key.items()} == expected
+    for key, state in expected.items():
+        assert ledger.state_of_key(key) == state
