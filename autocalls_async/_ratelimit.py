@@ -239,13 +239,17 @@ class _Queue:
         return Lane(self.waiting[lane], head, waiters[-1].arrival, after)
 
     def pop(self, lane: int) -> _Waiter | None:
+        """The first live waiter of ``lane``, uncounted; None when none is left. A waiter
+        whose future is done (cancelled) is dropped, but still counted: its caller uncounts it
+        as it leaves, perhaps later in this same turn of the loop. (This set the count to 0
+        when the lane was empty; the leaving caller then took it to -1, and the next caller,
+        counted to 0, waited for a dispatcher that had ended: forever.)"""
         waiters = self.lanes[lane]
         while waiters:
             waiter = waiters.popleft()
             if not waiter.future.done():
                 self.waiting[lane] -= 1
                 return waiter
-        self.waiting[lane] = 0  # nobody is left, whatever the count said
         return None
 
     def interrupt(self) -> None:
@@ -1296,6 +1300,9 @@ class Limiter(AsyncOnly):
                     waiter = queue.pop(answer.lane)
                     if waiter is None:  # everyone in that lane left meanwhile
                         grant.give_back()
+                        # Their callers uncount themselves as they leave: let them, before
+                        # asking again (a store that answers at once would not yield).
+                        await asyncio.sleep(0)
                         continue
                     queue.holding = grant
                     waiter.future.set_result(grant)

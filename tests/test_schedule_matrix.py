@@ -75,7 +75,38 @@ def flush(store: MemoryStore | HostStore, directory: Path) -> None:
         connection.close()
 
 
+def _call(
+    process: int, send_delay: float, *, unreported: bool = False, at: float = 0.0
+) -> dict[str, object]:
+    return {
+        "process": process,
+        "at": at,
+        "lane": Priority.INTERACTIVE,
+        "send_delay": send_delay,
+        "cancel_after": None,
+        "stall": False,
+        "unreported": unreported,
+    }
+
+
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Found by a longer search: a stall (a busy loop) makes a cancellation, a newcomer and the
+# dispatcher's wake fire in one turn; the dispatcher dropped the cancelled waiter and set the
+# count to 0, its caller then took it to -1, and the newcomer waited forever.
+@example(
+    [_call(0, 0.0)] * 9
+    + [
+        _call(0, 0.0, at=3.0),
+        {**_call(1, 0.0, at=2.0), "stall": True},
+        {**_call(0, 0.0, at=2.0), "cancel_after": 1.0},
+    ],
+    [],
+    3,
+    0.5,
+    0,
+    "file",
+    None,
+)
 @given(
     calls=st.lists(call, min_size=1, max_size=24),
     events=st.lists(event, max_size=3),
@@ -358,20 +389,6 @@ MUTANTS = {
     "a lease that runs out is a start": ("_settle", _lost_lease),
     "the process's own floor": ("own_free", lambda state, rules, lane: -math.inf),
 }
-
-
-def _call(
-    process: int, send_delay: float, *, unreported: bool = False, at: float = 0.0
-) -> dict[str, object]:
-    return {
-        "process": process,
-        "at": at,
-        "lane": Priority.INTERACTIVE,
-        "send_delay": send_delay,
-        "cancel_after": None,
-        "stall": False,
-        "unreported": unreported,
-    }
 
 
 @settings(
