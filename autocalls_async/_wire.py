@@ -150,24 +150,11 @@ _ESCAPED_ALNUM = (
     ("&", r"&(?:#|[aA][mM][pP]|num|percnt|bsol)"),
 )
 _MAY_DISGUISE = tuple((start, re.compile(pattern)) for start, pattern in _ESCAPED_ALNUM)
-_MAY_DISGUISE_BYTES = tuple(
-    (start.encode(), re.compile(pattern.encode())) for start, pattern in _ESCAPED_ALNUM
-)
 
 
 def _may_disguise(text: str) -> bool:
     for start, pattern in _MAY_DISGUISE:
         if start in text and pattern.search(text) is not None:
-            return True
-    return False
-
-
-def _may_disguise_bytes(body: bytes) -> bool:
-    # ``find``, not ``in``: on bytes, ``in`` first tries its operand as an int (``65 in b"A"``)
-    # and builds a TypeError to discard, which costs more than the search (CPython 3.11).
-    find = body.find
-    for start, pattern in _MAY_DISGUISE_BYTES:
-        if find(start) >= 0 and pattern.search(body) is not None:
             return True
     return False
 
@@ -450,7 +437,7 @@ class _Prepared:
         families = _families(secret, self.runs)
         #: Each screen's blocks: a candidate run that holds none of them is no run of a form.
         self.blocks = tuple(
-            tuple(sorted({block.encode() for form in family for _, block in form.blocks}))
+            tuple(sorted({block for form in family for _, block in form.blocks}))
             for family in families
         )
         #: A token too short for the shared screens gets its own (its forms' exact alphabets).
@@ -497,7 +484,7 @@ class Redactor:
     other is decoded, as far as four rounds of JSON, HTML and URL decoding, and searched.
     """
 
-    __slots__ = ("_long", "_prepared", "_raw_run", "_run", "_safe_uuids", "_screens", "_secret")
+    __slots__ = ("_long", "_prepared", "_run", "_safe_uuids", "_screens", "_secret")
 
     def __init__(self, secret: str) -> None:
         self._secret = secret
@@ -505,7 +492,6 @@ class Redactor:
         run = max(_ALNUM_RUNS.findall(secret), key=len, default="")
         #: The longest alphanumeric run, which encoders leave as is ("" is in any text).
         self._run = run if len(run) >= 4 else ""
-        self._raw_run = self._run.encode()
         self._prepared: _Prepared | None = None
         self._screens: tuple[_Screen | None, ...]
         #: Whether a UUID can be passed over (see ``_uuid_safe``): worked out at the first one,
@@ -546,13 +532,19 @@ class Redactor:
 
     def clean(self, data: bytes) -> bool:
         """True when ``data`` (as it came: a body, or headers' names and values) cannot show
-        the token nor a long run of it: the usual case, checked in C (see ``_clean``)."""
-        # ``find`` rather than ``in`` on bytes: see ``_may_disguise_bytes``.
+        the token nor a long run of it: the usual case, checked in C (see ``_clean``).
+
+        The searches run on ``data`` read as latin-1, one character per byte, so that each
+        finds what it would in the bytes: on bytes, ``in`` first tries its operand as an int
+        and builds a TypeError to drop, and ``find`` parses its arguments, either costing
+        more than the search itself (CPython 3.11)."""
+        if not self._long:
+            return False
+        text = data.decode("latin-1")
         return (
-            self._long
-            and data.find(b"\x00") < 0  # UTF-16 and UTF-32 have one in every ASCII character
-            and data.find(self._raw_run) < 0  # part of the token: not there, nor is the token
-            and not _may_disguise_bytes(data)
+            "\x00" not in text  # UTF-16 and UTF-32 have one in every ASCII character
+            and self._run not in text  # part of the token: not there, nor is the token
+            and not _may_disguise(text)
             and not self._holds_a_run(data)
         )
 
@@ -571,9 +563,9 @@ class Redactor:
                     if not kept:
                         continue
                     runs = kept
-            find = (b" ".join(runs) if len(runs) > 1 else runs[0]).find
+            joined = (b" ".join(runs) if len(runs) > 1 else runs[0]).decode("latin-1")
             for block in self._prepare().blocks[family]:
-                if find(block) >= 0:
+                if block in joined:
                     return True
         return False
 
