@@ -17,6 +17,7 @@ from typing import Protocol
 
 import aiohttp
 from aiohttp.abc import AbstractStreamWriter
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from ._decoding import ACCEPT_ENCODING, BadEncodingError, BodyDecoder, TooLargeError
@@ -130,11 +131,13 @@ class Transport:
         self._shown: URL | None = None
         if session is None:
             # The pool's session sends the rest.
-            self._headers: Mapping[str, str] = auth_header(token)
+            headers = auth_header(token)
         else:
             # Only what _decoding can decode within the cap (aiohttp would add br and zstd
             # when their libraries are installed).
-            self._headers = {**request_headers(token), "Accept-Encoding": ACCEPT_ENCODING}
+            headers = {**request_headers(token), "Accept-Encoding": ACCEPT_ENCODING}
+        #: Made once: aiohttp copies a plain dict into a CIMultiDict at every request.
+        self._headers: Mapping[str, str] = CIMultiDictProxy(CIMultiDict(headers))
         self.timeout = timeout
         self.max_response_size = max_response_size
 

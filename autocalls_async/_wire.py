@@ -11,6 +11,7 @@ import functools
 import html
 import html.entities
 import json
+import json.scanner
 import math
 import platform
 import re
@@ -62,13 +63,14 @@ _TRIM = re.compile(r"^[\s\ufeff\u200b\u200e]+|[\s\ufeff\u200b\u200e]+$")
 _ZERO_WIDTH = "\ufeff\u200b\u200e"
 
 
+#: What ``_TRIM`` strips, for ``str.strip``: every character ``\s`` matches (``str.isspace``,
+#: all below U+3001), and the zero-width ones.
+_TRIM_CHARS = "".join(chr(code) for code in range(0x3001) if chr(code).isspace()) + _ZERO_WIDTH
+
+
 def trim(text: str) -> str:
     """The string as the service will see it (it trims input before validating it)."""
-    if text and not (
-        text[0].isspace() or text[-1].isspace() or text[0] in _ZERO_WIDTH or text[-1] in _ZERO_WIDTH
-    ):
-        return text  # the common case, without the regex
-    return _TRIM.sub("", text)
+    return text.strip(_TRIM_CHARS)  # the string itself when there is nothing to strip
 
 
 USER_AGENT = (
@@ -874,6 +876,8 @@ class ReplyRequest(NamedTuple):
         )
 
 
+_new_tuple = tuple.__new__
+
 #: One encoder for every request: ``json.dumps`` with options makes a new one per call.
 _ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 _DECODER = json.JSONDecoder()
@@ -957,12 +961,9 @@ def build_request(
         raise  # pragma: no cover (one of the checks above refuses it)
     if max_bytes is not None and len(encoded) > max_bytes:
         _refuse(too_large(len(encoded), max_bytes))
-    return ReplyRequest(
-        assistant_id,
-        customer_identifier,
-        message,
-        encoded,
-        (assistant_id, trimmed),
+    # tuple.__new__: what the NamedTuple's own __new__ calls, without its Python frame.
+    return _new_tuple(
+        ReplyRequest, (assistant_id, customer_identifier, message, encoded, (assistant_id, trimmed))
     )
 
 
@@ -1054,10 +1055,25 @@ def excerpt(body: bytes, content_type: str | None = None) -> str:
     return text if len(text) <= EXCERPT else text[: EXCERPT - 1] + "…"
 
 
+#: The C scanner ``_DECODER.decode`` runs, called directly for a body with no whitespace
+#: around it (``decode`` skips that with two regex matches and two frames).
+_SCAN = getattr(json.scanner, "c_make_scanner", None)
+_scan_once = _SCAN(_DECODER) if _SCAN is not None else None
+
+
 def _decode_json(body: bytes) -> Any:
     try:
         try:
-            return _DECODER.decode(body.decode("utf-8"))  # the usual body, read as json.loads
+            text = body.decode("utf-8")
+            if _scan_once is not None and text[:1] == "{" and text[-1:] == "}":
+                try:
+                    data, end = _scan_once(text, 0)
+                except StopIteration:
+                    pass  # not JSON: decode() below says so
+                else:
+                    if end == len(text):
+                        return data
+            return _DECODER.decode(text)  # the usual body, read as json.loads
         except (UnicodeDecodeError, ValueError):
             return json.loads(body)  # a BOM, UTF-16 or UTF-32 (found as it finds them), or bad
     except (ValueError, RecursionError):
