@@ -204,11 +204,14 @@ class Transport:
         self, payload: _Body
     ) -> Response | APIConnectionError | APIResponseValidationError:
         """The response, or the SDK error to raise (returned, not raised: see ``post``)."""
-        host = self.shown.host
         borrowed = self._borrowed
         try:
             if borrowed is None:
-                session, pool = self._session()
+                pool = self._pool
+                if pool is None:
+                    session, pool = self._session()
+                else:
+                    session = pool.session
                 request = session.post(
                     self.url,
                     data=payload,
@@ -259,11 +262,11 @@ class Transport:
                 return status, headers, self._body(body)
         except aiohttp.ConnectionTimeoutError as exc:
             return APITimeoutError(
-                f"could not connect to {host} in time: {self._cause(exc)}", sent=False
+                f"could not connect to {self.shown.host} in time: {self._cause(exc)}", sent=False
             )
         except TimeoutError:
             return APITimeoutError(
-                f"no complete response from {host} within {self.timeout.total}s",
+                f"no complete response from {self.shown.host} within {self.timeout.total}s",
                 sent=payload.written,
             )
         except (aiohttp.ClientError, OSError) as exc:
@@ -274,7 +277,7 @@ class Transport:
                     sent=False,
                 )
             return APIConnectionError(
-                f"request to {host} failed: {self._cause(exc)}", sent=payload.written
+                f"request to {self.shown.host} failed: {self._cause(exc)}", sent=payload.written
             )
 
     def _cause(self, exc: BaseException) -> str:

@@ -551,6 +551,7 @@ class Redactor:
         )
 
     def _holds_a_run(self, data: bytes) -> bool:
+        blocks: tuple[tuple[str, ...], ...] | None = None
         family = -1
         for screen in self._screens:
             family += 1
@@ -566,7 +567,9 @@ class Redactor:
                         continue
                     runs = kept
             joined = (b" ".join(runs) if len(runs) > 1 else runs[0]).decode("latin-1")
-            for block in self._prepare().blocks[family]:
+            if blocks is None:
+                blocks = self._prepare().blocks
+            for block in blocks[family]:
                 if block in joined:
                     return True
         return False
@@ -950,7 +953,8 @@ def build_request(
     if variables is not None:
         if not isinstance(variables, Mapping):
             _refuse(f"variables must be a dict (a JSON object), got {type(variables).__name__}")
-        payload["variables"] = _json_value(variables, "variables")
+        flat = _flat_dict(variables) if type(variables) is dict else None
+        payload["variables"] = _json_value(variables, "variables") if flat is None else flat
     body = _encode(payload)
     try:
         encoded = body.encode("utf-8")
