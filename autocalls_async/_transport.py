@@ -17,7 +17,6 @@ from typing import Protocol
 
 import aiohttp
 from aiohttp.abc import AbstractStreamWriter
-from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from ._decoding import ACCEPT_ENCODING, BadEncodingError, BodyDecoder, TooLargeError
@@ -131,13 +130,11 @@ class Transport:
         self._shown: URL | None = None
         if session is None:
             # The pool's session sends the rest.
-            headers = auth_header(token)
+            self._headers: Mapping[str, str] = auth_header(token)
         else:
             # Only what _decoding can decode within the cap (aiohttp would add br and zstd
             # when their libraries are installed).
-            headers = {**request_headers(token), "Accept-Encoding": ACCEPT_ENCODING}
-        #: Made once: aiohttp copies a plain dict into a CIMultiDict at every request.
-        self._headers: Mapping[str, str] = CIMultiDictProxy(CIMultiDict(headers))
+            self._headers = {**request_headers(token), "Accept-Encoding": ACCEPT_ENCODING}
         self.timeout = timeout
         self.max_response_size = max_response_size
 
