@@ -131,6 +131,9 @@ class Ledger:
 
     def reserve(self, assistant_id: int) -> Ticket:
         """Reserve one call before it queues for a slot, or raise ``BudgetExceededError``."""
+        if self.budget is None and self.parent is None:  # counts only: nothing to refuse
+            self._in_flight += 1
+            return Ticket(assistant_id)
         self.check()
         ledger: Ledger | None = self
         while ledger is not None:
@@ -157,21 +160,16 @@ class Ledger:
         self._in_flight -= 1
         if not outcome:  # never sent: nothing to count
             return
-        if outcome in (1, 2):
+        if outcome != 3:  # billed or possibly billed, not refused
             self._charged += 1
-        for row in (self._totals, self._row(assistant_id)):
-            if row is not None:
-                row[0] += 1
-                row[outcome] += 1
-
-    def _row(self, assistant_id: int) -> list[int] | None:
+        row = self._totals
+        row[0] += 1
+        row[outcome] += 1
         rows = self._by_assistant
-        if rows is None:
-            return None
-        row = rows.get(assistant_id)
-        if row is None:
-            row = rows[assistant_id] = [0, 0, 0, 0]
-        return row
+        if rows is not None:
+            row = rows.get(assistant_id) or rows.setdefault(assistant_id, [0, 0, 0, 0])
+            row[0] += 1
+            row[outcome] += 1
 
     def usage(self) -> Usage:
         rows = self._by_assistant or {}

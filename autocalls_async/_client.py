@@ -21,6 +21,7 @@ from typing import Any, Concatenate, ParamSpec, Protocol, Self
 
 import aiohttp
 import attrs
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from ._budget import Budget, Ledger, Ticket, Usage
@@ -43,7 +44,7 @@ from ._pool import Gate, LimiterKey, Pool, lease_limiter, release_limiter
 from ._ratelimit import Limiter, RateLimiter, default_limiter
 from ._retry import Decision, RetryPolicy, is_retry_safe
 from ._telemetry import http_request, limiter_slot, traced
-from ._transport import OPEN, GrantExpiredError, SendGate, Transport
+from ._transport import GrantExpiredError, SendGate, Transport
 from ._wire import (
     DEFAULT_BASE_URL,
     DEFAULT_MAX_REQUEST_BYTES,
@@ -673,15 +674,15 @@ class AsyncAutocalls(AsyncOnly):
             near.put_key(key, conversation)
 
     def _remember(self, request: ReplyRequest, reply: Reply) -> Conversation:
-        assistant_id, customer_identifier = request.conversation_key
+        key = request.conversation_key
         conversation = Conversation(
-            assistant_id,
-            customer_identifier,
-            reply.conversation_id,
-            reply.ai_disabled,
-            time.time(),
+            key[0], key[1], reply.conversation_id, reply.ai_disabled, time.time()
         )
-        self._keep(conversation)
+        near = self._conversations
+        if near is not None and self._scope is None:
+            near.put_key(key, conversation)  # ``_keep``, as ``put`` would key it
+        else:
+            self._keep(conversation)
         return conversation
 
     async def _save(self, conversation: Conversation) -> None:
@@ -714,7 +715,8 @@ class AsyncAutocalls(AsyncOnly):
         is raised and nothing is sent.
         """
         try:
-            customer_identifier = self.normalize(customer_identifier)
+            if self.normalize_identifier is not None:
+                customer_identifier = self.normalize(customer_identifier)
             request = build_request(
                 assistant_id,
                 customer_identifier,
@@ -725,14 +727,19 @@ class AsyncAutocalls(AsyncOnly):
             if max_wait is not _UNSET:
                 max_wait = _check_seconds("max_wait", max_wait)
             lane = self.priority if priority is None else _check_priority(priority)
-            self._check_open()
-            self._ledger.check()
+            if self._closed or self._owner is not None:
+                self._check_open()
+            ledger = self._ledger
+            if ledger.budget is not None or ledger.parent is not None:
+                ledger.check()
         except AutocallsError:
             self.stats.errors += 1
             raise
         if max_wait is _UNSET:
             max_wait = self.max_wait
-        loop = self._bind_loop()
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._bind_loop()
         deadline = None if max_wait is None else loop.time() + max_wait
         task = asyncio.current_task()
         assert task is not None  # a coroutine awaited in asyncio always runs in a task
@@ -772,7 +779,8 @@ class AsyncAutocalls(AsyncOnly):
             self.stats.errors += 1
             raise
         finally:
-            self._leave_waiting(task)
+            if self._waiting and task in self._waiting:  # usually left at the send
+                self._leave_waiting(task)
         self.stats.replies += 1
         return reply
 
@@ -958,7 +966,8 @@ class AsyncAutocalls(AsyncOnly):
         priority: Priority,
     ) -> Reply:
         loop = asyncio.get_running_loop()
-        self._check_open()
+        if self._closed or self._owner is not None:
+            self._check_open()
         # The budget is reserved before queueing for a slot: a call that cannot be paid for
         # fails at once and never takes a slot from the others.
         ticket = self._ledger.reserve(request.assistant_id)
@@ -972,7 +981,7 @@ class AsyncAutocalls(AsyncOnly):
                 taken = True
             waited_from = loop.time()
             if self._limiter is None:
-                reply = await self._send(request, task, attempt, 0.0, _Billed(OPEN, ticket))
+                reply = await self._send(request, task, attempt, 0.0, _BilledOpen(ticket))
             else:
                 async with limiter_slot(
                     self._limiter, self._limiter_key, deadline=deadline, priority=priority
@@ -1022,7 +1031,8 @@ class AsyncAutocalls(AsyncOnly):
         waited: float,
         gate: SendGate,
     ) -> Reply:
-        self._check_open()
+        if self._closed or self._owner is not None:
+            self._check_open()
         hook = on_send.get()
         if hook is not None:
             hook()
@@ -1037,7 +1047,9 @@ class AsyncAutocalls(AsyncOnly):
             status, headers, body = await http_request(self._transport.shown, attempt, post)
             if status == 429:
                 self.stats.rate_limited += 1
-            stated = stated_limit_text(headers)
+            stated = headers.get("X-RateLimit-Limit")
+            if stated is None and not isinstance(headers, CIMultiDictProxy | CIMultiDict):
+                stated = stated_limit_text(headers)  # pragma: no cover (the transport's are)
             if stated is not None and stated != self._stated:
                 await self._server_states(stated, headers)
             return parse_reply(
@@ -1063,6 +1075,18 @@ class AsyncAutocalls(AsyncOnly):
                     waited,
                     loop.time() - started,
                 )
+
+
+class _BilledOpen:
+    """No rate limit, and the budget: a request written is a request that may be billed."""
+
+    __slots__ = ("_ticket",)
+
+    def __init__(self, ticket: Ticket) -> None:
+        self._ticket = ticket
+
+    def sent(self) -> None:
+        self._ticket.sent = True
 
 
 class _Billed:

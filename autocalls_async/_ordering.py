@@ -27,7 +27,9 @@ class KeyedOrder:
     __slots__ = ("_entries",)
 
     def __init__(self) -> None:
-        self._entries: dict[Hashable, _Entry] = {}
+        #: key -> its entry, or None while one call holds it and none waits (the usual case:
+        #: no object made per call)
+        self._entries: dict[Hashable, _Entry | None] = {}
 
     def __len__(self) -> int:
         """Keys with a running or waiting call (0 when idle: nothing is left behind)."""
@@ -38,15 +40,18 @@ class KeyedOrder:
         False: ``acquire`` waits for it. Every success must be paired with release()."""
         if key in self._entries:
             return False
-        self._entries[key] = _Entry()
+        self._entries[key] = None
         return True
 
     async def acquire(self, key: Hashable) -> None:
         """Wait for the turn of ``key``; every successful call must be paired with release()."""
-        entry = self._entries.get(key)
-        if entry is None:
-            self._entries[key] = _Entry()
+        entries = self._entries
+        if key not in entries:
+            entries[key] = None
             return
+        entry = entries[key]
+        if entry is None:  # held by one call: an entry now counts it and this one
+            entry = entries[key] = _Entry()
         entry.users += 1
         try:
             gate = entry.gate
@@ -62,6 +67,9 @@ class KeyedOrder:
 
     def release(self, key: Hashable) -> None:
         entry = self._entries[key]
+        if entry is None:  # nobody waits
+            del self._entries[key]
+            return
         if entry.gate is not None:
             entry.gate.release()
         self._leave(key, entry)

@@ -79,9 +79,11 @@ class Gate:
 
     def try_take(self) -> bool:
         """A place now, if one is free and nobody waits for one (the usual case)."""
-        if self.free > 0 and self._nobody_waits():
-            self.free -= 1
-            return True
+        if self.free > 0:
+            interactive, background = self._lanes
+            if (not interactive and not background) or self._nobody_waits():
+                self.free -= 1
+                return True
         return False
 
     async def take(self, lane: int) -> None:
@@ -99,12 +101,14 @@ class Gate:
 
     def give(self) -> None:
         """Give a place back: to the next waiter, interactive first, else to the free ones."""
-        for lane in self._lanes:
-            while lane:
-                future = lane.popleft()
-                if not future.done():
-                    future.set_result(None)  # the place passes straight to it
-                    return
+        interactive, background = self._lanes
+        if interactive or background:
+            for lane in self._lanes:
+                while lane:
+                    future = lane.popleft()
+                    if not future.done():
+                        future.set_result(None)  # the place passes straight to it
+                        return
         self.free += 1
 
 

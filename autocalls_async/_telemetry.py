@@ -169,6 +169,7 @@ class _Signals:
 
 
 SIGNALS = _Signals()
+_modules = sys.modules
 
 
 def _signals() -> _Signals | None:
@@ -223,6 +224,8 @@ def traced(
 
     @functools.wraps(method)
     def generate_reply(self: C, /, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
+        if "opentelemetry" not in _modules and (SIGNALS.tracer is None or SIGNALS.meters is None):
+            return method(self, *args, **kwargs)  # what _signals() says, without its frame
         signals = _signals()
         if signals is None:
             return method(self, *args, **kwargs)

@@ -201,11 +201,14 @@ class Transport:
         self, payload: _Body
     ) -> Response | APIConnectionError | APIResponseValidationError:
         """The response, or the SDK error to raise (returned, not raised: see ``post``)."""
-        host = self.shown.host
         borrowed = self._borrowed
         try:
             if borrowed is None:
-                session, pool = self._session()
+                pool = self._pool
+                if pool is None:
+                    session, pool = self._session()
+                else:
+                    session = pool.session
                 request = session.post(
                     self.url,
                     data=payload,
@@ -234,6 +237,18 @@ class Transport:
                 )
             async with request as response:
                 status = response.status
+                declared = response.content_length
+                received = response.headers
+                if (
+                    declared is not None
+                    and declared <= self.max_response_size
+                    and "Content-Encoding" not in received
+                    and "Transfer-Encoding" not in received
+                ):
+                    # The usual reply (see ``_read``), read before anything is shown, its
+                    # headers and body then checked for the token in one pass.
+                    body = await response.read()
+                    return self._checked(status, response, body)
                 headers = self._headers_of(response)
                 try:
                     body = await self._read(response, headers)
@@ -244,11 +259,11 @@ class Transport:
                 return status, headers, self._body(body)
         except aiohttp.ConnectionTimeoutError as exc:
             return APITimeoutError(
-                f"could not connect to {host} in time: {self._cause(exc)}", sent=False
+                f"could not connect to {self.shown.host} in time: {self._cause(exc)}", sent=False
             )
         except TimeoutError:
             return APITimeoutError(
-                f"no complete response from {host} within {self.timeout.total}s",
+                f"no complete response from {self.shown.host} within {self.timeout.total}s",
                 sent=payload.written,
             )
         except (aiohttp.ClientError, OSError) as exc:
@@ -259,7 +274,7 @@ class Transport:
                     sent=False,
                 )
             return APIConnectionError(
-                f"request to {host} failed: {self._cause(exc)}", sent=payload.written
+                f"request to {self.shown.host} failed: {self._cause(exc)}", sent=payload.written
             )
 
     def _cause(self, exc: BaseException) -> str:
@@ -277,6 +292,17 @@ class Transport:
 
     def _body(self, body: bytes) -> bytes:
         return body if self._redactor is None else self._redactor.body(body)
+
+    def _checked(self, status: int, response: aiohttp.ClientResponse, body: bytes) -> Response:
+        """The response as received when neither its headers nor its body can show the token
+        (the usual case: one check of both, joined by a line break, which no token holds, so
+        that whatever either part shows the whole does); else each part masked."""
+        redactor = self._redactor
+        if redactor is None or redactor.clean(
+            b"\n".join(chain(chain.from_iterable(response.raw_headers), (body,)))
+        ):
+            return status, response.headers, body
+        return status, self._headers_of(response), self._body(body)
 
     def _headers_of(self, response: aiohttp.ClientResponse) -> Mapping[str, str]:
         headers = response.headers

@@ -11,6 +11,7 @@ import functools
 import html
 import html.entities
 import json
+import json.scanner
 import math
 import platform
 import re
@@ -62,13 +63,14 @@ _TRIM = re.compile(r"^[\s\ufeff\u200b\u200e]+|[\s\ufeff\u200b\u200e]+$")
 _ZERO_WIDTH = "\ufeff\u200b\u200e"
 
 
+#: What ``_TRIM`` strips, for ``str.strip``: every character ``\s`` matches (``str.isspace``,
+#: all below U+3001), and the zero-width ones.
+_TRIM_CHARS = "".join(chr(code) for code in range(0x3001) if chr(code).isspace()) + _ZERO_WIDTH
+
+
 def trim(text: str) -> str:
     """The string as the service will see it (it trims input before validating it)."""
-    if text and not (
-        text[0].isspace() or text[-1].isspace() or text[0] in _ZERO_WIDTH or text[-1] in _ZERO_WIDTH
-    ):
-        return text  # the common case, without the regex
-    return _TRIM.sub("", text)
+    return text.strip(_TRIM_CHARS)  # the string itself when there is nothing to strip
 
 
 USER_AGENT = (
@@ -150,21 +152,11 @@ _ESCAPED_ALNUM = (
     ("&", r"&(?:#|[aA][mM][pP]|num|percnt|bsol)"),
 )
 _MAY_DISGUISE = tuple((start, re.compile(pattern)) for start, pattern in _ESCAPED_ALNUM)
-_MAY_DISGUISE_BYTES = tuple(
-    (start.encode(), re.compile(pattern.encode())) for start, pattern in _ESCAPED_ALNUM
-)
 
 
 def _may_disguise(text: str) -> bool:
     for start, pattern in _MAY_DISGUISE:
         if start in text and pattern.search(text) is not None:
-            return True
-    return False
-
-
-def _may_disguise_bytes(body: bytes) -> bool:
-    for start, pattern in _MAY_DISGUISE_BYTES:
-        if start in body and pattern.search(body) is not None:
             return True
     return False
 
@@ -447,7 +439,7 @@ class _Prepared:
         families = _families(secret, self.runs)
         #: Each screen's blocks: a candidate run that holds none of them is no run of a form.
         self.blocks = tuple(
-            tuple(sorted({block.encode() for form in family for _, block in form.blocks}))
+            tuple(sorted({block for form in family for _, block in form.blocks}))
             for family in families
         )
         #: A token too short for the shared screens gets its own (its forms' exact alphabets).
@@ -494,7 +486,7 @@ class Redactor:
     other is decoded, as far as four rounds of JSON, HTML and URL decoding, and searched.
     """
 
-    __slots__ = ("_long", "_prepared", "_raw_run", "_run", "_safe_uuids", "_screens", "_secret")
+    __slots__ = ("_long", "_prepared", "_run", "_safe_uuids", "_screens", "_secret")
 
     def __init__(self, secret: str) -> None:
         self._secret = secret
@@ -502,7 +494,6 @@ class Redactor:
         run = max(_ALNUM_RUNS.findall(secret), key=len, default="")
         #: The longest alphanumeric run, which encoders leave as is ("" is in any text).
         self._run = run if len(run) >= 4 else ""
-        self._raw_run = self._run.encode()
         self._prepared: _Prepared | None = None
         self._screens: tuple[_Screen | None, ...]
         #: Whether a UUID can be passed over (see ``_uuid_safe``): worked out at the first one,
@@ -543,16 +534,24 @@ class Redactor:
 
     def clean(self, data: bytes) -> bool:
         """True when ``data`` (as it came: a body, or headers' names and values) cannot show
-        the token nor a long run of it: the usual case, checked in C (see ``_clean``)."""
+        the token nor a long run of it: the usual case, checked in C (see ``_clean``).
+
+        The searches run on ``data`` read as latin-1, one character per byte, so that each
+        finds what it would in the bytes: on bytes, ``in`` first tries its operand as an int
+        and builds a TypeError to drop, and ``find`` parses its arguments, either costing
+        more than the search itself (CPython 3.11)."""
+        if not self._long:
+            return False
+        text = data.decode("latin-1")
         return (
-            self._long
-            and b"\x00" not in data  # UTF-16 and UTF-32 have one in every ASCII character
-            and self._raw_run not in data  # part of the token: not there, nor is the token
-            and not _may_disguise_bytes(data)
+            "\x00" not in text  # UTF-16 and UTF-32 have one in every ASCII character
+            and self._run not in text  # part of the token: not there, nor is the token
+            and not _may_disguise(text)
             and not self._holds_a_run(data)
         )
 
     def _holds_a_run(self, data: bytes) -> bool:
+        blocks: tuple[tuple[str, ...], ...] | None = None
         family = -1
         for screen in self._screens:
             family += 1
@@ -567,8 +566,10 @@ class Redactor:
                     if not kept:
                         continue
                     runs = kept
-            joined = b" ".join(runs) if len(runs) > 1 else runs[0]
-            for block in self._prepare().blocks[family]:
+            joined = (b" ".join(runs) if len(runs) > 1 else runs[0]).decode("latin-1")
+            if blocks is None:
+                blocks = self._prepare().blocks
+            for block in blocks[family]:
                 if block in joined:
                     return True
         return False
@@ -787,6 +788,10 @@ def _json_value(value: object, path: str, depth: int = 0, *, check: bool = False
     """
     if depth > MAX_JSON_DEPTH:
         _refuse(f"{path} is nested more than {MAX_JSON_DEPTH} levels deep")
+    if type(value) is dict and not check:
+        flat = _flat_dict(value)
+        if flat is not None:
+            return flat
     if value is None or isinstance(value, bool):
         return value
     # A subclass of int, float or str (an IntEnum, a StrEnum, your own) is sent as the data it
@@ -836,6 +841,26 @@ def _json_value(value: object, path: str, depth: int = 0, *, check: bool = False
     )
 
 
+def _flat_dict(value: dict[Any, Any]) -> dict[str, Any] | None:
+    """A copy of the usual ``variables`` (a dict of ``str`` keys to ``str``, ``bool``,
+    ``None``, ``int`` in range, finite ``float``, all of exactly those types), which
+    ``_json_value`` would return the same; None for anything else, which it then checks
+    piece by piece (and names what it refuses)."""
+    plain: dict[str, Any] = {}
+    for key, item in value.items():
+        kind = type(item)
+        if type(key) is not str or not (
+            kind is str
+            or item is None
+            or kind is bool
+            or (kind is int and MIN_JSON_INT <= item <= MAX_JSON_INT)
+            or (kind is float and math.isfinite(item))
+        ):
+            return None
+        plain[key] = item
+    return plain
+
+
 class ReplyRequest(NamedTuple):
     """A validated request; ``body`` is the exact bytes that will be sent."""
 
@@ -854,9 +879,33 @@ class ReplyRequest(NamedTuple):
         )
 
 
+_new_tuple = tuple.__new__
+
 #: One encoder for every request: ``json.dumps`` with options makes a new one per call.
 _ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 _DECODER = json.JSONDecoder()
+
+
+def _c_encoder() -> Callable[[Any], str]:
+    """``_ENCODER.encode``, with the C encoder made once rather than at each call (what
+    ``JSONEncoder.iterencode`` does); the pure-Python path where the C one is missing."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # pragma: no cover (CPython has it)
+        return _ENCODER.encode
+    # No circular-reference markers: the payload is a fresh tree of plain data that
+    # ``_json_value`` built, no deeper than MAX_JSON_DEPTH.
+    chunks = make(
+        None, _ENCODER.default, json.encoder.encode_basestring, None, ":", ",", False, False, False
+    )
+    join = "".join
+
+    def encode(payload: Any) -> str:
+        return join(chunks(payload, 0))
+
+    return encode
+
+
+_encode = _c_encoder()
 
 
 def build_request(
@@ -883,7 +932,8 @@ def build_request(
             f"got {type(customer_identifier).__name__}"
         )
     customer_identifier = str.__str__(customer_identifier)  # a str subclass: its data
-    if not trim(customer_identifier):
+    trimmed = trim(customer_identifier)
+    if not trimmed:
         _refuse("customer_identifier is empty")
     if len(customer_identifier) > MAX_CUSTOMER_IDENTIFIER:
         _refuse(
@@ -903,8 +953,9 @@ def build_request(
     if variables is not None:
         if not isinstance(variables, Mapping):
             _refuse(f"variables must be a dict (a JSON object), got {type(variables).__name__}")
-        payload["variables"] = _json_value(variables, "variables")
-    body = _ENCODER.encode(payload)
+        flat = _flat_dict(variables) if type(variables) is dict else None
+        payload["variables"] = _json_value(variables, "variables") if flat is None else flat
+    body = _encode(payload)
     try:
         encoded = body.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate somewhere: say where
@@ -914,12 +965,9 @@ def build_request(
         raise  # pragma: no cover (one of the checks above refuses it)
     if max_bytes is not None and len(encoded) > max_bytes:
         _refuse(too_large(len(encoded), max_bytes))
-    return ReplyRequest(
-        assistant_id,
-        customer_identifier,
-        message,
-        encoded,
-        (assistant_id, trim(customer_identifier)),
+    # tuple.__new__: what the NamedTuple's own __new__ calls, without its Python frame.
+    return _new_tuple(
+        ReplyRequest, (assistant_id, customer_identifier, message, encoded, (assistant_id, trimmed))
     )
 
 
@@ -1011,10 +1059,25 @@ def excerpt(body: bytes, content_type: str | None = None) -> str:
     return text if len(text) <= EXCERPT else text[: EXCERPT - 1] + "…"
 
 
+#: The C scanner ``_DECODER.decode`` runs, called directly for a body with no whitespace
+#: around it (``decode`` skips that with two regex matches and two frames).
+_SCAN = getattr(json.scanner, "c_make_scanner", None)
+_scan_once = _SCAN(_DECODER) if _SCAN is not None else None
+
+
 def _decode_json(body: bytes) -> Any:
     try:
         try:
-            return _DECODER.decode(body.decode("utf-8"))  # the usual body, read as json.loads
+            text = body.decode("utf-8")
+            if _scan_once is not None and text[:1] == "{" and text[-1:] == "}":
+                try:
+                    data, end = _scan_once(text, 0)
+                except StopIteration:
+                    pass  # not JSON: decode() below says so
+                else:
+                    if end == len(text):
+                        return data
+            return _DECODER.decode(text)  # the usual body, read as json.loads
         except (UnicodeDecodeError, ValueError):
             return json.loads(body)  # a BOM, UTF-16 or UTF-32 (found as it finds them), or bad
     except (ValueError, RecursionError):

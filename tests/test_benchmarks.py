@@ -70,7 +70,12 @@ def test_overhead_compares_every_client() -> None:
         assert f"{client}, c=1" in cases
         assert f"{client}, c=20" in cases
     targets = [row for row in result.rows if row.target is not None]
-    assert {row.metric for row in targets} == {"throughput ratio", "p50 latency ratio"}
+    assert {row.metric for row in targets} == {
+        "throughput ratio",
+        "p50 latency ratio",
+        "client CPU/call ratio",
+    }
+    assert all(row.case == "SDK ÷ raw aiohttp, c=20" for row in targets)
 
 
 def test_cli_runs_selected_benchmark_and_writes_json(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import html
 import json
 import logging
@@ -101,6 +102,18 @@ async def _echo(request: web.Request) -> web.StreamResponse:
     if mode == "header-name":  # the token in a header's name (only tchars in that token)
         return web.json_response(
             {"message": "Unauthenticated."}, status=401, headers={f"X-Echo-{token}": "1"}
+        )
+    if mode == "both":  # the token in a header and in the body (checked in one pass)
+        return web.json_response(
+            {"message": f"Bad {auth}"}, status=401, headers={"X-Debug-Auth": auth}
+        )
+    if mode == "gzip":  # the same, gzip-encoded: read by the other path, headers masked first
+        data = gzip.compress(json.dumps({"message": f"Bad {auth}"}).encode())
+        return web.Response(
+            body=data,
+            status=401,
+            content_type="application/json",
+            headers={"Content-Encoding": "gzip", "X-Debug-Auth": auth},
         )
     if mode == "header":  # the token echoed in a response header only
         return web.json_response(
@@ -201,6 +214,8 @@ def _shows_token(text: str) -> bool:
         ("false", sdk.APIError),
         ("invalid", sdk.APIResponseValidationError),
         ("header", sdk.AuthenticationError),
+        ("both", sdk.AuthenticationError),
+        ("gzip", sdk.AuthenticationError),
     ],
 )
 async def test_an_echoed_token_is_masked_everywhere(
@@ -221,8 +236,10 @@ async def test_an_echoed_token_is_masked_everywhere(
         "log": caplog.text,
     }
     assert not {where for where, text in shown.items() if _shows_token(text)}
-    if mode == "header":
+    if mode in ("header", "both", "gzip"):
         assert exc.headers["X-Debug-Auth"] == f"Bearer {REDACTED}"
+        if mode != "header":
+            assert exc.message == f"Bad Bearer {REDACTED}"
     elif mode == "invalid":
         assert exc.body["debug"] == REDACTED
     else:  # the message still says what the server said, the token masked
@@ -799,3 +816,42 @@ def test_tokens_of_one_alphabet_share_their_screens() -> None:
     second = Redactor("2|" + "b" * 38)
     assert first._screens is second._screens
     assert Redactor("3-" + "c" * 38)._screens is not first._screens
+
+
+#: What a response's headers and body are made of: the token's pieces, forms and neighbours.
+_PIECES = st.sampled_from(
+    [
+        LONG_TOKEN,
+        LONG_TOKEN[:16],
+        LONG_TOKEN[-16:],
+        LONG_TOKEN[3:18],
+        LONG_TOKEN[::-1][:16],
+        _b64(LONG_TOKEN),
+        LONG_TOKEN.encode().hex()[:32],
+        quote(LONG_TOKEN, safe=""),
+        "7c9e6679-7425-40de-944b-e07fc1f90ae7",
+        "Content-Type",
+        "application/json",
+        "Bearer ",
+        "%41",
+        "&amp;",
+        "\\u0041",
+        "|",
+        "\n",
+        " ",
+        "x",
+        "\x00",
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_PIECES, max_size=8), st.lists(_PIECES, max_size=8))
+def test_headers_and_body_checked_together_are_each_clean(head: list[str], tail: list[str]) -> None:
+    """The transport checks a reply's headers and body in one pass, joined by a line break:
+    when that finds nothing, neither part on its own may show the token."""
+    redactor = Redactor(LONG_TOKEN)
+    headers, body = "".join(head).encode(), "".join(tail).encode()
+    if redactor.clean(headers + b"\n" + body):
+        assert redactor.clean(headers) and redactor.clean(body)
+        assert not redactor._reveals(headers.decode()) and not redactor._reveals(body.decode())

@@ -647,3 +647,67 @@ def test_the_usual_replys_shortcut_agrees_with_the_converter(fields: dict[str, A
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(wire, "_usual_reply", lambda data, customer: None)
         assert outcome() == fast
+
+
+# ------------------------------------------------------------------ the per-call fast paths
+
+
+def test_trim_strips_what_the_regex_strips_at_every_code_point() -> None:
+    """``trim`` is ``str.strip`` with a set of characters made once; Laravel's TrimStrings
+    (the regex) is the reference, at either end, for every character."""
+    for code in range(0x110000):
+        char = chr(code)
+        for text in (f"a{char}", f"{char}a", f"{char}{char}", char):
+            assert wire.trim(text) == wire._TRIM.sub("", text), hex(code)
+
+
+_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=wire.MIN_JSON_INT, max_value=wire.MAX_JSON_INT)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text()
+)
+_JSON = st.recursive(
+    _SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(), _JSON, max_size=5), st.text(min_size=1), st.text(min_size=1))
+def test_the_body_is_what_json_dumps_makes(
+    variables: dict[str, Any], customer: str, text: str
+) -> None:
+    """The encoder made once, and the flat ``variables`` copied directly, give the bytes that
+    ``json.dumps`` gives for the same payload (or the same refusal)."""
+    payload = {
+        "assistant_id": 7,
+        "customer_identifier": f"c{customer}",
+        "message": f"m{text}",
+        "variables": variables,
+    }
+    try:
+        expected = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:
+        expected = None  # a lone surrogate
+    try:
+        request = build_request(7, f"c{customer}", f"m{text}", variables)
+    except InvalidRequestError:
+        assert expected is None
+        return
+    assert request.body == expected
+    assert json.loads(request.body)["variables"] == variables
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(), _JSON, max_size=5), st.sampled_from(["", " ", "\n", "\t "]))
+def test_a_body_is_decoded_as_json_loads_decodes_it(data: dict[str, Any], space: str) -> None:
+    text = json.dumps(data, ensure_ascii=False)
+    for body in (text, f"{space}{text}{space}", f"{text}x", text[:-1], f"{text}{text}"):
+        try:
+            expected = json.loads(body)
+        except ValueError:
+            expected = None
+        assert wire._decode_json(body.encode()) == expected
