@@ -33,6 +33,7 @@ SAMPLES: dict[str, Any] = {
     "retry_after": 7.5,
     "assistant_id": 123,
     "cause": "row-42",
+    "row": "row 43",
 }
 #: The attributes compared after the round trip (when the error has them).
 COMPARED = ("message", "status", "error_code", "sent", "maybe_processed", "retry_after")
