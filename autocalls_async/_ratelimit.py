@@ -39,7 +39,12 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Protocol, Self, TypeVar, cast, runtime_checkable
 
 from . import _schedule as schedule
-from ._errors import InvalidRequestError, LimiterUnavailableError, RateLimitTimeout
+from ._errors import (
+    ClientClosedError,
+    InvalidRequestError,
+    LimiterUnavailableError,
+    RateLimitTimeout,
+)
 from ._hoststore import boot_id, forget_schedule, note_schedules
 from ._identity import token_id
 from ._lifecycle import AsyncOnly
@@ -386,8 +391,11 @@ class _Grant:
         """At the end of the ``slot()`` block: give back if unused, and wait for the report."""
         self.give_back()
         if self._report is not None:
-            # Shielded: a second cancellation of the caller must not abandon the report.
-            await asyncio.shield(self._report)
+            # Shielded: a second cancellation of the caller must not abandon the report. Its
+            # failure is the store's, logged, and settled by the lease (a start at its end):
+            # never the caller's, whose request was written (it must not read "not sent").
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._report)
 
     def _close(self, operation: Callable[[schedule.TokenState, float], None]) -> None:
         self._done = True
@@ -575,9 +583,16 @@ class Limiter(AsyncOnly):
         loop = asyncio.get_running_loop()
         front = self._fronts.get(loop)
         if front is not None:
+            closed = ClientClosedError(
+                "the rate limiter was closed while this call waited for a slot; nothing was sent"
+            )
             for queue in front.queues.values():
                 if queue.dispatcher is not None:
                     queue.dispatcher.cancel()
+                # Its waiters hear it now: no dispatcher will ask for them any more.
+                for lane in (0, 1):
+                    while (waiter := queue.pop(lane)) is not None:
+                        waiter.future.set_exception(closed)
             unregister = functools.partial(schedule.unregister, rules=self.rules, who=front.who)
             if self._batched:
                 # Every token's in a few transactions (a batch each), not one per token.

@@ -250,3 +250,53 @@ async def test_redis_batches_in_two_round_trips_and_keeps_the_window(
         assert times[2] - times[0] >= rate.period, (key, times)
     assert operations >= 400
     assert pipelines and max(pipelines) >= 50, pipelines  # many tokens per round trip
+
+
+# ---------------------------------------------------------------------- found by a break round
+
+
+async def test_a_report_the_store_lost_never_says_the_written_request_was_not_sent() -> None:
+    """Redis goes away between the grant and the report of a written request: the slot's exit
+    does not raise (it raised LimiterUnavailableError "... nothing was sent" for a request the
+    service had answered and billed, inviting a resend); the report's failure is logged, and
+    the lease settles it."""
+    from autocalls_async import RedisRateLimiter
+
+    server = RedisServer(require_redis_server()).start()
+    try:
+        limiter = RedisRateLimiter(server.url, rate_limit=RATE, prefix="lost:", timeout=0.5)
+        async with limiter.slot("tok") as slot:
+            server.stop()  # the request is written now, its report finds no Redis
+            slot.sent()
+        with pytest.raises(Exception, match="unavailable"):  # the store is gone: said so
+            async with limiter.slot("tok") as slot:
+                slot.sent()
+        await limiter.aclose()
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("kind", ["host", "local"])
+async def test_closing_a_limiter_tells_its_waiters(tmp_path: Path, kind: str) -> None:
+    """``aclose()`` while calls wait for their slots: each hears ClientClosedError at once
+    (they waited forever: nothing asked for them any more)."""
+    from autocalls_async import ClientClosedError, LocalRateLimiter
+
+    rate = RateLimit(2, 1.0)
+    limiter: Any = (
+        HostRateLimiter(tmp_path, rate_limit=rate) if kind == "host" else LocalRateLimiter(rate)
+    )
+
+    async def call() -> str:
+        async with limiter.slot("tok") as slot:
+            slot.sent()
+        return "ok"
+
+    tasks = [asyncio.create_task(call()) for _ in range(8)]
+    await asyncio.sleep(0.2)  # two went, six wait for the window
+    await limiter.aclose()
+    async with asyncio.timeout(2.0):
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert results.count("ok") == 2, results
+    closed = [r for r in results if isinstance(r, ClientClosedError)]
+    assert len(closed) == 6 and "closed while this call waited" in str(closed[0]), results
