@@ -177,11 +177,17 @@ class FifoGate:
 
 
 class _Waiter:
-    __slots__ = ("arrival", "future")
+    __slots__ = ("arrival", "future", "order")
 
-    def __init__(self, arrival: float, future: asyncio.Future[_Grant]) -> None:
+    def __init__(self, arrival: float, future: asyncio.Future[_Grant], order: int = 0) -> None:
         self.arrival = arrival  #: store clock
         self.future = future
+        self.order = order  #: when it came, among this process's callers (FIFO)
+
+
+#: The order callers come in, in this process (``_Waiter.order``): the store clock's offset is
+#: re-estimated at each answer, so arrivals a fraction of a millisecond apart may not sort.
+_ARRIVALS = itertools.count()
 
 
 class _Queue:
@@ -710,9 +716,9 @@ class Limiter(AsyncOnly):
         self, front: _Front, key: str, operation: Callable[[schedule.TokenState, float], T]
     ) -> tuple[bool, T | None]:
         """``_apply`` when the store answers without waiting: (True, result), else (False,
-        None) and nothing was done."""
-        if self._batched:
-            return False, None  # applied with the others of this turn: await _apply
+        None) and nothing was done. Used for peeks, which predict and need no place in a
+        batch: a newcomer's max_wait check on the host store is answered in its own turn, so
+        nobody who comes later queues before it (FIFO)."""
         asked = front.loop.time()
         seen: list[float] = []
         try:
@@ -1100,6 +1106,10 @@ class Limiter(AsyncOnly):
         loop = front.loop
         queue = front.queue(key)
         lane = int(priority)
+        # Its place in line, taken now: checking max_wait below may take a turn of the loop
+        # (a store round trip), and callers who came meanwhile must not go first (FIFO).
+        arrival = loop.time() + front.offset
+        order = next(_ARRIVALS)
         direct = queue.quiet() and self._own_free(key, lane) <= loop.time()
         if deadline is not None and not direct:
             try:
@@ -1110,7 +1120,6 @@ class Limiter(AsyncOnly):
             except TimeoutError:
                 raise self._timeout(None) from None
         now = loop.time()
-        arrival = now + front.offset
         asked = False
         if direct and queue.quiet():
             asked = True
@@ -1137,12 +1146,20 @@ class Limiter(AsyncOnly):
             certain = not (answer.held or answer.behind)
             if certain and deadline is not None and now + answer.wait > deadline:
                 raise self._timeout(answer.wait)
-        waiter = _Waiter(arrival, loop.create_future())
+        waiter = _Waiter(arrival, loop.create_future(), order)
         ahead = queue.waiting[0] if lane == 0 else queue.total()
+        waiters = queue.lanes[lane]
         if asked:  # first in: whoever queued while the store answered arrived later (FIFO)
-            queue.lanes[lane].appendleft(waiter)
+            waiters.appendleft(waiter)
+        elif waiters and waiters[-1].order > order:
+            # Checking max_wait took a turn, and later callers queued meanwhile: its place is
+            # by when it came, before theirs.
+            index = len(waiters)
+            while index and waiters[index - 1].order > order:
+                index -= 1
+            waiters.insert(index, waiter)
         else:
-            queue.lanes[lane].append(waiter)
+            waiters.append(waiter)
         queue.waiting[lane] += 1
         if queue.dispatcher is None:
             queue.dispatcher = loop.create_task(self._dispatch(front, queue, key))

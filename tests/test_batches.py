@@ -300,3 +300,37 @@ async def test_closing_a_limiter_tells_its_waiters(tmp_path: Path, kind: str) ->
     assert results.count("ok") == 2, results
     closed = [r for r in results if isinstance(r, ClientClosedError)]
     assert len(closed) == 6 and "closed while this call waited" in str(closed[0]), results
+
+
+@pytest.mark.parametrize("kind", ["host", "redis"])
+async def test_callers_with_max_wait_keep_their_place_in_line(
+    tmp_path: Path, redis_server: RedisServer, kind: str
+) -> None:
+    """Twelve callers come one after another, every other one with max_wait: they are served
+    in the order they came. A max_wait check takes a store round trip (on the host store, a
+    turn of the loop in a batch), and the callers without one that came meanwhile went first."""
+    from autocalls_async import RedisRateLimiter
+
+    rate = RateLimit(5, 0.5)
+    limiter: Any = (
+        HostRateLimiter(tmp_path, rate_limit=rate)
+        if kind == "host"
+        else RedisRateLimiter(redis_server.url, rate_limit=rate, prefix=f"fifo{time.time_ns()}:")
+    )
+    loop = asyncio.get_running_loop()
+    served: list[int] = []
+
+    async def caller(n: int) -> None:
+        deadline = loop.time() + 30.0 if n % 2 else None
+        async with limiter.slot("tok", deadline=deadline) as slot:
+            served.append(n)
+            slot.sent()
+
+    tasks = []
+    for n in range(12):
+        tasks.append(asyncio.create_task(caller(n)))
+        await asyncio.sleep(0)
+    async with asyncio.timeout(20):
+        await asyncio.gather(*tasks)
+    await limiter.aclose()
+    assert served == list(range(12))
