@@ -1135,7 +1135,11 @@ class Limiter(AsyncOnly):
             except RateLimitTimeout:
                 raise  # with its detail
             except TimeoutError:
+                self._left_asking(front, queue, key)
                 raise self._timeout(None) from None
+            except asyncio.CancelledError:
+                self._left_asking(front, queue, key)
+                raise
             finally:
                 queue.asking = False
                 queue.interrupt()
@@ -1259,6 +1263,22 @@ class Limiter(AsyncOnly):
         if answer is None:
             raise self._timeout(seen.wait(seen.ahead), seen.ahead)
         return answer
+
+    def _left_asking(self, front: _Front, queue: _Queue, key: str) -> None:
+        """A caller gave up while its direct ask was in the store: the ask may have reported it
+        waiting there (a "not yet" answer nobody read). With nobody else waiting here, withdraw
+        that report, or other processes' callers wait behind it until it expires (1 s past the
+        free moment); a granted answer is given back by ``_ask`` itself."""
+        if queue.total() or queue.dispatcher is not None:
+            return  # the dispatcher's next ask reports this queue as it is
+        withdraw = functools.partial(schedule.withdraw, rules=self.rules, who=front.who)
+        self._spawn(self._withdraw(front, key, withdraw))
+
+    async def _withdraw(
+        self, front: _Front, key: str, withdraw: Callable[[schedule.TokenState, float], None]
+    ) -> None:
+        with contextlib.suppress(Exception):
+            await self._apply(front, key, withdraw)
 
     async def _check_deadline(
         self, front: _Front, queue: _Queue, key: str, deadline: float, lane: int

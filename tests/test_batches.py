@@ -334,3 +334,44 @@ async def test_callers_with_max_wait_keep_their_place_in_line(
         await asyncio.gather(*tasks)
     await limiter.aclose()
     assert served == list(range(12))
+
+
+async def test_a_caller_cancelled_as_its_ask_is_answered_holds_nobody_back(
+    tmp_path: Path,
+) -> None:
+    """Two limiters (two processes) on one host store, a full window. A caller of the first
+    asks directly and is cancelled in the turn its "not yet" answer arrives: its report of
+    waiting is withdrawn, so the second limiter's caller starts when the window frees (it
+    waited 1 s more, behind a report nobody would claim, until it expired)."""
+    rate = RateLimit(2, 1.0)
+    first = HostRateLimiter(tmp_path, rate_limit=rate)
+    second = HostRateLimiter(tmp_path, rate_limit=rate)
+    loop = asyncio.get_running_loop()
+    for _ in range(2):
+        async with second.slot("tok") as slot:
+            slot.sent()
+    full = loop.time()
+
+    async def gives_up() -> None:
+        async with first.slot("tok") as slot:
+            slot.sent()
+
+    task = asyncio.create_task(gives_up())
+    answer = first.store.try_update_many
+
+    def cancel_when_answered(items: Any) -> Any:
+        outcomes = answer(items)
+        if outcomes is not None and not task.done():
+            task.cancel()
+        return outcomes
+
+    first.store.try_update_many = cancel_when_answered  # type: ignore[method-assign]
+    await asyncio.gather(task, return_exceptions=True)
+    assert task.cancelled()
+    async with asyncio.timeout(5):
+        async with second.slot("tok") as slot:
+            started = loop.time()
+            slot.sent()
+    assert started - full < 1.02 + 0.5, started - full  # the window's end, not a second later
+    await first.aclose()
+    await second.aclose()
