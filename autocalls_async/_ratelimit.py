@@ -633,11 +633,13 @@ class Limiter(AsyncOnly):
         return task
 
     def _report_failed(self, exc: Exception) -> None:
+        # The store's error says "nothing was sent" of the call it failed: here the request
+        # may well have been written (a report follows a send), so that part is left out.
         logger.warning(
             "rate limiter (%s): a grant could not be reported (%s); it counts as used until "
             "its lease ends",
             self.kind,
-            exc,
+            str(exc).removesuffix("; nothing was sent"),
         )
 
     def _outage(self, exc: LimiterUnavailableError) -> None:

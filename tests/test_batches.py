@@ -5,6 +5,7 @@ redis-server."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 import time
@@ -255,7 +256,9 @@ async def test_redis_batches_in_two_round_trips_and_keeps_the_window(
 # ---------------------------------------------------------------------- found by a break round
 
 
-async def test_a_report_the_store_lost_never_says_the_written_request_was_not_sent() -> None:
+async def test_a_report_the_store_lost_never_says_the_written_request_was_not_sent(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """Redis goes away between the grant and the report of a written request: the slot's exit
     does not raise (it raised LimiterUnavailableError "... nothing was sent" for a request the
     service had answered and billed, inviting a resend); the report's failure is logged, and
@@ -265,9 +268,12 @@ async def test_a_report_the_store_lost_never_says_the_written_request_was_not_se
     server = RedisServer(require_redis_server()).start()
     try:
         limiter = RedisRateLimiter(server.url, rate_limit=RATE, prefix="lost:", timeout=0.5)
-        async with limiter.slot("tok") as slot:
-            server.stop()  # the request is written now, its report finds no Redis
-            slot.sent()
+        with caplog.at_level(logging.WARNING, logger="autocalls_async"):
+            async with limiter.slot("tok") as slot:
+                server.stop()  # the request is written now, its report finds no Redis
+                slot.sent()
+        assert "could not be reported" in caplog.text
+        assert "nothing was sent" not in caplog.text  # it was written
         with pytest.raises(Exception, match="unavailable"):  # the store is gone: said so
             async with limiter.slot("tok") as slot:
                 slot.sent()
