@@ -404,6 +404,12 @@ class RedisStore:
     ) -> list[tuple[bool, Any]] | None:
         return None  # always a round trip
 
+    def _too_contended(self) -> LimiterUnavailableError:
+        return LimiterUnavailableError(
+            f"the Redis rate limiter at {self.where} is too contended: every attempt to update "
+            f"the schedule for {_CONTENDED_FOR:g}s lost to other writers; nothing was sent"
+        )
+
     async def update_many(
         self,
         items: Sequence[tuple[str, Callable[[TokenState, float], Any]]],
@@ -483,11 +489,7 @@ class RedisStore:
                 return outcomes
             lost += 1
             if loop.time() - started > _CONTENDED_FOR:
-                raise LimiterUnavailableError(
-                    f"the Redis rate limiter at {self.where} is too contended: every attempt "
-                    f"to update the schedule for {_CONTENDED_FOR:g}s lost to other writers; "
-                    "nothing was sent"
-                )
+                raise self._too_contended()
             if lost >= 3:
                 # Writers in lockstep: step out of it at random, then read afresh.
                 await asyncio.sleep(random.uniform(0.0, min(0.05, 0.001 * 2**lost)))
@@ -554,11 +556,7 @@ class RedisStore:
             reply = answer
             lost += 1
             if loop.time() - started > _CONTENDED_FOR:
-                raise LimiterUnavailableError(
-                    f"the Redis rate limiter at {self.where} is too contended: every attempt "
-                    f"to update the schedule for {_CONTENDED_FOR:g}s lost to other writers; "
-                    "nothing was sent"
-                )
+                raise self._too_contended()
             if lost >= 3:
                 # Writers in lockstep: step out of it at random, then read afresh.
                 await asyncio.sleep(random.uniform(0.0, min(0.05, 0.001 * 2**lost)))
