@@ -40,7 +40,7 @@ from ._lifecycle import AsyncOnly
 from ._log import configure_from_env, logger
 from ._models import Conversation, Priority, RateLimit, Reply
 from ._ordering import KeyedOrder
-from ._pool import Gate, LimiterKey, Line, Pool, lease_limiter, release_limiter
+from ._pool import Gate, LimiterKey, Pool, lease_limiter, release_limiter
 from ._ratelimit import Limiter, RateLimiter, default_limiter
 from ._retry import Decision, RetryPolicy, is_retry_safe
 from ._telemetry import http_request, limiter_slot, traced
@@ -974,45 +974,18 @@ class AsyncAutocalls(AsyncOnly):
         connections = self._transport.gate()
         taken = False
         try:
+            if connections is not None:
+                # A connection first, then the slot: a grant never waits for a connection.
+                if not connections.try_take():
+                    await self._wait_for_connection(connections, deadline, priority)
+                taken = True
             waited_from = loop.time()
             if self._limiter is None:
-                if connections is not None:
-                    if not connections.try_take():
-                        await self._wait_for_connection(connections, deadline, priority)
-                    taken = True
                 reply = await self._send(request, task, attempt, 0.0, _BilledOpen(ticket))
             else:
-                async with contextlib.AsyncExitStack() as stack:
-                    if connections is None:
-                        slot = await stack.enter_async_context(
-                            limiter_slot(
-                                self._limiter,
-                                self._limiter_key,
-                                deadline=deadline,
-                                priority=priority,
-                            )
-                        )
-                    else:
-                        # Behind this token's earlier calls (of this lane), holding no place;
-                        # then a connection, then the slot: a grant never waits for a
-                        # connection, and a busy token never holds every place.
-                        key, lane = self._limiter_key, int(priority)
-                        line = connections.enter_line(key, lane)
-                        try:
-                            await self._wait_in_line(line, deadline)
-                            try:
-                                if not connections.try_take():
-                                    await self._wait_for_connection(connections, deadline, priority)
-                                taken = True
-                                slot = await stack.enter_async_context(
-                                    limiter_slot(
-                                        self._limiter, key, deadline=deadline, priority=priority
-                                    )
-                                )
-                            finally:
-                                line.lock.release()
-                        finally:
-                            connections.leave_line(key, lane, line)
+                async with limiter_slot(
+                    self._limiter, self._limiter_key, deadline=deadline, priority=priority
+                ) as slot:
                     waited = loop.time() - waited_from
                     self.stats.limiter_wait += waited
                     gate = _Billed(slot, ticket)
@@ -1034,20 +1007,6 @@ class AsyncAutocalls(AsyncOnly):
                 connections.give()
         self._ledger.settle(ticket, None)
         return reply
-
-    async def _wait_in_line(self, line: Line, deadline: float | None) -> None:
-        lock = line.lock
-        if not lock.locked():
-            await lock.acquire()  # nobody ahead: no await
-            return
-        try:
-            async with asyncio.timeout_at(deadline):
-                await lock.acquire()
-        except TimeoutError:
-            raise RateLimitTimeout(
-                "no rate-limit slot within max_wait: earlier calls of this token were still "
-                "waiting for theirs; nothing was sent"
-            ) from None
 
     async def _wait_for_connection(
         self, gate: Gate, deadline: float | None, priority: Priority

@@ -60,7 +60,7 @@ class Gate:
     (``Priority``: interactive first), first come first served in each; a cancelled waiter
     leaves in O(1) (its future stays in the deque, done, and is skipped)."""
 
-    __slots__ = ("_lanes", "_lines", "free")
+    __slots__ = ("_lanes", "free")
 
     def __init__(self, size: int) -> None:
         self.free = size
@@ -68,27 +68,6 @@ class Gate:
             deque(),
             deque(),
         )
-        #: (token, lane) -> the line its calls wait in before taking a place (``line``)
-        self._lines: dict[tuple[str, int], Line] = {}
-
-    def enter_line(self, token: str, lane: int) -> Line:
-        """The line a call of ``token`` waits in, in ``lane``, before it takes a place; leave
-        it with ``leave_line`` (always). A call holds its place while it waits for its
-        rate-limit slot: without the line, one busy token's queued calls (minutes of them at
-        5 a minute) held every place, and an idle token's call waited behind them. In it, a
-        token holds at most one waiting place a lane, and leaves the line once its slot is
-        granted, so its calls still go one after another as its window allows."""
-        key = (token, lane)
-        line = self._lines.get(key)
-        if line is None:
-            line = self._lines[key] = Line()
-        line.users += 1
-        return line
-
-    def leave_line(self, token: str, lane: int, line: Line) -> None:
-        line.users -= 1
-        if not line.users and self._lines.get((token, lane)) is line:
-            del self._lines[(token, lane)]
 
     def _nobody_waits(self) -> bool:
         for lane in self._lanes:
@@ -131,16 +110,6 @@ class Gate:
                         future.set_result(None)  # the place passes straight to it
                         return
         self.free += 1
-
-
-class Line:
-    """A token's line in one lane of a gate: its lock, and the calls in it or waiting."""
-
-    __slots__ = ("lock", "users")
-
-    def __init__(self) -> None:
-        self.lock = asyncio.Lock()
-        self.users = 0
 
 
 class Pool:

@@ -22,7 +22,6 @@ from autocalls_async import (
     BudgetExceededError,
     ClientClosedError,
     InvalidRequestError,
-    LocalRateLimiter,
     RateLimit,
     RateLimitTimeout,
 )
@@ -399,33 +398,3 @@ async def test_a_conversations_turn_can_be_waited_for_directly() -> None:
     assert not order.try_acquire("k") and len(order) == 1
     order.release("k")
     assert len(order) == 0
-
-
-async def test_a_busy_token_never_holds_the_pool_from_an_idle_one(tmp_path: Any) -> None:
-    """Token A has 130 calls waiting for its window (5 per second here, 5 per minute for real:
-    minutes of them); a call of idle token B is answered at once. Each of A's waiting calls held
-    one of the pool's 100 places, so B waited behind 30 of A's (5.6 s; 6 minutes at the real
-    rate). A token now waits in its own line before taking a place. A waiting call of A with
-    max_wait times out in the line, nothing sent; and no line is left behind."""
-    async with (
-        MockAutocalls(rate_limit=(5, 1.0)) as server,
-        AutocallsAccounts(
-            base_url=server.base_url,
-            limiter=LocalRateLimiter(RateLimit(5, 1.0)),
-        ) as accounts,
-    ):
-        loop = asyncio.get_running_loop()
-        busy = accounts.client("token-a")
-        waiting = [asyncio.create_task(ask(busy, f"+1415555{n:04d}")) for n in range(130)]
-        await asyncio.sleep(0.3)
-        began = loop.time()
-        await ask(accounts.client("token-b"))
-        assert loop.time() - began < 1.0  # not behind A's calls (generous: a loaded machine)
-        with pytest.raises(RateLimitTimeout, match="earlier calls of this token"):
-            await ask(busy, "+14155559999", max_wait=0.2)
-        for task in waiting:
-            task.cancel()
-        await asyncio.gather(*waiting, return_exceptions=True)
-        gate = busy._transport.gate()
-        assert gate is not None and not gate._lines and gate.free == 100
-    assert server.count(status=429) == 0
