@@ -586,7 +586,7 @@ async def test_a_stalled_conversation_store_never_holds_back_replies(
     lookup is a miss within max_wait; once Redis answers, writes go through again."""
     caplog.set_level(logging.INFO, logger="autocalls_async")
     loop = asyncio.get_running_loop()
-    timeout, calls, pause = 0.5, 200, 4.0
+    timeout, calls, pause = 0.5, 200, 6.0
     async with (
         Redis.from_url(redis_server.url) as admin,
         MockAutocalls(rate_limit=None) as server,
@@ -618,9 +618,10 @@ async def test_a_stalled_conversation_store_never_holds_back_replies(
             assert all(client.conversation_id(123, f"c{i}") for i in range(calls))
             slowest = max(elapsed for elapsed, _, _ in results)
             # Before: the 8 connections served the queue one stalled attempt at a time (until
-            # the pause ended). Now: each save waits ``timeout`` at most, plus a loaded
-            # machine's slack.
-            assert slowest < timeout + 1.5, slowest
+            # the pause ended: 26 s p50 in the break round). Now: each save waits ``timeout``
+            # at most, plus the 200 calls' own time on a loaded machine under coverage (1.5 s
+            # measured there: the slack).
+            assert slowest < timeout + 3.0, slowest
             assert loop.time() - paused < pause - 1.0  # all returned while Redis was stalled
             reader = AsyncAutocalls("tok", base_url=server.base_url, conversation_store=store)
             reader.max_wait = 0.2

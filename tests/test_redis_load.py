@@ -507,9 +507,8 @@ async def test_many_tokens_behind_a_far_redis_are_pipelined_not_serialised(
     # A token's chain is 4 batches of 2 round trips (0.4 s here); the pool's 100 connections
     # hold 33 tokens' calls at once: about 2 s in all. Generous: a busy 2-core machine.
     assert elapsed < 4.5, elapsed
-    # A token's operations of one batch are one read and one write. Its calls now wait in its
-    # own line for a pool place (so that one busy token never holds them all), and a report no
-    # longer meets the next grant in a batch: 2.0 reads and 2.0 writes per call (a grant and a
-    # report), 1.5 before the line; each operation read and written alone cost 2.3 reads.
+    # A token's chain is 4 batches for its 3 calls (its report and next grant share one read
+    # and one write): measured 1.5 reads and 1.5 writes per call (4/3 at best). Each of a
+    # token's operations read and written alone cost 2.3 reads and 2.0 writes per call.
     per_call = {name: value / (tokens * calls) for name, value in counts.items()}
-    assert per_call["reads"] <= 2.1 and per_call["writes"] <= 2.1, per_call
+    assert per_call["reads"] <= 1.9 and per_call["writes"] <= 1.9, per_call
