@@ -1138,24 +1138,27 @@ def note_schedule(key: str, who: str, place: str, ttl: float) -> list[tuple[str,
     """Record in this user's default store that ``who`` keeps token ``key``'s schedule at
     ``place``; return the others (who, place) that keep it on this host and are not expired.
     Best effort: a store that cannot be used, or is busy, answers nothing."""
-    return [(other, where) for _, other, where in note_schedules([key], who, place, ttl)]
+    return [(other, where) for _, other, where in note_schedules([key], who, place, ttl) or []]
 
 
 def note_schedules(
     keys: Iterable[str], who: str, place: str, ttl: float
-) -> list[tuple[str, str, str]]:
+) -> list[tuple[str, str, str]] | None:
     """``note_schedule`` for many tokens, in one transaction: (key, who, place) of each other
-    limiter that keeps one of these tokens' schedules on this host."""
+    limiter that keeps one of these tokens' schedules on this host; None when the user's place
+    was busy (another process writing its notes): nothing was written, ask again shortly."""
     found: list[tuple[str, str, str]] = []
     with _default_database() as db:
-        if db is None or not db.lock.acquire(blocking=False):
+        if db is None:
             return []
+        if not db.lock.acquire(blocking=False):
+            return None
         try:
             connection = db.connection
             try:
                 connection.execute("BEGIN IMMEDIATE")
             except sqlite3.Error:
-                return []  # busy: asked again at the next note
+                return None  # busy: another process notes at the same moment
             try:
                 now = host_clock()()
                 for key in keys:

@@ -80,6 +80,8 @@ _NOTE_TTL = 120.0
 #: How often a limiter in use renews its note, and so sees a schedule noted elsewhere since.
 _NOTE_RENEW = 5.0
 _NOTED_MAX = 50_000
+#: How soon notes the user's busy place could not take are written again.
+_NOTE_RETRY = 0.05
 #: Store operations of one event loop applied in one transaction, at most (a batch); on Redis,
 #: tokens in one batch (a token's several operations there are one read and one write).
 _BATCH_MAX = 512
@@ -609,7 +611,7 @@ class Limiter(AsyncOnly):
                     with contextlib.suppress(LimiterUnavailableError, OSError):
                         await self._apply(front, key, unregister)
             front.used.clear()
-            self._write_notes(front)
+            self._write_notes(front, retry=False)
             if front.noted:
                 forget_schedule(list(front.noted), front.who)
                 front.noted.clear()
@@ -795,13 +797,22 @@ class Limiter(AsyncOnly):
             front.loop.call_soon(self._write_notes, front)
         front.noting.add(key)
 
-    def _write_notes(self, front: _Front) -> None:
+    def _write_notes(self, front: _Front, *, retry: bool = True) -> None:
         """Write the notes due (``_note``), and warn of the schedules they meet elsewhere."""
         if not front.noting:
             return
         keys, front.noting = list(front.noting), set()
         mine = self.place
-        for key, other, theirs in note_schedules(keys, front.who, mine, _NOTE_TTL):
+        found = note_schedules(keys, front.who, mine, _NOTE_TTL)
+        if found is None:
+            # The user's place was busy (another process noting at the same moment): nothing
+            # was written, so nothing was read; again shortly, or a warning of two schedules
+            # would wait for the next renewal (5 s) and miss the call it is due at.
+            if retry:
+                front.noting.update(keys)
+                front.loop.call_later(_NOTE_RETRY, self._write_notes, front)
+            return
+        for key, other, theirs in found:
             if theirs == mine or not _alive(other) or (key, mine, theirs) in _WARNED:
                 continue
             _WARNED.add((key, mine, theirs))

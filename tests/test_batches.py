@@ -381,3 +381,40 @@ async def test_a_caller_cancelled_as_its_ask_is_answered_holds_nobody_back(
     assert started - full < 1.02 + 0.5, started - full  # the window's end, not a second later
     await first.aclose()
     await second.aclose()
+
+
+async def test_notes_the_busy_place_could_not_take_are_written_soon(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two schedules for one token; the user's place (where notes meet) is busy when the second
+    limiter notes (another process noting at that moment): its note is written again shortly,
+    and the warning comes then, not at the next renewal 5 s later (CI's serial phase missed
+    one that way: the process's next call came and went unwarned)."""
+    import sqlite3
+
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o700)
+    monkeypatch.setattr(hoststore, "_shared_base", lambda: shared)
+    monkeypatch.setattr(hoststore, "_CANONICAL", None)
+    token = f"busy-{time.time_ns()}"
+    one = HostRateLimiter(tmp_path / "one", rate_limit=RATE)
+    two = HostRateLimiter(tmp_path / "two", rate_limit=RATE)
+    async with one.slot(token) as slot:
+        slot.sent()
+    await asyncio.sleep(0.01)
+    blocker = sqlite3.connect(
+        hoststore.canonical_directory() / hoststore.DB_NAME, isolation_level=None, timeout=0
+    )
+    blocker.execute("BEGIN IMMEDIATE")  # the place is busy
+    try:
+        async with two.slot(token) as slot:
+            slot.sent()
+        await asyncio.sleep(0.2)
+        assert "two rate-limit schedules" not in caplog.text  # nothing could be read yet
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    await asyncio.sleep(0.3)
+    assert caplog.text.count("two rate-limit schedules") == 1, caplog.text
+    await one.aclose()
+    await two.aclose()
