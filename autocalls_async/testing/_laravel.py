@@ -233,6 +233,11 @@ class Throttle:
                 self._buckets = {k: v for k, v in self._buckets.items() if v > now}
         return decision
 
+    def _within(self, seconds: float) -> float:
+        """A wait in (0, period]: ``(a + period) - now`` may round a hair past the period (or
+        to 0) in floating point, which a client would read as a wait longer than the window."""
+        return min(self.period, max(seconds, 1e-9))
+
     def _window(self, key: str, now: float) -> ThrottleDecision:
         if self.window == "no-burst":
             return ThrottleDecision(True, self.requests, self.requests - 1, 0.0)
@@ -241,14 +246,18 @@ class Throttle:
             while arrivals and arrivals[0] <= now - self.period:
                 arrivals.popleft()
             if len(arrivals) >= self.requests:
-                return ThrottleDecision(False, self.requests, 0, arrivals[0] + self.period - now)
+                return ThrottleDecision(
+                    False, self.requests, 0, self._within(arrivals[0] + self.period - now)
+                )
             arrivals.append(now)
             return ThrottleDecision(True, self.requests, self.requests - len(arrivals), 0.0)
         start, hits = self._windows.get(key, (now, 0))
         if now >= start + self.period:
             start, hits = now, 0
         if hits >= self.requests:
-            return ThrottleDecision(False, self.requests, 0, start + self.period - now)
+            return ThrottleDecision(
+                False, self.requests, 0, self._within(start + self.period - now)
+            )
         self._windows[key] = (start, hits + 1)
         return ThrottleDecision(True, self.requests, self.requests - hits - 1, 0.0)
 
