@@ -791,11 +791,17 @@ class Limiter(AsyncOnly):
                 noted.clear()  # renewed as each token is used again
             front.noted_prune = max(_OWNS_MIN, 2 * len(noted))
         noted[key] = now
-        # Written with the other notes due in this turn of the loop, in one transaction, at the
-        # next turn (promptly: a warning of two schedules is said at the call that meets them).
-        if not front.noting:
-            front.loop.call_soon(self._write_notes, front)
+        # A token's first note is written with the others of this turn, at the next turn, in
+        # one transaction (a platform's burst of new tokens). A renewal is written now, with
+        # any still due: a warning of two schedules is said at the call that meets them,
+        # before it returns. (Written at the next turn, a renewing call in CI's serial phase
+        # came and went unwarned, twice, for a reason not found.)
+        first = not front.noting
         front.noting.add(key)
+        if last is not None:
+            self._write_notes(front)
+        elif first:
+            front.loop.call_soon(self._write_notes, front)
 
     def _write_notes(self, front: _Front, *, retry: bool = True) -> None:
         """Write the notes due (``_note``), and warn of the schedules they meet elsewhere."""
