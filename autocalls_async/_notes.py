@@ -264,18 +264,14 @@ class DataNotes:
     def lines(self, *, e164: bool) -> list[str]:
         notes: list[str] = []
         if self.unused_columns:
-            names = ", ".join(self.unused_columns[:COLUMNS_SHOWN])
-            if len(self.unused_columns) > COLUMNS_SHOWN:
-                names += f" and {len(self.unused_columns) - COLUMNS_SHOWN} more"
+            names = _shown(self.unused_columns)
             notes.append(
                 f"column(s) not sent: {names}; add "
                 "--vars-from-columns to send them as variables (e.g. {customer_name} in the "
                 "assistant's prompt)"
             )
         if self.variable_columns:
-            names = ", ".join(self.variable_columns[:COLUMNS_SHOWN])
-            if len(self.variable_columns) > COLUMNS_SHOWN:
-                names += f" and {len(self.variable_columns) - COLUMNS_SHOWN} more"
+            names = _shown(self.variable_columns)
             notes.append(
                 f"column(s) sent as variables: {names} (named as the header spells them, e.g. "
                 f"{{{self.variable_columns[0]}}} in the assistant's prompt; where a row's "
@@ -331,3 +327,11 @@ class DataNotes:
                 "conversation apart from the number's"
             )
         return notes
+
+
+def _shown(columns: tuple[str, ...]) -> str:
+    """The first ``COLUMNS_SHOWN`` names, and how many more."""
+    names = ", ".join(columns[:COLUMNS_SHOWN])
+    if len(columns) > COLUMNS_SHOWN:
+        names += f" and {len(columns) - COLUMNS_SHOWN} more"
+    return names
